@@ -1,0 +1,55 @@
+"""Checkpoint commands: `models tiny`, `merge`, `inspect`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from moe.cli import app
+
+models_app = typer.Typer(help="Make model sets.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("tiny")
+def models_tiny(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the model set into.")],
+    task: Annotated[str, typer.Option("--task", help="tiny-t2v or tiny-i2v.")] = "tiny-t2v",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Write a random-initialised tiny Wan2.2 model set (high/low-noise DiTs, VAE, text encoder)."""
+    from moe.wan.model_set import write_tiny_model_set
+
+    ms = write_tiny_model_set(out, task, seed)
+    typer.echo(f"wrote tiny {ms.task} model set to {out}")
+
+
+@app.command("merge")
+def merge(
+    dit: Annotated[Path, typer.Option("--dit", help="Base DiT: file, sharded folder, index json or shard.")],
+    lora_weight: Annotated[Path, typer.Option("--lora_weight", help="Vanilla LoRA (stage-1 output).")],
+    save_merged_model: Annotated[
+        Path, typer.Option("--save_merged_model", help="Output file (a folder for sharded input).")
+    ],
+    lora_multiplier: Annotated[float, typer.Option("--lora_multiplier")] = 1.0,
+    task: Annotated[str | None, typer.Option("--task", help="Validate the DiT against this task.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Merge even if this LoRA is already merged in.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Merge a vanilla LoRA into one DiT checkpoint, streaming, keeping its format."""
+    from moe.merge import merge_lora_into_checkpoint
+
+    result = merge_lora_into_checkpoint(
+        dit, lora_weight, save_merged_model, lora_multiplier, task=task, force=force, progress=not quiet
+    )
+    typer.echo(f"merged {result.merged_modules} modules x{lora_multiplier} into {result.output}")
+
+
+@app.command("inspect")
+def inspect(path: Annotated[Path, typer.Argument(help="A .safetensors file or checkpoint folder.")]) -> None:
+    """Say what a file is: Wan DiT (format, preset, dtype), merged DiT, vanilla LoRA or LoRA-MoE."""
+    from moe.inspect import inspect_report
+
+    typer.echo(inspect_report(path))

@@ -1,0 +1,1 @@
+"""Vanilla LoRA: target spec, layer, injector and file format (SPEC sections 2-3)."""

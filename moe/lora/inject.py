@@ -1,0 +1,86 @@
+"""Put LoRA layers into a diffusers `WanTransformer3DModel` by original module name, and take
+them out again. Modules are addressed as `blocks.{i}.self_attn.q` (SPEC section 2); the mapping to
+diffusers' attribute paths comes from `moe.wan.keys`."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from moe.errors import MoeError
+from moe.lora.layer import LoRAAdapter, LoRALinear
+from moe.wan.keys import module_to_diffusers
+
+
+def get_linear(model: nn.Module, module: str) -> nn.Linear:
+    """The `nn.Linear` behind an original module name (unwrapping a LoRA layer if present)."""
+    try:
+        layer = model.get_submodule(module_to_diffusers(module))
+    except (AttributeError, KeyError):
+        raise MoeError(f"the model has no module {module}") from None
+    if isinstance(layer, LoRALinear):
+        layer = layer.base
+    if not isinstance(layer, nn.Linear):
+        raise MoeError(f"{module} is a {type(layer).__name__}, not a Linear layer")
+    return layer
+
+
+def build_adapters(model: nn.Module, modules: dict[str, int], alpha: float) -> nn.ModuleDict:
+    """Fresh adapters for `modules` (name -> rank), sized from the model's Linear layers.
+
+    ModuleDict keys cannot hold dots, so they use `/` in place of `.`; see `adapter_items`.
+    """
+    adapters = nn.ModuleDict()
+    for module, rank in modules.items():
+        linear = get_linear(model, module)
+        adapters[module.replace(".", "/")] = LoRAAdapter(linear.in_features, linear.out_features, rank, alpha)
+    return adapters
+
+
+def adapter_items(adapters: nn.ModuleDict) -> list[tuple[str, LoRAAdapter]]:
+    """(original module name, adapter) pairs of a ModuleDict made by `build_adapters`."""
+    return [(key.replace("/", "."), a) for key, a in adapters.items()]
+
+
+def inject_lora(model: nn.Module, adapters: nn.ModuleDict, multiplier: float = 1.0) -> dict[str, LoRALinear]:
+    """Wrap each target Linear of `model` in a `LoRALinear` using the given (possibly shared)
+    adapters. The model's own parameters are frozen. Returns module name -> layer."""
+    model.requires_grad_(False)
+    layers = {}
+    for module, adapter in adapter_items(adapters):
+        path = module_to_diffusers(module)
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        current = getattr(parent, child) if not child.isdigit() else parent[int(child)]
+        if isinstance(current, LoRALinear):
+            raise MoeError(f"{module} already has a LoRA layer; remove it first")
+        layer = LoRALinear(get_linear(model, module), adapter, multiplier)
+        if child.isdigit():
+            parent[int(child)] = layer
+        else:
+            setattr(parent, child, layer)
+        layers[module] = layer
+    return layers
+
+
+def remove_lora(model: nn.Module) -> None:
+    """Put the plain Linear layers back (the model's weights are untouched)."""
+    for name, layer in list(model.named_modules()):
+        if isinstance(layer, LoRALinear):
+            parent_path, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_path)
+            if child.isdigit():
+                parent[int(child)] = layer.base
+            else:
+                setattr(parent, child, layer.base)
+
+
+def set_lora_multiplier(model: nn.Module, multiplier: float) -> None:
+    for layer in model.modules():
+        if isinstance(layer, LoRALinear):
+            layer.multiplier = multiplier
+
+
+def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
+    for layer in model.modules():
+        if isinstance(layer, LoRALinear):
+            layer.enabled = enabled

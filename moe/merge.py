@@ -1,0 +1,241 @@
+"""Merge a vanilla LoRA into a Wan DiT checkpoint, streaming (SPEC section 4).
+
+    W' = W + m * (alpha / r) * (up @ down)     in float32, cast back to W's dtype
+
+The output is written in one sequential pass over the input: the header is copied (with the
+provenance record added), every non-target tensor is copied byte for byte, and each target tensor
+is merged a block of rows at a time, so peak memory is a few tens of MB whatever the checkpoint
+size. The input's sha256 is computed during the same pass; the header is written with a
+placeholder of the same length and patched at the end. Output keeps the input's format (key
+style, prefix, sharding, tensor order, dtypes) and is written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+from tqdm import tqdm
+
+from moe import __version__
+from moe.atomic import atomic_dir, atomic_file
+from moe.errors import MoeError
+from moe.inspect import MERGED_FROM_KEY, require_kind
+from moe.lora.file import LoRAFile, LoRAModuleWeights, read_lora_file
+from moe.safetensors_file import DTYPES, FLOAT_DTYPES, SafetensorsHeader, encode_header
+from moe.wan.checkpoint import CheckpointLayout, resolve_checkpoint, validate_shapes
+from moe.wan.presets import get_preset
+
+COPY_CHUNK_BYTES = 16 << 20
+# Rows of a target weight merged at once: bounds the fp32 working set to ~16 MB.
+MERGE_CHUNK_ELEMENTS = 4 << 20
+_PLACEHOLDER_SHA = "0" * 64
+
+
+class MergeResult(BaseModel):
+    output: Path
+    merged_modules: int
+    files: list[Path]
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(COPY_CHUNK_BYTES)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _check_paths(layout: CheckpointLayout, lora_path: Path, out: Path) -> None:
+    inputs = {p.resolve() for p in layout.files} | {lora_path.resolve()}
+    if layout.index is not None:
+        inputs |= {layout.index.resolve(), layout.folder.resolve()}
+    if out.resolve() in inputs:
+        raise MoeError(f"--save_merged_model {out} is one of the inputs; choose a new path (inputs are never modified)")
+    if layout.sharded:
+        if out.suffix == ".safetensors":
+            raise MoeError(
+                f"the checkpoint is sharded, so the merged model is a folder of shards; "
+                f"pass a folder path as --save_merged_model instead of {out}"
+            )
+        if out.exists() and not out.is_dir():
+            raise MoeError(f"--save_merged_model {out} exists and is not a folder")
+    elif out.is_dir():
+        raise MoeError(f"--save_merged_model {out} is a folder; pass a .safetensors file path")
+
+
+def _locate_targets(layout: CheckpointLayout, lora: LoRAFile) -> list[dict[str, LoRAModuleWeights]]:
+    """For each shard, file key -> LoRA weights of the target tensors it holds."""
+    per_shard: list[dict[str, LoRAModuleWeights]] = [{} for _ in layout.files]
+    where = {k: i for i, h in enumerate(layout.headers) for k in h.tensors}
+    missing, mismatched = [], []
+    for module, w in lora.modules.items():
+        key = layout.key_format.to_file_key(module + ".weight")
+        if key not in where:
+            missing.append(module)
+            continue
+        info = layout.headers[where[key]].tensors[key]
+        expected = (w.up.shape[0], w.down.shape[1])
+        if tuple(info.shape) != expected:
+            mismatched.append(f"{module} is {list(info.shape)} in the DiT but the LoRA makes {list(expected)}")
+            continue
+        if info.dtype not in FLOAT_DTYPES:
+            raise MoeError(f"{key} is stored as {info.dtype}; merging into {info.dtype} weights is not supported (use a bf16/fp16/fp32 checkpoint)")
+        per_shard[where[key]][key] = w
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        raise MoeError(
+            f"the DiT has no module {shown} that the LoRA targets; the LoRA was trained for another model "
+            f"(check --task and the DiT)"
+        )
+    if mismatched:
+        raise MoeError("shape mismatch: " + "; ".join(mismatched[:4]) + "; the LoRA was trained for another model")
+    return per_shard
+
+
+def _copy_range(fin, fout, nbytes: int, sha, buf: memoryview, pbar) -> None:
+    while nbytes:
+        n = fin.readinto(buf[: min(nbytes, len(buf))])
+        if not n:
+            raise MoeError(f"{fin.name} is truncated")
+        sha.update(buf[:n])
+        fout.write(buf[:n])
+        nbytes -= n
+        pbar.update(n)
+
+
+def _read_exact(fin, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = fin.readinto(view[got:])
+        if not n:
+            raise MoeError(f"{fin.name} is truncated")
+        got += n
+
+
+def _merge_tensor(fin, fout, dtype_name: str, shape, w: LoRAModuleWeights, multiplier: float, sha, buf, pbar) -> None:
+    """W' = W + m (alpha/r) up @ down for one [out, in] tensor, a block of rows at a time."""
+    dtype = DTYPES[dtype_name]
+    out_features, in_features = shape
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    down = w.down.to(torch.float32)
+    up = w.up.to(torch.float32)
+    rows = max(1, min(out_features, MERGE_CHUNK_ELEMENTS // in_features))
+    for r0 in range(0, out_features, rows):
+        n = min(rows, out_features - r0)
+        view = buf[: n * in_features * itemsize]
+        _read_exact(fin, view)
+        sha.update(view)
+        block = torch.frombuffer(view, dtype=dtype).view(n, in_features).to(torch.float32)
+        block.addmm_(up[r0 : r0 + n], down, alpha=multiplier * w.scale)
+        fout.write(block.to(dtype).view(torch.uint8).numpy())
+        pbar.update(len(view))
+
+
+def _merge_shard(
+    header: SafetensorsHeader, dst: Path, targets: dict[str, LoRAModuleWeights], record: dict, multiplier: float, pbar
+) -> str:
+    """Stream one safetensors file to `dst` with `targets` merged; returns the input's sha256."""
+    metadata = dict(header.metadata)
+    history = json.loads(metadata.get(MERGED_FROM_KEY, "[]"))
+
+    def encode(base_sha: str) -> bytes:
+        meta = metadata | {MERGED_FROM_KEY: json.dumps(history + [record | {"base_sha256": base_sha}])}
+        return encode_header(header.tensors, meta)
+
+    placeholder = encode(_PLACEHOLDER_SHA)
+    sha = hashlib.sha256()
+    buf = memoryview(bytearray(max(COPY_CHUNK_BYTES, MERGE_CHUNK_ELEMENTS * 4)))
+    with open(header.path, "rb", buffering=0) as fin, open(dst, "wb", buffering=0) as fout:
+        sha.update(fin.read(header.data_start))
+        fout.write(placeholder)
+        pos = 0  # offset in the data section
+        for key, info in sorted(header.tensors.items(), key=lambda kv: kv[1].data_offsets[0]):
+            start, end = info.data_offsets
+            if key not in targets:
+                continue
+            _copy_range(fin, fout, start - pos, sha, buf, pbar)
+            _merge_tensor(fin, fout, info.dtype, info.shape, targets[key], multiplier, sha, buf, pbar)
+            pos = end
+        _copy_range(fin, fout, header.total_bytes - pos, sha, buf, pbar)
+        if fin.read(1):
+            raise MoeError(f"{header.path} has trailing bytes after its data section")
+        final = encode(sha.hexdigest())
+        assert len(final) == len(placeholder)
+        fout.seek(0)
+        fout.write(final)
+    return sha.hexdigest()
+
+
+def merge_lora_into_checkpoint(
+    dit: str | Path,
+    lora_weight: str | Path,
+    save_merged_model: str | Path,
+    lora_multiplier: float = 1.0,
+    task: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> MergeResult:
+    """Merge `lora_weight` into the DiT at `dit`, writing a checkpoint of the same format."""
+    dit, lora_path, out = Path(dit), Path(lora_weight), Path(save_merged_model)
+    require_kind(dit, ("wan-dit", "merged-dit"), "--dit")
+    layout = resolve_checkpoint(dit)
+    lora = read_lora_file(lora_path)
+    _check_paths(layout, lora_path, out)
+    if task is not None:
+        validate_shapes(layout.original_shapes(), get_preset(task), str(dit))
+    lora_task = lora.metadata.get("lora_moe.task")
+    if task is not None and lora_task and lora_task != task:
+        raise MoeError(f"{lora_path} was trained for task {lora_task}, not {task}; pass the matching --task")
+
+    lora_sha = sha256_file(lora_path)
+    for rec in json.loads(layout.headers[0].metadata.get(MERGED_FROM_KEY, "[]")):
+        if rec.get("lora_sha256") == lora_sha and not force:
+            raise MoeError(
+                f"{dit} already has this LoRA merged in (x{rec.get('multiplier')}, recorded in its "
+                f"{MERGED_FROM_KEY}); merging it again doubles it. Use the base DiT, or --force if you mean it"
+            )
+    per_shard = _locate_targets(layout, lora)
+    record = {
+        "base": None,
+        "lora": lora_path.name,
+        "lora_sha256": lora_sha,
+        "multiplier": lora_multiplier,
+        "targets": json.loads(lora.metadata["lora_moe.targets"]) if "lora_moe.targets" in lora.metadata else None,
+        "ranks": lora.ranks(),
+        "tool": f"wan-lora-moe {__version__}",
+    }
+    total = sum(h.total_bytes for h in layout.headers)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"merge {dit.name}", disable=not progress)
+    with bar, (atomic_dir(out) if layout.sharded else atomic_file(out)) as tmp:
+        written = []
+        shard_shas = {}
+        for header, targets in zip(layout.headers, per_shard):
+            dst = tmp / header.path.name if layout.sharded else tmp
+            shard_shas[header.path.name] = _merge_shard(
+                header, dst, targets, record | {"base": header.path.name}, lora_multiplier, bar
+            )
+            written.append(out / header.path.name if layout.sharded else out)
+        if layout.sharded:
+            _write_index_and_extras(layout, tmp, record, shard_shas)
+    return MergeResult(output=out, merged_modules=len(lora.modules), files=written)
+
+
+def _write_index_and_extras(layout: CheckpointLayout, tmp: Path, record: dict, shard_shas: dict[str, str]) -> None:
+    """The merged folder's index (with provenance) and the input folder's other small files
+    (config.json ...), so the folder replaces the base checkpoint anywhere."""
+    index = json.loads(layout.index.read_text())
+    meta = index.setdefault("metadata", {})
+    history = meta.get(MERGED_FROM_KEY, [])
+    meta[MERGED_FROM_KEY] = history + [record | {"base": layout.index.name, "base_shards_sha256": shard_shas}]
+    (tmp / layout.index.name).write_text(json.dumps(index, indent=2))
+    shard_names = {p.name for p in layout.files} | {layout.index.name}
+    for p in layout.folder.iterdir():
+        if p.is_file() and p.name not in shard_names and not p.name.endswith(".safetensors"):
+            shutil.copy2(p, tmp / p.name)

@@ -1,0 +1,300 @@
+"""Wan DiT checkpoints on disk: find the files, detect the format, validate, read, write, load.
+
+Accepted layouts (SPEC section 1): a single `.safetensors` file; a sharded checkpoint
+`*-0000i-of-0000n.safetensors` + `*.safetensors.index.json`, given as its folder, its index or any
+shard; a folder holding one of those. Keys in original style (optionally prefixed with
+`model.diffusion_model.`) or diffusers style; bf16, fp16 or fp32.
+
+In memory, state dicts always use original, unprefixed keys (the canonical form); `KeyFormat`
+converts at the file boundary.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+from safetensors.torch import load_file, save_file
+
+from moe.atomic import atomic_dir, atomic_file
+from moe.errors import MoeError
+from moe.safetensors_file import SafetensorsHeader, read_header
+from moe.wan.keys import KeyFormat, detect_key_format, diffusers_to_original
+from moe.wan.presets import PRESETS, DiTConfig, WanPreset
+
+SHARD_RE = re.compile(r"(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors")
+DEFAULT_SHARD_STEM = "diffusion_pytorch_model"
+
+
+class CheckpointLayout(BaseModel):
+    """Where a checkpoint's tensors live and how its keys are spelled."""
+
+    files: list[Path]  # shard files in order (one for a single file)
+    index: Path | None = None  # the index json of a sharded checkpoint
+    key_format: KeyFormat
+    headers: list[SafetensorsHeader]
+
+    @property
+    def sharded(self) -> bool:
+        return self.index is not None
+
+    @property
+    def folder(self) -> Path:
+        return self.files[0].parent
+
+    def original_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Canonical key -> shape, over all shards (unknown keys are kept under their file name)."""
+        shapes = {}
+        for h in self.headers:
+            for k, info in h.tensors.items():
+                shapes[self.key_format.to_original_key(k) or k] = info.shape
+        return shapes
+
+    def dtypes(self) -> set[str]:
+        return {info.dtype for h in self.headers for info in h.tensors.values()}
+
+    def describe(self) -> str:
+        where = f"sharded in {len(self.files)} files" if self.sharded else "single file"
+        return f"{self.key_format.describe()}, {where}"
+
+
+def _find_index(folder: Path) -> Path | None:
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        raise MoeError(f"{folder} holds several index files ({', '.join(p.name for p in indexes)}); pass one of them")
+    return indexes[0] if indexes else None
+
+
+def _shards_from_index(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise MoeError(f"{index} is not a valid safetensors index (expected a 'weight_map')") from None
+    files = sorted(set(weight_map.values()))
+    missing = [f for f in files if not (index.parent / f).is_file()]
+    if missing:
+        raise MoeError(f"sharded checkpoint {index} is incomplete: missing {', '.join(missing)}")
+    return [index.parent / f for f in files]
+
+
+def resolve_files(path: str | Path) -> tuple[list[Path], Path | None]:
+    """The shard files (and index) a user path refers to, without reading any tensor."""
+    path = Path(path)
+    if not path.exists():
+        raise MoeError(f"{path} does not exist")
+    if path.is_dir():
+        index = _find_index(path)
+        if index:
+            return _shards_from_index(index), index
+        singles = sorted(path.glob("*.safetensors"))
+        if len(singles) == 1:
+            return singles, None
+        raise MoeError(
+            f"{path} holds {len(singles)} .safetensors files and no *.safetensors.index.json; "
+            "pass the file to use or add the index"
+        )
+    if path.name.endswith(".index.json"):
+        return _shards_from_index(path), path
+    m = SHARD_RE.fullmatch(path.name)
+    if m:
+        index = _find_index(path.parent)
+        if index is None:
+            raise MoeError(f"{path} looks like a shard but its folder has no *.safetensors.index.json")
+        return _shards_from_index(index), index
+    return [path], None
+
+
+def resolve_checkpoint(path: str | Path) -> CheckpointLayout:
+    """Find a DiT checkpoint's files and detect its key format (reads headers only)."""
+    files, index = resolve_files(path)
+    headers = [read_header(f) for f in files]
+    keys = [k for h in headers for k in h.tensors]
+    key_format = detect_key_format(keys)
+    if key_format is None:
+        from moe.inspect import describe_kind  # late import: inspect builds on this module
+
+        raise MoeError(f"{path} is not a Wan DiT checkpoint: it is {describe_kind(path)}")
+    return CheckpointLayout(files=files, index=index, key_format=key_format, headers=headers)
+
+
+# ---------------------------------------------------------------------------------------------
+# The expected key set of a preset, derived from diffusers' own model definition.
+
+
+@functools.lru_cache(maxsize=None)
+def expected_shapes(dit: DiTConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical key -> shape for a DiT config, from a `WanTransformer3DModel` on the meta device."""
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**dit.diffusers_kwargs())
+    return {diffusers_to_original(k): tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def guess_dit_config(shapes: dict[str, tuple[int, ...]]) -> str:
+    """A short description of the architecture the shapes imply, naming a matching preset."""
+    try:
+        dim, in_ch = shapes["patch_embedding.weight"][:2]
+        layers = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k)))
+        ffn = shapes["blocks.0.ffn.0.weight"][0]
+    except (KeyError, ValueError, IndexError):
+        return "an unrecognised architecture"
+    matches = [
+        name
+        for name, p in PRESETS.items()
+        if (p.dit.num_layers, p.dit.dim, p.dit.in_channels, p.dit.ffn_dim) == (layers, dim, in_ch, ffn)
+    ]
+    arch = f"{layers} layers, dim {dim}, {in_ch} input channels, ffn {ffn}"
+    return arch + (f" (preset {' or '.join(matches)})" if matches else " (no preset matches)")
+
+
+def validate_shapes(shapes: dict[str, tuple[int, ...]], preset: WanPreset, source: str) -> None:
+    """Raise a MoeError listing missing, unexpected and mis-shaped keys; silent when they match."""
+    expected = expected_shapes(preset.dit)
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(shapes) if tuple(expected[k]) != tuple(shapes[k]))
+    if not (missing or unexpected or wrong):
+        return
+
+    def head(keys: list[str]) -> str:
+        return ", ".join(keys[:6]) + (f" ... ({len(keys)} in all)" if len(keys) > 6 else "")
+
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {head(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {head(unexpected)}")
+    if wrong:
+        problems.append(
+            "shape mismatches: " + head([f"{k} {tuple(shapes[k])} != {tuple(expected[k])}" for k in wrong])
+        )
+    raise MoeError(
+        f"{source} does not match task {preset.task}: {'; '.join(problems)}. "
+        f"The checkpoint looks like {guess_dit_config(shapes)}; pass the matching --task"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and writing.
+
+
+def read_checkpoint(path: str | Path, preset: WanPreset | None = None) -> tuple[dict[str, torch.Tensor], CheckpointLayout]:
+    """Load every tensor under canonical keys; validates against `preset` first when given."""
+    layout = resolve_checkpoint(path)
+    if preset is not None:
+        validate_shapes(layout.original_shapes(), preset, str(path))
+    state: dict[str, torch.Tensor] = {}
+    for f in layout.files:
+        for k, v in load_file(f).items():
+            key = layout.key_format.to_original_key(k)
+            if key is None:
+                raise MoeError(f"{f}: key {k!r} is not a Wan DiT key ({layout.key_format.describe()})")
+            state[key] = v
+    return state, layout
+
+
+def write_checkpoint(
+    state: dict[str, torch.Tensor],
+    out: str | Path,
+    key_format: KeyFormat = KeyFormat(style="original"),
+    max_shard_bytes: int | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write canonical-key tensors in `key_format`, as one file or (with `max_shard_bytes`) as a
+    folder of shards plus `diffusion_pytorch_model.safetensors.index.json`. Atomic either way."""
+    out = Path(out)
+    tensors = {key_format.to_file_key(k): v.contiguous() for k, v in state.items()}
+    metadata = {"format": "pt", **(metadata or {})}
+    if max_shard_bytes is None:
+        with atomic_file(out) as tmp:
+            save_file(tensors, tmp, metadata=metadata)
+        return out
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in tensors.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    n = len(shards)
+    weight_map = {}
+    with atomic_dir(out) as tmp:
+        for i, shard in enumerate(shards, 1):
+            name = f"{DEFAULT_SHARD_STEM}-{i:05d}-of-{n:05d}.safetensors"
+            save_file(shard, tmp / name, metadata=metadata)
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(v.numel() * v.element_size() for v in tensors.values())
+        index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
+        (tmp / f"{DEFAULT_SHARD_STEM}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return out
+
+
+def load_transformer(
+    path: str | Path, preset: WanPreset, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+):
+    """A diffusers `WanTransformer3DModel` with the checkpoint's weights.
+
+    The key set is validated before anything is built, so a wrong checkpoint is a clear error
+    instead of diffusers' "Cannot copy out of meta tensor" later on.
+    """
+    from diffusers import WanTransformer3DModel
+
+    state, layout = read_checkpoint(path, preset)
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**preset.dit.diffusers_kwargs())
+    diffusers_state = {KeyFormat(style="diffusers").to_file_key(k): v for k, v in state.items()}
+    model.load_state_dict(diffusers_state, strict=True, assign=True)
+    # Buffers made on the meta device (rotary tables) are rebuilt on the real device.
+    _rebuild_meta_buffers(model, preset)
+    if dtype is not None:
+        cast_keeping_fp32_modules(model, dtype)
+    return model.to(device).eval()
+
+
+def cast_keeping_fp32_modules(model, dtype: torch.dtype) -> None:
+    """Cast parameters to `dtype` except the modules diffusers keeps in fp32 (time embedder,
+    norms, modulation tables), as `from_pretrained(torch_dtype=...)` does."""
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, param in model.named_parameters():
+        target = torch.float32 if any(part in keep for part in name.split(".")) else dtype
+        param.data = param.data.to(target)
+
+
+def _rebuild_meta_buffers(model, preset: WanPreset) -> None:
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    fresh = WanRotaryPosEmbed(preset.dit.attention_head_dim, preset.dit.patch_size, preset.dit.rope_max_seq_len)
+    for name, buf in list(model.rope.named_buffers()):
+        if buf.is_meta:
+            model.rope.register_buffer(name, getattr(fresh, name), persistent=False)
+    leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftovers:
+        raise MoeError(f"internal error: tensors left on the meta device: {', '.join(leftovers[:5])}")
+
+
+def transformer_state_dict(model) -> dict[str, torch.Tensor]:
+    """A `WanTransformer3DModel`'s weights under canonical (original) keys."""
+    return {diffusers_to_original(k): v for k, v in model.state_dict().items()}
+
+
+def build_random_transformer(preset: WanPreset, seed: int, dtype: torch.dtype = torch.float32):
+    """A randomly initialised DiT for tiny presets and tests (no download)."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(**preset.dit.diffusers_kwargs())
+    # diffusers zero-initialises some projections; give every weight signal so tests see it.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0.0, 0.02)
+    for p in model.parameters():  # plain cast: a random model has no fp32 contract to keep
+        p.data = p.data.to(dtype)
+    return model.eval()
