@@ -139,7 +139,7 @@ def timed(cmd: list[str]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--blocks", type=int, default=3, help="A14B-sized blocks in the checkpoint (3 = 1.97 GiB)")
+    ap.add_argument("--blocks", type=int, default=3, help="A14B-sized blocks in the checkpoint (3 = 2.4 GiB)")
     ap.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp folder on /tmp)")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()

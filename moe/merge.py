@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -30,9 +32,10 @@ from moe.safetensors_file import DTYPES, FLOAT_DTYPES, SafetensorsHeader, encode
 from moe.wan.checkpoint import CheckpointLayout, resolve_checkpoint, validate_shapes
 from moe.wan.presets import get_preset
 
-COPY_CHUNK_BYTES = 16 << 20
-# Rows of a target weight merged at once: bounds the fp32 working set to ~16 MB.
-MERGE_CHUNK_ELEMENTS = 4 << 20
+COPY_CHUNK_BYTES = 8 << 20
+# Rows of a target weight merged at once: an 8 MB fp32 working block (a whole A14B FFN weight
+# would be 283 MB in fp32).
+MERGE_CHUNK_ELEMENTS = 2 << 20
 _PLACEHOLDER_SHA = "0" * 64
 
 
@@ -99,43 +102,86 @@ def _locate_targets(layout: CheckpointLayout, lora: LoRAFile) -> list[dict[str, 
     return per_shard
 
 
-def _copy_range(fin, fout, nbytes: int, sha, buf: memoryview, pbar) -> None:
-    while nbytes:
-        n = fin.readinto(buf[: min(nbytes, len(buf))])
-        if not n:
-            raise MoeError(f"{fin.name} is truncated")
-        sha.update(buf[:n])
-        fout.write(buf[:n])
-        nbytes -= n
-        pbar.update(n)
+class _StreamCopier:
+    """Sequential input -> output pass with the input's sha256 computed on the side.
+
+    The input is read into a small ring of reused buffers; hashing runs on a worker thread
+    (hashlib releases the GIL) while the main thread converts and writes, so it costs almost no
+    wall time. Written ranges are handed to the kernel for write-back early (fadvise), which
+    overlaps the disk flush with the pass and keeps a 28 GB output from filling the page cache.
+    """
+
+    RING = 3
+    FLUSH_EVERY = 256 << 20
+
+    def __init__(self, fin, fout, pbar):
+        self.fin, self.fout, self.pbar = fin, fout, pbar
+        self.sha = hashlib.sha256()
+        self.buffers = [memoryview(bytearray(COPY_CHUNK_BYTES)) for _ in range(self.RING)]
+        self.pending: list[Future | None] = [None] * self.RING
+        self.turn = 0
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        self.written = self.flushed = 0
+
+    def read(self, nbytes: int) -> memoryview:
+        """The next `nbytes` (<= COPY_CHUNK_BYTES) of the input, queued for hashing."""
+        if nbytes > COPY_CHUNK_BYTES:
+            raise MoeError(f"internal: read of {nbytes} bytes exceeds the {COPY_CHUNK_BYTES}-byte buffer")
+        i, self.turn = self.turn, (self.turn + 1) % self.RING
+        if self.pending[i] is not None:
+            self.pending[i].result()  # the hasher is done with this buffer
+        view = self.buffers[i][:nbytes]
+        got = 0
+        while got < nbytes:
+            n = self.fin.readinto(view[got:])
+            if not n:
+                raise MoeError(f"{self.fin.name} is truncated")
+            got += n
+        self.pending[i] = self.pool.submit(self.sha.update, view)
+        return view
+
+    def write(self, data) -> None:
+        n = self.fout.write(data)
+        self.written += n
+        self.pbar.update(n)
+        if self.written - self.flushed >= self.FLUSH_EVERY:
+            os.posix_fadvise(self.fout.fileno(), self.flushed, self.written - self.flushed, os.POSIX_FADV_DONTNEED)
+            self.flushed = self.written
+
+    def copy(self, nbytes: int) -> None:
+        while nbytes:
+            chunk = min(nbytes, COPY_CHUNK_BYTES)
+            self.write(self.read(chunk))
+            nbytes -= chunk
+
+    def hexdigest(self) -> str:
+        self.pool.shutdown(wait=True)
+        return self.sha.hexdigest()
 
 
-def _read_exact(fin, view: memoryview) -> None:
-    got = 0
-    while got < len(view):
-        n = fin.readinto(view[got:])
-        if not n:
-            raise MoeError(f"{fin.name} is truncated")
-        got += n
+class _TensorMerger:
+    """W' = W + m (alpha/r) up @ down for [out, in] tensors, a block of rows at a time, in
+    buffers allocated once (fresh per-block allocations fragment the heap and grow RSS)."""
 
+    def __init__(self):
+        self.work = torch.empty(MERGE_CHUNK_ELEMENTS, dtype=torch.float32)
+        self.out = torch.empty(MERGE_CHUNK_ELEMENTS * 4, dtype=torch.uint8)
 
-def _merge_tensor(fin, fout, dtype_name: str, shape, w: LoRAModuleWeights, multiplier: float, sha, buf, pbar) -> None:
-    """W' = W + m (alpha/r) up @ down for one [out, in] tensor, a block of rows at a time."""
-    dtype = DTYPES[dtype_name]
-    out_features, in_features = shape
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    down = w.down.to(torch.float32)
-    up = w.up.to(torch.float32)
-    rows = max(1, min(out_features, MERGE_CHUNK_ELEMENTS // in_features))
-    for r0 in range(0, out_features, rows):
-        n = min(rows, out_features - r0)
-        view = buf[: n * in_features * itemsize]
-        _read_exact(fin, view)
-        sha.update(view)
-        block = torch.frombuffer(view, dtype=dtype).view(n, in_features).to(torch.float32)
-        block.addmm_(up[r0 : r0 + n], down, alpha=multiplier * w.scale)
-        fout.write(block.to(dtype).view(torch.uint8).numpy())
-        pbar.update(len(view))
+    def merge(self, stream: _StreamCopier, dtype_name: str, shape, w: LoRAModuleWeights, multiplier: float) -> None:
+        dtype = DTYPES[dtype_name]
+        out_features, in_features = shape
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        down, up = w.down.to(torch.float32), w.up.to(torch.float32)
+        rows = max(1, min(out_features, MERGE_CHUNK_ELEMENTS // in_features))
+        for r0 in range(0, out_features, rows):
+            n = min(rows, out_features - r0)
+            raw = stream.read(n * in_features * itemsize)
+            block = self.work[: n * in_features].view(n, in_features)
+            block.copy_(torch.frombuffer(raw, dtype=dtype).view(n, in_features))
+            block.addmm_(up[r0 : r0 + n], down, alpha=multiplier * w.scale)
+            result = self.out[: n * in_features * itemsize].view(dtype).view(n, in_features)
+            result.copy_(block)
+            stream.write(result.view(torch.uint8).numpy())
 
 
 def _merge_shard(
@@ -150,27 +196,27 @@ def _merge_shard(
         return encode_header(header.tensors, meta)
 
     placeholder = encode(_PLACEHOLDER_SHA)
-    sha = hashlib.sha256()
-    buf = memoryview(bytearray(max(COPY_CHUNK_BYTES, MERGE_CHUNK_ELEMENTS * 4)))
+    merger = _TensorMerger()
     with open(header.path, "rb", buffering=0) as fin, open(dst, "wb", buffering=0) as fout:
-        sha.update(fin.read(header.data_start))
+        stream = _StreamCopier(fin, fout, pbar)
+        stream.sha.update(fin.read(header.data_start))
         fout.write(placeholder)
         pos = 0  # offset in the data section
         for key, info in sorted(header.tensors.items(), key=lambda kv: kv[1].data_offsets[0]):
-            start, end = info.data_offsets
-            if key not in targets:
-                continue
-            _copy_range(fin, fout, start - pos, sha, buf, pbar)
-            _merge_tensor(fin, fout, info.dtype, info.shape, targets[key], multiplier, sha, buf, pbar)
-            pos = end
-        _copy_range(fin, fout, header.total_bytes - pos, sha, buf, pbar)
+            if key in targets:
+                start, end = info.data_offsets
+                stream.copy(start - pos)
+                merger.merge(stream, info.dtype, info.shape, targets[key], multiplier)
+                pos = end
+        stream.copy(header.total_bytes - pos)
         if fin.read(1):
             raise MoeError(f"{header.path} has trailing bytes after its data section")
-        final = encode(sha.hexdigest())
+        base_sha = stream.hexdigest()
+        final = encode(base_sha)
         assert len(final) == len(placeholder)
         fout.seek(0)
         fout.write(final)
-    return sha.hexdigest()
+    return base_sha
 
 
 def merge_lora_into_checkpoint(
