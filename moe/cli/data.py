@@ -1,0 +1,111 @@
+"""`lora-moe data ...`: build clip data sets (the synthetic set, a Cholec80 import)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import typer
+
+from moe.cli import app
+from moe.data.manifest import LabelMap, read_manifest, summarize
+from moe.errors import MoeError
+
+data_app = typer.Typer(
+    help="Build clip data sets: a synthetic surgical-like set, or clips cut from Cholec80.",
+    no_args_is_help=True,
+)
+app.add_typer(data_app, name="data")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'WxH' -> (width, height); both even, as H.264 (yuv420p) requires."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if match is None:
+        raise MoeError(f"--size must look like WIDTHxHEIGHT (e.g. 832x480), got {text!r}")
+    width, height = int(match[1]), int(match[2])
+    if width < 2 or height < 2 or width % 2 or height % 2:
+        raise MoeError(f"--size needs an even width and height (H.264 yuv420p), got {width}x{height}")
+    return width, height
+
+
+def _report(manifest: Path) -> None:
+    typer.echo(str(manifest))
+    typer.echo(summarize(read_manifest(manifest)))
+
+
+@data_app.command("synth")
+def synth(
+    out: Path = typer.Option(..., "--out", help="Output folder (videos/ and manifest.jsonl)."),
+    clips: int = typer.Option(16, "--clips", help="Number of clips; classes are balanced."),
+    frames: int = typer.Option(17, "--frames", help="Frames per clip (Wan likes 4k+1)."),
+    size: str = typer.Option("64x64", "--size", help="Frame size WIDTHxHEIGHT, both even."),
+    seed: int = typer.Option(0, "--seed", help="Same seed, same clips (byte for byte)."),
+    fps: float = typer.Option(16.0, "--fps", help="Frame rate written into the MP4s."),
+    val_fraction: float = typer.Option(
+        0.2, "--val-fraction", "--val_fraction", help="Share of clips in val."
+    ),
+) -> None:
+    """Write a procedural surgical-like clip set with exact tip boxes and captions."""
+    from moe.data.synth import synthesize_dataset
+
+    manifest = synthesize_dataset(
+        out,
+        clips=clips,
+        frames=frames,
+        size=parse_size(size),
+        seed=seed,
+        fps=fps,
+        val_fraction=val_fraction,
+        progress=True,
+    )
+    _report(manifest)
+
+
+@data_app.command("cholec80")
+def cholec80(
+    root: Path = typer.Option(..., "--root", help="Cholec80 folder (videos/, tool_annotations/)."),
+    out: Path = typer.Option(..., "--out", help="Output folder (clips/ and manifest.jsonl)."),
+    frames_per_clip: int = typer.Option(81, "--frames-per-clip", "--frames_per_clip"),
+    clip_seconds: float | None = typer.Option(
+        None, "--clip-seconds", "--clip_seconds", help="Source seconds per clip (default: frames / 16)."
+    ),
+    stride_seconds: float | None = typer.Option(
+        None,
+        "--stride-seconds",
+        "--stride_seconds",
+        help="Seconds from clip start to start (default: clip length).",
+    ),
+    size: str | None = typer.Option(None, "--size", help="Rescale to WIDTHxHEIGHT, e.g. 832x480."),
+    videos: str | None = typer.Option(
+        None, "--videos", help="Comma-separated ids, e.g. video01,video02."
+    ),
+    label_map: Path | None = typer.Option(
+        None, "--label-map", "--label_map", help="JSON object: Cholec80 tool -> expert class."
+    ),
+    min_presence: float = typer.Option(
+        0.5, "--min-presence", "--min_presence", help="Share of a clip's frames a tool must be in."
+    ),
+    val_fraction: float = typer.Option(
+        0.2, "--val-fraction", "--val_fraction", help="Share of videos in val."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the train/val split."),
+) -> None:
+    """Cut Cholec80 videos into labelled clips; the split keeps each video on one side."""
+    from moe.data.cholec80 import import_cholec80
+
+    manifest = import_cholec80(
+        root,
+        out,
+        clip_seconds=clip_seconds,
+        frames_per_clip=frames_per_clip,
+        stride_seconds=stride_seconds,
+        label_map=LabelMap.from_json_file(label_map) if label_map else None,
+        videos=[v.strip() for v in videos.split(",") if v.strip()] if videos else None,
+        size=parse_size(size) if size else None,
+        min_presence=min_presence,
+        val_fraction=val_fraction,
+        seed=seed,
+        progress=True,
+    )
+    _report(manifest)
