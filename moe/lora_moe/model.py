@@ -1,0 +1,81 @@
+"""Put LoRA-MoE layers into a diffusers `WanTransformer3DModel` by original module name
+(`blocks.7.self_attn.q`, SPEC section 2; mapped by `moe.wan.keys`), as `moe.lora.inject` does
+for stage 1.
+
+Both Wan2.2 DiTs (high and low noise) train ONE set of experts: the first `inject_lora_moe`
+call builds the adapters and returns them; pass them as `adapters` to the second call (with
+the same `RoutingState`), so both models hold the very same parameters.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from moe.errors import MoeError
+from moe.lora.inject import adapter_items, get_linear
+from moe.lora.layer import LoRALinear
+from moe.lora.targets import check_same_targets
+from moe.lora_moe.layer import LoRAMoEAdapter, LoRAMoELinear
+from moe.lora_moe.routing import RoutingState
+from moe.wan.keys import module_to_diffusers
+
+
+def build_moe_adapters(model: nn.Module, modules: dict[str, int], alpha: float, num_experts: int) -> nn.ModuleDict:
+    """Fresh adapters for `modules` (name -> rank), sized from the model's Linear layers.
+    Keys use `/` for `.` (ModuleDict keys cannot hold dots); `adapter_items` undoes it."""
+    adapters = nn.ModuleDict()
+    for module, rank in modules.items():
+        linear = get_linear(model, module)
+        adapters[module.replace(".", "/")] = LoRAMoEAdapter(
+            linear.in_features, linear.out_features, rank, alpha, num_experts
+        )
+    return adapters
+
+
+def inject_lora_moe(
+    model: nn.Module,
+    modules: dict[str, int],
+    alpha: float,
+    experts: tuple[str, ...],
+    state: RoutingState,
+    adapters: nn.ModuleDict | None = None,
+) -> nn.ModuleDict:
+    """Replace each target Linear of `model` with a `LoRAMoELinear` reading `state`; freeze the
+    model's own parameters. Builds the adapters unless given (then they must match `modules`
+    and `experts`). Returns the adapters."""
+    if adapters is None:
+        adapters = build_moe_adapters(model, modules, alpha, len(experts))
+    items = adapter_items(adapters)
+    check_same_targets({m: a.rank for m, a in items}, modules, "the shared LoRA-MoE adapters", "this model's targets")
+    wrong = sorted({a.num_experts for _, a in items} - {len(experts)})
+    if wrong:
+        raise MoeError(f"the shared adapters have {wrong[0]} experts, expected {len(experts)} ({', '.join(experts)})")
+    model.requires_grad_(False)
+    for module, adapter in items:
+        parent_path, _, child = module_to_diffusers(module).rpartition(".")
+        parent = model.get_submodule(parent_path)
+        current = parent[int(child)] if child.isdigit() else getattr(parent, child)
+        if isinstance(current, (LoRAMoELinear, LoRALinear)):
+            raise MoeError(
+                f"{module} already has a {type(current).__name__}; stage 2 runs on a merged DiT "
+                "without other LoRA layers"
+            )
+        layer = LoRAMoELinear(get_linear(model, module), adapter, state)
+        if child.isdigit():
+            parent[int(child)] = layer
+        else:
+            setattr(parent, child, layer)
+    return adapters
+
+
+def set_alpha_expert(model: nn.Module, alpha_expert: float) -> None:
+    """`--alpha_expert`: the strength of the expert mixture in every LoRA-MoE layer."""
+    for layer in model.modules():
+        if isinstance(layer, LoRAMoELinear):
+            layer.alpha_expert = alpha_expert
+
+
+def set_lora_moe_enabled(model: nn.Module, enabled: bool) -> None:
+    for layer in model.modules():
+        if isinstance(layer, LoRAMoELinear):
+            layer.enabled = enabled
