@@ -1,0 +1,91 @@
+"""`lora-moe cache`: encode a manifest's clips into the latent cache the trainers read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from moe.cli import app
+from moe.errors import MoeError
+
+_DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+}
+
+
+def _dtype(text: str, flag: str, choices: tuple[str, ...]):
+    """The torch dtype named by `text`; `choices` are the spellings the error lists, and any
+    alias of them (bf16 / bfloat16, fp32 / float32, fp16 / float16) is accepted."""
+    import torch
+
+    name = _DTYPES.get(text.strip().lower())
+    if name is None or name not in {_DTYPES[choice] for choice in choices}:
+        raise MoeError(f"{flag} must be one of {', '.join(choices)}, got {text!r}")
+    return getattr(torch, name)
+
+
+@app.command("cache")
+def cache(
+    manifest: Annotated[Path, typer.Option("--manifest", help="Clip manifest (JSONL).")],
+    out: Annotated[Path, typer.Option("--out", help="Cache folder (index.json, clips/).")],
+    task: Annotated[str | None, typer.Option("--task", help="Wan task; default: the model set's.")] = None,
+    model_set: Annotated[
+        Path | None, typer.Option("--model_set", "--model-set", help="Model-set folder (model_set.json).")
+    ] = None,
+    vae: Annotated[
+        Path | None, typer.Option("--vae", help="diffusers vae/ folder or Wan2.1_VAE.pth.")
+    ] = None,
+    text_encoder: Annotated[
+        Path | None,
+        typer.Option(
+            "--text_encoder",
+            "--text-encoder",
+            help="text_encoder/ folder or models_t5_umt5-xxl-enc-bf16.pth.",
+        ),
+    ] = None,
+    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="tokenizer/ folder.")] = None,
+    size: Annotated[str, typer.Option("--size", help="Bucket WIDTHxHEIGHT, multiples of 16.")] = "832x480",
+    frames: Annotated[int, typer.Option("--frames", help="Frames per clip, 4k+1.")] = 81,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1 ...")] = "cpu",
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="VAE / text encoder compute dtype: float32, bf16, fp16.")
+    ] = "float32",
+    embed_dtype: Annotated[
+        str, typer.Option("--embed_dtype", "--embed-dtype", help="Stored text embeddings: float32 or bf16.")
+    ] = "float32",
+    label_map: Annotated[
+        Path | None,
+        typer.Option("--label_map", "--label-map", help="JSON object: raw label -> expert class."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Encode VAE latents, text embeddings, I2V conditioning, ROI masks and labels per clip;
+    clips whose inputs did not change since the last run are skipped."""
+    from moe.cli.data import parse_size
+    from moe.data.cache import build_cache
+    from moe.data.manifest import LabelMap
+
+    index = build_cache(
+        manifest,
+        out,
+        task,
+        vae,
+        text_encoder,
+        tokenizer,
+        model_set=model_set,
+        size=parse_size(size),
+        frames=frames,
+        device=device,
+        dtype=_dtype(dtype, "--dtype", ("float32", "bf16", "fp16")),
+        embed_dtype=_dtype(embed_dtype, "--embed_dtype", ("float32", "bf16")),
+        label_map=LabelMap.from_json_file(label_map) if label_map else None,
+        progress=not quiet,
+    )
+    typer.echo(f"cache {out}: {len(index.clips)} {index.task} clips ({index.report.summary()})")
