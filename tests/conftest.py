@@ -45,3 +45,18 @@ def tiny_lora_file(tmp_path, tiny_state, tiny_preset):
     modules = random_lora(tiny_state, spec.resolve(tiny_preset.dit.num_layers))
     path = write_lora_file(tmp_path / "vanilla_lora.safetensors", modules, spec, tiny_preset.task)
     return path, modules
+
+
+@pytest.fixture(scope="session")
+def tiny_workspace(tmp_path_factory):
+    """A tiny-t2v model set, a synthetic data set (24 clips, 17 frames, 64x64) and its latent
+    cache, built once per test session."""
+    from moe.data.cache import build_cache
+    from moe.data.synth import synthesize_dataset
+    from moe.wan.model_set import write_tiny_model_set
+
+    root = tmp_path_factory.mktemp("workspace")
+    models = write_tiny_model_set(root / "models", "tiny-t2v", seed=0)
+    manifest = synthesize_dataset(root / "data", clips=24, frames=17, size=(64, 64), seed=0)
+    build_cache(manifest, root / "cache", "tiny-t2v", model_set=root / "models", size=(64, 64), frames=17, progress=False)
+    return {"root": root, "models": models, "manifest": manifest, "cache": root / "cache"}

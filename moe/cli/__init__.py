@@ -18,17 +18,28 @@ app = typer.Typer(
 )
 
 
+# Commands generated from pydantic configs (plain click commands; see config_command.py).
+config_commands: list[click.Command] = []
+
+
 def _register_commands() -> None:
-    # Imported for their side effect of adding commands to `app`; kept lazy so that
-    # `import moe.cli` stays cheap and the heavy modules load only for the command that runs.
-    from moe.cli import checkpoints, data  # noqa: F401
+    # Imported for their side effect of adding commands to `app` or `config_commands`; each
+    # module imports its heavy dependencies inside the command, so start-up stays cheap.
+    from moe.cli import cache, checkpoints, data, training, workflow  # noqa: F401
+
+
+def build_cli() -> click.Group:
+    _register_commands()
+    group = typer.main.get_command(app)
+    for command in config_commands:
+        group.add_command(command)
+    return group
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
-    _register_commands()
     try:
-        rv = app(args=argv, standalone_mode=False)
+        rv = build_cli().main(args=argv, prog_name="lora-moe", standalone_mode=False)
     except MoeError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)

@@ -1,0 +1,47 @@
+"""Training commands: `lora-moe stage1` (and, later, `stage2`), with options from the configs."""
+
+from __future__ import annotations
+
+import click
+
+from moe.cli import config_commands
+from moe.cli.config_command import config_command
+from moe.train.config import Stage1Config, Stage2Config
+
+
+def _run_stage1(cfg: Stage1Config) -> None:
+    from moe.train.stage1 import VANILLA_LORA_FILE, train_stage1
+
+    metrics = train_stage1(cfg)
+    click.echo(
+        f"stage 1 done: {cfg.output_dir / VANILLA_LORA_FILE}; held-out loss "
+        f"{metrics['val_loss_base']:.4f} (base) -> {metrics['val_loss_final']:.4f} (with LoRA)"
+    )
+
+
+config_commands.append(
+    config_command(
+        "stage1",
+        Stage1Config,
+        _run_stage1,
+        help="Stage 1: train one vanilla LoRA across both Wan2.2 experts on a latent cache.",
+    )
+)
+
+
+def _run_stage2(cfg) -> None:
+    from moe.train.stage2 import LORA_MOE_FILE, stage2_summary, train_stage2
+
+    metrics = train_stage2(cfg)
+    click.echo(f"stage 2 done: {cfg.output_dir / LORA_MOE_FILE}; held-out {stage2_summary(metrics)}")
+
+
+config_commands.append(
+    config_command(
+        "stage2",
+        Stage2Config,
+        _run_stage2,
+        help="Stage 2: train LoRA-MoE experts, router and timestep gates on the merged DiTs.",
+        aliases={"network_dim": ("lora_dim",), "network_alpha": ("lora_alpha",)},
+    )
+)

@@ -1,0 +1,174 @@
+"""Training configs (SPEC section 6) as pydantic models.
+
+Field names are the CLI flags (`--learning_rate`, `--rank_q` ...), so a YAML/TOML config file,
+the command line and the Prefect task parameters all spell an option the same way. The CLI
+reads a config file first and lets explicit flags override it.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from moe.errors import MoeError
+from moe.lora.targets import TargetSpec
+from moe.train.flow_matching import SigmaSampling
+from moe.wan.presets import WanPreset, get_preset
+
+
+# The options that define the LoRA target spec: stage 2 must repeat stage 1's.
+TARGET_FLAGS = (
+    "network_dim", "network_alpha", "rank_q", "rank_kvo", "rank_k", "rank_v", "rank_o", "rank_ffn",
+    "lora_cross_attn", "lora_ffn2",
+)
+
+
+class TrainConfig(BaseModel):
+    """Options shared by stage 1 and stage 2."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field("tiny-t2v", description="Model preset: t2v-A14B, i2v-A14B, ti2v-5B, tiny-t2v, tiny-i2v.")
+    dit: Path = Field(description="Low-noise DiT (or the single DiT of ti2v-5B).")
+    dit_high_noise: Path | None = Field(None, description="High-noise DiT (A14B tasks).")
+    dataset: Path = Field(description="Latent cache folder made by `lora-moe cache`.")
+    output_dir: Path = Field(description="Where weights, checkpoints, logs and metrics go.")
+
+    network_dim: int = Field(4, gt=0, description="Default LoRA rank.")
+    network_alpha: float = Field(1.0, gt=0, description="LoRA alpha (scale = alpha / rank).")
+    rank_q: int | None = Field(8, description="Rank of self_attn.q.")
+    rank_kvo: int | None = Field(None, description="Rank of self_attn.k/v/o (default --network_dim).")
+    rank_k: int | None = Field(None, description="Rank of self_attn.k (overrides --rank_kvo).")
+    rank_v: int | None = Field(None, description="Rank of self_attn.v (overrides --rank_kvo).")
+    rank_o: int | None = Field(None, description="Rank of self_attn.o (overrides --rank_kvo).")
+    rank_ffn: int | None = Field(None, description="Rank of ffn.0 (default --network_dim).")
+    lora_cross_attn: bool = Field(False, description="Also adapt cross-attention q/k/v/o.")
+    lora_ffn2: bool = Field(False, description="Also adapt the FFN's second linear (ffn.2).")
+
+    learning_rate: float = Field(1e-4, gt=0)
+    lr_warmup_steps: int = Field(0, ge=0)
+    lr_scheduler: Literal["cosine", "constant"] = "cosine"
+    weight_decay: float = Field(0.01, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    max_train_epochs: int = Field(10, gt=0)
+    batch_size: int = Field(1, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    seed: int = 42
+
+    timestep_sampling: SigmaSampling = "shift"
+    discrete_flow_shift: float = Field(5.0, gt=0)
+    min_timestep: float = Field(0.0, ge=0, le=1000)
+    max_timestep: float = Field(1000.0, ge=0, le=1000)
+    timestep_boundary: float | None = Field(
+        None, description="Expert boundary as t (0-1000) or sigma (0-1); default: the task's."
+    )
+    train_dit: Literal["both", "low", "high"] = Field("both", description="Restrict sigma to one expert's range.")
+    roi_weight: float = Field(1.0, ge=1, description="lambda_roi: loss weight on instrument tips (1 = off).")
+
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    dit_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="DiT weight dtype (auto: bf16 with --mixed_precision bf16, else the file's)."
+    )
+    gradient_checkpointing: bool = False
+    offload_inactive_dit: bool = Field(True, description="Keep only the active DiT on the GPU.")
+
+    save_every_n_epochs: int = Field(1, gt=0)
+    resume: bool = Field(False, description="Continue from the latest checkpoint in --output_dir.")
+    log_every_n_steps: int = Field(1, gt=0)
+    val_sigmas: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
+    progress: bool = Field(True, description="Show a progress bar.")
+
+    @field_validator("timestep_boundary")
+    @classmethod
+    def _boundary_as_sigma(cls, v: float | None) -> float | None:
+        return v / 1000 if v is not None and v > 1 else v
+
+    @property
+    def preset(self) -> WanPreset:
+        return get_preset(self.task)
+
+    @property
+    def boundary(self) -> float | None:
+        return self.timestep_boundary if self.timestep_boundary is not None else self.preset.boundary
+
+    def target_spec(self) -> TargetSpec:
+        return TargetSpec.from_flags(
+            network_dim=self.network_dim,
+            network_alpha=self.network_alpha,
+            rank_q=self.rank_q,
+            rank_kvo=self.rank_kvo,
+            rank_k=self.rank_k,
+            rank_v=self.rank_v,
+            rank_o=self.rank_o,
+            rank_ffn=self.rank_ffn,
+            cross_attn=self.lora_cross_attn,
+            ffn2=self.lora_ffn2,
+        )
+
+    def sigma_range(self) -> tuple[float, float]:
+        """[low, high) of sigma from --min/max_timestep and --train_dit."""
+        low, high = self.min_timestep / 1000, min(self.max_timestep / 1000, 1.0)
+        if self.train_dit != "both":
+            if self.boundary is None:
+                raise MoeError(f"--train_dit {self.train_dit} needs a two-expert task; {self.task} has one DiT")
+            low, high = (max(low, self.boundary), high) if self.train_dit == "high" else (low, min(high, self.boundary))
+        if not low < high:
+            raise MoeError(f"no timesteps left to train: sigma range [{low:.3f}, {high:.3f}) is empty")
+        return low, high
+
+
+class Stage1Config(TrainConfig):
+    """`lora-moe stage1`: one vanilla LoRA across both experts."""
+
+    save_format: Literal["diffusers", "musubi"] = Field("diffusers", description="Key style of the LoRA file.")
+
+
+def read_config_file(path: Path) -> dict:
+    """A YAML or TOML config file as a dict (validated later, with the flags merged in)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise MoeError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        data = tomllib.loads(text) if str(path).endswith(".toml") else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        raise MoeError(f"config file {path} is not valid {'TOML' if str(path).endswith('.toml') else 'YAML'}: {e}") from None
+    if not isinstance(data, dict):
+        raise MoeError(f"config file {path} must hold a mapping of option names to values")
+    return data
+
+
+def build_config(cls: type[TrainConfig], file_values: dict, flag_values: dict) -> TrainConfig:
+    """Validate file values overridden by explicit flags; errors name the option."""
+    try:
+        return cls(**(file_values | flag_values))
+    except ValidationError as e:
+        problems = "; ".join(f"--{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise MoeError(f"invalid {cls.__name__} options: {problems}") from None
+
+
+class Stage2Config(TrainConfig):
+    """`lora-moe stage2` (SPEC section 5): experts + router + timestep gates on merged DiTs."""
+
+    learning_rate: float = Field(5e-5, gt=0)
+    roi_weight: float = Field(4.0, ge=1, description="lambda_roi: loss weight on instrument tips (3-5; 1 = off).")
+    training_stage: Literal["stage_b"] = Field("stage_b", description="Reference flag; stage 2 is stage_b.")
+    use_base_lora: bool = Field(False, description="Refused: stage-1 knowledge lives in the merged DiTs.")
+    alpha_base: float | None = Field(None, description="Accepted and ignored (there is no base_lora).")
+    num_experts: int = Field(4, gt=1)
+    expert_names: tuple[str, ...] = ("scissors", "hook", "suction", "other")
+    routing_mode: Literal["learned", "teacher", "uniform"] = "learned"
+    top_k: int = Field(2, gt=0)
+    train_router: bool = Field(True, description="Train the router (learned routing).")
+    use_teacher_guidance: bool = Field(True, description="Teacher forcing and the KL teacher loss.")
+    teacher_forcing_fraction: float = Field(0.3, ge=0, le=1, description="rho decays 1 -> 0 over this share of steps.")
+    lambda_teach: float = Field(0.1, ge=0)
+    lambda_ent: float = Field(0.01, ge=0)
+    lambda_lb: float = Field(0.01, ge=0)
+    load_balance_beta: float = Field(0.99, ge=0, lt=1)
+    alpha_expert: float = Field(1.0, description="Strength of the expert mixture.")
+    router_sigma_dim: int = Field(32, gt=0)

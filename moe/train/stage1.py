@@ -1,0 +1,92 @@
+"""Stage 1 (SPEC sections 2, 3, 6): one vanilla LoRA trained across both Wan2.2 experts.
+
+    loss = ROI-weighted flow-matching MSE of DiT_expert(sigma)(x_sigma) against eps - x0
+
+The same adapters are injected into the high- and low-noise DiTs, so whichever expert owns a
+micro-batch's sigma, the one LoRA learns. Output: `vanilla_lora.safetensors` (SPEC section 3),
+`checkpoint-epoch-N.safetensors`, resumable state, logs and `metrics.json` with `val_loss_base`
+(LoRA off) and `val_loss_final` (LoRA on) on held-out clips.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moe.lora.file import LoRAModuleWeights, write_lora_file
+from moe.lora.inject import adapter_items, build_adapters, inject_lora, set_lora_enabled
+from moe.train.config import Stage1Config, TrainConfig
+from moe.train.dual_dit import DualDiT, Expert
+from moe.train.flow_matching import per_sample_loss, roi_weights
+from moe.train.loop import TrainingModule, load_dits, make_accelerator, open_dataset, run_training
+from moe.train.validation import dit_inputs, mean_loss_by_sigma, run_dit
+
+VANILLA_LORA_FILE = "vanilla_lora.safetensors"
+
+
+class Stage1Module(TrainingModule):
+    def __init__(self, cfg: Stage1Config, dits: DualDiT):
+        super().__init__()
+        self.cfg = cfg
+        self.dits = dits
+        self.spec = cfg.target_spec()
+        modules = self.spec.resolve(cfg.preset.dit.num_layers)
+        self.adapters = build_adapters(dits.models["low"], modules, self.spec.alpha)
+        for dit in dits:
+            inject_lora(dit, self.adapters)
+
+    def predict(self, batch: dict, sigma: torch.Tensor, noise: torch.Tensor, expert: Expert):
+        x, target = dit_inputs(batch, sigma, noise, self.cfg.preset.i2v)
+        return run_dit(self.dits.get(expert), x, sigma, batch["text_embeds"]), target
+
+    def forward(self, batch, sigma, noise, expert):
+        pred, target = self.predict(batch, sigma, noise, expert)
+        weights = roi_weights(batch["roi"], self.cfg.roi_weight) if self.cfg.roi_weight != 1 else None
+        return {"loss": per_sample_loss(pred, target, weights).mean()}
+
+    def lora_weights(self) -> dict[str, LoRAModuleWeights]:
+        return {
+            m: LoRAModuleWeights(down=a.lora_down.detach().float().cpu(), up=a.lora_up.detach().float().cpu(), alpha=a.alpha)
+            for m, a in adapter_items(self.adapters)
+        }
+
+    def save_weights(self, path: Path) -> None:
+        write_lora_file(path, self.lora_weights(), self.spec, self.cfg.task, save_format=self.cfg.save_format)
+
+    def val_losses(self, items: list[dict], cfg: TrainConfig, lora: bool) -> dict[float, float]:
+        for dit in self.dits:
+            set_lora_enabled(dit, lora)
+        try:
+            device = self.adapters[next(iter(self.adapters.keys()))].lora_down.device
+
+            def loss(batch, sigma, noise):
+                pred, target = self.predict(batch, sigma, noise, self.dits.expert_for(float(sigma[0])))
+                return per_sample_loss(pred, target)
+
+            return mean_loss_by_sigma(items, cfg.val_sigmas, loss, device, cfg.seed)
+        finally:
+            for dit in self.dits:
+                set_lora_enabled(dit, True)
+
+    def evaluate(self, items, cfg):
+        base = self.val_losses(items, cfg, lora=False)
+        final = self.val_losses(items, cfg, lora=True)
+        return {
+            "val_loss_base": sum(base.values()) / len(base),
+            "val_loss_final": sum(final.values()) / len(final),
+            "val_loss_base_by_sigma": {str(s): v for s, v in base.items()},
+            "val_loss_final_by_sigma": {str(s): v for s, v in final.items()},
+        }
+
+
+def train_stage1(cfg: Stage1Config) -> dict:
+    """Train the stage-1 LoRA; writes `vanilla_lora.safetensors` into `cfg.output_dir`."""
+    open_dataset(cfg)
+    accelerator = make_accelerator(cfg)
+    torch.manual_seed(cfg.seed)  # adapter initialisation
+    module = Stage1Module(cfg, load_dits(cfg, accelerator))
+    metrics = run_training(cfg, module, accelerator, run_name="stage1")
+    if accelerator.is_main_process:
+        module.save_weights(cfg.output_dir / VANILLA_LORA_FILE)
+    return metrics

@@ -1,0 +1,202 @@
+"""Stage 2 (SPEC section 5): LoRA-MoE experts, router and timestep gates on the merged DiTs.
+
+    y = W' x + alpha_expert * sum_e g_e * w_e(sigma) * (alpha / r) * B_e A_e x
+    L = L_fm(ROI-weighted) + lambda_teach KL(q || p) + lambda_ent mean H(p) + lambda_lb E sum f_e P_e
+
+The merged DiTs (stage-1 LoRA folded in) stay frozen; there is no base_lora. One router per
+model decides per sample from the pooled caption embedding, sigma and (I2V) the first frame.
+Teacher forcing mixes the label-derived q into p with rho decaying 1 -> 0 over the first 30% of
+steps. The loop is stage 1's (`moe.train.loop`); only this module differs.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from moe.errors import MoeError
+from moe.inspect import classify
+from moe.lora.targets import check_same_targets
+from moe.lora_moe.file import write_lora_moe_file
+from moe.lora_moe.gates import TimestepGate
+from moe.lora_moe.losses import LoadBalance, kl_teacher, mean_entropy
+from moe.lora_moe.model import build_moe_adapters, inject_lora_moe, set_alpha_expert, set_lora_moe_enabled
+from moe.lora_moe.router import Router, RouterConfig
+from moe.lora_moe.routing import RoutingState, compute_gates, teacher_distribution, teacher_forcing_rho
+from moe.merge import sha256_file
+from moe.train.config import Stage2Config
+from moe.train.dual_dit import DualDiT, Expert
+from moe.train.flow_matching import masked_loss, per_sample_loss, roi_weights
+from moe.train.loop import TrainingModule, load_dits, make_accelerator, open_dataset, run_training
+from moe.train.validation import dit_inputs, iter_fixed_noise, run_dit
+
+LORA_MOE_FILE = "lora_moe_stage2.safetensors"
+BASE_LORA_REFUSAL = (
+    "--use_base_lora is not supported: stage-1 knowledge lives in the merged DiTs, not in a base_lora. "
+    "Merge the stage-1 LoRA into both DiTs with `lora-moe merge` and pass the merged files as --dit and "
+    "--dit_high_noise (see the README's two-stage workflow)"
+)
+
+
+def check_stage2_inputs(cfg: Stage2Config) -> dict[str, str]:
+    """Refuse what the merge workflow rules out, before any weights are loaded. Returns the
+    merged DiTs' sha256 (recorded in the stage-2 file)."""
+    if cfg.use_base_lora:
+        raise MoeError(BASE_LORA_REFUSAL)
+    if cfg.alpha_base is not None:
+        warnings.warn("--alpha_base is ignored: this workflow has no base_lora (use_base_lora = false)", stacklevel=2)
+    if cfg.num_experts != len(cfg.expert_names):
+        raise MoeError(f"--num_experts {cfg.num_experts} but --expert_names lists {len(cfg.expert_names)}: {', '.join(cfg.expert_names)}")
+    paths = {"low": cfg.dit} | ({"high": cfg.dit_high_noise} if cfg.dit_high_noise else {})
+    stage1_loras = {}
+    for name, path in paths.items():
+        flag = "--dit" if name == "low" else "--dit_high_noise"
+        info = classify(path)
+        if info.kind == "wan-dit":
+            raise MoeError(
+                f"{path} is a base Wan DiT with no stage-1 LoRA merged in; stage 2 trains on merged DiTs. Run "
+                f"`lora-moe merge --dit {path} --lora_weight vanilla_lora.safetensors --save_merged_model "
+                f"merged_{name}_noise.safetensors` and pass the result as {flag}"
+            )
+        if info.kind != "merged-dit":
+            from moe.inspect import KIND_NAMES, RIGHT_USE
+
+            raise MoeError(f"{path} is {KIND_NAMES[info.kind]}, but {flag} expects a merged Wan DiT; {RIGHT_USE[info.kind]}")
+        record = info.merged_from()[-1]
+        stage1_loras[name] = record.get("lora_sha256")
+        if record.get("ranks"):
+            resolved = cfg.target_spec().resolve(cfg.preset.dit.num_layers)
+            check_same_targets(record["ranks"], resolved, f"the stage-1 LoRA merged into {path.name}", "stage 2 (--rank_* flags)")
+    if len(set(stage1_loras.values())) > 1:
+        raise MoeError(f"{cfg.dit} and {cfg.dit_high_noise} have different stage-1 LoRAs merged in; merge the same one into both")
+    return {name: sha256_file(f) for name, p in paths.items() for f in [p] if Path(f).is_file()}
+
+
+class Stage2Module(TrainingModule):
+    def __init__(self, cfg: Stage2Config, dits: DualDiT, merged_dits: dict[str, str]):
+        super().__init__()
+        self.cfg = cfg
+        self.dits = dits
+        self.merged_dits = merged_dits
+        self.spec = cfg.target_spec()
+        self.experts = tuple(cfg.expert_names)
+        self.state = RoutingState()
+        modules = self.spec.resolve(cfg.preset.dit.num_layers)
+        self.adapters = build_moe_adapters(dits.models["low"], modules, self.spec.alpha, len(self.experts))
+        for dit in dits:
+            inject_lora_moe(dit, modules, self.spec.alpha, self.experts, self.state, adapters=self.adapters)
+            set_alpha_expert(dit, cfg.alpha_expert)
+        self.router = Router(RouterConfig.for_preset(cfg.preset, sigma_dim=cfg.router_sigma_dim, num_experts=len(self.experts), top_k=cfg.top_k))
+        self.router.requires_grad_(cfg.train_router and cfg.routing_mode == "learned")
+        self.timestep_gate = TimestepGate(len(self.experts))
+        self.load_balance = LoadBalance(len(self.experts), cfg.load_balance_beta)
+        self.rho = 0.0
+
+    # --- routing ---------------------------------------------------------------------------
+    def router_probs(self, batch: dict, sigma: torch.Tensor) -> torch.Tensor:
+        image = batch.get("i2v_condition") if self.cfg.preset.i2v else None
+        return F.softmax(self.router(batch["text_embeds"], batch["text_mask"], sigma, image).float(), dim=-1)
+
+    def gates(self, p: torch.Tensor, q: torch.Tensor, mode: str, rho: float = 0.0, hint: int | None = None) -> torch.Tensor:
+        return compute_gates(mode, router_probs=p, q=q, rho=rho, hint_index=hint, top_k=self.cfg.top_k)
+
+    def predict(self, batch: dict, sigma: torch.Tensor, noise: torch.Tensor, expert: Expert, gates: torch.Tensor):
+        self.state.set(gates, sigma, self.timestep_gate(sigma))
+        x, target = dit_inputs(batch, sigma, noise, self.cfg.preset.i2v)
+        return run_dit(self.dits.get(expert), x, sigma, batch["text_embeds"]), target
+
+    # --- training --------------------------------------------------------------------------
+    def on_step(self, step: int, total_steps: int) -> None:
+        guided = self.cfg.use_teacher_guidance and self.cfg.routing_mode == "learned"
+        self.rho = teacher_forcing_rho(step, total_steps, self.cfg.teacher_forcing_fraction) if guided else 0.0
+
+    def forward(self, batch, sigma, noise, expert):
+        cfg = self.cfg
+        q = teacher_distribution(batch["labels"])
+        p = self.router_probs(batch, sigma)
+        g = self.gates(p, q, cfg.routing_mode, self.rho)
+        pred, target = self.predict(batch, sigma, noise, expert, g)
+        fm = per_sample_loss(pred, target, roi_weights(batch["roi"], cfg.roi_weight)).mean()
+        parts = {"loss_fm": fm.detach(), "rho": torch.tensor(self.rho)}
+        loss = fm
+        if cfg.routing_mode == "learned" and cfg.train_router:
+            teach = kl_teacher(q, p) if cfg.use_teacher_guidance else torch.zeros(())
+            ent, lb = mean_entropy(p), self.load_balance(p)
+            loss = fm + cfg.lambda_teach * teach + cfg.lambda_ent * ent + cfg.lambda_lb * lb
+            parts |= {"loss_teach": teach.detach(), "loss_entropy": ent.detach(), "loss_load_balance": lb.detach()}
+        parts["routing_accuracy"] = (q.gather(1, p.argmax(1, keepdim=True)) > 0).float().mean()
+        for i, name in enumerate(self.experts):
+            parts[f"load_{name}"] = g[:, i].mean().detach()
+            parts[f"gate_w_{name}"] = self.state.timestep_weights[:, i].mean().detach()
+        parts["loss"] = loss
+        return parts
+
+    def save_weights(self, path: Path) -> None:
+        write_lora_moe_file(
+            path, self.adapters, self.router, self.timestep_gate, experts=self.experts, targets=self.spec,
+            task=self.cfg.task, merged_dits=self.merged_dits,
+        )
+
+    # --- held-out metrics ------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, items, cfg):
+        device = self.timestep_gate.k.device
+        sums = {"stage1": 0.0, "stage2": 0.0, "correct": 0.0, "wrong": 0.0, "acc": 0.0}
+        counts = {"fm": 0, "roi": 0}
+        for batch, s, sigma, noise in iter_fixed_noise(items, cfg.val_sigmas, device, cfg.seed):
+            expert = self.dits.expert_for(s)
+            q = teacher_distribution(batch["labels"])
+            p = self.router_probs(batch, sigma)
+            sums["acc"] += float(q[0, p.argmax()] > 0)
+            for dit in self.dits:
+                set_lora_moe_enabled(dit, False)
+            pred, target = self.predict(batch, sigma, noise, expert, q)
+            sums["stage1"] += float(per_sample_loss(pred, target))
+            for dit in self.dits:
+                set_lora_moe_enabled(dit, True)
+            pred, target = self.predict(batch, sigma, noise, expert, self.gates(p, q, "learned"))
+            sums["stage2"] += float(per_sample_loss(pred, target))
+            counts["fm"] += 1
+            if batch["roi"].sum() > 0:
+                roi = []
+                for e in range(len(self.experts)):
+                    pred, target = self.predict(batch, sigma, noise, expert, self.gates(p, q, "hint", hint=e))
+                    roi.append(float(masked_loss(pred, target, batch["roi"])))
+                right = [r for r, qe in zip(roi, q[0]) if qe > 0]
+                wrong = [r for r, qe in zip(roi, q[0]) if qe == 0]
+                sums["correct"] += sum(right) / len(right)
+                sums["wrong"] += sum(wrong) / max(1, len(wrong))
+                counts["roi"] += 1
+        n, nr = max(1, counts["fm"]), max(1, counts["roi"])
+        return {
+            "routing_accuracy": sums["acc"] / n,
+            "roi_loss_correct_hint": sums["correct"] / nr,
+            "roi_loss_wrong_hint": sums["wrong"] / nr,
+            "val_loss_stage1": sums["stage1"] / n,
+            "val_loss_stage2": sums["stage2"] / n,
+            "timestep_gate_k": self.timestep_gate.k.tolist(),
+            "timestep_gate_c": self.timestep_gate.c.tolist(),
+            "experts": list(self.experts),
+        }
+
+
+def train_stage2(cfg: Stage2Config) -> dict:
+    """Train experts + router + gates; writes `lora_moe_stage2.safetensors` into `cfg.output_dir`."""
+    merged = check_stage2_inputs(cfg)
+    open_dataset(cfg)
+    accelerator = make_accelerator(cfg)
+    torch.manual_seed(cfg.seed)
+    module = Stage2Module(cfg, load_dits(cfg, accelerator), merged)
+    metrics = run_training(cfg, module, accelerator, run_name="stage2")
+    if accelerator.is_main_process:
+        module.save_weights(cfg.output_dir / LORA_MOE_FILE)
+    return metrics
+
+
+def stage2_summary(metrics: dict) -> str:
+    return json.dumps({k: metrics[k] for k in ("routing_accuracy", "roi_loss_correct_hint", "roi_loss_wrong_hint",
+                                               "val_loss_stage1", "val_loss_stage2") if k in metrics})
