@@ -109,9 +109,7 @@ def inspect_report(path: str | Path) -> str:
     elif info.kind == "vanilla-lora":
         lines += _describe_lora(path)
     elif info.kind == "lora-moe":
-        meta = info.metadata
-        lines.append(f"  format {meta.get('lora_moe.format', '?')}, experts {meta.get('lora_moe.experts', '?')}")
-        lines.append(f"  task {meta.get('lora_moe.task', '?')}, top_k {meta.get('lora_moe.top_k', '?')}")
+        lines += _describe_lora_moe(path)
     else:
         keys = list(info.headers[0].tensors)[:5]
         lines.append(f"  first keys: {', '.join(keys)}")
@@ -128,6 +126,21 @@ def _describe_dit(path) -> list[str]:
         f"  format: {layout.describe()}",
         f"  architecture: {guess_dit_config(shapes)}",
         f"  dtype: {', '.join(sorted(layout.dtypes()))}; {params / 1e6:.2f}M parameters",
+    ]
+
+
+def _describe_lora_moe(path) -> list[str]:
+    from moe.lora.targets import describe_modules
+    from moe.lora_moe.file import read_lora_moe_file
+
+    f = read_lora_moe_file(path)
+    rc = f.router_config
+    return [
+        f"  experts: {', '.join(f.experts)}; top_k {rc.top_k}; use_base_lora false; task {f.task}",
+        f"  {len(f.modules)} modules: {describe_modules(f.ranks())}",
+        f"  router: MLP {rc.in_features} -> {rc.hidden} -> {rc.num_experts} (text {rc.text_dim}, sigma {rc.sigma_dim}, image {rc.image_channels})",
+        "  timestep gate c: " + ", ".join(f"{v:.3f}" for v in f.timestep_gate_state["c"].tolist()),
+        "  trained on merged DiTs: " + ", ".join(f"{k} {v[:12]}" for k, v in sorted(f.merged_dits.items())),
     ]
 
 

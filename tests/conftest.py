@@ -60,3 +60,40 @@ def tiny_workspace(tmp_path_factory):
     manifest = synthesize_dataset(root / "data", clips=24, frames=17, size=(64, 64), seed=0)
     build_cache(manifest, root / "cache", "tiny-t2v", model_set=root / "models", size=(64, 64), frames=17, progress=False)
     return {"root": root, "models": models, "manifest": manifest, "cache": root / "cache"}
+
+
+@pytest.fixture(scope="session")
+def merged_workspace(tiny_workspace):
+    """`tiny_workspace` plus a short stage-1 LoRA merged into both experts."""
+    from moe.train.config import Stage1Config
+    from moe.train.stage1 import train_stage1
+    from moe.workflow import merge_both_experts
+
+    root, models = tiny_workspace["root"], tiny_workspace["models"]
+    train_stage1(
+        Stage1Config(
+            dit=models.low_noise, dit_high_noise=models.high_noise, dataset=tiny_workspace["cache"],
+            output_dir=root / "stage1", network_dim=8, learning_rate=2e-3, max_train_epochs=3, progress=False,
+        )
+    )
+    lora = root / "stage1" / "vanilla_lora.safetensors"
+    low, high = root / "merged_low_noise.safetensors", root / "merged_high_noise.safetensors"
+    merge_both_experts(models.low_noise, models.high_noise, lora, low, high)
+    return tiny_workspace | {"vanilla_lora": lora, "merged_low": low, "merged_high": high}
+
+
+@pytest.fixture(scope="session")
+def stage2_run(merged_workspace):
+    """A short stage-2 run on the merged workspace (for file, inference and export tests)."""
+    from moe.train.config import Stage2Config
+    from moe.train.stage2 import train_stage2
+
+    out = merged_workspace["root"] / "stage2"
+    metrics = train_stage2(
+        Stage2Config(
+            dit=merged_workspace["merged_low"], dit_high_noise=merged_workspace["merged_high"],
+            dataset=merged_workspace["cache"], output_dir=out, network_dim=8, learning_rate=2e-3,
+            max_train_epochs=3, progress=False,
+        )
+    )
+    return merged_workspace | {"stage2_dir": out, "lora_moe": out / "lora_moe_stage2.safetensors", "metrics": metrics}

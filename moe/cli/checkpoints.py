@@ -53,3 +53,24 @@ def inspect(path: Annotated[Path, typer.Argument(help="A .safetensors file or ch
     from moe.inspect import inspect_report
 
     typer.echo(inspect_report(path))
+
+
+@app.command("export-expert")
+def export_expert(
+    lora_moe_weights: Annotated[Path, typer.Option("--lora_moe_weights", help="Stage-2 LoRA-MoE file.")],
+    expert: Annotated[str, typer.Option("--expert", help="scissors, hook, suction or other.")],
+    out: Annotated[Path, typer.Option("--out", help="Output vanilla LoRA file.")],
+    bake_sigma: Annotated[
+        float | None,
+        typer.Option("--bake_sigma", help="Bake the timestep gate w_e(sigma) in at this sigma (default 0: full strength)."),
+    ] = 0.0,
+    no_bake: Annotated[bool, typer.Option("--no_bake", help="Do not bake the timestep gate (w = 1).")] = False,
+    alpha_expert: Annotated[float, typer.Option("--alpha_expert")] = 1.0,
+    save_format: Annotated[str, typer.Option("--save_format", help="diffusers or musubi.")] = "diffusers",
+) -> None:
+    """Export one expert as a vanilla LoRA (for diffusers, ComfyUI, `generate --lora_weight`).
+    It is a delta on the MERGED DiTs the experts were trained on."""
+    from moe.lora_moe.file import export_expert as export
+
+    path = export(lora_moe_weights, expert, out, None if no_bake else bake_sigma, alpha_expert, save_format)
+    typer.echo(f"wrote expert {expert} of {lora_moe_weights} to {path}")

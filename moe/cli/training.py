@@ -6,6 +6,7 @@ import click
 
 from moe.cli import config_commands
 from moe.cli.config_command import config_command
+from moe.inference import GenerateConfig
 from moe.train.config import Stage1Config, Stage2Config
 
 
@@ -43,5 +44,22 @@ config_commands.append(
         _run_stage2,
         help="Stage 2: train LoRA-MoE experts, router and timestep gates on the merged DiTs.",
         aliases={"network_dim": ("lora_dim",), "network_alpha": ("lora_alpha",)},
+    )
+)
+
+
+def _run_generate(cfg) -> None:
+    from moe.inference import generate_video
+
+    frames, routing = generate_video(cfg)
+    click.echo(f"wrote {cfg.save_path} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]})")
+
+
+config_commands.append(
+    config_command(
+        "generate",
+        GenerateConfig,
+        _run_generate,
+        help="Generate a video: stage 1 (--lora_weight on base DiTs) or stage 2 (--lora_moe_weights on merged DiTs).",
     )
 )

@@ -541,7 +541,7 @@ def _remove_stale_clips(folder: Path, keep: set[str]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _component_paths(
+def resolve_component_paths(
     vae: str | Path | None,
     text_encoder: str | Path | None,
     tokenizer: str | Path | None,
@@ -631,7 +631,7 @@ def build_cache(
     from `split_by_video`.
     """
     manifest, out_dir, device, size = Path(manifest), Path(out_dir), _device(device), tuple(size)
-    task, paths = _component_paths(vae, text_encoder, tokenizer, model_set, task)
+    task, paths = resolve_component_paths(vae, text_encoder, tokenizer, model_set, task)
     preset = _preset(task)
     _check_settings(preset, size, frames, device)
     records = split_by_video(read_manifest(manifest, label_map))

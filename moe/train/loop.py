@@ -107,6 +107,15 @@ def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def check_dits(cfg: TrainConfig) -> None:
+    """The DiT files against the task, from their headers (fast, before anything is loaded)."""
+    from moe.wan.checkpoint import resolve_checkpoint, validate_shapes
+
+    for path in (cfg.dit, cfg.dit_high_noise):
+        if path is not None:
+            validate_shapes(resolve_checkpoint(path).original_shapes(), cfg.preset, str(path))
+
+
 def open_dataset(cfg: TrainConfig) -> CacheIndex:
     """The latent cache, checked against the task before any model is loaded."""
     index = CacheIndex.load(cfg.dataset, task=cfg.task)

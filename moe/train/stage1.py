@@ -19,7 +19,7 @@ from moe.lora.inject import adapter_items, build_adapters, inject_lora, set_lora
 from moe.train.config import Stage1Config, TrainConfig
 from moe.train.dual_dit import DualDiT, Expert
 from moe.train.flow_matching import per_sample_loss, roi_weights
-from moe.train.loop import TrainingModule, load_dits, make_accelerator, open_dataset, run_training
+from moe.train.loop import TrainingModule, check_dits, load_dits, make_accelerator, open_dataset, run_training
 from moe.train.validation import dit_inputs, mean_loss_by_sigma, run_dit
 
 VANILLA_LORA_FILE = "vanilla_lora.safetensors"
@@ -82,6 +82,7 @@ class Stage1Module(TrainingModule):
 
 def train_stage1(cfg: Stage1Config) -> dict:
     """Train the stage-1 LoRA; writes `vanilla_lora.safetensors` into `cfg.output_dir`."""
+    check_dits(cfg)
     open_dataset(cfg)
     accelerator = make_accelerator(cfg)
     torch.manual_seed(cfg.seed)  # adapter initialisation

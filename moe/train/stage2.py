@@ -31,7 +31,7 @@ from moe.merge import sha256_file
 from moe.train.config import Stage2Config
 from moe.train.dual_dit import DualDiT, Expert
 from moe.train.flow_matching import masked_loss, per_sample_loss, roi_weights
-from moe.train.loop import TrainingModule, load_dits, make_accelerator, open_dataset, run_training
+from moe.train.loop import TrainingModule, check_dits, load_dits, make_accelerator, open_dataset, run_training
 from moe.train.validation import dit_inputs, iter_fixed_noise, run_dit
 
 LORA_MOE_FILE = "lora_moe_stage2.safetensors"
@@ -187,6 +187,7 @@ class Stage2Module(TrainingModule):
 def train_stage2(cfg: Stage2Config) -> dict:
     """Train experts + router + gates; writes `lora_moe_stage2.safetensors` into `cfg.output_dir`."""
     merged = check_stage2_inputs(cfg)
+    check_dits(cfg)
     open_dataset(cfg)
     accelerator = make_accelerator(cfg)
     torch.manual_seed(cfg.seed)
