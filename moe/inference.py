@@ -24,6 +24,7 @@ from moe.errors import MoeError
 from moe.inspect import require_kind
 from moe.lora_moe.experts import expert_index
 from moe.lora_moe.routing import GateSmoother, RoutingState, compute_gates
+from moe.wan.checkpoint import check_checkpoint_task
 
 
 class GenerateConfig(BaseModel):
@@ -125,6 +126,8 @@ def _check_inputs(cfg: GenerateConfig, preset) -> None:
     require_kind(cfg.dit, dit_kinds, "--dit")
     if cfg.dit_high_noise is not None:
         require_kind(cfg.dit_high_noise, dit_kinds, "--dit_high_noise")
+    for path in (cfg.dit, cfg.dit_high_noise):
+        check_checkpoint_task(path, preset)
     if preset.i2v != (cfg.image is not None):
         raise MoeError(
             f"task {preset.task} is {'image' if preset.i2v else 'text'}-to-video: "

@@ -29,7 +29,7 @@ from moe.errors import MoeError
 from moe.inspect import MERGED_FROM_KEY, require_kind
 from moe.lora.file import LoRAFile, LoRAModuleWeights, read_lora_file
 from moe.safetensors_file import DTYPES, FLOAT_DTYPES, SafetensorsHeader, encode_header
-from moe.wan.checkpoint import CheckpointLayout, resolve_checkpoint, validate_shapes
+from moe.wan.checkpoint import CheckpointLayout, check_checkpoint_task, resolve_checkpoint
 from moe.wan.presets import get_preset
 
 COPY_CHUNK_BYTES = 8 << 20
@@ -235,7 +235,7 @@ def merge_lora_into_checkpoint(
     lora = read_lora_file(lora_path)
     _check_paths(layout, lora_path, out)
     if task is not None:
-        validate_shapes(layout.original_shapes(), get_preset(task), str(dit))
+        check_checkpoint_task(dit, get_preset(task))
     lora_task = lora.metadata.get("lora_moe.task")
     if task is not None and lora_task and lora_task != task:
         raise MoeError(f"{lora_path} was trained for task {lora_task}, not {task}; pass the matching --task")

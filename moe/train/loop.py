@@ -109,11 +109,10 @@ def _to_device(batch: dict, device) -> dict:
 
 def check_dits(cfg: TrainConfig) -> None:
     """The DiT files against the task, from their headers (fast, before anything is loaded)."""
-    from moe.wan.checkpoint import resolve_checkpoint, validate_shapes
+    from moe.wan.checkpoint import check_checkpoint_task
 
     for path in (cfg.dit, cfg.dit_high_noise):
-        if path is not None:
-            validate_shapes(resolve_checkpoint(path).original_shapes(), cfg.preset, str(path))
+        check_checkpoint_task(path, cfg.preset)
 
 
 def open_dataset(cfg: TrainConfig) -> CacheIndex:

@@ -179,6 +179,12 @@ def validate_shapes(shapes: dict[str, tuple[int, ...]], preset: WanPreset, sourc
     )
 
 
+def check_checkpoint_task(path: str | Path | None, preset: WanPreset) -> None:
+    """A DiT file against a task, from its headers only (fast: nothing is loaded). None passes."""
+    if path is not None:
+        validate_shapes(resolve_checkpoint(path).original_shapes(), preset, str(path))
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading and writing.
 
