@@ -230,7 +230,7 @@ def test_vae_original_pth_round_trip(tmp_path, video):
     torch.save(reference.state_dict(), diffusers_keyed)
     assert torch.equal(_vae_out(C.load_vae(diffusers_keyed, config=config), x), _vae_out(reference, x))
 
-    with pytest.raises(MoeError, match="wrong shapes"):  # tiny weights against the real config
+    with pytest.raises(MoeError, match="shape mismatches"):  # tiny weights against the real config
         C.load_vae(pth)
     with pytest.raises(MoeError, match="num_res_blocks=2"):
         C.load_vae(pth, config=C.tiny_vae_kwargs(PRESET))

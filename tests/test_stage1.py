@@ -12,7 +12,7 @@ from moe.lora.file import read_lora_file
 from moe.lora.targets import TargetSpec
 from moe.train.config import Stage1Config
 from moe.train.stage1 import Stage1Module, train_stage1
-from moe.train.loop import load_dits, make_accelerator, run_training
+from moe.train.loop import load_dits, make_accelerator, open_dataset, run_training
 
 
 def _cfg(ws, out, **kw):
@@ -136,6 +136,6 @@ def test_cli_bad_options_are_one_line(tiny_workspace, tmp_path, capsys):
     assert "--dit: Field required" in err and "--learning_rate: Input should be greater than 0" in err
 
 
-def test_cache_for_another_task_is_refused_before_loading_models(tiny_workspace, tmp_path):
+def test_cache_for_another_task_is_refused(tiny_workspace, tmp_path):
     with pytest.raises(MoeError, match=r"built for task .tiny-t2v. \(first clip"):
-        train_stage1(_cfg(tiny_workspace, tmp_path / "x", task="tiny-i2v"))
+        open_dataset(_cfg(tiny_workspace, tmp_path / "x", task="tiny-i2v"))

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moe.data.video import count_frames, probe_video
+from moe.atomic import atomic_file
 from moe.errors import MoeError
 
 EXPERT_CLASSES: tuple[str, ...] = ("scissors", "hook", "suction", "other")
@@ -212,17 +211,8 @@ def write_manifest(path: str | Path, records: Iterable[ClipRecord]) -> Path:
             raise MoeError(f"cannot write {path}: duplicate clip id {record.id!r}")
         seen.add(record.id)
     lines = [json.dumps(r.model_dump(mode="json", exclude_none=True)) + "\n" for r in records]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(lines), encoding="utf-8")
     return path
 
 

@@ -7,8 +7,6 @@ interrupted run never leaves a half-written clip that a later run would mistake 
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from fractions import Fraction
@@ -17,6 +15,7 @@ from pathlib import Path
 import av
 import numpy as np
 
+from moe.atomic import atomic_file
 from moe.errors import MoeError
 
 # The errors PyAV raises for unreadable input; av's FileNotFoundError etc. derive from both.
@@ -152,15 +151,6 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18)
     _check_frames(path, frames)
     if fps <= 0:
         raise MoeError(f"cannot write {path}: fps must be positive, got {fps}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique hidden name in the target folder: the rename stays on one file system.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with atomic_file(path) as tmp:
         _encode(str(tmp), frames, fps, crf)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path

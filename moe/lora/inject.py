@@ -41,23 +41,30 @@ def adapter_items(adapters: nn.ModuleDict) -> list[tuple[str, LoRAAdapter]]:
     return [(key.replace("/", "."), a) for key, a in adapters.items()]
 
 
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    """Put `new` at the dotted diffusers `path` (list children such as `to_out.0` included);
+    returns the module that was there."""
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    old = parent[int(child)] if child.isdigit() else getattr(parent, child)
+    if child.isdigit():
+        parent[int(child)] = new
+    else:
+        setattr(parent, child, new)
+    return old
+
+
 def inject_lora(model: nn.Module, adapters: nn.ModuleDict, multiplier: float = 1.0) -> dict[str, LoRALinear]:
     """Wrap each target Linear of `model` in a `LoRALinear` using the given (possibly shared)
     adapters. The model's own parameters are frozen. Returns module name -> layer."""
     model.requires_grad_(False)
     layers = {}
     for module, adapter in adapter_items(adapters):
-        path = module_to_diffusers(module)
-        parent_path, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_path)
-        current = getattr(parent, child) if not child.isdigit() else parent[int(child)]
-        if isinstance(current, LoRALinear):
-            raise MoeError(f"{module} already has a LoRA layer; remove it first")
+        current = model.get_submodule(module_to_diffusers(module))
+        if not isinstance(current, nn.Linear):
+            raise MoeError(f"{module} already has a {type(current).__name__}; adapter layers do not stack")
         layer = LoRALinear(get_linear(model, module), adapter, multiplier)
-        if child.isdigit():
-            parent[int(child)] = layer
-        else:
-            setattr(parent, child, layer)
+        replace_module(model, module_to_diffusers(module), layer)
         layers[module] = layer
     return layers
 
@@ -66,12 +73,7 @@ def remove_lora(model: nn.Module) -> None:
     """Put the plain Linear layers back (the model's weights are untouched)."""
     for name, layer in list(model.named_modules()):
         if isinstance(layer, LoRALinear):
-            parent_path, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_path)
-            if child.isdigit():
-                parent[int(child)] = layer.base
-            else:
-                setattr(parent, child, layer.base)
+            replace_module(model, name, layer.base)
 
 
 def set_lora_multiplier(model: nn.Module, multiplier: float) -> None:

@@ -40,10 +40,11 @@ class LoRAAdapter(nn.Module):
         return self.scale * (self.lora_up @ self.lora_down)
 
 
-class LoRALinear(nn.Module):
-    """A frozen `nn.Linear` plus a LoRA adapter with a multiplier and an on/off switch."""
+class AdaptedLinear(nn.Module):
+    """The shell shared by the stage-1 and stage-2 layers: a frozen `nn.Linear`, an adapter
+    (with `lora_down` [*, in] and `lora_up` [out, *]) and an on/off switch."""
 
-    def __init__(self, base: nn.Linear, adapter: LoRAAdapter, multiplier: float = 1.0):
+    def __init__(self, base: nn.Linear, adapter: nn.Module):
         super().__init__()
         if (adapter.lora_down.shape[1], adapter.lora_up.shape[0]) != (base.in_features, base.out_features):
             raise ValueError(
@@ -52,7 +53,6 @@ class LoRALinear(nn.Module):
             )
         self.base = base.requires_grad_(False)
         self.adapter = adapter
-        self.multiplier = multiplier
         self.enabled = True
 
     @property
@@ -62,6 +62,14 @@ class LoRALinear(nn.Module):
     @property
     def out_features(self) -> int:
         return self.base.out_features
+
+
+class LoRALinear(AdaptedLinear):
+    """A frozen `nn.Linear` plus a LoRA adapter with a multiplier and an on/off switch."""
+
+    def __init__(self, base: nn.Linear, adapter: LoRAAdapter, multiplier: float = 1.0):
+        super().__init__(base, adapter)
+        self.multiplier = multiplier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe.lora.layer import AdaptedLinear
 from moe.lora_moe.routing import RoutingState
 
 
@@ -50,29 +51,13 @@ class LoRAMoEAdapter(nn.Module):
         return F.linear(h, self.lora_up)
 
 
-class LoRAMoELinear(nn.Module):
+class LoRAMoELinear(AdaptedLinear):
     """A frozen `nn.Linear` plus a LoRA-MoE adapter; `alpha_expert` (default 1) and `enabled`."""
 
     def __init__(self, base: nn.Linear, adapter: LoRAMoEAdapter, state: RoutingState, alpha_expert: float = 1.0):
-        super().__init__()
-        if (adapter.lora_down.shape[1], adapter.lora_up.shape[0]) != (base.in_features, base.out_features):
-            raise ValueError(
-                f"adapter shape [{adapter.lora_up.shape[0]}, {adapter.lora_down.shape[1]}] does not fit "
-                f"Linear [{base.out_features}, {base.in_features}]"
-            )
-        self.base = base.requires_grad_(False)
-        self.adapter = adapter
+        super().__init__(base, adapter)
         self.state = state
         self.alpha_expert = alpha_expert
-        self.enabled = True
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from moe.errors import MoeError
-from moe.lora.inject import adapter_items, get_linear
+from moe.lora.inject import adapter_items, get_linear, replace_module
 from moe.lora.layer import LoRALinear
 from moe.lora.targets import check_same_targets
 from moe.lora_moe.layer import LoRAMoEAdapter, LoRAMoELinear
@@ -52,19 +52,13 @@ def inject_lora_moe(
         raise MoeError(f"the shared adapters have {wrong[0]} experts, expected {len(experts)} ({', '.join(experts)})")
     model.requires_grad_(False)
     for module, adapter in items:
-        parent_path, _, child = module_to_diffusers(module).rpartition(".")
-        parent = model.get_submodule(parent_path)
-        current = parent[int(child)] if child.isdigit() else getattr(parent, child)
+        current = model.get_submodule(module_to_diffusers(module))
         if isinstance(current, (LoRAMoELinear, LoRALinear)):
             raise MoeError(
                 f"{module} already has a {type(current).__name__}; stage 2 runs on a merged DiT "
                 "without other LoRA layers"
             )
-        layer = LoRAMoELinear(get_linear(model, module), adapter, state)
-        if child.isdigit():
-            parent[int(child)] = layer
-        else:
-            setattr(parent, child, layer)
+        replace_module(model, module_to_diffusers(module), LoRAMoELinear(get_linear(model, module), adapter, state))
     return adapters
 
 

@@ -58,7 +58,7 @@ class Stage1Module(TrainingModule):
         for dit in self.dits:
             set_lora_enabled(dit, lora)
         try:
-            device = self.adapters[next(iter(self.adapters.keys()))].lora_down.device
+            device = next(self.adapters.parameters()).device
 
             def loss(batch, sigma, noise):
                 pred, target = self.predict(batch, sigma, noise, self.dits.expert_for(float(sigma[0])))

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 
 from moe.atomic import atomic_dir, atomic_file
-from moe.errors import MoeError
+from moe.errors import MoeError, key_set_problems
 from moe.safetensors_file import SafetensorsHeader, read_header
 from moe.wan.keys import KeyFormat, detect_key_format, diffusers_to_original
 from moe.wan.presets import PRESETS, DiTConfig, WanPreset
@@ -154,25 +154,9 @@ def guess_dit_config(shapes: dict[str, tuple[int, ...]]) -> str:
 
 def validate_shapes(shapes: dict[str, tuple[int, ...]], preset: WanPreset, source: str) -> None:
     """Raise a MoeError listing missing, unexpected and mis-shaped keys; silent when they match."""
-    expected = expected_shapes(preset.dit)
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(shapes) if tuple(expected[k]) != tuple(shapes[k]))
-    if not (missing or unexpected or wrong):
+    problems = key_set_problems(expected_shapes(preset.dit), shapes)
+    if not problems:
         return
-
-    def head(keys: list[str]) -> str:
-        return ", ".join(keys[:6]) + (f" ... ({len(keys)} in all)" if len(keys) > 6 else "")
-
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {head(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {head(unexpected)}")
-    if wrong:
-        problems.append(
-            "shape mismatches: " + head([f"{k} {tuple(shapes[k])} != {tuple(expected[k])}" for k in wrong])
-        )
     raise MoeError(
         f"{source} does not match task {preset.task}: {'; '.join(problems)}. "
         f"The checkpoint looks like {guess_dit_config(shapes)}; pass the matching --task"

@@ -34,7 +34,7 @@ from transformers import (
 )
 
 from moe.atomic import atomic_dir
-from moe.errors import MoeError
+from moe.errors import MoeError, key_set_problems, list_names
 from moe.wan.presets import WanPreset
 
 __all__ = [
@@ -406,30 +406,12 @@ def _read_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _list_keys(keys: list[str], limit: int = 20) -> str:
-    shown = ", ".join(sorted(keys)[:limit])
-    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
-
-
 def _validate_state_dict(
     expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], path: Path, what: str
 ) -> None:
     """Raise a MoeError listing missing / unexpected / mis-shaped keys, instead of letting
     `load_state_dict` fail (or, on meta tensors, fail much later)."""
-    missing = [k for k in expected if k not in got]
-    unexpected = [k for k in got if k not in expected]
-    shapes = [
-        f"{k} {tuple(got[k].shape)} (expected {tuple(v.shape)})"
-        for k, v in expected.items()
-        if k in got and tuple(got[k].shape) != tuple(v.shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_list_keys(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_list_keys(unexpected)}")
-    if shapes:
-        problems.append(f"wrong shapes: {_list_keys(shapes, 10)}")
+    problems = key_set_problems({k: tuple(v.shape) for k, v in expected.items()}, {k: tuple(v.shape) for k, v in got.items()})
     if problems:
         raise MoeError(f"{path} is not a matching {what} checkpoint; " + "; ".join(problems))
 
@@ -459,7 +441,7 @@ def _vae_state_dict_to_diffusers(sd: dict, path: Path) -> dict:
     raise MoeError(
         f"{path} is not a Wan VAE checkpoint: expected original Wan2.1 VAE keys "
         f"(encoder.conv1.weight, decoder.upsamples.N...) or diffusers keys (encoder.conv_in.weight); "
-        f"found e.g. {_list_keys(list(sd), 5)}"
+        f"found e.g. {list_names(sorted(sd), 5)}"
     )
 
 
