@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from moe.atomic import atomic_dir, write_json_atomic
+from moe.atomic import fsync_dir, fsync_tree, write_json_atomic
 from moe.data.cache import CacheIndex, CachedClipDataset, collate_clips
 from moe.errors import MoeError
 from moe.train.config import TrainConfig
@@ -94,13 +96,30 @@ def _scheduler(cfg: TrainConfig, optimizer, total_steps: int):
     return get_constant_schedule_with_warmup(optimizer, cfg.lr_warmup_steps)
 
 
+def save_state_atomically(accelerator, target: Path) -> None:
+    """accelerate's resumable state (weights, optimizer, scheduler, RNG of every process) into
+    `target`: every process writes into one shared temporary folder, then the main process fsyncs
+    it and renames it into place, so a crash never leaves a half-written state to resume from."""
+    tmp = target.with_name(target.name + ".partial")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        fsync_tree(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+    accelerator.wait_for_everyone()
+
+
 def _save_checkpoint(accelerator, module: TrainingModule, output_dir: Path, epoch: int) -> None:
     """`checkpoint-epoch-N.safetensors` (weights, usable as is) + `state-epoch-N/` (resumable)."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         accelerator.unwrap_model(module).save_weights(output_dir / f"checkpoint-epoch-{epoch}.safetensors")
-    with atomic_dir(output_dir / f"state-epoch-{epoch}") as tmp:
-        accelerator.save_state(str(tmp))
+    save_state_atomically(accelerator, output_dir / f"state-epoch-{epoch}")
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -179,7 +198,8 @@ def run_training(cfg: TrainConfig, module: TrainingModule, accelerator, run_name
             with accelerator.accumulate(module):
                 parts = module(batch, sigma, noise, expert)
                 loss = parts["loss"]
-                if not torch.isfinite(loss):
+                # All processes agree before anyone stops (a lone rank stopping would hang DDP).
+                if not bool(accelerator.reduce(torch.isfinite(loss.detach()).float(), "min")):
                     _stop_on_nonfinite(accelerator, out, epoch, progress, sigma_value, entries, loss)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -222,8 +242,7 @@ def run_training(cfg: TrainConfig, module: TrainingModule, accelerator, run_name
 def _stop_on_nonfinite(accelerator, out: Path, epoch: int, progress: TrainProgress, sigma: float, entries, loss) -> None:
     """Save the state as it was before this step, then stop with a message saying what to do."""
     state = out / f"state-nonfinite-step-{progress.step}"
-    with atomic_dir(state) as tmp:
-        accelerator.save_state(str(tmp))
+    save_state_atomically(accelerator, state)
     clips = ", ".join(e.id for e in entries)
     raise MoeError(
         f"training stopped: the loss became {loss.item()} at epoch {epoch + 1}, step {progress.step + 1} "
