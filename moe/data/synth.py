@@ -5,9 +5,16 @@ tissue-like texture (smooth pink/red noise, vessels, fat patches, wet glints) un
 drifting camera and changing light, with one or two instruments from the four expert classes:
 
 - scissors: dark shaft, two long pointed gold blades that open and close;
-- hook: black shaft, thin silver L-shaped electrode that sweeps sideways;
+- hook: black shaft, bright silver L-shaped electrode that sweeps sideways;
 - suction: blue straight cannula with a round tip that pushes in and out;
-- other: a grasper, black shaft with short wide grey jaws that pull tissue back.
+- other: a grasper, black shaft with short wide dark jaws that pull tissue back.
+
+The tips are drawn large and in clearly different colours (gold, bright silver, blue, dark
+gunmetal) so that each class's tip looks distinct even on the coarse 8x8-pixel latent grid: the
+stage-2 experts are meant to specialise on exactly that. A second instrument only ever joins a
+clip of a specific instrument (scissors, hook, suction) and is itself a specific one, so a grasper
+("other") clip is always a grasper alone, matching the teacher's rule that `other` is the expert
+of clips without a specific instrument.
 
 Shafts pivot around a trocar point outside the frame (as in laparoscopy), so they always enter
 from the border; some instruments also enter during the clip. The tip box of every visible
@@ -35,6 +42,8 @@ Vec = np.ndarray  # a 2-vector (x, y) in pixels
 Color = tuple[float, float, float]
 
 MIN_SIZE = 16
+INSTRUMENT_SCALE = 1.5  # instrument sizes: fractions of the frame's short side, times this
+SECOND_INSTRUMENT = 0.3  # share of specific-instrument clips that show a second instrument
 
 CAPTION_PREFIXES = ("laparoscopic view", "endoscopic view of the abdomen", "laparoscopic surgery")
 ACTIONS = {
@@ -146,11 +155,12 @@ def _caption(kinds: list[str], rng: np.random.Generator) -> str:
 
 
 def plan_clip(seed: int, index: int, primary: str, width: int, height: int, frames: int) -> ClipPlan:
-    """Draw the random choices of clip `index`; a second instrument joins 40% of clips."""
+    """Draw the random choices of clip `index`. A second, different specific instrument joins
+    SECOND_INSTRUMENT of the clips whose primary is a specific one; graspers ("other") appear alone."""
     rng = np.random.default_rng([seed, index])
     kinds = [primary]
-    if rng.random() < 0.4:
-        kinds.append(str(rng.choice([k for k in EXPERT_CLASSES if k != primary])))
+    if rng.random() < SECOND_INSTRUMENT and primary != "other":
+        kinds.append(str(rng.choice([k for k in EXPERT_CLASSES if k not in (primary, "other")])))
     sides = rng.choice(["left", "right", "top", "bottom"], size=len(kinds), replace=False)
     scale = min(width, height)
     speed = rng.uniform(0.08, 0.2) * scale / frames  # the camera drifts 8-20% of the frame per clip
@@ -348,17 +358,17 @@ def _scissors(pivot: Vec, tip: Vec, u: Vec, n: Vec, opening: float, side: float,
     """Long pointed gold blades on a dark grey shaft."""
     hinge = tip - u * 0.17 * s
     half_angle = math.radians(3 + 24 * opening)
-    blades = _jaws(hinge, u, 0.17 * s, half_angle, 0.024 * s, 0.004 * s, (0.92, 0.74, 0.30), 1.0)
+    blades = _jaws(hinge, u, 0.17 * s, half_angle, 0.03 * s, 0.006 * s, (0.92, 0.74, 0.30), 1.0)
     return Pose([Capsule(pivot, hinge, 0.03 * s, 0.03 * s, (0.28, 0.30, 0.34), 0.5)], blades)
 
 
 def _hook(pivot: Vec, tip: Vec, u: Vec, n: Vec, opening: float, side: float, s: float) -> Pose:
-    """A thin silver L-shaped electrode on a black insulated shaft."""
+    """A bright silver L-shaped electrode on a black insulated shaft."""
     base = tip - u * 0.1 * s
-    silver = (0.82, 0.83, 0.86)
+    silver = (0.90, 0.92, 0.95)
     electrode = [
-        Capsule(base, tip, 0.014 * s, 0.014 * s, silver, 1.0),
-        Capsule(tip, tip + n * side * 0.07 * s, 0.013 * s, 0.013 * s, silver, 1.0),
+        Capsule(base, tip, 0.02 * s, 0.02 * s, silver, 1.0),
+        Capsule(tip, tip + n * side * 0.07 * s, 0.02 * s, 0.02 * s, silver, 1.0),
     ]
     return Pose([Capsule(pivot, base, 0.028 * s, 0.028 * s, (0.08, 0.08, 0.09), 0.25)], electrode)
 
@@ -374,10 +384,10 @@ def _suction(pivot: Vec, tip: Vec, u: Vec, n: Vec, opening: float, side: float, 
 
 
 def _grasper(pivot: Vec, tip: Vec, u: Vec, n: Vec, opening: float, side: float, s: float) -> Pose:
-    """Short wide blunt grey jaws with a round joint, on a black shaft."""
+    """Short wide blunt dark gunmetal jaws with a round joint, on a black shaft."""
     hinge = tip - u * 0.12 * s
     half_angle = math.radians(3 + 22 * opening)
-    jaws = _jaws(hinge, u, 0.12 * s, half_angle, 0.03 * s, 0.02 * s, (0.60, 0.61, 0.63), 1.0)
+    jaws = _jaws(hinge, u, 0.12 * s, half_angle, 0.03 * s, 0.02 * s, (0.22, 0.23, 0.25), 1.0)
     jaws.append(Capsule(hinge, hinge, 0.04 * s, 0.04 * s, (0.35, 0.36, 0.38), 0.8))
     return Pose([Capsule(pivot, hinge, 0.036 * s, 0.036 * s, (0.12, 0.14, 0.12), 0.25)], jaws)
 
@@ -386,12 +396,13 @@ SHAPES = {"scissors": _scissors, "hook": _hook, "suction": _suction, "other": _g
 
 
 def _pose(inst: InstrumentPlan, t: int, frames: int, scale: int) -> Pose:
-    """The capsules of an instrument at frame t; sizes are fractions of the frame's short side."""
+    """The capsules of an instrument at frame t; sizes are fractions of the frame's short side
+    (times INSTRUMENT_SCALE)."""
     tip, opening = _motion(inst, t, frames)
     pivot = np.asarray(inst.pivot)
     u = (tip - pivot) / np.linalg.norm(tip - pivot)
     n = np.array([-u[1], u[0]])
-    return SHAPES[inst.kind](pivot, tip, u, n, opening, inst.side, float(scale))
+    return SHAPES[inst.kind](pivot, tip, u, n, opening, inst.side, float(scale) * INSTRUMENT_SCALE)
 
 
 def _draw(frame: np.ndarray, cap: Capsule) -> tuple[int, int, int, int] | None:

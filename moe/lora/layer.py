@@ -40,6 +40,48 @@ class LoRAAdapter(nn.Module):
         return self.scale * (self.lora_up @ self.lora_down)
 
 
+class FusedLowRankLinear(torch.autograd.Function):
+    """y = x W^T + b + (x A^T * s) B^T for x [B, T, in], with s [B or 1, R] per-sample column
+    scales of the rank-R update (stage 1: the LoRA scale; stage 2: gates x timestep gates).
+
+    One autograd node: the update is accumulated into the base output, and in backward the
+    adapter's input gradient into the base's, so no extra [tokens, out] or [tokens, in] tensors
+    are formed. The frozen W and b get no gradient; x, A, B and s do (s carries the router's)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, down, up, s):
+        n, out = x.shape[0] * x.shape[1], weight.shape[0]
+        x2 = x.reshape(n, -1)
+        h = (x2 @ down.t()).view(x.shape[0], x.shape[1], -1)  # [B, T, E*r]
+        hs = h * s[:, None, :]
+        y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        y.addmm_(hs.view(n, -1), up.t())
+        ctx.save_for_backward(x2, weight, down, up, s, h)
+        ctx.batch = x.shape[:2]
+        return y.view(*x.shape[:2], out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, weight, down, up, s, h = ctx.saved_tensors
+        b, t = ctx.batch
+        g2 = grad.reshape(b * t, -1)
+        gh = (g2 @ up).view(b, t, -1)  # dL/d(hs)
+        ghs = gh * s[:, None, :]
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g2 @ weight
+            grad_x.addmm_(ghs.view(b * t, -1), down)
+            grad_x = grad_x.view(b, t, -1)
+        grad_down = ghs.view(b * t, -1).t() @ x2 if ctx.needs_input_grad[3] else None
+        grad_up = g2.t() @ (h * s[:, None, :]).view(b * t, -1) if ctx.needs_input_grad[4] else None
+        grad_s = None
+        if ctx.needs_input_grad[5]:
+            grad_s = (gh * h).sum(1)
+            if s.shape[0] == 1 and b > 1:
+                grad_s = grad_s.sum(0, keepdim=True)
+        return grad_x, None, None, grad_down, grad_up, grad_s
+
+
 class AdaptedLinear(nn.Module):
     """The shell shared by the stage-1 and stage-2 layers: a frozen `nn.Linear`, an adapter
     (with `lora_down` [*, in] and `lora_up` [out, *]) and an on/off switch."""
@@ -54,6 +96,15 @@ class AdaptedLinear(nn.Module):
         self.base = base.requires_grad_(False)
         self.adapter = adapter
         self.enabled = True
+
+    def fusable(self, x: torch.Tensor) -> bool:
+        """Whether `FusedLowRankLinear` applies: one dtype throughout and no autocast (else the
+        same maths runs as plain ops, which autocast and mixed dtypes handle)."""
+        return (
+            x.ndim == 3
+            and x.dtype == self.base.weight.dtype == self.adapter.lora_down.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+        )
 
     @property
     def in_features(self) -> int:
@@ -72,7 +123,11 @@ class LoRALinear(AdaptedLinear):
         self.multiplier = multiplier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         if not self.enabled or self.multiplier == 0:
-            return y
-        return y + (self.adapter(x) * (self.adapter.scale * self.multiplier)).to(y.dtype)
+            return self.base(x)
+        a, scale = self.adapter, self.adapter.scale * self.multiplier
+        if self.fusable(x):
+            s = torch.full((1, a.rank), scale, dtype=x.dtype, device=x.device)
+            return FusedLowRankLinear.apply(x, self.base.weight, self.base.bias, a.lora_down, a.lora_up, s)
+        y = self.base(x)
+        return y + (a(x) * scale).to(y.dtype)

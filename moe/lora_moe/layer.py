@@ -9,6 +9,10 @@ update is formed, never one per expert.
 `LoRAMoEAdapter` holds A_cat/B_cat; `LoRAMoELinear` wraps the frozen Linear and reads the
 per-sample mix [B, E] from a `RoutingState` shared by every layer, so one adapter set and one
 state can serve both Wan2.2 DiTs (as stage 1's `LoRAAdapter`/`LoRALinear`).
+
+When base and adapter share a dtype and no autocast is active (fp32 training, CPU), the base
+matmul and the update run as one autograd function (`moe.lora.layer.FusedLowRankLinear`, with
+the per-sample column scales s = mix * alpha_expert * alpha / r repeated r times).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe.lora.layer import AdaptedLinear
+from moe.lora.layer import AdaptedLinear, FusedLowRankLinear
 from moe.lora_moe.routing import RoutingState
 
 
@@ -60,12 +64,16 @@ class LoRAMoELinear(AdaptedLinear):
         self.alpha_expert = alpha_expert
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         if not self.enabled or self.alpha_expert == 0:
-            return y
+            return self.base(x)
         mix = self.state.mix
         if mix is None:
             raise RuntimeError("LoRA-MoE layer called before RoutingState.set(gates, ...)")
         if mix.shape[0] not in (1, x.shape[0]):
             raise RuntimeError(f"routing state holds gates for {mix.shape[0]} samples, input has {x.shape[0]}")
-        return y + self.adapter(x, mix * self.alpha_expert).to(y.dtype)
+        a = self.adapter
+        if self.fusable(x):
+            s = (mix.to(x.dtype) * (self.alpha_expert * a.scale)).repeat_interleave(a.rank, dim=-1)
+            return FusedLowRankLinear.apply(x, self.base.weight, self.base.bias, a.lora_down, a.lora_up, s)
+        y = self.base(x)
+        return y + a(x, mix * self.alpha_expert).to(y.dtype)

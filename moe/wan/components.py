@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
@@ -110,8 +111,8 @@ def _require_tiny(preset: WanPreset, what: str) -> None:
 
 def tiny_vae_kwargs(preset: WanPreset) -> dict:
     """`AutoencoderKLWan` kwargs of a tiny preset: the Wan2.1 layout (temporal downsampling in
-    the last two stages, so 4x8x8 compression) at a small width; latents_mean/std keep the
-    published Wan2.1 values so normalisation behaves like the real model's."""
+    the last two stages, so 4x8x8 compression) at a small width. `build_tiny_vae` calibrates
+    latents_mean/std for its content-preserving encoder."""
     cfg = preset.vae
     return dict(
         base_dim=cfg.base_dim,
@@ -125,11 +126,86 @@ def tiny_vae_kwargs(preset: WanPreset) -> dict:
     )
 
 
-def build_tiny_vae(preset: WanPreset, seed: int = 0) -> AutoencoderKLWan:
-    """A randomly initialised tiny Wan VAE for `preset`, identical for identical seeds."""
+def build_tiny_vae(preset: WanPreset, seed: int = 0, calibration: torch.Tensor | None = None) -> AutoencoderKLWan:
+    """A tiny Wan VAE for `preset`, identical for identical seeds (and calibration videos).
+
+    A randomly initialised encoder barely lets picture content through (normalised latents vary
+    by ~0.05 whatever the frame shows), so nothing downstream could learn what instruments look
+    like. The encoder is therefore set to a content-preserving map (`_content_preserving_encoder`)
+    and latents_mean/std are calibrated on `calibration` (videos [N, 3, F, H, W] in [-1, 1] of the
+    domain the stand-in serves; default: smooth random colour fields) so that its normalised
+    latents are zero-mean with unit variance, as the published statistics make them for the
+    real VAE. The decoder stays random.
+    """
     _require_tiny(preset, "Wan VAE")
-    vae = _seeded(seed, lambda: AutoencoderKLWan(**tiny_vae_kwargs(preset)))
-    return vae.eval()
+    vae = _seeded(seed, lambda: AutoencoderKLWan(**tiny_vae_kwargs(preset))).eval()
+    _content_preserving_encoder(vae, seed)
+    _calibrate_latent_stats(vae, calibration if calibration is not None else _smooth_colour_videos(seed))
+    return vae
+
+
+@torch.no_grad()
+def _content_preserving_encoder(vae: AutoencoderKLWan, seed: int) -> None:
+    """Encoder = per-latent-cell average of 8 features of the frames (RGB, a constant, luminance
+    gradients in x, y and t, a Laplacian), mixed into the z channels by a fixed random
+    orthonormal map: residual and attention branches are zeroed (identity blocks), shortcuts are
+    identities, spatial downsamplers average 2x2, temporal ones average frame pairs."""
+    enc = vae.encoder
+    for name, m in enc.named_modules():
+        if name.endswith(("conv2", "attentions.0.proj")):
+            m.weight.zero_()
+            m.bias.zero_()
+        elif name.endswith("conv_shortcut") and hasattr(m, "weight"):
+            _identity_channels(m, lambda w, c: w[c, c].fill_(1.0))
+        elif name.endswith("resample.1") and isinstance(m, torch.nn.Conv2d):  # 3x3 stride 2 after (0,1,0,1) pad
+            _identity_channels(m, lambda w, c: w[c, c, 0:2, 0:2].fill_(0.25))
+        elif name.endswith("time_conv"):  # (3,1,1) stride 2: average the two newest frames of each triple
+            _identity_channels(m, lambda w, c: w[c, c, 1:3].fill_(0.5))
+    w, b = enc.conv_in.weight, enc.conv_in.bias  # [base_dim >= 8, 3, 3, 3, 3] (out, in, t, h, w)
+    w.zero_()
+    b.zero_()
+    luma = torch.full((3,), 1 / 3)
+    for c in range(3):
+        w[c, c, 2, 1, 1] = 1.0  # RGB
+    b[3] = 3.0  # a constant, which keeps the encoder's RMS norm from amplifying dark frames
+    w[4, :, 2, 1, 2], w[4, :, 2, 1, 0] = luma / 2, -luma / 2  # d/dx
+    w[5, :, 2, 2, 1], w[5, :, 2, 0, 1] = luma / 2, -luma / 2  # d/dy
+    w[6, :, 2, 1, 1], w[6, :, 1, 1, 1] = luma, -luma  # d/dt
+    w[7, :, 2, 1, 1] = luma  # Laplacian
+    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+        w[7, :, 2, dy, dx] = -luma / 4
+    z = vae.config.z_dim
+    mix = torch.linalg.qr(torch.randn(z, z, generator=torch.Generator().manual_seed(seed)))[0][:, :8]
+    enc.conv_out.weight.zero_()
+    enc.conv_out.bias.zero_()
+    enc.conv_out.weight[:z, :8, 2, 1, 1] = 2.0 * mix
+    _identity_channels(vae.quant_conv, lambda w, c: w[c, c].fill_(1.0))
+
+
+def _identity_channels(conv, set_diagonal) -> None:
+    """Zero a conv, then let `set_diagonal(weight, c)` connect channel c to itself."""
+    conv.weight.zero_()
+    conv.bias.zero_()
+    for c in range(min(conv.weight.shape[0], conv.weight.shape[1])):
+        set_diagonal(conv.weight, c)
+
+
+def _smooth_colour_videos(seed: int) -> torch.Tensor:
+    """Smooth random colour fields drifting over 9 frames, [8, 3, 9, 64, 64] in [-1, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(8, 3, 3, 5, 5, generator=g) * 2 - 1  # [clips, rgb, t, y, x] control points
+    video = F.interpolate(coarse, size=(9, 64, 64), mode="trilinear", align_corners=True)
+    return (video + 0.1 * torch.randn(video.shape, generator=g)).clamp(-1, 1)
+
+
+@torch.no_grad()
+def _calibrate_latent_stats(vae: AutoencoderKLWan, video: torch.Tensor) -> None:
+    """latents_mean/std := the per-channel statistics of the encoder's output on `video`."""
+    raw = vae.encode(video).latent_dist.mode()
+    vae.register_to_config(
+        latents_mean=[round(float(v), 5) for v in raw.mean((0, 2, 3, 4))],
+        latents_std=[round(float(v), 5) for v in raw.std((0, 2, 3, 4)).clamp_min(1e-4)],
+    )
 
 
 def build_tiny_tokenizer(max_length: int = 512) -> PreTrainedTokenizerFast:
@@ -186,16 +262,19 @@ def build_tiny_text_encoder(
     return model.eval(), tokenizer
 
 
-def save_components(out_dir: str | Path, preset: WanPreset, seed: int = 0) -> dict[str, Path]:
+def save_components(
+    out_dir: str | Path, preset: WanPreset, seed: int = 0, calibration: torch.Tensor | None = None
+) -> dict[str, Path]:
     """Write a tiny preset's VAE, text encoder and tokenizer in the published diffusers layout
-    (`out_dir/vae`, `out_dir/text_encoder`, `out_dir/tokenizer`, safetensors weights).
+    (`out_dir/vae`, `out_dir/text_encoder`, `out_dir/tokenizer`, safetensors weights);
+    `calibration` videos set the VAE's latent statistics (see `build_tiny_vae`).
 
     Each subfolder is built under a temporary sibling name and renamed into place, so a crash
     never leaves a half-written component and other subfolders of `out_dir` (the DiTs, written
     by someone else) are untouched.
     """
     out_dir = Path(out_dir)
-    vae = build_tiny_vae(preset, seed)
+    vae = build_tiny_vae(preset, seed, calibration)
     text_encoder, tokenizer = build_tiny_text_encoder(preset, seed)
     writers = {
         "vae": lambda d: vae.save_pretrained(d, safe_serialization=True),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from pydantic import BaseModel
 
@@ -42,8 +43,18 @@ class ModelSet(BaseModel):
         return cls(**{k: (folder / v if k != "task" else v) for k, v in raw.items()})
 
 
+def _surgical_calibration_videos(seed: int) -> torch.Tensor:
+    """Eight clips of the synthetic surgical set ([8, 3, 9, 64, 64] in [-1, 1]): the tiny VAE's
+    latent statistics are calibrated on the domain this stand-in model set serves."""
+    from moe.data.synth import plan_dataset, render_clip
+
+    clips = [render_clip(plan).frames for plan in plan_dataset(8, 9, (64, 64), seed=10_000 + seed)]
+    return torch.from_numpy(np.stack(clips)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+
+
 def write_tiny_model_set(out: str | Path, task: str = "tiny-t2v", seed: int = 0, dtype: torch.dtype = torch.float32) -> ModelSet:
-    """Random-initialised tiny DiTs (two experts, different seeds) plus VAE, text encoder and tokenizer."""
+    """Random-initialised tiny DiTs (two experts, different seeds) plus VAE, text encoder and
+    tokenizer; the VAE's latent statistics are calibrated on synthetic surgical clips."""
     from moe.wan.components import save_components
 
     preset = get_preset(task)
@@ -54,7 +65,7 @@ def write_tiny_model_set(out: str | Path, task: str = "tiny-t2v", seed: int = 0,
     for name, expert_seed in (("high_noise_model", seed), ("low_noise_model", seed + 1)):
         model = build_random_transformer(preset, expert_seed, dtype)
         write_checkpoint(transformer_state_dict(model), out / f"{name}.safetensors", metadata={"lora_moe.task": task})
-    save_components(out, preset, seed)
+    save_components(out, preset, seed, calibration=_surgical_calibration_videos(seed))
     files = {
         "task": task,
         "high_noise": "high_noise_model.safetensors",
