@@ -33,8 +33,8 @@ def _cfg(ws, out, **kw):
 
 def test_stage1_learns_and_writes_outputs(tiny_workspace, tmp_path):
     out = tmp_path / "s1"
-    metrics = train_stage1(_cfg(tiny_workspace, out, max_train_epochs=12, save_every_n_epochs=6))
-    # Seen on this machine: base 1.497 -> final ~1.24 after 12 epochs (-17%); assert a safe 8%.
+    metrics = train_stage1(_cfg(tiny_workspace, out, max_train_epochs=20, save_every_n_epochs=10, learning_rate=1e-2))
+    # Seen on this machine: base 2.84 -> final 2.48 after 20 epochs (-13%); assert a safe 8%.
     assert metrics["val_loss_final"] < 0.92 * metrics["val_loss_base"], metrics
     assert json.loads((out / "metrics.json").read_text())["val_loss_final"] == metrics["val_loss_final"]
     lora = read_lora_file(out / "vanilla_lora.safetensors")
@@ -42,8 +42,8 @@ def test_stage1_learns_and_writes_outputs(tiny_workspace, tmp_path):
     spec = TargetSpec.from_flags(network_dim=8)
     assert lora.ranks() == spec.resolve(8) and lora.targets() == spec
     assert all(w.up.abs().sum() > 0 for w in lora.modules.values())  # every module trained
-    assert (out / "checkpoint-epoch-6.safetensors").is_file() and (out / "checkpoint-epoch-12.safetensors").is_file()
-    assert (out / "state-epoch-12").is_dir()
+    assert (out / "checkpoint-epoch-10.safetensors").is_file() and (out / "checkpoint-epoch-20.safetensors").is_file()
+    assert (out / "state-epoch-20").is_dir()
     assert list((out / "logs").rglob("events.out.tfevents.*"))
 
 
