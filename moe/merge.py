@@ -26,6 +26,7 @@ from tqdm import tqdm
 from moe import __version__
 from moe.atomic import atomic_dir, atomic_file
 from moe.errors import MoeError
+from moe.hashing import sha256_file
 from moe.inspect import MERGED_FROM_KEY, require_kind
 from moe.lora.file import LoRAFile, LoRAModuleWeights, read_lora_file
 from moe.safetensors_file import DTYPES, FLOAT_DTYPES, SafetensorsHeader, encode_header
@@ -43,16 +44,6 @@ class MergeResult(BaseModel):
     output: Path
     merged_modules: int
     files: list[Path]
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(COPY_CHUNK_BYTES)
-        view = memoryview(buf)
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
 
 
 def _check_paths(layout: CheckpointLayout, lora_path: Path, out: Path) -> None:

@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from moe.errors import MoeError
 from moe.lora.targets import TargetSpec
 from moe.lora_moe.file import read_lora_moe_file
-from moe.merge import sha256_file
+from moe.hashing import sha256_file
 from moe.train.config import Stage2Config
 from moe.train.loop import check_dits
 from moe.train.stage2 import check_stage2_inputs, train_stage2

@@ -48,6 +48,7 @@ from moe.atomic import atomic_file, write_json_atomic
 from moe.data.manifest import EXPERT_CLASSES, ClipRecord, LabelMap, read_manifest, split_by_video
 from moe.data.video import iter_frames, read_video
 from moe.errors import MoeError
+from moe.hashing import sha256_file, sha256_tree
 from moe.wan.presets import WanPreset, get_preset
 
 __all__ = [
@@ -335,35 +336,14 @@ def multi_hot(instruments: Iterable[str]) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    except FileNotFoundError:
-        raise MoeError(f"{path} does not exist") from None
-    except OSError as e:
-        raise MoeError(f"cannot read {path}: {e.strerror}") from None
-    return digest.hexdigest()
-
-
 def _component_digest(path: Path, subfolder: str) -> str:
     """sha256 over a component's files (relative names and bytes): new weights re-encode the
     cache, a moved or copied model set does not. A model root is narrowed to its subfolder, as
     the loaders do, so the DiTs next to it are not hashed."""
     root = path / subfolder if (path / subfolder).is_dir() else path
-    if root.is_file():
-        return _sha256_file(root)
-    if not root.is_dir():
+    if not root.exists():
         raise MoeError(f"{subfolder} path {path} does not exist")
-    digest = hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        relative = file.relative_to(root)
-        if any(part.startswith(".") for part in relative.parts):  # e.g. .cache/huggingface
-            continue
-        digest.update(f"{relative.as_posix()}\0{_sha256_file(file)}\0".encode())
-    return digest.hexdigest()
+    return sha256_tree(root)
 
 
 def _clip_fingerprint(record: ClipRecord, manifest_dir: Path, task: str, settings: CacheSettings) -> str:
@@ -373,8 +353,8 @@ def _clip_fingerprint(record: ClipRecord, manifest_dir: Path, task: str, setting
         "task": task,
         "settings": settings.model_dump(mode="json"),
         "id": record.id,
-        "video": _sha256_file(record.video_path(manifest_dir)),
-        "mask": _sha256_file(mask) if mask is not None else None,
+        "video": sha256_file(record.video_path(manifest_dir)),
+        "mask": sha256_file(mask) if mask is not None else None,
         "caption": record.caption,
         "instruments": record.instruments,
         "roi": record.roi,

@@ -27,7 +27,7 @@ from moe.lora_moe.losses import LoadBalance, kl_teacher, mean_entropy
 from moe.lora_moe.model import build_moe_adapters, inject_lora_moe, set_alpha_expert, set_lora_moe_enabled
 from moe.lora_moe.router import Router, RouterConfig
 from moe.lora_moe.routing import RoutingState, compute_gates, teacher_distribution, teacher_forcing_rho
-from moe.merge import sha256_file
+from moe.hashing import sha256_tree
 from moe.train.config import Stage2Config
 from moe.train.dual_dit import DualDiT, Expert
 from moe.train.flow_matching import masked_loss, per_sample_loss, roi_weights
@@ -73,7 +73,7 @@ def check_stage2_inputs(cfg: Stage2Config) -> dict[str, str]:
             check_same_targets(record["ranks"], resolved, f"the stage-1 LoRA merged into {path.name}", "stage 2 (--rank_* flags)")
     if len(set(stage1_loras.values())) > 1:
         raise MoeError(f"{cfg.dit} and {cfg.dit_high_noise} have different stage-1 LoRAs merged in; merge the same one into both")
-    return {name: sha256_file(f) for name, p in paths.items() for f in [p] if Path(f).is_file()}
+    return {name: sha256_tree(p) for name, p in paths.items()}
 
 
 class Stage2Module(TrainingModule):
