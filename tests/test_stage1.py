@@ -139,3 +139,32 @@ def test_cli_bad_options_are_one_line(tiny_workspace, tmp_path, capsys):
 def test_cache_for_another_task_is_refused(tiny_workspace, tmp_path):
     with pytest.raises(MoeError, match=r"built for task .tiny-t2v. \(first clip"):
         open_dataset(_cfg(tiny_workspace, tmp_path / "x", task="tiny-i2v"))
+
+
+def test_gradient_checkpointing_gives_the_same_weights(tiny_workspace, tmp_path):
+    plain = tmp_path / "plain"
+    train_stage1(_cfg(tiny_workspace, plain, max_train_epochs=1))
+    ckpt = tmp_path / "ckpt"
+    train_stage1(_cfg(tiny_workspace, ckpt, max_train_epochs=1, gradient_checkpointing=True))
+    a, b = load_file(plain / "vanilla_lora.safetensors"), load_file(ckpt / "vanilla_lora.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_mixed_precision_runs_on_cpu(tiny_workspace, tmp_path):
+    """The GPU recipe (bf16 autocast, DiT weights in bf16, fp32 adapters) also runs on the CPU."""
+    out = tmp_path / "bf16"
+    metrics = train_stage1(_cfg(tiny_workspace, out, max_train_epochs=1, mixed_precision="bf16"))
+    assert all(torch.isfinite(torch.tensor(v)) for v in (metrics["val_loss_base"], metrics["val_loss_final"]))
+    lora = load_file(out / "vanilla_lora.safetensors")
+    assert all(v.dtype == torch.float32 for v in lora.values())
+    assert any(k.endswith("lora_up.weight") and v.abs().sum() > 0 for k, v in lora.items())
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tiny_workspace, tmp_path):
+    index = json.loads((tiny_workspace["cache"] / "index.json").read_text())
+    train_clips = sum(c["split"] == "train" for c in index["clips"])
+    metrics = train_stage1(_cfg(tiny_workspace, tmp_path / "acc", max_train_epochs=2, gradient_accumulation_steps=3,
+                                batch_size=2))
+    batches = -(-train_clips // 2)
+    assert metrics["train_steps"] == 2 * -(-batches // 3)

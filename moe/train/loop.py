@@ -3,18 +3,20 @@
 A stage supplies a `TrainingModule`: the trainable parameters (adapters, router, gates) with a
 forward that returns the loss for a micro-batch on the DiT that owns its sigma, a way to save its
 weights file, and its evaluation. The loop does everything else: accelerate (devices, mixed
-precision, DDP/FSDP, gradient accumulation), per-epoch seeded data order, sigma and noise (so a
+precision, DDP/FSDP), gradient accumulation, per-epoch seeded data order, sigma and noise (so a
 resumed run continues exactly), AdamW with warmup + cosine, gradient clipping, non-finite loss
 guard, checkpoints with optimizer/scheduler/RNG state, TensorBoard logs and a progress bar.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -178,6 +180,7 @@ def run_training(cfg: TrainConfig, module: TrainingModule, accelerator, run_name
     bar = tqdm(
         total=total_steps, initial=progress.step, desc=run_name, unit="step",
         disable=not (cfg.progress and accelerator.is_local_main_process),
+        mininterval=0.1 if sys.stderr.isatty() else 10.0,  # a log file gets a line every 10 s
     )
     started = time.monotonic()
     for epoch in range(progress.epoch, cfg.max_train_epochs):
@@ -187,35 +190,41 @@ def run_training(cfg: TrainConfig, module: TrainingModule, accelerator, run_name
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         batches = epoch_batches(dataset.entries, cfg.batch_size, g)
         mine = batches[accelerator.process_index :: accelerator.num_processes]
+        # Gradient accumulation by hand, in groups of --gradient_accumulation_steps micro-batches;
+        # the last group of an epoch may be shorter and still ends in an optimizer step, so no
+        # gradient leaks into the next epoch (accelerate's `accumulate` needs its own dataloader).
+        accum = cfg.gradient_accumulation_steps
         for micro, entries in enumerate(mine):
-            if micro % cfg.gradient_accumulation_steps == 0:
+            first, last = micro % accum == 0, (micro + 1) % accum == 0 or micro + 1 == len(mine)
+            group = min(accum, len(mine) - micro // accum * accum)
+            if first:
                 inner.on_step(progress.step, total_steps)
             batch = _to_device(collate_clips([dataset[by_id[e.id]] for e in entries]), accelerator.device)
             sigma_value = float(sample_sigmas(1, g, cfg.timestep_sampling, cfg.discrete_flow_shift, low, high))
             sigma = torch.full((len(entries),), sigma_value, device=accelerator.device)
             noise = torch.randn(batch["latents"].shape, generator=g).to(accelerator.device)
             expert = inner.dits.expert_for(sigma_value)
-            with accelerator.accumulate(module):
+            with contextlib.nullcontext() if last else accelerator.no_sync(module):
                 parts = module(batch, sigma, noise, expert)
                 loss = parts["loss"]
                 # All processes agree before anyone stops (a lone rank stopping would hang DDP).
                 if not bool(accelerator.reduce(torch.isfinite(loss.detach()).float(), "min")):
                     _stop_on_nonfinite(accelerator, out, epoch, progress, sigma_value, entries, loss)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if accelerator.sync_gradients:
-                progress.step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch + 1)
-                if progress.step % cfg.log_every_n_steps == 0:
-                    logs = {f"train/{k}": float(v.detach()) for k, v in parts.items()}
-                    logs |= {"train/lr": scheduler.get_last_lr()[0], "train/sigma": sigma_value,
-                             f"train/loss_{expert}_noise": float(loss.detach()), "train/grad_norm": float(grad_norm)}
-                    accelerator.log(logs, step=progress.step)
+                accelerator.backward(loss / group)
+            if not last:
+                continue
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch + 1)
+            if progress.step % cfg.log_every_n_steps == 0:
+                logs = {f"train/{k}": float(v.detach()) for k, v in parts.items()}
+                logs |= {"train/lr": scheduler.get_last_lr()[0], "train/sigma": sigma_value,
+                         f"train/loss_{expert}_noise": float(loss.detach()), "train/grad_norm": float(grad_norm)}
+                accelerator.log(logs, step=progress.step)
         progress.epoch = epoch + 1
         if progress.epoch % cfg.save_every_n_epochs == 0 or progress.epoch == cfg.max_train_epochs:
             _save_checkpoint(accelerator, module, out, progress.epoch)
@@ -253,12 +262,17 @@ def _stop_on_nonfinite(accelerator, out: Path, epoch: int, progress: TrainProgre
 
 def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import ProjectConfiguration
 
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
+    # accelerate keeps one process-wide state; runs in one process (the workflow, a Prefect
+    # worker, tests) may differ in precision or accumulation, so each run starts from a fresh
+    # one. The process-level (distributed) state is kept.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     return Accelerator(
         mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(cfg.output_dir), logging_dir=str(cfg.output_dir / "logs")),
     )
