@@ -14,6 +14,8 @@ def _run_stage1(cfg: Stage1Config) -> None:
     from moe.train.stage1 import VANILLA_LORA_FILE, train_stage1
 
     metrics = train_stage1(cfg)
+    if not metrics:  # not the main process of a multi-process run
+        return
     click.echo(
         f"stage 1 done: {cfg.output_dir / VANILLA_LORA_FILE}; held-out loss "
         f"{metrics['val_loss_base']:.4f} (base) -> {metrics['val_loss_final']:.4f} (with LoRA)"
@@ -34,6 +36,8 @@ def _run_stage2(cfg) -> None:
     from moe.train.stage2 import LORA_MOE_FILE, stage2_summary, train_stage2
 
     metrics = train_stage2(cfg)
+    if not metrics:  # not the main process of a multi-process run
+        return
     click.echo(f"stage 2 done: {cfg.output_dir / LORA_MOE_FILE}; held-out {stage2_summary(metrics)}")
 
 

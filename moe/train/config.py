@@ -74,6 +74,7 @@ class TrainConfig(BaseModel):
         "auto", description="DiT weight dtype (auto: bf16 with --mixed_precision bf16, else the file's)."
     )
     gradient_checkpointing: bool = False
+    cpu: bool = Field(False, description="Train on the CPU even with a GPU present (with torchrun: multi-process gloo).")
     offload_inactive_dit: bool = Field(True, description="Keep only the active DiT on the GPU.")
 
     save_every_n_epochs: int = Field(1, gt=0)

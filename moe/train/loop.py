@@ -189,6 +189,9 @@ def run_training(cfg: TrainConfig, module: TrainingModule, accelerator, run_name
         # exactly what an uninterrupted one would.
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         batches = epoch_batches(dataset.entries, cfg.batch_size, g)
+        # Every process must run the same number of micro-batches (each one is a collective
+        # step under DDP): pad with the epoch's first batches, as DistributedSampler does.
+        batches += batches[: -len(batches) % accelerator.num_processes]
         mine = batches[accelerator.process_index :: accelerator.num_processes]
         # Gradient accumulation by hand, in groups of --gradient_accumulation_steps micro-batches;
         # the last group of an epoch may be shorter and still ends in an optimizer step, so no
@@ -272,6 +275,7 @@ def make_accelerator(cfg: TrainConfig):
     AcceleratorState._reset_state()
     GradientState._reset_state()
     return Accelerator(
+        cpu=cfg.cpu,
         mixed_precision=cfg.mixed_precision,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(cfg.output_dir), logging_dir=str(cfg.output_dir / "logs")),
