@@ -103,3 +103,24 @@ def test_reference_command_line_is_accepted(merged_workspace, tmp_path):
     refused = subprocess.run(cmd + ["--use_base_lora"], capture_output=True, text=True)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert refused.stderr.startswith("error: --use_base_lora is not supported")
+
+
+def test_stage2_resume_is_exact(merged_workspace, tmp_path):
+    """Router, gates, experts and the load-balance EMAs all come back from the saved state."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    straight = tmp_path / "straight"
+    train_stage2(_cfg(merged_workspace, straight, max_train_epochs=2, save_every_n_epochs=1, learning_rate=1e-2))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "state-epoch-1", resumed / "state-epoch-1")
+    train_stage2(_cfg(merged_workspace, resumed, max_train_epochs=2, save_every_n_epochs=1, learning_rate=1e-2, resume=True))
+    a = load_file(straight / "lora_moe_stage2.safetensors")
+    b = load_file(resumed / "lora_moe_stage2.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((straight / "metrics.json").read_text())["routing_accuracy"] == json.loads(
+        (resumed / "metrics.json").read_text()
+    )["routing_accuracy"]
