@@ -22,11 +22,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from moe.data.video import count_frames, probe_video
 from moe.atomic import atomic_file
+from moe.data.video import count_frames, probe_video
 from moe.errors import MoeError
+from moe.lora_moe.experts import EXPERTS as EXPERT_CLASSES  # the canonical labels
 
-EXPERT_CLASSES: tuple[str, ...] = ("scissors", "hook", "suction", "other")
 
 CHOLEC80_LABELS: dict[str, str] = {
     "Scissors": "scissors",

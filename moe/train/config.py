@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from moe.errors import MoeError
 from moe.lora.targets import TargetSpec
+from moe.lora_moe.experts import EXPERTS
 from moe.train.flow_matching import SigmaSampling
 from moe.wan.presets import WanPreset, get_preset
 
@@ -161,7 +162,7 @@ class Stage2Config(TrainConfig):
     use_base_lora: bool = Field(False, description="Refused: stage-1 knowledge lives in the merged DiTs.")
     alpha_base: float | None = Field(None, description="Accepted and ignored (there is no base_lora).")
     num_experts: int = Field(4, gt=1)
-    expert_names: tuple[str, ...] = ("scissors", "hook", "suction", "other")
+    expert_names: tuple[str, ...] = EXPERTS
     routing_mode: Literal["learned", "teacher", "uniform"] = "learned"
     top_k: int = Field(2, gt=0)
     train_router: bool = Field(True, description="Train the router (learned routing).")
