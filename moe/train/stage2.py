@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from statistics import fmean
 
 import torch
 import torch.nn.functional as F
@@ -142,42 +143,40 @@ class Stage2Module(TrainingModule):
         )
 
     # --- held-out metrics ------------------------------------------------------------------
+    def held_out_loss(self, batch, sigma, noise, expert: Expert, gates, experts_on: bool = True, roi: bool = False) -> float:
+        """Flow-matching loss of one clip with the given gates (over the ROI cells with `roi`)."""
+        for dit in self.dits:
+            set_lora_moe_enabled(dit, experts_on)
+        try:
+            pred, target = self.predict(batch, sigma, noise, expert, gates)
+        finally:
+            for dit in self.dits:
+                set_lora_moe_enabled(dit, True)
+        return float(masked_loss(pred, target, batch["roi"]) if roi else per_sample_loss(pred, target))
+
     @torch.no_grad()
     def evaluate(self, items, cfg):
+        """Held-out metrics on the fixed sigma grid with fixed noise per (clip, sigma)."""
         device = self.timestep_gate.k.device
-        sums = {"stage1": 0.0, "stage2": 0.0, "correct": 0.0, "wrong": 0.0, "acc": 0.0}
-        counts = {"fm": 0, "roi": 0}
+        accuracy, stage1, stage2, correct, wrong = [], [], [], [], []
         for batch, s, sigma, noise in iter_fixed_noise(items, cfg.val_sigmas, device, cfg.seed):
             expert = self.dits.expert_for(s)
             q = teacher_distribution(batch["labels"])
             p = self.router_probs(batch, sigma)
-            sums["acc"] += float(q[0, p.argmax()] > 0)
-            for dit in self.dits:
-                set_lora_moe_enabled(dit, False)
-            pred, target = self.predict(batch, sigma, noise, expert, q)
-            sums["stage1"] += float(per_sample_loss(pred, target))
-            for dit in self.dits:
-                set_lora_moe_enabled(dit, True)
-            pred, target = self.predict(batch, sigma, noise, expert, self.gates(p, q, "learned"))
-            sums["stage2"] += float(per_sample_loss(pred, target))
-            counts["fm"] += 1
+            accuracy.append(float(q[0, p.argmax()] > 0))  # top-1 is an instrument of the clip
+            stage1.append(self.held_out_loss(batch, sigma, noise, expert, q, experts_on=False))
+            stage2.append(self.held_out_loss(batch, sigma, noise, expert, self.gates(p, q, "learned")))
             if batch["roi"].sum() > 0:
-                roi = []
-                for e in range(len(self.experts)):
-                    pred, target = self.predict(batch, sigma, noise, expert, self.gates(p, q, "hint", hint=e))
-                    roi.append(float(masked_loss(pred, target, batch["roi"])))
-                right = [r for r, qe in zip(roi, q[0]) if qe > 0]
-                wrong = [r for r, qe in zip(roi, q[0]) if qe == 0]
-                sums["correct"] += sum(right) / len(right)
-                sums["wrong"] += sum(wrong) / max(1, len(wrong))
-                counts["roi"] += 1
-        n, nr = max(1, counts["fm"]), max(1, counts["roi"])
+                roi = [self.held_out_loss(batch, sigma, noise, expert, self.gates(p, q, "hint", hint=e), roi=True)
+                       for e in range(len(self.experts))]
+                correct.append(fmean(r for r, qe in zip(roi, q[0]) if qe > 0))
+                wrong.append(fmean(r for r, qe in zip(roi, q[0]) if qe == 0))
         return {
-            "routing_accuracy": sums["acc"] / n,
-            "roi_loss_correct_hint": sums["correct"] / nr,
-            "roi_loss_wrong_hint": sums["wrong"] / nr,
-            "val_loss_stage1": sums["stage1"] / n,
-            "val_loss_stage2": sums["stage2"] / n,
+            "routing_accuracy": fmean(accuracy),
+            "roi_loss_correct_hint": fmean(correct) if correct else float("nan"),
+            "roi_loss_wrong_hint": fmean(wrong) if wrong else float("nan"),
+            "val_loss_stage1": fmean(stage1),
+            "val_loss_stage2": fmean(stage2),
             "timestep_gate_k": self.timestep_gate.k.tolist(),
             "timestep_gate_c": self.timestep_gate.c.tolist(),
             "experts": list(self.experts),
