@@ -142,16 +142,9 @@ def _check_inputs(cfg: GenerateConfig, preset) -> None:
 
 def _apply_stage1(cfg: GenerateConfig, dits: list) -> None:
     from moe.lora.file import read_lora_file
-    from moe.lora.inject import build_adapters, inject_lora
+    from moe.lora.inject import adapters_from_weights, inject_lora
 
-    lora = read_lora_file(cfg.lora_weight)
-    adapters = build_adapters(dits[0], lora.ranks(), 1.0)
-    with torch.no_grad():
-        for module, adapter in zip(lora.modules, adapters.values()):
-            w = lora.modules[module]
-            adapter.lora_down.copy_(w.down)
-            adapter.lora_up.copy_(w.up)
-            adapter.alpha = w.alpha
+    adapters = adapters_from_weights(dits[0], read_lora_file(cfg.lora_weight).modules)
     for dit in dits:
         inject_lora(dit, adapters.to(cfg.device), multiplier=cfg.lora_multiplier)
 

@@ -242,3 +242,20 @@ def test_split_keeps_one_source_on_each_side_and_checks_fraction():
     assert sides == {"train", "val"}
     with pytest.raises(MoeError, match="val_fraction"):
         split_by_video(_clips(2), val_fraction=1.5)
+
+
+def test_data_check_command_reports_every_bad_clip(tmp_path, capsys):
+    from moe.cli import main
+    from moe.data.synth import synthesize_dataset
+
+    manifest = synthesize_dataset(tmp_path / "d", clips=3, frames=9, size=(32, 32), seed=0)
+    with pytest.raises(SystemExit) as ok:
+        main(["data", "check", "--manifest", str(manifest), "--min_frames", "9"])
+    assert ok.value.code == 0 and "3 clips OK" in capsys.readouterr().out
+    videos = sorted((tmp_path / "d" / "videos").glob("*.mp4"))
+    videos[0].write_bytes(b"not a video")
+    videos[1].unlink()
+    with pytest.raises(SystemExit) as bad:
+        main(["data", "check", "--manifest", str(manifest), "--min_frames", "9"])
+    err = capsys.readouterr().err
+    assert bad.value.code == 2 and "2 bad clip(s)" in err and "Traceback" not in err

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
-from moe.lora.inject import build_adapters, inject_lora
+from moe.lora.inject import adapters_from_weights, inject_lora
 from moe.lora.file import read_lora_file
 from moe.wan.checkpoint import build_random_transformer
 from moe.wan.components import build_tiny_text_encoder, build_tiny_vae
@@ -34,12 +34,7 @@ def test_our_lora_file_loads_in_diffusers_into_both_experts(tiny_preset, tiny_lo
     for name, seed in (("transformer", 0), ("transformer_2", 1)):
         ours = build_random_transformer(tiny_preset, seed=seed)
         plain = build_random_transformer(tiny_preset, seed=seed)
-        adapters = build_adapters(ours, lora.ranks(), alpha=1.0)
-        with torch.no_grad():
-            for m, a in zip(lora.modules, adapters.values()):
-                a.lora_down.copy_(lora.modules[m].down)
-                a.lora_up.copy_(lora.modules[m].up)
-        inject_lora(ours, adapters, multiplier=multiplier)
+        inject_lora(ours, adapters_from_weights(ours, lora.modules), multiplier=multiplier)
         with torch.no_grad():
             theirs_out = getattr(pipe, name)(x, t, text).sample
             ours_out = ours(x, t, text).sample

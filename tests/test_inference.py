@@ -7,7 +7,7 @@ import torch
 from moe.cli import main
 from moe.data.video import probe_video, read_video
 from moe.inference import GenerateConfig, generate_video
-from moe.lora_moe.file import export_expert, read_lora_moe_file
+from moe.lora_moe.file import read_lora_moe_file
 from moe.lora_moe.model import build_moe_adapters, inject_lora_moe
 from moe.lora_moe.routing import RoutingState, compute_gates
 from moe.wan.checkpoint import load_transformer

@@ -1,7 +1,6 @@
 """Key mapping between original and diffusers styles, and the LoRA target spec."""
 
 import pytest
-import torch
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
 from moe.errors import MoeError

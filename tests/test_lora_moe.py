@@ -11,7 +11,7 @@ from torch import nn
 from moe.errors import MoeError
 from moe.inspect import classify
 from moe.lora.file import read_lora_file
-from moe.lora.inject import build_adapters, inject_lora
+from moe.lora.inject import adapters_from_weights, inject_lora
 from moe.lora.targets import TargetSpec
 from moe.lora_moe.experts import EXPERTS, expert_index
 from moe.lora_moe.file import export_expert, read_lora_moe_file, write_lora_moe_file
@@ -337,12 +337,7 @@ def test_exported_expert_equals_the_hinted_moe(tmp_path, tiny_preset):
         x, text = _tiny_inputs()
         t = torch.full((2,), 1000 * sigma_ref)
         base_out = vanilla(x, t, text).sample
-        vanilla_adapters = build_adapters(vanilla, lora.ranks(), alpha=1.0)
-        for key, a in vanilla_adapters.items():
-            w = lora.modules[key.replace("/", ".")]
-            a.lora_down.copy_(w.down)
-            a.lora_up.copy_(w.up)
-        inject_lora(vanilla, vanilla_adapters)
+        inject_lora(vanilla, adapters_from_weights(vanilla, lora.modules))
         vanilla_out = vanilla(x, t, text).sample
 
         sigma = torch.full((2,), sigma_ref)

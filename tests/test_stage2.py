@@ -61,7 +61,7 @@ def test_base_dit_is_refused_with_the_merge_command(merged_workspace, tmp_path):
 
 
 def test_lora_given_as_dit_is_refused(merged_workspace, tmp_path):
-    with pytest.raises(MoeError, match="is a vanilla LoRA, but --dit_high_noise expects a merged Wan DiT"):
+    with pytest.raises(MoeError, match="is a vanilla LoRA, but --dit_high_noise expects a Wan DiT checkpoint with a LoRA merged in"):
         check_stage2_inputs(_cfg(merged_workspace, tmp_path, dit_high_noise=merged_workspace["vanilla_lora"]))
 
 

@@ -109,3 +109,16 @@ def cholec80(
         progress=True,
     )
     _report(manifest)
+
+
+@data_app.command("check")
+def check(
+    manifest: Path = typer.Option(..., "--manifest", help="Clip manifest (JSONL)."),
+    min_frames: int = typer.Option(81, "--min_frames", "--min-frames", help="Frames each clip needs (4k+1)."),
+) -> None:
+    """Validate a manifest and decode every clip; lists every bad clip by id in one report."""
+    from moe.data.manifest import check_videos
+
+    records = read_manifest(manifest)
+    check_videos(records, manifest.parent, min_frames=min_frames)
+    typer.echo(f"{manifest}: {len(records)} clips OK (>= {min_frames} frames each)")

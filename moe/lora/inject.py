@@ -4,6 +4,7 @@ diffusers' attribute paths comes from `moe.wan.keys`."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from moe.errors import MoeError
@@ -33,6 +34,24 @@ def build_adapters(model: nn.Module, modules: dict[str, int], alpha: float) -> n
     for module, rank in modules.items():
         linear = get_linear(model, module)
         adapters[module.replace(".", "/")] = LoRAAdapter(linear.in_features, linear.out_features, rank, alpha)
+    return adapters
+
+
+def adapters_from_weights(model: nn.Module, weights: dict) -> nn.ModuleDict:
+    """Adapters holding given LoRA weights (module -> `LoRAModuleWeights`: down, up, alpha),
+    sized and checked against the model's Linear layers."""
+    adapters = build_adapters(model, {m: w.rank for m, w in weights.items()}, alpha=1.0)
+    with torch.no_grad():
+        for module, adapter in adapter_items(adapters):
+            w = weights[module]
+            if w.up.shape[0] != adapter.lora_up.shape[0] or w.down.shape[1] != adapter.lora_down.shape[1]:
+                raise MoeError(
+                    f"{module}: the LoRA is [{w.up.shape[0]}, {w.down.shape[1]}] but the model's Linear is "
+                    f"[{adapter.lora_up.shape[0]}, {adapter.lora_down.shape[1]}]; it was trained for another model"
+                )
+            adapter.lora_down.copy_(w.down)
+            adapter.lora_up.copy_(w.up)
+            adapter.alpha = w.alpha
     return adapters
 
 
@@ -68,18 +87,6 @@ def inject_lora(model: nn.Module, adapters: nn.ModuleDict, multiplier: float = 1
         layers[module] = layer
     return layers
 
-
-def remove_lora(model: nn.Module) -> None:
-    """Put the plain Linear layers back (the model's weights are untouched)."""
-    for name, layer in list(model.named_modules()):
-        if isinstance(layer, LoRALinear):
-            replace_module(model, name, layer.base)
-
-
-def set_lora_multiplier(model: nn.Module, multiplier: float) -> None:
-    for layer in model.modules():
-        if isinstance(layer, LoRALinear):
-            layer.multiplier = multiplier
 
 
 def set_lora_enabled(model: nn.Module, enabled: bool) -> None:

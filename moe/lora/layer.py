@@ -35,10 +35,6 @@ class LoRAAdapter(nn.Module):
         x = x.to(self.lora_down.dtype)
         return F.linear(F.linear(x, self.lora_down), self.lora_up)
 
-    def delta_weight(self) -> torch.Tensor:
-        """`(alpha / r) * up @ down`, the change a merge adds to W."""
-        return self.scale * (self.lora_up @ self.lora_down)
-
 
 class FusedLowRankLinear(torch.autograd.Function):
     """y = x W^T + b + (x A^T * s) B^T for x [B, T, in], with s [B or 1, R] per-sample column

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from moe.errors import MoeError
-from moe.inspect import classify
+from moe.inspect import classify, require_kind
 from moe.lora.targets import check_same_targets
 from moe.lora_moe.file import write_lora_moe_file
 from moe.lora_moe.gates import TimestepGate
@@ -63,10 +63,7 @@ def check_stage2_inputs(cfg: Stage2Config) -> dict[str, str]:
                 f"`lora-moe merge --dit {path} --lora_weight vanilla_lora.safetensors --save_merged_model "
                 f"merged_{name}_noise.safetensors` and pass the result as {flag}"
             )
-        if info.kind != "merged-dit":
-            from moe.inspect import KIND_NAMES, RIGHT_USE
-
-            raise MoeError(f"{path} is {KIND_NAMES[info.kind]}, but {flag} expects a merged Wan DiT; {RIGHT_USE[info.kind]}")
+        require_kind(path, "merged-dit", flag)
         record = info.merged_from()[-1]
         stage1_loras[name] = record.get("lora_sha256")
         if record.get("ranks"):

@@ -80,11 +80,6 @@ class WanPreset(BaseModel):
     i2v: bool = False
     tiny: bool = False
 
-    @property
-    def image_condition_channels(self) -> int:
-        """Channels concatenated to the noisy latent for I2V (mask 4 + first-frame latent)."""
-        return self.dit.in_channels - self.dit.out_channels if self.i2v else 0
-
 
 _A14B = dict(num_layers=40, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824)
 _WAN21_VAE = VAEConfig(kind="wan2.1-z16", z_dim=16)
