@@ -30,7 +30,11 @@ from moe.hashing import sha256_file
 from moe.inspect import MERGED_FROM_KEY, require_kind
 from moe.lora.file import LoRAFile, LoRAModuleWeights, read_lora_file
 from moe.safetensors_file import DTYPES, FLOAT_DTYPES, SafetensorsHeader, encode_header
-from moe.wan.checkpoint import CheckpointLayout, check_checkpoint_task, resolve_checkpoint
+from moe.wan.checkpoint import (
+    CheckpointLayout,
+    check_checkpoint_task,
+    resolve_checkpoint,
+)
 from moe.wan.presets import get_preset
 
 COPY_CHUNK_BYTES = 8 << 20

@@ -2,16 +2,20 @@
 
 import pytest
 import torch
+from conftest import random_lora
 from safetensors.torch import load_file, save_file
 
 from moe.errors import MoeError
 from moe.lora.file import parse_lora_state, read_lora_file, write_lora_file
-from moe.lora.inject import adapters_from_weights, build_adapters, inject_lora, set_lora_enabled
+from moe.lora.inject import (
+    adapters_from_weights,
+    build_adapters,
+    inject_lora,
+    set_adapters_enabled,
+)
 from moe.lora.targets import TargetSpec
 from moe.wan.checkpoint import build_random_transformer
 from moe.wan.keys import module_to_diffusers
-
-from conftest import random_lora
 
 
 def _inputs(seed=0):
@@ -46,7 +50,7 @@ def test_fresh_lora_is_identity_and_lora_equals_merged_weights(tiny_preset, tiny
     assert (lora_out - base_out).abs().max() > 1e-3  # the LoRA does something
     torch.testing.assert_close(lora_out, merged_out, rtol=1e-5, atol=1e-5)
 
-    set_lora_enabled(model, False)
+    set_adapters_enabled(model, False)
     with torch.no_grad():
         torch.testing.assert_close(model(x, t, text).sample, base_out, rtol=0, atol=0)
 

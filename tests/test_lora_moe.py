@@ -11,14 +11,14 @@ from torch import nn
 from moe.errors import MoeError
 from moe.inspect import classify
 from moe.lora.file import read_lora_file
-from moe.lora.inject import adapters_from_weights, inject_lora
+from moe.lora.inject import adapters_from_weights, inject_lora, set_adapters_enabled
 from moe.lora.targets import TargetSpec
 from moe.lora_moe.experts import EXPERTS, expert_index
 from moe.lora_moe.file import export_expert, read_lora_moe_file, write_lora_moe_file
 from moe.lora_moe.gates import TimestepGate
 from moe.lora_moe.layer import LoRAMoEAdapter, LoRAMoELinear
 from moe.lora_moe.losses import LoadBalance, kl_teacher, mean_entropy
-from moe.lora_moe.model import inject_lora_moe, set_alpha_expert, set_lora_moe_enabled
+from moe.lora_moe.model import inject_lora_moe, set_alpha_expert
 from moe.lora_moe.router import Router, RouterConfig, sigma_embedding, top_k_gates
 from moe.lora_moe.routing import (
     GateSmoother,
@@ -346,7 +346,7 @@ def test_exported_expert_equals_the_hinted_moe(tmp_path, tiny_preset):
         moe_out = moe_model(x, t, text).sample
         assert (moe_out - base_out).abs().max() > 1e-3  # the expert does something
         torch.testing.assert_close(moe_out, vanilla_out, rtol=1e-5, atol=1e-5)
-        set_lora_moe_enabled(moe_model, False)
+        set_adapters_enabled(moe_model, False)
         torch.testing.assert_close(moe_model(x, t, text).sample, base_out, rtol=0, atol=0)
 
     unbaked = read_lora_file(export_expert(path, "hook", tmp_path / "raw.safetensors", None))

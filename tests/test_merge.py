@@ -6,18 +6,17 @@ import sys
 
 import pytest
 import torch
+from conftest import random_lora
 from safetensors.torch import save_file
 
 from moe.cli import main
+from moe.hashing import sha256_file
 from moe.lora.file import write_lora_file
 from moe.lora.targets import TargetSpec
-from moe.hashing import sha256_file
 from moe.merge import merge_lora_into_checkpoint
 from moe.safetensors_file import read_header
 from moe.wan.checkpoint import read_checkpoint, resolve_checkpoint, write_checkpoint
 from moe.wan.keys import COMFY_PREFIX, KeyFormat
-
-from conftest import random_lora
 
 FORMATS = {
     "original": KeyFormat(style="original"),

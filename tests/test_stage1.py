@@ -11,8 +11,8 @@ from moe.errors import MoeError
 from moe.lora.file import read_lora_file
 from moe.lora.targets import TargetSpec
 from moe.train.config import Stage1Config
-from moe.train.stage1 import Stage1Module, train_stage1
 from moe.train.loop import load_dits, make_accelerator, open_dataset, run_training
+from moe.train.stage1 import Stage1Module, train_stage1
 
 
 def _cfg(ws, out, **kw):

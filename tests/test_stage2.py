@@ -8,13 +8,17 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from moe.errors import MoeError
+from moe.hashing import sha256_file
 from moe.lora.targets import TargetSpec
 from moe.lora_moe.file import read_lora_moe_file
-from moe.hashing import sha256_file
 from moe.train.config import Stage2Config
 from moe.train.loop import check_dits
 from moe.train.stage2 import check_stage2_inputs, train_stage2
-from moe.wan.checkpoint import build_random_transformer, transformer_state_dict, write_checkpoint
+from moe.wan.checkpoint import (
+    build_random_transformer,
+    transformer_state_dict,
+    write_checkpoint,
+)
 from moe.wan.presets import get_preset
 
 

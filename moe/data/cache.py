@@ -45,7 +45,13 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from moe.atomic import atomic_file, write_json_atomic
-from moe.data.manifest import EXPERT_CLASSES, ClipRecord, LabelMap, read_manifest, split_by_video
+from moe.data.manifest import (
+    EXPERT_CLASSES,
+    ClipRecord,
+    LabelMap,
+    read_manifest,
+    split_by_video,
+)
 from moe.data.video import iter_frames, read_video
 from moe.errors import MoeError
 from moe.hashing import sha256_file, sha256_tree
@@ -392,7 +398,12 @@ class _ClipEncoder:
     @cached_property
     def models(self) -> tuple:
         """(vae, text_encoder, tokenizer), on the device."""
-        from moe.wan.components import load_text_encoder, load_tokenizer, load_vae, tiny_vae_kwargs
+        from moe.wan.components import (
+            load_text_encoder,
+            load_tokenizer,
+            load_vae,
+            tiny_vae_kwargs,
+        )
 
         config = tiny_vae_kwargs(self.preset) if self.preset.tiny else None
         vae = load_vae(self.paths.vae, self.dtype, config=config)

@@ -20,13 +20,19 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from moe.atomic import atomic_file
 from moe.data.video import count_frames, probe_video
 from moe.errors import MoeError
 from moe.lora_moe.experts import EXPERTS as EXPERT_CLASSES  # the canonical labels
-
 
 CHOLEC80_LABELS: dict[str, str] = {
     "Scissors": "scissors",

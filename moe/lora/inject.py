@@ -4,11 +4,13 @@ diffusers' attribute paths comes from `moe.wan.keys`."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from moe.errors import MoeError
-from moe.lora.layer import LoRAAdapter, LoRALinear
+from moe.lora.layer import AdaptedLinear, LoRAAdapter, LoRALinear
 from moe.wan.keys import module_to_diffusers
 
 
@@ -89,7 +91,20 @@ def inject_lora(model: nn.Module, adapters: nn.ModuleDict, multiplier: float = 1
 
 
 
-def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
+def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch every adapter layer of `model` (stage-1 LoRA or stage-2 LoRA-MoE) on or off."""
     for layer in model.modules():
-        if isinstance(layer, LoRALinear):
+        if isinstance(layer, AdaptedLinear):
             layer.enabled = enabled
+
+
+@contextlib.contextmanager
+def adapters_enabled(models, enabled: bool):
+    """Within the block, the adapters of `models` are on or off; afterwards they are on."""
+    for model in models:
+        set_adapters_enabled(model, enabled)
+    try:
+        yield
+    finally:
+        for model in models:
+            set_adapters_enabled(model, True)

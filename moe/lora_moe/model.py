@@ -68,8 +68,3 @@ def set_alpha_expert(model: nn.Module, alpha_expert: float) -> None:
         if isinstance(layer, LoRAMoELinear):
             layer.alpha_expert = alpha_expert
 
-
-def set_lora_moe_enabled(model: nn.Module, enabled: bool) -> None:
-    for layer in model.modules():
-        if isinstance(layer, LoRAMoELinear):
-            layer.enabled = enabled

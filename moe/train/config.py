@@ -20,7 +20,6 @@ from moe.lora_moe.experts import EXPERTS
 from moe.train.flow_matching import SigmaSampling
 from moe.wan.presets import WanPreset, get_preset
 
-
 # The options that define the LoRA target spec: stage 2 must repeat stage 1's.
 TARGET_FLAGS = (
     "network_dim", "network_alpha", "rank_q", "rank_kvo", "rank_k", "rank_v", "rank_o", "rank_ffn",

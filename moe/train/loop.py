@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from moe.atomic import fsync_dir, fsync_tree, write_json_atomic
-from moe.data.cache import CacheIndex, CachedClipDataset, collate_clips
+from moe.data.cache import CachedClipDataset, CacheIndex, collate_clips
 from moe.errors import MoeError
 from moe.train.config import TrainConfig
 from moe.train.dual_dit import DualDiT, Expert
@@ -91,7 +91,10 @@ def _dit_dtype(cfg: TrainConfig) -> torch.dtype | None:
 
 
 def _scheduler(cfg: TrainConfig, optimizer, total_steps: int):
-    from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+    from diffusers.optimization import (
+        get_constant_schedule_with_warmup,
+        get_cosine_schedule_with_warmup,
+    )
 
     if cfg.lr_scheduler == "cosine":
         return get_cosine_schedule_with_warmup(optimizer, cfg.lr_warmup_steps, max(total_steps, 1))

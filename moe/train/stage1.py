@@ -15,11 +15,18 @@ from pathlib import Path
 import torch
 
 from moe.lora.file import LoRAModuleWeights, write_lora_file
-from moe.lora.inject import adapter_items, build_adapters, inject_lora, set_lora_enabled
+from moe.lora.inject import adapter_items, adapters_enabled, build_adapters, inject_lora
 from moe.train.config import Stage1Config, TrainConfig
 from moe.train.dual_dit import DualDiT, Expert
 from moe.train.flow_matching import per_sample_loss, roi_weights
-from moe.train.loop import TrainingModule, check_dits, load_dits, make_accelerator, open_dataset, run_training
+from moe.train.loop import (
+    TrainingModule,
+    check_dits,
+    load_dits,
+    make_accelerator,
+    open_dataset,
+    run_training,
+)
 from moe.train.validation import dit_inputs, mean_loss_by_sigma, run_dit
 
 VANILLA_LORA_FILE = "vanilla_lora.safetensors"
@@ -55,19 +62,12 @@ class Stage1Module(TrainingModule):
         write_lora_file(path, self.lora_weights(), self.spec, self.cfg.task, save_format=self.cfg.save_format)
 
     def val_losses(self, items: list[dict], cfg: TrainConfig, lora: bool) -> dict[float, float]:
-        for dit in self.dits:
-            set_lora_enabled(dit, lora)
-        try:
-            device = next(self.adapters.parameters()).device
+        def loss(batch, sigma, noise):
+            pred, target = self.predict(batch, sigma, noise, self.dits.expert_for(float(sigma[0])))
+            return per_sample_loss(pred, target)
 
-            def loss(batch, sigma, noise):
-                pred, target = self.predict(batch, sigma, noise, self.dits.expert_for(float(sigma[0])))
-                return per_sample_loss(pred, target)
-
-            return mean_loss_by_sigma(items, cfg.val_sigmas, loss, device, cfg.seed)
-        finally:
-            for dit in self.dits:
-                set_lora_enabled(dit, True)
+        with adapters_enabled(self.dits, lora):
+            return mean_loss_by_sigma(items, cfg.val_sigmas, loss, next(self.adapters.parameters()).device, cfg.seed)
 
     def evaluate(self, items, cfg):
         base = self.val_losses(items, cfg, lora=False)

@@ -20,19 +20,32 @@ import torch
 import torch.nn.functional as F
 
 from moe.errors import MoeError
+from moe.hashing import sha256_tree
 from moe.inspect import classify, require_kind
+from moe.lora.inject import adapters_enabled
 from moe.lora.targets import check_same_targets
 from moe.lora_moe.file import write_lora_moe_file
 from moe.lora_moe.gates import TimestepGate
 from moe.lora_moe.losses import LoadBalance, kl_teacher, mean_entropy
-from moe.lora_moe.model import build_moe_adapters, inject_lora_moe, set_alpha_expert, set_lora_moe_enabled
+from moe.lora_moe.model import build_moe_adapters, inject_lora_moe, set_alpha_expert
 from moe.lora_moe.router import Router, RouterConfig
-from moe.lora_moe.routing import RoutingState, compute_gates, teacher_distribution, teacher_forcing_rho
-from moe.hashing import sha256_tree
+from moe.lora_moe.routing import (
+    RoutingState,
+    compute_gates,
+    teacher_distribution,
+    teacher_forcing_rho,
+)
 from moe.train.config import Stage2Config
 from moe.train.dual_dit import DualDiT, Expert
 from moe.train.flow_matching import masked_loss, per_sample_loss, roi_weights
-from moe.train.loop import TrainingModule, check_dits, load_dits, make_accelerator, open_dataset, run_training
+from moe.train.loop import (
+    TrainingModule,
+    check_dits,
+    load_dits,
+    make_accelerator,
+    open_dataset,
+    run_training,
+)
 from moe.train.validation import dit_inputs, iter_fixed_noise, run_dit
 
 LORA_MOE_FILE = "lora_moe_stage2.safetensors"
@@ -142,13 +155,8 @@ class Stage2Module(TrainingModule):
     # --- held-out metrics ------------------------------------------------------------------
     def held_out_loss(self, batch, sigma, noise, expert: Expert, gates, experts_on: bool = True, roi: bool = False) -> float:
         """Flow-matching loss of one clip with the given gates (over the ROI cells with `roi`)."""
-        for dit in self.dits:
-            set_lora_moe_enabled(dit, experts_on)
-        try:
+        with adapters_enabled(self.dits, experts_on):
             pred, target = self.predict(batch, sigma, noise, expert, gates)
-        finally:
-            for dit in self.dits:
-                set_lora_moe_enabled(dit, True)
         return float(masked_loss(pred, target, batch["roi"]) if roi else per_sample_loss(pred, target))
 
     @torch.no_grad()

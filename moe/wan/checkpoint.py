@@ -115,7 +115,9 @@ def resolve_checkpoint(path: str | Path) -> CheckpointLayout:
     keys = [k for h in headers for k in h.tensors]
     key_format = detect_key_format(keys)
     if key_format is None:
-        from moe.inspect import describe_kind  # late import: inspect builds on this module
+        from moe.inspect import (
+            describe_kind,  # late import: inspect builds on this module
+        )
 
         raise MoeError(f"{path} is not a Wan DiT checkpoint: it is {describe_kind(path)}")
     return CheckpointLayout(files=files, index=index, key_format=key_format, headers=headers)

@@ -19,7 +19,11 @@ from pydantic import BaseModel
 
 from moe.atomic import write_json_atomic
 from moe.errors import MoeError
-from moe.wan.checkpoint import build_random_transformer, transformer_state_dict, write_checkpoint
+from moe.wan.checkpoint import (
+    build_random_transformer,
+    transformer_state_dict,
+    write_checkpoint,
+)
 from moe.wan.presets import get_preset
 
 MODEL_SET_FILE = "model_set.json"
