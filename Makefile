@@ -1,12 +1,13 @@
 # Two commands do all the set-up on a fresh machine (Python 3.11):
-#   make demo   creates .venv, installs, and runs the main job on the embedded tiny default
+#   make demo   creates .venv, installs, and runs the pipeline flow on the embedded tiny default
 #   make test   creates .venv, installs, and runs the test suite
+#   make stack  the server stack without docker (Prefect, MLflow, S3 on moto, a worker); Ctrl-C stops it
 PYTHON ?= python3.11
 VENV   ?= .venv
 OUT    ?= outputs/demo
 BIN    := $(VENV)/bin
 
-.PHONY: demo test bench install clean
+.PHONY: demo workflow test bench stack install clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,14 +19,27 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+# The lora-moe-pipeline flow on the embedded default: Prefect's local API (its database under
+# $(OUT)/prefect), a local artifact store and MLflow on SQLite under $(OUT), no server to start.
 demo: install
-	HF_HUB_OFFLINE=1 $(BIN)/lora-moe workflow run --preset tiny --output_dir $(OUT)
+	HF_HUB_OFFLINE=1 PREFECT_HOME=$(abspath $(OUT))/prefect $(BIN)/python -m flows run --preset tiny --artifact_root $(OUT)
+
+# The same stages in one process, without an orchestrator.
+workflow: install
+	HF_HUB_OFFLINE=1 $(BIN)/lora-moe workflow run --preset tiny --output_dir $(OUT)/workflow --overwrite
+
+# Prefect server, MLflow server (SQLite, S3 artifacts) and moto's S3 as processes on free loopback
+# ports, the work pools, the deployments of deploy/prefect.yaml and a process worker
+# (deploy/stack.py; it prints the UIs' addresses and the exports for another shell).
+stack: install
+	HF_HUB_OFFLINE=1 $(BIN)/python deploy/stack.py up --dir $(abspath outputs/stack)
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 bench: install
 	$(BIN)/python bench/merge_bench.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/pipeline_bench.py
 
 clean:
 	rm -rf $(VENV) outputs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 
 from moe.errors import MoeError
@@ -35,10 +36,19 @@ def sha256_tree(path: str | Path) -> str:
         return sha256_file(root)
     if not root.is_dir():
         raise MoeError(f"{root} does not exist")
-    digest = hashlib.sha256()
+    files = {}
     for file in sorted(p for p in root.rglob("*") if p.is_file()):
         relative = file.relative_to(root)
         if any(part.startswith(".") for part in relative.parts):
             continue
-        digest.update(f"{relative.as_posix()}\0{sha256_file(file)}\0".encode())
+        files[relative.as_posix()] = sha256_file(file)
+    return tree_digest(files)
+
+
+def tree_digest(files: Mapping[str, str]) -> str:
+    """The folder hash of `sha256_tree` from {relative posix path: file sha256}: lets a folder
+    stored elsewhere (an S3 prefix, a manifest of files) be hashed without its bytes."""
+    digest = hashlib.sha256()
+    for relative in sorted(files, key=lambda name: name.split("/")):  # the order of sorted Paths
+        digest.update(f"{relative}\0{files[relative]}\0".encode())
     return digest.hexdigest()

@@ -5,7 +5,12 @@
   pre-hook sets the routing state: with `--instrument_hint NAME` the gates are one-hot; otherwise
   the router decides from the pooled prompt embedding, sigma (and the first-frame latent for
   I2V), top-2, smoothed across sampling steps (`g_k = beta g_{k-1} + (1 - beta) g_k_raw`). The
-  unconditional CFG branch reuses the conditional branch's gates of the same step.
+  unconditional CFG branch reuses the conditional branch's gates of the same step: the first DiT
+  call of a step is the conditional one (a step ends with the pipeline's step callback; two steps
+  may share a timestep, as UniPC's first two do at shift 12 with 100 steps). A file whose router
+  was never trained (`teacher` routing, `--no_train_router`) needs a hint; one trained with
+  `uniform` routing generates with uniform gates.
+- I2V: the first frame is cover-cropped to the video size exactly as the cache does for training.
 
 The pipeline's `transformer` is the HIGH-noise expert and `transformer_2` the low-noise one;
 `transformer` runs while t >= boundary * 1000 (diffusers' convention).
@@ -13,25 +18,35 @@ The pipeline's `transformer` is the HIGH-noise expert and `transformer_2` the lo
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from moe.config_types import DTYPE_ALIASES, Frames, Seed, Side
+from moe.devices import resolve_device
 from moe.errors import MoeError
-from moe.inspect import require_kind
+from moe.file_kind import require_kind
 from moe.lora_moe.experts import expert_index
 from moe.lora_moe.routing import GateSmoother, RoutingState, compute_gates
+from moe.output_paths import claim_output
 from moe.wan.checkpoint import check_checkpoint_task
+from moe.wan.presets import get_preset
 
 
 class GenerateConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # no nan/inf in any float option
 
     task: str = "tiny-t2v"
-    dit: Path = Field(description="Low-noise DiT (base for --lora_weight, merged for --lora_moe_weights).")
+    model: str | None = Field(
+        None, description="A registered model, models:/NAME@ALIAS or models:/NAME/VERSION: its DiTs, LoRA-MoE and "
+        "components are fetched (sha256 verified) instead of --dit/--lora_moe_weights/--model_set.",
+    )
+    dit: Path | None = Field(None, description="Low-noise DiT (base for --lora_weight, merged for --lora_moe_weights).")
     dit_high_noise: Path | None = Field(None, description="High-noise DiT (A14B tasks).")
     lora_weight: Path | None = Field(None, description="Stage 1: a vanilla LoRA applied to both DiTs.")
     lora_multiplier: float = 1.0
@@ -47,17 +62,24 @@ class GenerateConfig(BaseModel):
     prompt: str = Field(description="What to generate.")
     negative_prompt: str = ""
     image: Path | None = Field(None, description="First frame (I2V tasks).")
-    video_size: tuple[int, int] = Field((64, 64), description="WIDTHxHEIGHT (multiples of 16).")
-    video_length: int = Field(17, description="Frames, 4k+1.")
-    infer_steps: int = Field(20, gt=0)
-    guidance_scale: float | None = Field(None, description="CFG for the low-noise DiT (default: the task's).")
-    guidance_scale_high_noise: float | None = Field(None, description="CFG for the high-noise DiT.")
-    flow_shift: float | None = Field(None, description="Sampling shift (default: the task's).")
-    seed: int = 0
-    fps: float = 16.0
+    video_size: tuple[Side, Side] = Field((64, 64), description="WIDTHxHEIGHT (multiples of 16).")
+    video_length: Frames = Field(17, description="Frames, 4k+1.")
+    infer_steps: int = Field(20, ge=1, le=1000)
+    guidance_scale: float | None = Field(None, ge=0, le=100, description="CFG for the low-noise DiT (default: the task's).")
+    guidance_scale_high_noise: float | None = Field(None, ge=0, le=100, description="CFG for the high-noise DiT.")
+    flow_shift: float | None = Field(None, gt=0, le=100, description="Sampling shift (default: the task's).")
+    seed: Seed = 0
+    fps: float = Field(16.0, gt=0, le=240)
     device: str = "cpu"
-    dtype: str = Field("float32", description="float32, bfloat16 or float16.")
+    dtype: Literal["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"] = Field("float32", description="float32, bfloat16 or float16.")
     save_path: Path = Field(description="Output MP4.")
+    overwrite: bool = Field(False, description="Replace an existing MP4 that lora-moe wrote at --save_path.")
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        get_preset(v)  # MoeError is a ValueError: pydantic reports it as --task's problem
+        return v
 
     @field_validator("video_size", mode="before")
     @classmethod
@@ -71,11 +93,34 @@ class GenerateConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_adapter(self) -> GenerateConfig:
+        if self.model is not None:
+            given = [f"--{name}" for name in _MODEL_FIELDS if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"--model supplies the DiTs, the LoRA-MoE and the components: drop {', '.join(given)}")
+            return self
+        if self.dit is None:
+            raise ValueError("pass --dit (and --dit_high_noise) with an adapter, or a registered model as --model models:/NAME@ALIAS")
         if self.lora_weight is not None and self.lora_moe_weights is not None:
             raise ValueError("pass either --lora_weight (stage 1) or --lora_moe_weights (stage 2), not both")
         if self.instrument_hint is not None and self.lora_moe_weights is None:
             raise ValueError("--instrument_hint needs --lora_moe_weights")
         return self
+
+    def with_model_files(self) -> GenerateConfig:
+        """This config with `--model`'s files filled in (fetched and verified by its resolver)."""
+        from moe.model_uri import resolve_model_uri
+
+        if self.model is None:
+            return self
+        resolved = resolve_model_uri(self.model)
+        if "task" in self.model_fields_set and self.task != resolved.task:
+            raise MoeError(f"--model {self.model} ({resolved.source}) is a {resolved.task} model, not --task {self.task}")
+        return self.model_copy(update=resolved.model_dump(exclude={"source"}))
+
+
+# The fields that name files generation reads: --save_path may be none of them.
+_INPUT_FIELDS = ("dit", "dit_high_noise", "lora_weight", "lora_moe_weights", "model_set", "vae", "text_encoder", "tokenizer", "image")
+_MODEL_FIELDS = ("dit", "dit_high_noise", "lora_weight", "lora_moe_weights", "model_set", "vae", "text_encoder", "tokenizer")  # --model's
 
 
 class MoERouting:
@@ -85,21 +130,32 @@ class MoERouting:
         self.router, self.gate, self.state = router, timestep_gate, state
         self.text, self.mask = cond
         self.hint = hint
+        self.mode = "hint" if hint is not None else moe_file.inference_routing()
         self.top_k = moe_file.router_config.top_k
         self.i2v = moe_file.router_config.image_channels > 0
         self.smoother = GateSmoother(beta)
-        self.last_t: float | None = None
+        self.step_open = False  # True once this step's conditional call has set the gates
         self.history: list[tuple[float, torch.Tensor]] = []  # (t, gates) per step, for inspection
+
+    def end_step(self, pipe, step: int, t, callback_kwargs: dict) -> dict:
+        """The pipeline's `callback_on_step_end`: the next DiT call starts a new step."""
+        self.step_open = False
+        return {}
 
     @torch.no_grad()
     def __call__(self, module, args, kwargs) -> None:
         t = float(kwargs["timestep"].flatten()[0])
-        if t == self.last_t:  # the unconditional branch of this step: same gates as the conditional one
+        if self.step_open:  # the unconditional branch of this step: same gates as the conditional one
+            if t != self.history[-1][0]:
+                raise RuntimeError("MoERouting missed the end of a step: pass routing= to run_pipeline")
             return
-        self.last_t = t
+        self.step_open = True
         sigma = torch.full((1,), t / 1000, device=self.text.device)
-        if self.hint is not None:
-            gates = compute_gates("hint", hint_index=self.hint, batch_size=1, num_experts=self.gate.k.numel())
+        num_experts = self.gate.k.numel()
+        if self.mode == "hint":
+            gates = compute_gates("hint", hint_index=self.hint, batch_size=1, num_experts=num_experts)
+        elif self.mode == "uniform":
+            gates = compute_gates("uniform", batch_size=1, num_experts=num_experts)
         else:
             image = kwargs["hidden_states"] if self.i2v else None
             p = F.softmax(self.router(self.text, self.mask, sigma, image).float(), dim=-1)
@@ -109,19 +165,41 @@ class MoERouting:
         self.history.append((t, gates.cpu()))
 
 
-def _components(cfg: GenerateConfig, dtype):
+def first_frame(path: Path, size: tuple[int, int]):
+    """The I2V image as a PIL image of exactly `size` (W, H), cover-cropped as the cache fits
+    training frames (`moe.data.cover_crop`), so the pipeline's own resize is a no-op."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from moe.data.cover_crop import fit_frames
+
+    try:
+        pixels = np.asarray(Image.open(path).convert("RGB"))
+    except (OSError, UnidentifiedImageError) as e:
+        raise MoeError(f"cannot read --image {path}: {e}") from None
+    fitted = fit_frames(pixels[None], size)[0, :, 0]  # [3, H, W] in [-1, 1]
+    return Image.fromarray(((fitted.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy())
+
+
+def load_components(cfg, dtype) -> tuple:
+    """(VAE fp32, text encoder in `dtype`, tokenizer) from `cfg`'s --vae/--text_encoder/--tokenizer
+    or --model_set (any config with those fields and `task`)."""
     from moe.data.cache import resolve_component_paths
-    from moe.wan.components import load_text_encoder, load_tokenizer, load_vae
+    from moe.wan.component_loaders import load_text_encoder, load_tokenizer, load_vae
 
     _, paths = resolve_component_paths(cfg.vae, cfg.text_encoder, cfg.tokenizer, cfg.model_set, cfg.task)
     return load_vae(paths.vae, torch.float32), load_text_encoder(paths.text_encoder, dtype), load_tokenizer(paths.tokenizer)
 
 
 def _check_inputs(cfg: GenerateConfig, preset) -> None:
+    from moe.lora.file import read_lora_file
+    from moe.lora_moe.file import read_lora_moe_file
+
+    # Read whole (kind, sizes, finite values) before any model is loaded; adapters are small.
     if cfg.lora_weight is not None:
-        require_kind(cfg.lora_weight, "vanilla-lora", "--lora_weight")
+        read_lora_file(cfg.lora_weight)
     if cfg.lora_moe_weights is not None:
-        require_kind(cfg.lora_moe_weights, "lora-moe", "--lora_moe_weights")
+        read_lora_moe_file(cfg.lora_moe_weights)
     dit_kinds = ("wan-dit", "merged-dit")
     require_kind(cfg.dit, dit_kinds, "--dit")
     if cfg.dit_high_noise is not None:
@@ -150,47 +228,102 @@ def _apply_stage1(cfg: GenerateConfig, dits: list) -> None:
 
 
 def _apply_stage2(cfg: GenerateConfig, preset, dits: list, cond: tuple) -> MoERouting:
-    from moe.lora.targets import check_same_targets
     from moe.lora_moe.file import read_lora_moe_file
-    from moe.lora_moe.model import build_moe_adapters, inject_lora_moe, set_alpha_expert
+    from moe.lora_moe.model import attach_lora_moe_file
 
     moe_file = read_lora_moe_file(cfg.lora_moe_weights)
     if moe_file.task != cfg.task:
         raise MoeError(f"{cfg.lora_moe_weights} was trained for task {moe_file.task}, not {cfg.task}; pass --task {moe_file.task}")
-    check_same_targets(moe_file.targets.resolve(preset.dit.num_layers), moe_file.ranks(), "the file's target spec", "its weights")
     hint = expert_index(cfg.instrument_hint, moe_file.experts) if cfg.instrument_hint else None
-    state = RoutingState()
-    adapters = build_moe_adapters(dits[0], moe_file.ranks(), moe_file.targets.alpha, len(moe_file.experts))
-    moe_file.load_adapters(adapters)
-    adapters.to(cfg.device)
-    router = moe_file.build_router().to(cfg.device).eval()
-    gate = moe_file.build_timestep_gate().to(cfg.device)
-    routing = MoERouting(moe_file, router, gate, state, cond, hint, cfg.routing_beta)
-    for dit in dits:
-        inject_lora_moe(dit, moe_file.ranks(), moe_file.targets.alpha, moe_file.experts, state, adapters=adapters)
-        set_alpha_expert(dit, cfg.alpha_expert)
-        dit.register_forward_pre_hook(routing, with_kwargs=True)
-    return routing
+    if hint is None:
+        moe_file.inference_routing(cfg.lora_moe_weights)  # refuses an untrained router before the work
+    moe = attach_lora_moe_file(dits, moe_file, preset.dit.num_layers, cfg.device, cfg.alpha_expert)
+    return MoERouting(moe_file, moe.router, moe.timestep_gate, moe.state, cond, hint, cfg.routing_beta)
+
+
+@contextlib.contextmanager
+def routing_hooks(dits: list, routing: MoERouting):
+    """Within the block, `routing` sets the gates before every forward of `dits`."""
+    handles = [dit.register_forward_pre_hook(routing, with_kwargs=True) for dit in dits]
+    try:
+        yield routing
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def build_pipeline(preset, low, high, vae, text_encoder, tokenizer, flow_shift: float | None = None):
+    """diffusers' Wan2.2 pipeline: `transformer` = the high-noise DiT (when there are two),
+    `transformer_2` = the low-noise one, UniPC flow sampling with the task's shift."""
+    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
+
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
+        flow_shift=flow_shift if flow_shift is not None else preset.sample_shift,
+    )
+    experts = dict(transformer=high or low, transformer_2=low if high is not None else None,
+                   boundary_ratio=preset.boundary if high is not None else None)
+    pipe = (WanImageToVideoPipeline if preset.i2v else WanPipeline)(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, **experts
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_pipeline(
+    pipe, preset, cond: torch.Tensor, uncond: torch.Tensor, *, size: tuple[int, int], frames: int, steps: int,
+    seed: int, device: str, guidance_low: float | None = None, guidance_high: float | None = None, image=None,
+    routing: MoERouting | None = None,
+):
+    """One video as uint8 frames [F, H, W, 3] from prompt embeddings (CFG with `uncond`). With
+    `routing` (hooked on the DiTs by `routing_hooks`), the pipeline tells it where each step ends."""
+    two = pipe.transformer_2 is not None
+    w, h = size
+    kwargs = dict(
+        prompt_embeds=cond, negative_prompt_embeds=uncond, height=h, width=w, num_frames=frames,
+        num_inference_steps=steps,
+        guidance_scale=guidance_high if guidance_high is not None else preset.guidance_high,
+        guidance_scale_2=(guidance_low if guidance_low is not None else preset.guidance_low) if two else None,
+        generator=torch.Generator(device).manual_seed(seed), output_type="np",
+    )
+    if image is not None:
+        kwargs["image"] = image
+    if routing is not None:
+        kwargs["callback_on_step_end"] = routing.end_step
+    with torch.no_grad():
+        video = pipe(**kwargs).frames[0]
+    return (video.clip(0, 1) * 255).round().astype("uint8")
 
 
 def generate_video(cfg: GenerateConfig):
-    """Generate one video and write it to `cfg.save_path`; returns (frames uint8 [F, H, W, 3], routing)."""
-    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
+    """Generate one video and write it to `cfg.save_path`; returns (frames uint8 [F, H, W, 3], routing).
+    Everything is checked before a model is loaded, and `--save_path` is claimed for the run
+    (never an input, never an existing file unless --overwrite and it is one of our MP4s)."""
+    from moe.data.video import written_by_lora_moe
 
-    from moe.data.video import write_video
-    from moe.wan.checkpoint import load_transformer
-    from moe.wan.components import encode_prompts
-    from moe.wan.presets import get_preset
-
+    resolve_device(cfg.device)
+    cfg = cfg.with_model_files()  # --model: fetched and verified before anything is written
     preset = get_preset(cfg.task)
     _check_inputs(cfg, preset)
-    dtype = getattr(torch, cfg.dtype)
+    inputs = {f"--{name}": getattr(cfg, name) for name in _INPUT_FIELDS}
+    with claim_output(cfg.save_path, flag="--save_path", inputs=inputs, overwrite=cfg.overwrite, is_ours=written_by_lora_moe):
+        if cfg.save_path.suffix.lower() != ".mp4":
+            raise MoeError(f"--save_path {cfg.save_path} must end in .mp4 (the video is written as H.264 MP4)")
+        return _generate(cfg, preset)
+
+
+def _generate(cfg: GenerateConfig, preset):
+    from moe.data.video import write_video
+    from moe.wan.checkpoint import load_transformer
+    from moe.wan.encoding import encode_prompts
+
+    dtype = getattr(torch, DTYPE_ALIASES[cfg.dtype])
     low = load_transformer(cfg.dit, preset, dtype=dtype, device=cfg.device)
     high = load_transformer(cfg.dit_high_noise, preset, dtype=dtype, device=cfg.device) if cfg.dit_high_noise else None
     if preset.two_experts and high is None:
         raise MoeError(f"task {cfg.task} has two experts: pass the high-noise DiT as --dit_high_noise")
     dits = [d for d in (high, low) if d is not None]
-    vae, text_encoder, tokenizer = _components(cfg, dtype)
+    vae, text_encoder, tokenizer = load_components(cfg, dtype)
     max_len = preset.text_encoder.max_length
     cond, cond_mask = encode_prompts(text_encoder.to(cfg.device), tokenizer, [cfg.prompt], max_len)
     uncond, _ = encode_prompts(text_encoder, tokenizer, [cfg.negative_prompt], max_len)
@@ -201,29 +334,15 @@ def generate_video(cfg: GenerateConfig):
     elif cfg.lora_moe_weights is not None:
         routing = _apply_stage2(cfg, preset, dits, (cond, cond_mask))
 
-    scheduler = UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
-        flow_shift=cfg.flow_shift if cfg.flow_shift is not None else preset.sample_shift,
-    )
-    parts = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae.to(cfg.device), scheduler=scheduler)
-    experts = dict(transformer=high or low, transformer_2=low if high is not None else None,
-                   boundary_ratio=preset.boundary if high is not None else None)
-    pipe = (WanImageToVideoPipeline if preset.i2v else WanPipeline)(**parts, **experts)
-    pipe.set_progress_bar_config(disable=True)
-    w, h = cfg.video_size
-    kwargs = dict(
-        prompt_embeds=cond, negative_prompt_embeds=uncond, height=h, width=w, num_frames=cfg.video_length,
-        num_inference_steps=cfg.infer_steps,
-        guidance_scale=cfg.guidance_scale_high_noise if cfg.guidance_scale_high_noise is not None else preset.guidance_high,
-        guidance_scale_2=(cfg.guidance_scale if cfg.guidance_scale is not None else preset.guidance_low) if high is not None else None,
-        generator=torch.Generator(cfg.device).manual_seed(cfg.seed), output_type="np",
-    )
+    pipe = build_pipeline(preset, low, high, vae.to(cfg.device), text_encoder, tokenizer, cfg.flow_shift)
+    image = None
     if preset.i2v:
-        from PIL import Image
-
-        kwargs["image"] = Image.open(cfg.image).convert("RGB").resize((w, h))
-    with torch.no_grad():
-        video = pipe(**kwargs).frames[0]
-    frames = (video.clip(0, 1) * 255).round().astype("uint8")
+        image = first_frame(cfg.image, cfg.video_size)
+    with routing_hooks(dits, routing) if routing is not None else contextlib.nullcontext():
+        frames = run_pipeline(
+            pipe, preset, cond, uncond, size=cfg.video_size, frames=cfg.video_length, steps=cfg.infer_steps,
+            seed=cfg.seed, device=cfg.device, guidance_low=cfg.guidance_scale,
+            guidance_high=cfg.guidance_scale_high_noise, image=image, routing=routing,
+        )
     write_video(cfg.save_path, frames, cfg.fps)
     return frames, routing

@@ -1,103 +1,43 @@
-"""What is this file? Classifies safetensors files by their header alone.
+"""`lora-moe inspect`: a few lines saying what a file or checkpoint folder is and holds.
 
-Kinds: a Wan DiT checkpoint (`wan-dit`), a DiT with a LoRA merged in (`merged-dit`), a vanilla
-LoRA (`vanilla-lora`), a stage-2 LoRA-MoE file (`lora-moe`), or `unknown`. Every command that
-takes a file checks its kind first with `require_kind`, so a file given to the wrong flag fails
-at once with one line naming what it is and where it belongs.
+The kind comes from `moe.file_kind` (headers only); the details from the readers of each format.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel
-
+from moe.atomic import temporary_target
 from moe.errors import MoeError
-from moe.safetensors_file import SafetensorsHeader, read_header
-
-FileKind = Literal["wan-dit", "merged-dit", "vanilla-lora", "lora-moe", "unknown"]
-
-KIND_NAMES: dict[str, str] = {
-    "wan-dit": "a Wan DiT checkpoint",
-    "merged-dit": "a Wan DiT checkpoint with a LoRA merged in",
-    "vanilla-lora": "a vanilla LoRA",
-    "lora-moe": "a LoRA-MoE (stage 2) file",
-    "unknown": "not a file this tool knows",
-}
-RIGHT_USE: dict[str, str] = {
-    "wan-dit": "pass a DiT as --dit / --dit_high_noise",
-    "merged-dit": "pass a merged DiT as --dit / --dit_high_noise (lora-moe stage2, lora-moe generate)",
-    "vanilla-lora": "pass a vanilla LoRA as --lora_weight (lora-moe merge, lora-moe generate)",
-    "lora-moe": (
-        "pass a LoRA-MoE file as --lora_moe_weights (lora-moe generate), or turn one expert into a "
-        "vanilla LoRA with lora-moe export-expert"
-    ),
-    "unknown": "check the path",
-}
-MERGED_FROM_KEY = "lora_moe.merged_from"
-_LORA_KEY = re.compile(r".*\.(lora_down|lora_up|lora_A|lora_B)(\.default)?\.weight")
-
-
-class FileInfo(BaseModel):
-    path: Path
-    kind: FileKind
-    headers: list[SafetensorsHeader]
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        return self.headers[0].metadata if self.headers else {}
-
-    def merged_from(self) -> list[dict]:
-        text = self.metadata.get(MERGED_FROM_KEY)
-        return json.loads(text) if text else []
-
-
-def _kind_of(headers: list[SafetensorsHeader]) -> FileKind:
-    from moe.wan.keys import detect_key_format
-
-    meta = headers[0].metadata
-    keys = [k for h in headers for k in h.tensors]
-    if meta.get("lora_moe.format", "").startswith("lora-moe/") or any(
-        k.startswith(("lora_moe.", "router.")) for k in keys
-    ):
-        return "lora-moe"
-    if any(_LORA_KEY.fullmatch(k) for k in keys):
-        return "vanilla-lora"
-    if detect_key_format(keys) is not None:
-        return "merged-dit" if MERGED_FROM_KEY in meta else "wan-dit"
-    return "unknown"
-
-
-def classify(path: str | Path) -> FileInfo:
-    from moe.wan.checkpoint import resolve_files
-
-    path = Path(path)
-    files, _ = resolve_files(path)
-    headers = [read_header(f) for f in files]
-    return FileInfo(path=path, kind=_kind_of(headers), headers=headers)
-
-
-def describe_kind(path: str | Path) -> str:
-    return KIND_NAMES[classify(path).kind]
-
-
-def require_kind(path: str | Path, expected: str | tuple[str, ...], flag: str) -> SafetensorsHeader:
-    """Check a file's kind before using it; the error names what it is and where it belongs."""
-    expected = (expected,) if isinstance(expected, str) else expected
-    info = classify(path)
-    if info.kind not in expected:
-        wanted = " or ".join(KIND_NAMES[e] for e in expected)
-        raise MoeError(f"{path} is {KIND_NAMES[info.kind]}, but {flag} expects {wanted}; {RIGHT_USE[info.kind]}")
-    return info.headers[0]
+from moe.file_kind import KIND_NAMES, classify
+from moe.lora.convert import describe_support
+from moe.lora.file import read_lora_file
+from moe.lora.peft_header import HEADER_KEY
+from moe.lora.targets import describe_modules
+from moe.lora_moe.file import read_lora_moe_file
+from moe.output_paths import leftovers_report
+from moe.wan.checkpoint import guess_dit_config, resolve_checkpoint
 
 
 def inspect_report(path: str | Path) -> str:
-    """A few lines describing a file or checkpoint folder, for `lora-moe inspect`."""
-    info = classify(path)
+    """A few lines describing a file or checkpoint folder, for `lora-moe inspect`, with the
+    unfinished temporaries and locks that interrupted runs left for it. A truncated or damaged
+    file is an error, never reported as valid."""
+    path = Path(path)
+    target = temporary_target(path)
+    if target is not None and path.exists():
+        return (
+            f"{path}: an unfinished temporary of {target.name}, left by an interrupted write; the next "
+            f"run of the command that writes {target.name} removes it"
+        )
+    leftovers = leftovers_report(path)
+    try:
+        info = classify(path)
+    except MoeError as e:
+        if not leftovers:
+            raise
+        raise MoeError(f"{e}; " + "; ".join(line.strip() for line in leftovers)) from None
     lines = [f"{path}: {KIND_NAMES[info.kind]}"]
     if info.kind in ("wan-dit", "merged-dit"):
         lines += _describe_dit(path)
@@ -113,12 +53,10 @@ def inspect_report(path: str | Path) -> str:
     else:
         keys = list(info.headers[0].tensors)[:5]
         lines.append(f"  first keys: {', '.join(keys)}")
-    return "\n".join(lines)
+    return "\n".join(lines + leftovers)
 
 
 def _describe_dit(path) -> list[str]:
-    from moe.wan.checkpoint import guess_dit_config, resolve_checkpoint
-
     layout = resolve_checkpoint(path)
     shapes = layout.original_shapes()
     params = sum(math.prod(s) for s in shapes.values())
@@ -130,9 +68,6 @@ def _describe_dit(path) -> list[str]:
 
 
 def _describe_lora_moe(path) -> list[str]:
-    from moe.lora.targets import describe_modules
-    from moe.lora_moe.file import read_lora_moe_file
-
     f = read_lora_moe_file(path)
     rc = f.router_config
     return [
@@ -145,13 +80,12 @@ def _describe_lora_moe(path) -> list[str]:
 
 
 def _describe_lora(path) -> list[str]:
-    from moe.lora.file import read_lora_file
-    from moe.lora.targets import describe_modules
-
     lora = read_lora_file(path)
     alphas = sorted({w.alpha for w in lora.modules.values()})
     lines = [
         f"  {len(lora.modules)} modules: {describe_modules(lora.ranks())}",
         f"  alpha {', '.join(f'{a:g}' for a in alphas)}; task {lora.metadata.get('lora_moe.task', 'unknown')}",
+        f"  form: {lora.form}" + (f" (scales from its {HEADER_KEY} header)" if HEADER_KEY in lora.metadata else "")
+        + f"; {describe_support(lora.form, lora.modules)}",
     ]
     return lines

@@ -12,6 +12,7 @@ style, prefix, sharding, tensor order, dtypes) and is written atomically.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -25,10 +26,12 @@ from tqdm import tqdm
 
 from moe import __version__
 from moe.atomic import atomic_dir, atomic_file
+from moe.config_types import FiniteFloat, checked
 from moe.errors import MoeError
+from moe.file_kind import MERGED_FROM_KEY, require_kind, written_as
 from moe.hashing import sha256_file
-from moe.inspect import MERGED_FROM_KEY, require_kind
 from moe.lora.file import LoRAFile, LoRAModuleWeights, read_lora_file
+from moe.output_paths import claim_output
 from moe.safetensors_file import DTYPES, FLOAT_DTYPES, SafetensorsHeader, encode_header
 from moe.wan.checkpoint import (
     CheckpointLayout,
@@ -44,18 +47,25 @@ MERGE_CHUNK_ELEMENTS = 2 << 20
 _PLACEHOLDER_SHA = "0" * 64
 
 
+def add_lora_update_(block: torch.Tensor, w: LoRAModuleWeights, multiplier: float, rows: slice = slice(None)) -> torch.Tensor:
+    """The merge formula, in place on float32 rows of a target weight: `block += m (alpha/r) up[rows] @ down`."""
+    up, down = (t.to(block.device, torch.float32) for t in (w.up[rows], w.down))
+    return block.addmm_(up, down, alpha=multiplier * w.scale)
+
+
+def merged_weight(weight: torch.Tensor, w: LoRAModuleWeights, multiplier: float) -> torch.Tensor:
+    """`W + m (alpha/r) up @ down` computed in float32 and cast back to W's dtype, as the
+    streaming merge writes it (used to merge in memory, e.g. for the multiplier sweep)."""
+    return add_lora_update_(weight.to(torch.float32, copy=True), w, multiplier).to(weight.dtype)
+
+
 class MergeResult(BaseModel):
     output: Path
     merged_modules: int
     files: list[Path]
 
 
-def _check_paths(layout: CheckpointLayout, lora_path: Path, out: Path) -> None:
-    inputs = {p.resolve() for p in layout.files} | {lora_path.resolve()}
-    if layout.index is not None:
-        inputs |= {layout.index.resolve(), layout.folder.resolve()}
-    if out.resolve() in inputs:
-        raise MoeError(f"--save_merged_model {out} is one of the inputs; choose a new path (inputs are never modified)")
+def _check_paths(layout: CheckpointLayout, out: Path) -> None:
     if layout.sharded:
         if out.suffix == ".safetensors":
             raise MoeError(
@@ -97,6 +107,25 @@ def _locate_targets(layout: CheckpointLayout, lora: LoRAFile) -> list[dict[str, 
     return per_shard
 
 
+def read_exact(f, nbytes: int) -> bytes:
+    """`nbytes` from the unbuffered file `f` (a raw read may return fewer)."""
+    data = bytearray()
+    while len(data) < nbytes:
+        chunk = f.read(nbytes - len(data))
+        if not chunk:
+            raise MoeError(f"{f.name} is truncated")
+        data += chunk
+    return bytes(data)
+
+
+def write_all(f, data) -> int:
+    """Write all of `data` to the unbuffered file `f` (a raw write may take only part of it)."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[f.write(view) :]
+    return memoryview(data).nbytes
+
+
 class _StreamCopier:
     """Sequential input -> output pass with the input's sha256 computed on the side.
 
@@ -136,7 +165,7 @@ class _StreamCopier:
         return view
 
     def write(self, data) -> None:
-        n = self.fout.write(data)
+        n = write_all(self.fout, data)
         self.written += n
         self.pbar.update(n)
         if self.written - self.flushed >= self.FLUSH_EVERY:
@@ -166,14 +195,13 @@ class _TensorMerger:
         dtype = DTYPES[dtype_name]
         out_features, in_features = shape
         itemsize = torch.empty((), dtype=dtype).element_size()
-        down, up = w.down.to(torch.float32), w.up.to(torch.float32)
         rows = max(1, min(out_features, MERGE_CHUNK_ELEMENTS // in_features))
         for r0 in range(0, out_features, rows):
             n = min(rows, out_features - r0)
             raw = stream.read(n * in_features * itemsize)
             block = self.work[: n * in_features].view(n, in_features)
             block.copy_(torch.frombuffer(raw, dtype=dtype).view(n, in_features))
-            block.addmm_(up[r0 : r0 + n], down, alpha=multiplier * w.scale)
+            add_lora_update_(block, w, multiplier, slice(r0, r0 + n))
             result = self.out[: n * in_features * itemsize].view(dtype).view(n, in_features)
             result.copy_(block)
             stream.write(result.view(torch.uint8).numpy())
@@ -194,8 +222,8 @@ def _merge_shard(
     merger = _TensorMerger()
     with open(header.path, "rb", buffering=0) as fin, open(dst, "wb", buffering=0) as fout:
         stream = _StreamCopier(fin, fout, pbar)
-        stream.sha.update(fin.read(header.data_start))
-        fout.write(placeholder)
+        stream.sha.update(read_exact(fin, header.data_start))
+        write_all(fout, placeholder)
         pos = 0  # offset in the data section
         for key, info in sorted(header.tensors.items(), key=lambda kv: kv[1].data_offsets[0]):
             if key in targets:
@@ -210,7 +238,7 @@ def _merge_shard(
         final = encode(base_sha)
         assert len(final) == len(placeholder)
         fout.seek(0)
-        fout.write(final)
+        write_all(fout, final)
     return base_sha
 
 
@@ -222,13 +250,17 @@ def merge_lora_into_checkpoint(
     task: str | None = None,
     force: bool = False,
     progress: bool = True,
+    *,
+    overwrite: bool = False,
 ) -> MergeResult:
-    """Merge `lora_weight` into the DiT at `dit`, writing a checkpoint of the same format."""
+    """Merge `lora_weight` into the DiT at `dit`, writing a checkpoint of the same format.
+    `overwrite` replaces an existing merged DiT that lora-moe wrote at `save_merged_model`."""
     dit, lora_path, out = Path(dit), Path(lora_weight), Path(save_merged_model)
+    checked(FiniteFloat, lora_multiplier, "--lora_multiplier")
     require_kind(dit, ("wan-dit", "merged-dit"), "--dit")
     layout = resolve_checkpoint(dit)
     lora = read_lora_file(lora_path)
-    _check_paths(layout, lora_path, out)
+    _check_paths(layout, out)
     if task is not None:
         check_checkpoint_task(dit, get_preset(task))
     lora_task = lora.metadata.get("lora_moe.task")
@@ -253,8 +285,16 @@ def merge_lora_into_checkpoint(
         "tool": f"wan-lora-moe {__version__}",
     }
     total = sum(h.total_bytes for h in layout.headers)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"merge {dit.name}", disable=not progress)
-    with bar, (atomic_dir(out) if layout.sharded else atomic_file(out)) as tmp:
+    inputs = {"--dit": [*layout.files, layout.index, layout.folder if layout.sharded else None], "--lora_weight": lora_path}
+    claim = claim_output(
+        out, flag="--save_merged_model", inputs=inputs, overwrite=overwrite,
+        is_ours=functools.partial(written_as, kind="merged-dit"), folder=layout.sharded,
+    )
+    with (
+        claim,
+        tqdm(total=total, unit="B", unit_scale=True, desc=f"merge {dit.name}", disable=not progress) as bar,
+        atomic_dir(out) if layout.sharded else atomic_file(out) as tmp,
+    ):
         written = []
         shard_shas = {}
         for header, targets in zip(layout.headers, per_shard):

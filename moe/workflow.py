@@ -1,12 +1,13 @@
 """The whole two-stage workflow in one call, on the embedded tiny default.
 
-    models -> synthetic data -> latent cache -> stage 1 -> merge-low || merge-high -> stage 2
+    models -> synthetic data -> latent cache -> stage 1 -> merge-low || merge-high -> stage 2 -> eval
 
 It writes the reference workflow's file structure under the output folder:
 
     DIR/vanilla_lora_stage1/vanilla_lora.safetensors
     DIR/merged_dits/merged_low_noise.safetensors, merged_high_noise.safetensors
     DIR/lora_moe_stage2/lora_moe_stage2.safetensors (+ logs/)
+    DIR/eval/report.md, eval_report.json, plots/, samples/ (base vs stage 1 vs stage 2)
 
 Every stage is a plain `moe` call; the Prefect flow runs the same calls as separate tasks.
 """
@@ -19,28 +20,34 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from moe.config_types import Seed
 from moe.errors import MoeError
+from moe.file_names import MODEL_SET_FILE, VANILLA_LORA_FILE
+from moe.output_paths import claim_output
 
-STAGES = ("data", "cache", "stage1", "merge", "stage2")
-Stage = Literal["data", "cache", "stage1", "merge", "stage2"]
+STAGES = ("data", "cache", "stage1", "merge", "stage2", "eval")
+Stage = Literal["data", "cache", "stage1", "merge", "stage2", "eval"]
 TINY_PRESETS = {"tiny": "tiny-t2v", "tiny-t2v": "tiny-t2v", "tiny-i2v": "tiny-i2v"}
 
 
 class WorkflowConfig(BaseModel):
     output_dir: Path
     preset: str = Field("tiny", description="tiny (= tiny-t2v) or tiny-i2v.")
-    until: Stage = "stage2"
-    seed: int = 0
+    until: Stage = "eval"
+    seed: Seed = 0
+    overwrite: bool = False  # replace a previous run's outputs (each stage only its own files)
     # Sized so the tiny run learns visibly (stage 1) and the experts specialise (stage 2) in about
-    # a minute on 2 CPU cores; tiny models take far higher learning rates than real ones.
+    # a minute on 2 CPU cores; tiny models take far higher learning rates than real ones. The
+    # ranks are the reference workflow's (q 8, k/v/o 4, ffn.0 4: the configs' defaults).
     clips: int = 64
     frames: int = 17
     size: tuple[int, int] = (64, 64)
     stage1_epochs: int = 40
     stage1_learning_rate: float = 1e-2
-    stage1_rank: int = 8
     stage2_epochs: int = 40
     stage2_learning_rate: float = 1e-2
+    eval_samples: int = 1  # held-out prompts per expert in the report's sample videos
+    eval_sample_steps: int = 10
     progress: bool = True
 
     @property
@@ -65,6 +72,7 @@ class WorkflowPaths(BaseModel):
     merged_low: Path
     merged_high: Path
     stage2: Path
+    eval: Path
 
     @classmethod
     def under(cls, root: Path) -> WorkflowPaths:
@@ -74,22 +82,50 @@ class WorkflowPaths(BaseModel):
             manifest=root / "data" / "manifest.jsonl",
             cache=root / "cache",
             stage1=root / "vanilla_lora_stage1",
-            vanilla_lora=root / "vanilla_lora_stage1" / "vanilla_lora.safetensors",
+            vanilla_lora=root / "vanilla_lora_stage1" / VANILLA_LORA_FILE,
             merged_dir=root / "merged_dits",
             merged_low=root / "merged_dits" / "merged_low_noise.safetensors",
             merged_high=root / "merged_dits" / "merged_high_noise.safetensors",
             stage2=root / "lora_moe_stage2",
+            eval=root / "eval",
         )
 
 
-def merge_both_experts(low: Path, high: Path, lora: Path, out_low: Path, out_high: Path, multiplier: float = 1.0) -> None:
+def stage1_options(cfg: WorkflowConfig) -> dict:
+    """The stage-1 options this workflow sets (besides paths); the Prefect flow's tiny preset
+    uses the same, so both paths train the same way."""
+    return {
+        "learning_rate": cfg.stage1_learning_rate,
+        "max_train_epochs": cfg.stage1_epochs,
+        "save_every_n_epochs": cfg.stage1_epochs,
+        "seed": cfg.seed,
+    }
+
+
+def stage2_options(cfg: WorkflowConfig) -> dict:
+    """The stage-2 options this workflow sets besides paths and stage 1's target flags."""
+    return {
+        "learning_rate": cfg.stage2_learning_rate,
+        "max_train_epochs": cfg.stage2_epochs,
+        "save_every_n_epochs": cfg.stage2_epochs,
+    }
+
+
+def eval_options(cfg: WorkflowConfig) -> dict:
+    """The `lora-moe eval` options this workflow sets besides paths."""
+    return {"samples": cfg.eval_samples, "sample_steps": cfg.eval_sample_steps, "seed": cfg.seed}
+
+
+def merge_both_experts(
+    low: Path, high: Path, lora: Path, out_low: Path, out_high: Path, multiplier: float = 1.0, overwrite: bool = False
+) -> None:
     """Merge one LoRA into the low- and high-noise DiTs concurrently (the merge is I/O bound and
     releases the GIL in reads, writes, hashing and matmuls)."""
     from moe.merge import merge_lora_into_checkpoint
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         jobs = [
-            pool.submit(merge_lora_into_checkpoint, src, lora, dst, multiplier, None, False, False)
+            pool.submit(merge_lora_into_checkpoint, src, lora, dst, multiplier, None, False, False, overwrite=overwrite)
             for src, dst in ((low, out_low), (high, out_high))
         ]
         for job in jobs:
@@ -97,46 +133,54 @@ def merge_both_experts(low: Path, high: Path, lora: Path, out_low: Path, out_hig
 
 
 def run_workflow(cfg: WorkflowConfig, log=print) -> dict:
-    """Run the stages up to `cfg.until`; returns a summary of losses and output paths."""
+    """Run the stages up to `cfg.until`; returns a summary of losses and output paths. The output
+    folder is held for the whole run; a previous run in it is replaced only with `overwrite`."""
+    task = cfg.task  # an unknown preset fails before anything is touched
+    with claim_output(cfg.output_dir, flag="--output_dir", overwrite=cfg.overwrite, is_ours=_holds_a_run, folder=True):
+        return _run_stages(cfg, task, log)
+
+
+def _holds_a_run(folder: Path) -> bool:
+    return (WorkflowPaths.under(folder).models / MODEL_SET_FILE).is_file()
+
+
+def _run_stages(cfg: WorkflowConfig, task: str, log) -> dict:
     from moe.data.cache import build_cache
     from moe.data.synth import synthesize_dataset
+    from moe.eval import EvalConfig, evaluate
     from moe.train.config import TARGET_FLAGS, Stage1Config, Stage2Config
     from moe.train.stage1 import train_stage1
     from moe.train.stage2 import LORA_MOE_FILE, train_stage2
     from moe.wan.model_set import write_tiny_model_set
 
-    task = cfg.task
     p = WorkflowPaths.under(cfg.output_dir)
     last = STAGES.index(cfg.until)
     summary: dict = {"task": task, "output_dir": str(cfg.output_dir)}
 
-    log(f"[1/6] tiny {task} model set -> {p.models}")
-    models = write_tiny_model_set(p.models, task, cfg.seed)
-    log(f"[2/6] synthetic surgical clips -> {p.data}")
-    manifest = synthesize_dataset(p.data, clips=cfg.clips, frames=cfg.frames, size=cfg.size, seed=cfg.seed)
+    log(f"[1/7] tiny {task} model set -> {p.models}")
+    models = write_tiny_model_set(p.models, task, cfg.seed, overwrite=cfg.overwrite)
+    log(f"[2/7] synthetic surgical clips -> {p.data}")
+    manifest = synthesize_dataset(p.data, clips=cfg.clips, frames=cfg.frames, size=cfg.size, seed=cfg.seed, overwrite=cfg.overwrite)
     summary["manifest"] = str(manifest)
     if last < STAGES.index("cache"):
         return summary
 
-    log(f"[3/6] latent cache -> {p.cache}")
-    build_cache(manifest, p.cache, task, model_set=p.models, size=cfg.size, frames=cfg.frames, progress=cfg.progress)
+    log(f"[3/7] latent cache -> {p.cache}")
+    build_cache(manifest, p.cache, task, model_set=p.models, size=cfg.size, frames=cfg.frames, progress=cfg.progress,
+                overwrite=cfg.overwrite)
     if last < STAGES.index("stage1"):
         return summary
 
-    log(f"[4/6] stage 1: vanilla LoRA -> {p.stage1}")
+    log(f"[4/7] stage 1: vanilla LoRA -> {p.stage1}")
     stage1 = Stage1Config(
         task=task,
         dit=models.low_noise,
         dit_high_noise=models.high_noise,
         dataset=p.cache,
         output_dir=p.stage1,
-        network_dim=cfg.stage1_rank,
-        rank_q=cfg.stage1_rank,
-        learning_rate=cfg.stage1_learning_rate,
-        max_train_epochs=cfg.stage1_epochs,
-        save_every_n_epochs=cfg.stage1_epochs,
-        seed=cfg.seed,
         progress=cfg.progress,
+        **stage1_options(cfg),
+        overwrite=cfg.overwrite,
     )
     m1 = train_stage1(stage1)
     summary |= {"vanilla_lora": str(p.vanilla_lora), "stage1_val_loss_base": m1["val_loss_base"],
@@ -144,25 +188,40 @@ def run_workflow(cfg: WorkflowConfig, log=print) -> dict:
     if last < STAGES.index("merge"):
         return summary
 
-    log(f"[5/6] merge into both experts (in parallel) -> {p.merged_dir}")
-    merge_both_experts(models.low_noise, models.high_noise, p.vanilla_lora, p.merged_low, p.merged_high)
+    log(f"[5/7] merge into both experts (in parallel) -> {p.merged_dir}")
+    merge_both_experts(models.low_noise, models.high_noise, p.vanilla_lora, p.merged_low, p.merged_high, overwrite=cfg.overwrite)
     summary |= {"merged_low_noise": str(p.merged_low), "merged_high_noise": str(p.merged_high)}
     if last < STAGES.index("stage2"):
         return summary
 
-    log(f"[6/6] stage 2: LoRA-MoE experts + router -> {p.stage2}")
+    log(f"[6/7] stage 2: LoRA-MoE experts + router -> {p.stage2}")
     stage2 = Stage2Config(
-        **stage1.model_dump(include=set(TARGET_FLAGS) | {"task", "seed", "progress"}),
+        **stage1.model_dump(include=set(TARGET_FLAGS) | {"task", "seed", "progress", "overwrite"}),
         dit=p.merged_low,
         dit_high_noise=p.merged_high,
         dataset=p.cache,
         output_dir=p.stage2,
-        learning_rate=cfg.stage2_learning_rate,
-        max_train_epochs=cfg.stage2_epochs,
-        save_every_n_epochs=cfg.stage2_epochs,
+        **stage2_options(cfg),
     )
     m2 = train_stage2(stage2)
     summary |= {"lora_moe": str(p.stage2 / LORA_MOE_FILE)} | {
         k: m2[k] for k in ("routing_accuracy", "roi_loss_correct_hint", "roi_loss_wrong_hint", "val_loss_stage1", "val_loss_stage2")
     }
+    if last < STAGES.index("eval"):
+        return summary
+
+    log(f"[7/7] eval: base vs stage 1 vs stage 2, plots, samples, gate -> {p.eval}")
+    report = evaluate(
+        EvalConfig(
+            task=task, merged_dit=p.merged_low, merged_dit_high_noise=p.merged_high,
+            lora_moe_weights=p.stage2 / LORA_MOE_FILE, dataset=p.cache, output_dir=p.eval,
+            dit=models.low_noise, dit_high_noise=models.high_noise, model_set=p.models, manifest=manifest,
+            overwrite=True, progress=cfg.progress, **eval_options(cfg),
+        )
+    )
+    headline = ["stage1_overall_improvement_over_base", "stage2_learned_roi_improvement_over_stage1",
+                "hint_correct_vs_wrong_roi_margin", "routing_top1_accuracy"]
+    headline += [f"knockout_{e}_own_class_roi_delta" for e in report.routing.experts]
+    summary |= {"eval_report": str(p.eval / "report.md"), "gate_passed": report.gate.passed}
+    summary |= {f"eval_{k}": report.metrics[k] for k in headline if k in report.metrics}
     return summary

@@ -7,13 +7,38 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from pipeline_fixtures import (  # noqa: F401
+    aws_env,
+    bucket,
+    mlflow_uri,
+    moto_server,
+    plugins,
+    prefect_api,
+    s3_endpoint,
+    s3_pipeline,
+)
 
 from moe.lora.file import LoRAModuleWeights, write_lora_file
 from moe.lora.targets import TargetSpec
 from moe.wan.checkpoint import build_random_transformer, transformer_state_dict
 from moe.wan.presets import get_preset
+
+
+def run_cli(capsys, argv) -> tuple[int, str, str]:
+    """`lora-moe ARGV` in this process: (exit code, stdout, stderr); a traceback fails the test."""
+    from moe.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err, captured.err
+    return e.value.code, captured.out, captured.err
 
 
 @pytest.fixture(scope="session")
@@ -97,3 +122,38 @@ def stage2_run(merged_workspace):
         )
     )
     return merged_workspace | {"stage2_dir": out, "lora_moe": out / "lora_moe_stage2.safetensors", "metrics": metrics}
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`lora-moe workflow run --preset tiny` (seed 0), end to end with its eval report, once per
+    session: the README's demo, shared by the workflow and evaluation tests."""
+    from moe.cli import main
+
+    out = tmp_path_factory.mktemp("demo")
+    with pytest.raises(SystemExit) as e:
+        main(["workflow", "run", "--preset", "tiny", "--output_dir", str(out), "--quiet"])
+    assert e.value.code == 0
+    return out
+
+
+# Another process holding `moe.output_lock` on a target: a live run, for the lock tests.
+_HOLD_LOCK = """
+import sys, time
+from moe.output_lock import output_lock
+with output_lock(sys.argv[1], "--out"):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+class LockHolder:
+    """Another process holding the lock on `target` (a live run), until stopped."""
+
+    def __init__(self, target: Path):
+        self.process = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(target)], stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout.readline().strip() == "held"
+
+    def stop(self):
+        self.process.kill()
+        self.process.wait()

@@ -11,28 +11,21 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from moe.cli import main
-from moe.data.cache import (
-    CACHE_FORMAT,
-    CachedClipDataset,
-    CacheIndex,
-    build_cache,
-    collate_clips,
-    fit_frames,
-    load_clip,
-    roi_mask,
-)
+from moe.data.cache import build_cache
+from moe.data.cache_index import CACHE_FORMAT, CacheIndex
+from moe.data.cover_crop import fit_frames
+from moe.data.dataset import CachedClipDataset, collate_clips, load_clip
 from moe.data.manifest import ClipRecord, read_manifest, write_manifest
+from moe.data.roi import roi_mask
 from moe.data.synth import synthesize_dataset
 from moe.data.video import read_video, write_video
 from moe.errors import MoeError
-from moe.wan.components import (
+from moe.wan.component_loaders import load_text_encoder, load_tokenizer, load_vae
+from moe.wan.encoding import (
     encode_prompts,
     encode_video,
     i2v_condition,
     i2v_first_frame_mask,
-    load_text_encoder,
-    load_tokenizer,
-    load_vae,
 )
 from moe.wan.model_set import write_tiny_model_set
 

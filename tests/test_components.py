@@ -15,7 +15,7 @@ from diffusers.pipelines.wan.pipeline_wan import WanPipeline  # noqa: E402
 from diffusers.pipelines.wan.pipeline_wan_i2v import WanImageToVideoPipeline  # noqa: E402
 
 from moe.errors import MoeError  # noqa: E402
-from moe.wan import components as C  # noqa: E402
+from moe.wan import component_keys, component_loaders, encoding, tiny_components  # noqa: E402
 from moe.wan.presets import get_preset  # noqa: E402
 
 PRESET = get_preset("tiny-i2v")
@@ -27,12 +27,12 @@ CAPTION_WORDS = (
 
 @pytest.fixture(scope="module")
 def vae():
-    return C.build_tiny_vae(PRESET, seed=0)
+    return tiny_components.build_tiny_vae(PRESET, seed=0)
 
 
 @pytest.fixture(scope="module")
 def text_parts():
-    return C.build_tiny_text_encoder(PRESET, seed=0)
+    return tiny_components.build_tiny_text_encoder(PRESET, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def _vae_out(vae, x):
 
 
 def _te_out(model, tokenizer):
-    embeds, _ = C.encode_prompts(model, tokenizer, ["laparoscopic view of a hook cauterizing tissue"], 16)
+    embeds, _ = encoding.encode_prompts(model, tokenizer, ["laparoscopic view of a hook cauterizing tissue"], 16)
     return embeds
 
 
@@ -55,41 +55,41 @@ def _te_out(model, tokenizer):
 
 
 def test_tiny_vae_compresses_4x8x8_and_is_seeded(vae, video):
-    latents = C.encode_video(vae, video)
+    latents = encoding.encode_video(vae, video)
     assert latents.shape == (1, 16, 3, 8, 8) and latents.dtype == torch.float32
-    same = C.build_tiny_vae(PRESET, seed=0)
-    other = C.build_tiny_vae(PRESET, seed=1)
+    same = tiny_components.build_tiny_vae(PRESET, seed=0)
+    other = tiny_components.build_tiny_vae(PRESET, seed=1)
     w = "decoder.conv_in.weight"
     assert torch.equal(same.state_dict()[w], vae.state_dict()[w])
     assert not torch.equal(other.state_dict()[w], vae.state_dict()[w])
 
 
 def test_encode_video_normalises_and_decode_inverts_shapes(vae, video):
-    latents = C.encode_video(vae, video)
+    latents = encoding.encode_video(vae, video)
     x = video.permute(3, 0, 1, 2).unsqueeze(0).float() / 127.5 - 1.0
     raw = _vae_out(vae, x)
     mean = torch.tensor(vae.config.latents_mean).view(1, 16, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std).view(1, 16, 1, 1, 1)
     torch.testing.assert_close(latents, (raw - mean) / std)
-    torch.testing.assert_close(C.encode_video(vae, x), latents)  # float input, same result
+    torch.testing.assert_close(encoding.encode_video(vae, x), latents)  # float input, same result
 
-    frames = C.decode_latents(vae, latents)
+    frames = encoding.decode_latents(vae, latents)
     assert frames.shape == (1, 3, 9, 64, 64) and frames.dtype == torch.float32
     assert frames.min() >= -1 and frames.max() <= 1
-    frames_u8 = C.decode_latents(vae, latents, output="uint8")
+    frames_u8 = encoding.decode_latents(vae, latents, output="uint8")
     assert frames_u8.shape == (1, 9, 64, 64, 3) and frames_u8.dtype == torch.uint8
-    assert C.encode_video(vae, frames_u8).shape == latents.shape
+    assert encoding.encode_video(vae, frames_u8).shape == latents.shape
 
 
 def test_encode_video_rejects_sizes_the_vae_cannot_take(vae):
     with pytest.raises(MoeError, match="4k\\+1"):
-        C.encode_video(vae, torch.zeros(8, 64, 64, 3, dtype=torch.uint8))
+        encoding.encode_video(vae, torch.zeros(8, 64, 64, 3, dtype=torch.uint8))
     with pytest.raises(MoeError, match="uint8 \\[F, H, W, 3\\]"):
-        C.encode_video(vae, torch.zeros(9, 3, 64, 64))
+        encoding.encode_video(vae, torch.zeros(9, 3, 64, 64))
 
 
 def test_i2v_condition_matches_diffusers_prepare_latents(vae, video):
-    cond = C.i2v_condition(vae, video[0], num_frames=9)
+    cond = encoding.i2v_condition(vae, video[0], num_frames=9)
     assert cond.shape == (1, 20, 3, 8, 8)
     assert torch.all(cond[:, :4, 0] == 1) and torch.all(cond[:, :4, 1:] == 0)
 
@@ -107,7 +107,7 @@ def test_i2v_condition_matches_diffusers_prepare_latents(vae, video):
 
 
 def test_i2v_mask_for_longer_clips():
-    mask = C.i2v_first_frame_mask(2, 17, 4, 6)
+    mask = encoding.i2v_first_frame_mask(2, 17, 4, 6)
     assert mask.shape == (2, 4, 5, 4, 6)
     assert mask[:, :, 0].eq(1).all() and mask[:, :, 1:].eq(0).all()
 
@@ -138,7 +138,7 @@ def test_tokenizer_pads_appends_eos_and_knows_caption_words(text_parts):
 def test_encode_prompts_zeroes_padding_and_matches_diffusers(text_parts):
     model, tok = text_parts
     prompts = ["a grasper grasping tissue", "laparoscopic view of the suction cannula irrigating"]
-    embeds, mask = C.encode_prompts(model, tok, prompts, max_length=16)
+    embeds, mask = encoding.encode_prompts(model, tok, prompts, max_length=16)
     assert embeds.shape == (2, 16, PRESET.text_encoder.d_model) and mask.shape == (2, 16)
     assert mask.sum(1).tolist() == [5, 8]
     assert embeds[mask == 0].abs().sum() == 0 and embeds[mask == 1].abs().sum(-1).gt(0).all()
@@ -156,46 +156,46 @@ def test_encode_prompts_zeroes_padding_and_matches_diffusers(text_parts):
 def test_save_components_round_trip(tmp_path, vae, text_parts, video):
     root = tmp_path / "model"
     (root / "transformer").mkdir(parents=True)  # someone else's component: left alone
-    paths = C.save_components(root, PRESET, seed=0)
-    C.save_components(root, PRESET, seed=0)  # rewriting replaces in place
+    paths = tiny_components.save_components(root, PRESET, seed=0)
+    tiny_components.save_components(root, PRESET, seed=0)  # rewriting replaces in place
     assert sorted(p.name for p in root.iterdir()) == ["text_encoder", "tokenizer", "transformer", "vae"]
     assert (paths["vae"] / "diffusion_pytorch_model.safetensors").is_file()
     assert (paths["text_encoder"] / "model.safetensors").is_file()
 
     x = video.permute(3, 0, 1, 2).unsqueeze(0).float() / 127.5 - 1.0
-    for loaded in (C.load_vae(paths["vae"]), C.load_vae(root)):
+    for loaded in (component_loaders.load_vae(paths["vae"]), component_loaders.load_vae(root)):
         assert torch.equal(_vae_out(loaded, x), _vae_out(vae, x))
     model, tok = text_parts
-    loaded_tok = C.load_tokenizer(root)
-    loaded_te = C.load_text_encoder(paths["text_encoder"])
+    loaded_tok = component_loaders.load_tokenizer(root)
+    loaded_te = component_loaders.load_text_encoder(paths["text_encoder"])
     assert torch.equal(_te_out(loaded_te, loaded_tok), _te_out(model, tok))
-    assert C.load_text_encoder(root, dtype=torch.bfloat16).dtype == torch.bfloat16
+    assert component_loaders.load_text_encoder(root, dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
 def test_save_components_refuses_real_presets(tmp_path):
     with pytest.raises(MoeError, match="published"):
-        C.save_components(tmp_path, get_preset("t2v-A14B"))
+        tiny_components.save_components(tmp_path, get_preset("t2v-A14B"))
 
 
 def test_umt5_original_keys_round_trip(tmp_path, text_parts):
     model, tok = text_parts
     hf = model.state_dict()
-    original = C.umt5_to_original_keys(hf)
+    original = component_keys.umt5_to_original_keys(hf)
     assert "token_embedding.weight" in original and "norm.weight" in original
     assert {"blocks.1.ffn.gate.0.weight", "blocks.1.ffn.fc1.weight", "blocks.1.ffn.fc2.weight"} <= set(original)
     assert "blocks.0.pos_embedding.embedding.weight" in original
     assert not any(k.startswith("encoder.") for k in original)
-    assert C.original_to_umt5_keys(original).keys() == hf.keys()
+    assert component_keys.original_to_umt5_keys(original).keys() == hf.keys()
 
     path = tmp_path / "models_t5_umt5-xxl-enc-bf16.pth"
     torch.save(original, path)
-    loaded = C.load_text_encoder(path)
+    loaded = component_loaders.load_text_encoder(path)
     assert torch.equal(_te_out(loaded, tok), _te_out(model, tok))
 
     del original["blocks.1.ffn.fc2.weight"]
     torch.save(original, path)
     with pytest.raises(MoeError, match="missing keys: encoder.block.1.layer.1.DenseReluDense.wo.weight"):
-        C.load_text_encoder(path)
+        component_loaders.load_text_encoder(path)
 
 
 def test_umt5_xxl_config_is_inferred_from_shapes():
@@ -206,7 +206,7 @@ def test_umt5_xxl_config_is_inferred_from_shapes():
         sd[p + "0.SelfAttention.q.weight"] = meta(4096, 4096)
         sd[p + "0.SelfAttention.relative_attention_bias.weight"] = meta(32, 64)
         sd[p + "1.DenseReluDense.wi_0.weight"] = meta(10240, 4096)
-    cfg = C.umt5_config_from_state_dict(sd)
+    cfg = component_loaders.umt5_config_from_state_dict(sd)
     got = (cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.d_kv, cfg.num_layers, cfg.vocab_size)
     assert got == (4096, 10240, 64, 64, 24, 256384)
     assert cfg.relative_attention_num_buckets == 32 and cfg.is_gated_act and cfg.dense_act_fn == "gelu_new"
@@ -214,34 +214,34 @@ def test_umt5_xxl_config_is_inferred_from_shapes():
 
 def test_vae_original_pth_round_trip(tmp_path, video):
     # diffusers' converter only knows the released layout (num_res_blocks 2): a narrow VAE of it
-    config = dict(C.tiny_vae_kwargs(PRESET), num_res_blocks=2)
+    config = dict(tiny_components.tiny_vae_kwargs(PRESET), num_res_blocks=2)
     reference = AutoencoderKLWan(**config).eval()
-    original = C.wan_vae_to_original_keys(reference.state_dict())
+    original = component_keys.wan_vae_to_original_keys(reference.state_dict())
     assert "decoder.upsamples.4.shortcut.weight" in original and "encoder.conv1.weight" in original
     assert convert_wan_vae_to_diffusers(original).keys() == reference.state_dict().keys()
 
     x = video.permute(3, 0, 1, 2).unsqueeze(0).float() / 127.5 - 1.0
     pth = tmp_path / "Wan2.1_VAE.pth"
     torch.save(original, pth)
-    assert torch.equal(_vae_out(C.load_vae(pth, config=config), x), _vae_out(reference, x))
+    assert torch.equal(_vae_out(component_loaders.load_vae(pth, config=config), x), _vae_out(reference, x))
 
     diffusers_keyed = tmp_path / "vae_diffusers_keys.pth"
     torch.save(reference.state_dict(), diffusers_keyed)
-    assert torch.equal(_vae_out(C.load_vae(diffusers_keyed, config=config), x), _vae_out(reference, x))
+    assert torch.equal(_vae_out(component_loaders.load_vae(diffusers_keyed, config=config), x), _vae_out(reference, x))
 
     with pytest.raises(MoeError, match="shape mismatches"):  # tiny weights against the real config
-        C.load_vae(pth)
+        component_loaders.load_vae(pth)
     with pytest.raises(MoeError, match="num_res_blocks=2"):
-        C.load_vae(pth, config=C.tiny_vae_kwargs(PRESET))
+        component_loaders.load_vae(pth, config=tiny_components.tiny_vae_kwargs(PRESET))
     del original["decoder.head.2.bias"]
     torch.save(original, pth)
     with pytest.raises(MoeError, match="missing keys: decoder.conv_out.bias"):
-        C.load_vae(pth, config=config)
+        component_loaders.load_vae(pth, config=config)
 
 
 def test_bad_paths_and_files_give_moe_errors(tmp_path):
     missing = tmp_path / "nowhere"
-    for load in (C.load_vae, C.load_text_encoder, C.load_tokenizer):
+    for load in (component_loaders.load_vae, component_loaders.load_text_encoder, component_loaders.load_tokenizer):
         with pytest.raises(MoeError, match="nowhere"):
             load(missing)
         with pytest.raises(MoeError, match="folder"):
@@ -250,23 +250,23 @@ def test_bad_paths_and_files_give_moe_errors(tmp_path):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint at all")
     with pytest.raises(MoeError, match="garbage.pth"):
-        C.load_vae(garbage)
+        component_loaders.load_vae(garbage)
     torch.save({"foo.weight": torch.zeros(2)}, garbage)
     with pytest.raises(MoeError, match="not a Wan VAE checkpoint"):
-        C.load_vae(garbage)
+        component_loaders.load_vae(garbage)
     with pytest.raises(MoeError, match="not a UMT5 encoder"):
-        C.load_text_encoder(garbage)
+        component_loaders.load_text_encoder(garbage)
     torch.save([1, 2, 3], garbage)
     with pytest.raises(MoeError, match="does not hold a state dict"):
-        C.load_text_encoder(garbage)
+        component_loaders.load_text_encoder(garbage)
 
     wrong = tmp_path / "wrong"
     wrong.mkdir()
     (wrong / "config.json").write_text('{"_class_name": "WanTransformer3DModel", "model_type": "t5"}')
     with pytest.raises(MoeError, match="expected AutoencoderKLWan"):
-        C.load_vae(wrong)
+        component_loaders.load_vae(wrong)
     with pytest.raises(MoeError, match="expected a UMT5 encoder"):
-        C.load_text_encoder(wrong)
+        component_loaders.load_text_encoder(wrong)
 
 
 def test_tiny_vae_encoder_keeps_picture_content(vae):
@@ -277,7 +277,7 @@ def test_tiny_vae_encoder_keeps_picture_content(vae):
     x = x.repeat(1, 1, 9, 1, 1)
     patched = x.clone()
     patched[:, :, :, 16:24, 24:32] = torch.tensor([-1.0, -1.0, 1.0]).view(1, 3, 1, 1, 1)  # one latent cell
-    a, b = C.encode_video(vae, x), C.encode_video(vae, patched)
+    a, b = encoding.encode_video(vae, x), encoding.encode_video(vae, patched)
     change = (b - a).pow(2).mean(dim=(0, 1, 2))  # per latent cell [h, w]
     assert change[2, 3] > 20 * change[torch.arange(8) != 2][:, torch.arange(8) != 3].max()
     assert 0.3 < a.std() < 3

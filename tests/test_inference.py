@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from moe.cli import main
+from moe.errors import MoeError
 from moe.data.video import probe_video, read_video
 from moe.inference import GenerateConfig, generate_video
 from moe.lora_moe.file import read_lora_moe_file
@@ -152,3 +153,61 @@ def test_i2v_generation_from_an_image(tmp_path):
     with pytest.raises(Exception, match="pass the first frame as --image"):
         generate_video(GenerateConfig(task="tiny-i2v", dit=models.low_noise, dit_high_noise=models.high_noise,
                                       model_set=tmp_path / "i2v", prompt="a", save_path=tmp_path / "x.mp4"))
+
+
+def test_steps_that_share_a_timestep_each_get_their_routing(stage2_run, tmp_path):
+    """UniPC at shift 12 with 85+ steps starts 999, 999: the second step is a new step, not the
+    unconditional branch of the first (the branch is told apart by call order within a step)."""
+    from diffusers import UniPCMultistepScheduler
+
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=12.0)
+    scheduler.set_timesteps(85)
+    expected = [float(t) for t in scheduler.timesteps]
+    assert expected[0] == expected[1] == 999.0
+    _, routing = _gen(stage2_run, tmp_path, "repeat", dit=stage2_run["merged_low"], dit_high_noise=stage2_run["merged_high"],
+                      lora_moe_weights=stage2_run["lora_moe"], infer_steps=85, flow_shift=12.0, video_size=(32, 32), video_length=5)
+    assert [t for t, _ in routing.history] == expected
+
+
+def _with_metadata(src, dst, **meta):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file(tensors, dst, metadata=metadata | meta)
+    return dst
+
+
+def test_routing_mode_recorded_in_the_file_decides_unhinted_generation(stage2_run, tmp_path):
+    assert read_lora_moe_file(stage2_run["lora_moe"]).metadata["lora_moe.router_trained"] == "true"
+    dits = dict(dit=stage2_run["merged_low"], dit_high_noise=stage2_run["merged_high"], video_length=5, infer_steps=2)
+    teacher = _with_metadata(stage2_run["lora_moe"], tmp_path / "teacher.safetensors",
+                             **{"lora_moe.routing_mode": "teacher", "lora_moe.router_trained": "false"})
+    with pytest.raises(MoeError, match=r"trained with --routing_mode teacher: its router was never trained.*--instrument_hint NAME"):
+        _gen(stage2_run, tmp_path, "t", **dits, lora_moe_weights=teacher)
+    assert not (tmp_path / "t.mp4").exists()
+    _, routing = _gen(stage2_run, tmp_path, "hinted", **dits, lora_moe_weights=teacher, instrument_hint="suction")
+    assert all(torch.equal(g, torch.tensor([[0.0, 0.0, 1.0, 0.0]])) for _, g in routing.history)
+    uniform = _with_metadata(stage2_run["lora_moe"], tmp_path / "uniform.safetensors",
+                             **{"lora_moe.routing_mode": "uniform", "lora_moe.router_trained": "false"})
+    _, routing = _gen(stage2_run, tmp_path, "u", **dits, lora_moe_weights=uniform)
+    assert all(torch.equal(g, torch.full((1, 4), 0.25)) for _, g in routing.history)
+
+
+def test_i2v_first_frame_is_cover_cropped_as_in_training(tmp_path):
+    """A 2:1 image for a 4:3 video: the centre is cropped as the cache crops training frames, not
+    squeezed (the pipeline's own resize is then a no-op)."""
+    from PIL import Image
+
+    from moe.data.cover_crop import fit_frames
+    from moe.inference import first_frame
+
+    g = np.random.default_rng(0)
+    pixels = g.integers(0, 256, (48, 96, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    got = np.asarray(first_frame(tmp_path / "wide.png", (64, 48))).astype(int)
+    trained = ((fit_frames(pixels[None], (64, 48))[0, :, 0].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(int)
+    assert got.shape == (48, 64, 3) and np.abs(got - trained).max() <= 1
+    squeezed = np.asarray(Image.fromarray(pixels).resize((64, 48))).astype(int)
+    assert np.abs(squeezed - trained).mean() > 10

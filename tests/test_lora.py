@@ -164,8 +164,8 @@ def test_fused_low_rank_linear_gradients_match_float64_finite_differences():
         torch.testing.assert_close(FusedLowRankLinear.apply(x, w, bias, down, up, s), ref, rtol=1e-12, atol=1e-12)
 
 
-def test_fused_and_plain_paths_agree(tiny_state):
-    """fp32 takes the fused autograd path, bf16 the plain one: same maths, same gradients."""
+def test_lora_linear_matches_a_float64_reference():
+    """W x + b + m (alpha / r) up(down(x)), outputs and gradients, against float64 by hand."""
     from moe.lora.layer import LoRAAdapter, LoRALinear
 
     torch.manual_seed(0)
@@ -174,14 +174,11 @@ def test_fused_and_plain_paths_agree(tiny_state):
     torch.nn.init.normal_(adapter.lora_up)
     layer = LoRALinear(base, adapter, multiplier=0.7)
     x = torch.randn(2, 5, 32, requires_grad=True)
-    assert layer.fusable(x)
-    fused = layer(x)
-    fused.square().sum().backward()
-    grads = [p.grad.clone() for p in (x, adapter.lora_down, adapter.lora_up)]
-    for p in (x, adapter.lora_down, adapter.lora_up):
-        p.grad = None
-    plain = base(x) + 0.7 * (2.0 / 4) * adapter(x)
-    plain.square().sum().backward()
-    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
-    for g, p in zip(grads, (x, adapter.lora_down, adapter.lora_up)):
-        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-5)
+    layer(x).square().sum().backward()
+    ref_inputs = [t.detach().double().requires_grad_(True) for t in (x, adapter.lora_down, adapter.lora_up)]
+    x64, down64, up64 = ref_inputs
+    ref = x64 @ base.weight.double().T + base.bias.double() + 0.7 * (2.0 / 4) * (x64 @ down64.T) @ up64.T
+    ref.square().sum().backward()
+    torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip((x, adapter.lora_down, adapter.lora_up), ref_inputs):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-4)

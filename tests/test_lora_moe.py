@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moe.errors import MoeError
-from moe.inspect import classify
+from moe.file_kind import classify
 from moe.lora.file import read_lora_file
 from moe.lora.inject import adapters_from_weights, inject_lora, set_adapters_enabled
 from moe.lora.targets import TargetSpec
@@ -17,7 +17,7 @@ from moe.lora_moe.experts import EXPERTS, expert_index
 from moe.lora_moe.file import export_expert, read_lora_moe_file, write_lora_moe_file
 from moe.lora_moe.gates import TimestepGate
 from moe.lora_moe.layer import LoRAMoEAdapter, LoRAMoELinear
-from moe.lora_moe.losses import LoadBalance, kl_teacher, mean_entropy
+from moe.lora_moe.losses import LoadBalance, routing_entropy, teacher_kl
 from moe.lora_moe.model import inject_lora_moe, set_alpha_expert
 from moe.lora_moe.router import Router, RouterConfig, sigma_embedding, top_k_gates
 from moe.lora_moe.routing import (
@@ -120,10 +120,11 @@ def test_gradients_reach_experts_router_and_timestep_gates():
     _randomise(layer.adapter, 0)
     router, gate = Router(RouterConfig(text_dim=6)), TimestepGate(E)
     text, mask, sigma = torch.randn(3, 5, 6), torch.ones(3, 5), torch.tensor([0.2, 0.6, 0.95])
-    p = torch.softmax(router(text, mask, sigma), -1)
+    logits = router(text, mask, sigma)
+    p = torch.softmax(logits, -1)
     q = teacher_distribution(multi_hot([["hook"], ["scissors", "suction"], []]))
     state.set(compute_gates("learned", p, q, rho=0.5), sigma, gate(sigma))
-    loss = layer(torch.randn(3, 7, 16)).square().mean() + kl_teacher(q, p) + mean_entropy(p)
+    loss = layer(torch.randn(3, 7, 16)).square().mean() + teacher_kl(q, logits) + routing_entropy(logits)
     loss.backward()
     params = {"A": layer.adapter.lora_down, "B": layer.adapter.lora_up, "k": gate.k, "c": gate.c}
     params |= {f"router.{n}": p for n, p in router.named_parameters()}
@@ -216,10 +217,25 @@ def test_gate_smoother():
 def test_kl_and_entropy_hand_values():
     q = torch.tensor([[1.0, 0, 0, 0], [0, 0.5, 0.5, 0]])
     p = torch.tensor([[0.5, 0.25, 0.125, 0.125], [0.25, 0.25, 0.25, 0.25]])
-    assert kl_teacher(q, p).item() == pytest.approx(math.log(2))  # (log 2 + log 2) / 2
-    assert kl_teacher(q, q).item() == pytest.approx(0.0)
-    assert mean_entropy(p).item() == pytest.approx((1.75 * math.log(2) + math.log(4)) / 2)
-    assert mean_entropy(torch.tensor([[1.0, 0, 0, 0]])).item() == 0.0
+    assert teacher_kl(q, p.log()).item() == pytest.approx(math.log(2))  # (log 2 + log 2) / 2
+    assert teacher_kl(q, q.clamp_min(1e-30).log() + 7.0).item() == pytest.approx(0.0, abs=1e-6)  # logits up to a constant
+    assert routing_entropy(p.log()).item() == pytest.approx((1.75 * math.log(2) + math.log(4)) / 2)
+    assert routing_entropy(torch.tensor([[0.0, -1e4, -1e4, -1e4]])).item() == 0.0
+
+
+def test_teacher_gradient_survives_underflowed_probabilities():
+    """dKL(q || softmax(z))/dz = p - q exactly, even where p underflows fp32 (e^-120 < 1.2e-38):
+    through log(clamp(p)) those entries got no gradient, so the teacher could not pull a confident
+    router back to an expert it had ruled out."""
+    logits = torch.tensor([[0.0, -120.0, 3.0, -200.0], [5.0, 0.0, -150.0, 1.0]], requires_grad=True)
+    q = torch.tensor([[0.0, 0.5, 0.0, 0.5], [0.0, 0.0, 1.0, 0.0]])
+    teacher_kl(q, logits).backward()
+    p64 = torch.softmax(logits.detach().double(), -1)
+    torch.testing.assert_close(logits.grad.double(), (p64 - q.double()) / 2, rtol=1e-6, atol=1e-7)
+    kl64 = (torch.xlogy(q.double(), q.double()) - q.double() * p64.log()).sum(-1).mean()
+    assert teacher_kl(q, logits).item() == pytest.approx(float(kl64), rel=1e-6)
+    entropy = -(p64 * torch.log_softmax(logits.detach().double(), -1)).sum(-1).mean()
+    assert routing_entropy(logits).item() == pytest.approx(float(entropy), rel=1e-5)
 
 
 def test_load_balance_ema_maths_and_state():

@@ -38,8 +38,8 @@ def _reference(base, lora, multiplier):
     for k, w in base.items():
         module = k.removesuffix(".weight")
         if module in lora:
-            l = lora[module]
-            delta = multiplier * (l.alpha / l.rank) * (l.up.double() @ l.down.double())
+            pair = lora[module]
+            delta = multiplier * (pair.alpha / pair.rank) * (pair.up.double() @ pair.down.double())
             out[k] = (w.double() + delta).to(w.dtype)
         else:
             out[k] = w
@@ -66,9 +66,9 @@ def test_merge_matches_float64_reference(tmp_path, tiny_state, tiny_lora_file, d
         if k.removesuffix(".weight") in lora:
             # fp32 compute vs a float64 reference. Tolerance: one unit in the last place of the
             # output dtype plus fp32 accumulation error of the rank-r product (r terms).
-            l = lora[k.removesuffix(".weight")]
-            prod_bound = 0.75 * l.scale * (l.up.double().abs() @ l.down.double().abs())
-            tol = eps * ref[k].double().abs() + l.rank * 2**-23 * prod_bound + 1e-30
+            pair = lora[k.removesuffix(".weight")]
+            prod_bound = 0.75 * pair.scale * (pair.up.double().abs() @ pair.down.double().abs())
+            tol = eps * ref[k].double().abs() + pair.rank * 2**-23 * prod_bound + 1e-30
             assert ((w.double() - ref[k].double()).abs() <= tol).all(), k
             if dtype != torch.float32:  # rounding to 16 bits hides fp32 noise: nearly all equal
                 assert (w != ref[k]).float().mean() < 0.01
@@ -117,6 +117,31 @@ def test_merge_peak_memory_chunks_large_tensors(tmp_path, monkeypatch, tiny_stat
     merge_lora_into_checkpoint(base_path, tiny_lora_file[0], tmp_path / "a.safetensors", progress=False)
     monkeypatch.setattr(merge_mod, "MERGE_CHUNK_ELEMENTS", 100)
     monkeypatch.setattr(merge_mod, "COPY_CHUNK_BYTES", 1000)
+    merge_lora_into_checkpoint(base_path, tiny_lora_file[0], tmp_path / "b.safetensors", progress=False)
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def test_merge_survives_short_reads_and_writes(tmp_path, monkeypatch, tiny_state, tiny_lora_file):
+    """Unbuffered reads and writes may move fewer bytes than asked (a signal, a network file
+    system): the merge loops until all are moved, and the output is the same to the byte."""
+    import io
+
+    import moe.merge as merge_mod
+
+    class ShortIO(io.FileIO):
+        def read(self, n=-1):
+            return super().read(min(n, 777) if n >= 0 else 777)
+
+        def readinto(self, b):
+            return super().readinto(memoryview(b)[:777])
+
+        def write(self, b):
+            return super().write(memoryview(b).cast("B")[:777])
+
+    base_path, _ = _checkpoint(tmp_path, tiny_state, "original", torch.bfloat16)
+    merge_lora_into_checkpoint(base_path, tiny_lora_file[0], tmp_path / "a.safetensors", progress=False)
+    monkeypatch.setattr(merge_mod, "open", lambda path, mode, buffering: ShortIO(path, mode.replace("b", "")),
+                        raising=False)
     merge_lora_into_checkpoint(base_path, tiny_lora_file[0], tmp_path / "b.safetensors", progress=False)
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
 
@@ -191,7 +216,7 @@ def test_refuses_shape_mismatch(tmp_path, capsys, tiny_state, base_and_lora):
 def test_refuses_output_equal_to_input(tmp_path, capsys, base_and_lora):
     base, lora = base_and_lora
     before = sha256_file(base)
-    _refused(tmp_path, capsys, base, "--dit", base, "--lora_weight", lora, match="is one of the inputs")
+    _refused(tmp_path, capsys, base, "--dit", base, "--lora_weight", lora, match="is the input --dit")
     assert sha256_file(base) == before
 
 

@@ -128,3 +128,41 @@ def test_stage2_resume_is_exact(merged_workspace, tmp_path):
     assert json.loads((straight / "metrics.json").read_text())["routing_accuracy"] == json.loads(
         (resumed / "metrics.json").read_text()
     )["routing_accuracy"]
+
+
+def test_experts_are_matched_to_labels_by_name(merged_workspace, tmp_path):
+    """With --expert_names hook,scissors,... the expert named scissors learns the scissors clips
+    (before, labels were taken by position: the expert named hook got them)."""
+    import torch
+
+    from moe.data.cache_index import CacheIndex
+    from moe.data.dataset import CachedClipDataset, collate_clips
+    from moe.train.loop import load_dits, make_accelerator
+    from moe.train.stage2 import Stage2Module
+
+    names = ("hook", "scissors", "suction", "other")
+    cfg = _cfg(merged_workspace, tmp_path, expert_names=names)
+    index = CacheIndex.load(merged_workspace["cache"])
+    module = Stage2Module(cfg, load_dits(cfg, make_accelerator(cfg)), {}, index.label_classes)
+    data = CachedClipDataset(index, split=None)
+    for i in range(len(data)):
+        item = data[i]
+        q = module.teacher(collate_clips([item]))[0]
+        labelled = {c for c, v in zip(index.label_classes, item["labels"]) if v > 0}
+        specific = labelled - {"other"}
+        expected = {n for n in names if n in specific} or {"other"}
+        assert {names[e] for e in torch.nonzero(q).flatten().tolist()} == expected, (item["id"], labelled, q)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(num_experts=5, expert_names=("scissors", "hook", "suction", "other", "clip")),
+     r"--expert_names scissors,hook,suction,other,clip must name the cache's label classes \(scissors, hook, suction, other\).*not a label class: clip"),
+    (dict(num_experts=5), r"--num_experts 5 but --expert_names scissors,hook,suction,other names 4; the cache's label classes"),
+    (dict(expert_names=("scissor", "hook", "suction", "other")), r"missing: scissors; not a label class: scissor"),
+])
+def test_expert_options_are_checked_against_the_cache_first(merged_workspace, tmp_path, monkeypatch, flags, message):
+    import moe.train.stage2 as stage2
+
+    monkeypatch.setattr(stage2, "load_dits", lambda *a, **k: pytest.fail("a DiT was loaded"))
+    with pytest.raises(MoeError, match=message):
+        train_stage2(_cfg(merged_workspace, tmp_path, **flags))

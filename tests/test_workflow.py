@@ -5,16 +5,12 @@ import json
 import pytest
 
 from moe.cli import main
-from moe.inspect import classify
+from moe.file_kind import classify
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    with pytest.raises(SystemExit) as e:
-        main(["workflow", "run", "--preset", "tiny", "--output_dir", str(out), "--quiet"])
-    assert e.value.code == 0
-    return out
+def demo(demo_run):
+    return demo_run
 
 
 def test_reference_file_structure(demo):

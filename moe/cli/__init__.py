@@ -1,55 +1,103 @@
-"""The `lora-moe` command line. Each sub-module registers its commands on `app`."""
+"""The `lora-moe` command line. Each sub-module registers its commands on `moe.cli.app.app`.
+
+Exit codes: 0 success; 2 a usage error (click's usage message: unknown command or option with a
+"did you mean" hint, a missing option, a value of the wrong type) or a user error (one
+`error: ...` line: a wrong or damaged file, a number out of range, an output that exists or is
+locked, a full disk); 130 interrupted. A traceback means a bug.
+"""
 
 from __future__ import annotations
 
+import logging
 import sys
 
-import click
 import typer
+from pydantic import ValidationError
 
+from moe.atomic import write_error
+from moe.cli.app import app
+from moe.config_types import validation_message
 from moe.errors import MoeError
 
-app = typer.Typer(
-    name="lora-moe",
-    help="Two-stage LoRA-MoE fine-tuning of WAN2.2 video DiTs.",
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-)
 
-
-# Commands generated from pydantic configs (plain click commands; see config_command.py).
-config_commands: list[click.Command] = []
+PLUGIN_GROUP = "lora_moe.cli"  # entry points: NAME = "module:typer_app", added as `lora-moe NAME ...`
 
 
 def _register_commands() -> None:
-    # Imported for their side effect of adding commands to `app` or `config_commands`; each
-    # module imports its heavy dependencies inside the command, so start-up stays cheap.
-    from moe.cli import cache, checkpoints, data, training, workflow  # noqa: F401
+    # Imported for their side effect of adding commands to `app`; each module imports its heavy
+    # dependencies inside the command, so start-up stays cheap.
+    from moe.cli import cache, checkpoints, data, eval, lora, training, workflow  # noqa: F401
+
+    _register_plugins()
 
 
-def build_cli() -> click.Group:
-    _register_commands()
-    group = typer.main.get_command(app)
-    for command in config_commands:
-        group.add_command(command)
-    return group
+def _register_plugins() -> None:
+    """Command groups other packages declare (the project's `tasks` adds `registry`): moe never
+    imports them by name. A plugin that cannot be imported becomes a command saying why."""
+    from importlib.metadata import entry_points
+
+    registered = {info.name for info in app.registered_groups}
+    for ep in entry_points(group=PLUGIN_GROUP):
+        if ep.name in registered:  # one distribution seen twice on sys.path
+            continue
+        registered.add(ep.name)
+        try:
+            plugin = ep.load()
+        except ImportError as e:
+            plugin = _broken_plugin(ep.name, ep.value, e)
+        app.add_typer(plugin, name=ep.name)
+
+
+def _broken_plugin(name: str, value: str, error: ImportError) -> typer.Typer:
+    broken = typer.Typer(help=f"(unavailable: {value} cannot be imported)")
+
+    @broken.callback(invoke_without_command=True)
+    def unavailable() -> None:
+        raise MoeError(f"`lora-moe {name}` comes from {value}, which cannot be imported here: {error}")
+
+    return broken
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (a test's capture, a redirected log)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _show_warnings() -> None:
+    """The library's own warnings (a stale lock taken over, temporaries removed) as
+    `warning: ...` lines on stderr."""
+    logger = logging.getLogger("moe")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("warning: %(message)s"))
+        logger.addHandler(handler)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    sys.exit(2)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    """Entry point: typer runs in standalone mode (so `--help` exits 0 and usage errors are
+    click's own, exit 2); user errors become one line on stderr and exit code 2."""
+    _register_commands()
+    _show_warnings()
     try:
-        rv = build_cli().main(args=argv, prog_name="lora-moe", standalone_mode=False)
+        app(args=argv, prog_name="lora-moe")
     except MoeError as e:
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
-    sys.exit(rv if isinstance(rv, int) else 0)
+        _fail(str(e))
+    except ValidationError as e:  # a config built inside a command; boundaries convert theirs
+        _fail(validation_message(e, None))
+    except OSError as e:
+        error = write_error(e.filename or "the output", e)
+        if error is None:
+            raise
+        _fail(str(error))

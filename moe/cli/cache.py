@@ -7,28 +7,9 @@ from typing import Annotated
 
 import typer
 
-from moe.cli import app
-from moe.errors import MoeError
-
-_DTYPES = {
-    "float32": "float32",
-    "fp32": "float32",
-    "bf16": "bfloat16",
-    "bfloat16": "bfloat16",
-    "fp16": "float16",
-    "float16": "float16",
-}
-
-
-def _dtype(text: str, flag: str, choices: tuple[str, ...]):
-    """The torch dtype named by `text`; `choices` are the spellings the error lists, and any
-    alias of them (bf16 / bfloat16, fp32 / float32, fp16 / float16) is accepted."""
-    import torch
-
-    name = _DTYPES.get(text.strip().lower())
-    if name is None or name not in {_DTYPES[choice] for choice in choices}:
-        raise MoeError(f"{flag} must be one of {', '.join(choices)}, got {text!r}")
-    return getattr(torch, name)
+from moe.cli.app import app
+from moe.cli.options import number
+from moe.config_types import Frames
 
 
 @app.command("cache")
@@ -52,7 +33,7 @@ def cache(
     ] = None,
     tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="tokenizer/ folder.")] = None,
     size: Annotated[str, typer.Option("--size", help="Bucket WIDTHxHEIGHT, multiples of 16.")] = "832x480",
-    frames: Annotated[int, typer.Option("--frames", help="Frames per clip, 4k+1.")] = 81,
+    frames: Annotated[int, typer.Option("--frames", help="Frames per clip, 4k+1.", **number(Frames))] = 81,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1 ...")] = "cpu",
     dtype: Annotated[
         str, typer.Option("--dtype", help="VAE / text encoder compute dtype: float32, bf16, fp16.")
@@ -64,6 +45,9 @@ def cache(
         Path | None,
         typer.Option("--label_map", "--label-map", help="JSON object: raw label -> expert class."),
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Rebuild a cache made with other settings (one made with the same is updated in place).")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Encode VAE latents, text embeddings, I2V conditioning, ROI masks and labels per clip;
@@ -71,6 +55,7 @@ def cache(
     from moe.cli.data import parse_size
     from moe.data.cache import build_cache
     from moe.data.manifest import LabelMap
+    from moe.devices import resolve_dtype
 
     index = build_cache(
         manifest,
@@ -83,9 +68,10 @@ def cache(
         size=parse_size(size),
         frames=frames,
         device=device,
-        dtype=_dtype(dtype, "--dtype", ("float32", "bf16", "fp16")),
-        embed_dtype=_dtype(embed_dtype, "--embed_dtype", ("float32", "bf16")),
+        dtype=resolve_dtype(dtype, "--dtype", ("float32", "bf16", "fp16")),
+        embed_dtype=resolve_dtype(embed_dtype, "--embed_dtype", ("float32", "bf16")),
         label_map=LabelMap.from_json_file(label_map) if label_map else None,
         progress=not quiet,
+        overwrite=overwrite,
     )
     typer.echo(f"cache {out}: {len(index.clips)} {index.task} clips ({index.report.summary()})")

@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 
-from moe.cli import app
+from moe.cli.app import app
+from moe.cli.options import OVERWRITE_HELP, number
+from moe.config_types import FiniteFloat, Fraction, Seed
 
 models_app = typer.Typer(help="Make model sets.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
@@ -17,12 +19,13 @@ app.add_typer(models_app, name="models")
 def models_tiny(
     out: Annotated[Path, typer.Option("--out", help="Folder to write the model set into.")],
     task: Annotated[str, typer.Option("--task", help="tiny-t2v or tiny-i2v.")] = "tiny-t2v",
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[int, typer.Option("--seed", **number(Seed))] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Write a random-initialised tiny Wan2.2 model set (high/low-noise DiTs, VAE, text encoder)."""
     from moe.wan.model_set import write_tiny_model_set
 
-    ms = write_tiny_model_set(out, task, seed)
+    ms = write_tiny_model_set(out, task, seed, overwrite=overwrite)
     typer.echo(f"wrote tiny {ms.task} model set to {out}")
 
 
@@ -33,16 +36,18 @@ def merge(
     save_merged_model: Annotated[
         Path, typer.Option("--save_merged_model", help="Output file (a folder for sharded input).")
     ],
-    lora_multiplier: Annotated[float, typer.Option("--lora_multiplier")] = 1.0,
+    lora_multiplier: Annotated[float, typer.Option("--lora_multiplier", **number(FiniteFloat))] = 1.0,
     task: Annotated[str | None, typer.Option("--task", help="Validate the DiT against this task.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Merge even if this LoRA is already merged in.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Merge a vanilla LoRA into one DiT checkpoint, streaming, keeping its format."""
     from moe.merge import merge_lora_into_checkpoint
 
     result = merge_lora_into_checkpoint(
-        dit, lora_weight, save_merged_model, lora_multiplier, task=task, force=force, progress=not quiet
+        dit, lora_weight, save_merged_model, lora_multiplier, task=task, force=force, progress=not quiet,
+        overwrite=overwrite,
     )
     typer.echo(f"merged {result.merged_modules} modules x{lora_multiplier} into {result.output}")
 
@@ -61,16 +66,27 @@ def export_expert(
     expert: Annotated[str, typer.Option("--expert", help="scissors, hook, suction or other.")],
     out: Annotated[Path, typer.Option("--out", help="Output vanilla LoRA file.")],
     bake_sigma: Annotated[
-        float | None,
-        typer.Option("--bake_sigma", help="Bake the timestep gate w_e(sigma) in at this sigma (default 0: full strength)."),
+        float,
+        typer.Option(
+            "--bake_sigma", help="Bake the timestep gate w_e(sigma) in at this sigma (default 0: full strength).",
+            **number(Fraction),
+        ),
     ] = 0.0,
     no_bake: Annotated[bool, typer.Option("--no_bake", help="Do not bake the timestep gate (w = 1).")] = False,
-    alpha_expert: Annotated[float, typer.Option("--alpha_expert")] = 1.0,
+    alpha_expert: Annotated[float, typer.Option("--alpha_expert", **number(FiniteFloat))] = 1.0,
     save_format: Annotated[str, typer.Option("--save_format", help="diffusers or musubi.")] = "diffusers",
+    musubi_copy: Annotated[
+        bool, typer.Option("--musubi_copy", help="Also write OUT_musubi.safetensors (musubi-tuner's form).")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Export one expert as a vanilla LoRA (for diffusers, ComfyUI, `generate --lora_weight`).
     It is a delta on the MERGED DiTs the experts were trained on."""
     from moe.lora_moe.file import export_expert as export
 
-    path = export(lora_moe_weights, expert, out, None if no_bake else bake_sigma, alpha_expert, save_format)
+    path = export(lora_moe_weights, expert, out, None if no_bake else bake_sigma, alpha_expert, save_format, overwrite)
     typer.echo(f"wrote expert {expert} of {lora_moe_weights} to {path}")
+    if musubi_copy:
+        from moe.lora.convert import write_musubi_copy
+
+        typer.echo(f"wrote its musubi-tuner copy to {write_musubi_copy(path, overwrite)}")

@@ -1,21 +1,26 @@
 """Command-line options generated from a pydantic config model.
 
-Every field of a training config becomes `--field_name` (booleans get `--name/--no_name`), with
-the field's description as help. `--config FILE` (YAML or TOML) supplies values first; options
-given on the command line override it; pydantic then validates the merged result. This keeps one
-spelling of each option across the CLI, config files and the Prefect task parameters.
+Every field of a config becomes `--field_name` (booleans get `--name/--no_name`), with the
+field's description as help. `--config FILE` (YAML or TOML) supplies values first; options
+given on the command line override it; pydantic then validates the merged result, and a rejected
+value is one line naming the option and its allowed range. This keeps one spelling of each
+option across the CLI, config files and the Prefect task parameters.
+
+The commands are ordinary typer commands (a generated signature), so `--help`, typos ("did you
+mean"), unknown options and unparsable values behave as in every other command. `group=True`
+makes a group that also runs itself (`lora-moe eval` and `lora-moe eval multiplier-sweep`).
 """
 
 from __future__ import annotations
 
+import inspect
 import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, get_args, get_origin
+from typing import Annotated, Literal, get_args, get_origin
 
-import click
-from click.core import ParameterSource
+import typer
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
@@ -30,48 +35,68 @@ def _unwrap_optional(ann):
     return ann
 
 
-def _option(name: str, field, aliases: tuple[str, ...]) -> click.Option:
+def _cli_type(ann) -> type:
+    """What the command line parses a field as; pydantic validates the value afterwards."""
+    if ann in (bool, int, float, Path) or get_origin(ann) is Literal:
+        return ann
+    return str  # str, and tuples given comma-separated
+
+
+def _parameter(name: str, field, aliases: tuple[str, ...]) -> inspect.Parameter:
     ann = _unwrap_optional(field.annotation)
-    names = [f"--{name}", *(f"--{a}" for a in aliases)]
-    default = None if field.default is PydanticUndefined else field.default
-    help_text = (field.description or "") + ("" if default is None else f"  [default: {default}]")
-    if field.default is PydanticUndefined:
-        help_text += "  [required]"
-    if ann is bool:
-        return click.Option([f"--{name}/--no_{name}", *(f"--{a}" for a in aliases)], default=None, help=help_text)
-    if get_origin(ann) is Literal:
-        kind = click.Choice([str(a) for a in get_args(ann)])
-    elif get_origin(ann) is tuple:
-        kind = click.STRING  # comma-separated
-    else:
-        kind = {int: click.INT, float: click.FLOAT, str: click.STRING, Path: click.Path(path_type=Path)}.get(ann, click.STRING)
-    return click.Option(names, type=kind, default=None, help=help_text, show_default=False)
+    required = field.default is PydanticUndefined
+    help_text = (field.description or "") + ("  [required]" if required else f"  [default: {field.default}]")
+    decls = [f"--{name}/--no_{name}"] if ann is bool else [f"--{name}"]
+    option = typer.Option(*decls, *(f"--{a}" for a in aliases), help=help_text.strip(), show_default=False)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[_cli_type(ann) | None, option])
+
+
+def _command(config_cls: type[BaseModel], run: Callable[[BaseModel], None], aliases: dict, group: bool) -> Callable:
+    """A function with one keyword parameter per field (typer reads the generated signature)
+    that validates the merged options and calls `run(config)`. An option left out is None here
+    and does not override the config file. A `group` first gets typer's context, so it runs only
+    when no subcommand is named."""
+    config_option = typer.Option("--config", help="YAML or TOML file of options; flags override it.")
+    params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Path | None, config_option])]
+    params += [_parameter(n, f, aliases.get(n, ())) for n, f in config_cls.model_fields.items()]
+    if group:
+        params.insert(0, inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context))
+    tuple_fields = {n for n, f in config_cls.model_fields.items() if get_origin(_unwrap_optional(f.annotation)) is tuple}
+
+    def command(ctx: typer.Context | None = None, config: Path | None = None, **flags) -> None:
+        if ctx is not None and ctx.invoked_subcommand is not None:
+            return
+        file_values = read_config_file(config) if config else {}
+        given = {
+            k: (tuple(x.strip() for x in v.split(",")) if k in tuple_fields else v)  # pydantic converts items
+            for k, v in flags.items()
+            if v is not None
+        }
+        run(build_config(config_cls, file_values, given))
+
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command
 
 
 def config_command(
+    app: typer.Typer,
     name: str,
     config_cls: type[BaseModel],
     run: Callable[[BaseModel], None],
     help: str,
     aliases: dict[str, tuple[str, ...]] | None = None,
-) -> click.Command:
-    """A click command whose options are `config_cls`'s fields; it calls `run(config)`."""
-    aliases = aliases or {}
-    params: list[click.Parameter] = [
-        click.Option(["--config"], type=click.Path(path_type=Path), help="YAML or TOML file of options.")
-    ]
-    params += [_option(field_name, f, aliases.get(field_name, ())) for field_name, f in config_cls.model_fields.items()]
-    tuple_fields = {n for n, f in config_cls.model_fields.items() if get_origin(_unwrap_optional(f.annotation)) is tuple}
-
-    def callback(**kwargs):
-        ctx = click.get_current_context()
-        file_values = read_config_file(kwargs.pop("config")) if kwargs.get("config") else {}
-        kwargs.pop("config", None)
-        flags = {
-            k: (tuple(x.strip() for x in v.split(",")) if k in tuple_fields else v)  # pydantic converts items
-            for k, v in kwargs.items()
-            if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE
-        }
-        run(build_config(config_cls, file_values, flags))
-
-    return click.Command(name, params=params, callback=callback, help=help)
+    group: bool = False,
+) -> typer.Typer:
+    """Register `name` on `app`: a command whose options are `config_cls`'s fields; it calls
+    `run(config)`. With `group` it is a group that runs itself when no subcommand is named
+    (`lora-moe eval --flags` and `lora-moe eval multiplier-sweep --flags`): register the
+    subcommands on the returned app (otherwise `app` itself is returned)."""
+    command = _command(config_cls, run, aliases or {}, group=group)
+    if not group:
+        app.command(name, help=help)(command)
+        return app
+    sub = typer.Typer(help=help)
+    sub.callback(invoke_without_command=True, help=help)(command)
+    app.add_typer(sub, name=name)
+    return sub

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import typer
 
-from moe.cli import app
+from moe.cli.app import app
+from moe.cli.options import OVERWRITE_HELP, number
+from moe.config_types import MAX_SIDE, Count, Fraction, Frames, PositiveFloat, Seed
 from moe.data.manifest import LabelMap, read_manifest, summarize
 from moe.errors import MoeError
 
@@ -19,13 +21,15 @@ app.add_typer(data_app, name="data")
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """'WxH' -> (width, height); both even, as H.264 (yuv420p) requires."""
+    """'WxH' -> (width, height); both even, as H.264 (yuv420p) requires, and at most MAX_SIDE."""
     match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
     if match is None:
         raise MoeError(f"--size must look like WIDTHxHEIGHT (e.g. 832x480), got {text!r}")
     width, height = int(match[1]), int(match[2])
     if width < 2 or height < 2 or width % 2 or height % 2:
         raise MoeError(f"--size needs an even width and height (H.264 yuv420p), got {width}x{height}")
+    if width > MAX_SIDE or height > MAX_SIDE:
+        raise MoeError(f"--size is at most {MAX_SIDE}x{MAX_SIDE}, got {width}x{height}")
     return width, height
 
 
@@ -37,14 +41,15 @@ def _report(manifest: Path) -> None:
 @data_app.command("synth")
 def synth(
     out: Path = typer.Option(..., "--out", help="Output folder (videos/ and manifest.jsonl)."),
-    clips: int = typer.Option(16, "--clips", help="Number of clips; classes are balanced."),
-    frames: int = typer.Option(17, "--frames", help="Frames per clip (Wan likes 4k+1)."),
+    clips: int = typer.Option(16, "--clips", help="Number of clips; classes are balanced.", **number(Count)),
+    frames: int = typer.Option(17, "--frames", help="Frames per clip (Wan likes 4k+1).", **number(Frames)),
     size: str = typer.Option("64x64", "--size", help="Frame size WIDTHxHEIGHT, both even."),
-    seed: int = typer.Option(0, "--seed", help="Same seed, same clips (byte for byte)."),
-    fps: float = typer.Option(16.0, "--fps", help="Frame rate written into the MP4s."),
+    seed: int = typer.Option(0, "--seed", help="Same seed, same clips (byte for byte).", **number(Seed)),
+    fps: float = typer.Option(16.0, "--fps", help="Frame rate written into the MP4s.", **number(PositiveFloat)),
     val_fraction: float = typer.Option(
-        0.2, "--val-fraction", "--val_fraction", help="Share of clips in val."
+        0.2, "--val-fraction", "--val_fraction", help="Share of clips in val.", **number(Fraction)
     ),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Write a procedural surgical-like clip set with exact tip boxes and captions."""
     from moe.data.synth import synthesize_dataset
@@ -58,6 +63,7 @@ def synth(
         fps=fps,
         val_fraction=val_fraction,
         progress=True,
+        overwrite=overwrite,
     )
     _report(manifest)
 
@@ -66,15 +72,17 @@ def synth(
 def cholec80(
     root: Path = typer.Option(..., "--root", help="Cholec80 folder (videos/, tool_annotations/)."),
     out: Path = typer.Option(..., "--out", help="Output folder (clips/ and manifest.jsonl)."),
-    frames_per_clip: int = typer.Option(81, "--frames-per-clip", "--frames_per_clip"),
+    frames_per_clip: int = typer.Option(81, "--frames-per-clip", "--frames_per_clip", **number(Frames)),
     clip_seconds: float | None = typer.Option(
-        None, "--clip-seconds", "--clip_seconds", help="Source seconds per clip (default: frames / 16)."
+        None, "--clip-seconds", "--clip_seconds", help="Source seconds per clip (default: frames / 16).",
+        **number(PositiveFloat),
     ),
     stride_seconds: float | None = typer.Option(
         None,
         "--stride-seconds",
         "--stride_seconds",
         help="Seconds from clip start to start (default: clip length).",
+        **number(PositiveFloat),
     ),
     size: str | None = typer.Option(None, "--size", help="Rescale to WIDTHxHEIGHT, e.g. 832x480."),
     videos: str | None = typer.Option(
@@ -84,12 +92,13 @@ def cholec80(
         None, "--label-map", "--label_map", help="JSON object: Cholec80 tool -> expert class."
     ),
     min_presence: float = typer.Option(
-        0.5, "--min-presence", "--min_presence", help="Share of a clip's frames a tool must be in."
+        0.5, "--min-presence", "--min_presence", help="Share of a clip's frames a tool must be in.", **number(Fraction)
     ),
     val_fraction: float = typer.Option(
-        0.2, "--val-fraction", "--val_fraction", help="Share of videos in val."
+        0.2, "--val-fraction", "--val_fraction", help="Share of videos in val.", **number(Fraction)
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the train/val split."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the train/val split.", **number(Seed)),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Cut Cholec80 videos into labelled clips; the split keeps each video on one side."""
     from moe.data.cholec80 import import_cholec80
@@ -107,6 +116,7 @@ def cholec80(
         val_fraction=val_fraction,
         seed=seed,
         progress=True,
+        overwrite=overwrite,
     )
     _report(manifest)
 
@@ -114,7 +124,9 @@ def cholec80(
 @data_app.command("check")
 def check(
     manifest: Path = typer.Option(..., "--manifest", help="Clip manifest (JSONL)."),
-    min_frames: int = typer.Option(81, "--min_frames", "--min-frames", help="Frames each clip needs (4k+1)."),
+    min_frames: int = typer.Option(
+        81, "--min_frames", "--min-frames", help="Frames each clip needs (4k+1).", **number(Frames)
+    ),
 ) -> None:
     """Validate a manifest and decode every clip; lists every bad clip by id in one report."""
     from moe.data.manifest import check_videos

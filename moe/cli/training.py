@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import click
+import typer
 
-from moe.cli import config_commands
+from moe.cli.app import app
 from moe.cli.config_command import config_command
 from moe.inference import GenerateConfig
 from moe.train.config import Stage1Config, Stage2Config
@@ -16,19 +16,18 @@ def _run_stage1(cfg: Stage1Config) -> None:
     metrics = train_stage1(cfg)
     if not metrics:  # not the main process of a multi-process run
         return
-    click.echo(
+    typer.echo(
         f"stage 1 done: {cfg.output_dir / VANILLA_LORA_FILE}; held-out loss "
         f"{metrics['val_loss_base']:.4f} (base) -> {metrics['val_loss_final']:.4f} (with LoRA)"
     )
 
 
-config_commands.append(
-    config_command(
-        "stage1",
-        Stage1Config,
-        _run_stage1,
-        help="Stage 1: train one vanilla LoRA across both Wan2.2 experts on a latent cache.",
-    )
+config_command(
+    app,
+    "stage1",
+    Stage1Config,
+    _run_stage1,
+    help="Stage 1: train one vanilla LoRA across both Wan2.2 experts on a latent cache.",
 )
 
 
@@ -38,17 +37,16 @@ def _run_stage2(cfg) -> None:
     metrics = train_stage2(cfg)
     if not metrics:  # not the main process of a multi-process run
         return
-    click.echo(f"stage 2 done: {cfg.output_dir / LORA_MOE_FILE}; held-out {stage2_summary(metrics)}")
+    typer.echo(f"stage 2 done: {cfg.output_dir / LORA_MOE_FILE}; held-out {stage2_summary(metrics)}")
 
 
-config_commands.append(
-    config_command(
-        "stage2",
-        Stage2Config,
-        _run_stage2,
-        help="Stage 2: train LoRA-MoE experts, router and timestep gates on the merged DiTs.",
-        aliases={"network_dim": ("lora_dim",), "network_alpha": ("lora_alpha",)},
-    )
+config_command(
+    app,
+    "stage2",
+    Stage2Config,
+    _run_stage2,
+    help="Stage 2: train LoRA-MoE experts, router and timestep gates on the merged DiTs.",
+    aliases={"network_dim": ("lora_dim",), "network_alpha": ("lora_alpha",)},
 )
 
 
@@ -56,14 +54,13 @@ def _run_generate(cfg) -> None:
     from moe.inference import generate_video
 
     frames, routing = generate_video(cfg)
-    click.echo(f"wrote {cfg.save_path} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]})")
+    typer.echo(f"wrote {cfg.save_path} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]})")
 
 
-config_commands.append(
-    config_command(
-        "generate",
-        GenerateConfig,
-        _run_generate,
-        help="Generate a video: stage 1 (--lora_weight on base DiTs) or stage 2 (--lora_moe_weights on merged DiTs).",
-    )
+config_command(
+    app,
+    "generate",
+    GenerateConfig,
+    _run_generate,
+    help="Generate a video: stage 1 (--lora_weight on base DiTs) or stage 2 (--lora_moe_weights on merged DiTs).",
 )

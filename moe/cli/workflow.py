@@ -8,7 +8,9 @@ from typing import Annotated
 
 import typer
 
-from moe.cli import app
+from moe.cli.app import app
+from moe.cli.options import OVERWRITE_HELP, number
+from moe.config_types import Seed
 
 workflow_app = typer.Typer(help="Run the whole workflow.", no_args_is_help=True)
 app.add_typer(workflow_app, name="workflow")
@@ -18,19 +20,18 @@ app.add_typer(workflow_app, name="workflow")
 def workflow_run(
     output_dir: Annotated[Path, typer.Option("--output_dir", help="Folder for every artifact.")],
     preset: Annotated[str, typer.Option("--preset", help="tiny (= tiny-t2v) or tiny-i2v.")] = "tiny",
-    until: Annotated[str, typer.Option("--until", help="Stop after: data, cache, stage1, merge, stage2.")] = "stage2",
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    until: Annotated[str, typer.Option("--until", help="Stop after: data, cache, stage1, merge, stage2, eval.")] = "eval",
+    seed: Annotated[int, typer.Option("--seed", **number(Seed))] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
-    """Tiny model set -> synthetic data -> cache -> stage 1 -> merge both experts -> stage 2."""
-    from pydantic import ValidationError
-
-    from moe.errors import MoeError
+    """Tiny model set -> synthetic data -> cache -> stage 1 -> merge both experts -> stage 2 -> eval."""
+    from moe.train.config import build_config
     from moe.workflow import WorkflowConfig, run_workflow
 
-    try:
-        cfg = WorkflowConfig(output_dir=output_dir, preset=preset, until=until, seed=seed, progress=not quiet)
-    except ValidationError as e:
-        raise MoeError("; ".join(f"--{err['loc'][0]}: {err['msg']}" for err in e.errors())) from None
+    options = dict(output_dir=output_dir, preset=preset, until=until, seed=seed, overwrite=overwrite, progress=not quiet)
+    cfg = build_config(WorkflowConfig, {}, options)
     summary = run_workflow(cfg)
     typer.echo("summary:\n" + json.dumps(summary, indent=2))
+    if "eval_report" in summary:
+        typer.echo(f"eval report: {summary['eval_report']} (gate {'passed' if summary['gate_passed'] else 'FAILED'})")

@@ -24,9 +24,17 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from moe.data.manifest import ClipRecord, LabelMap, split_by_video, write_manifest
+from moe.data.manifest import (
+    MANIFEST_FILE,
+    ClipRecord,
+    LabelMap,
+    split_by_video,
+    write_manifest,
+    written_dataset,
+)
 from moe.data.video import iter_frames, probe_video, write_video
 from moe.errors import MoeError
+from moe.output_paths import claim_output
 
 WAN_FPS = 16.0
 
@@ -221,6 +229,7 @@ def import_cholec80(
     val_fraction: float = 0.2,
     seed: int = 0,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Cut Cholec80 videos into clips under `out_dir/clips/`; return `out_dir/manifest.jsonl`.
 
@@ -254,7 +263,8 @@ def import_cholec80(
     if not records:
         raise MoeError(f"the selected videos are all shorter than one clip ({clip_seconds:g} s)")
 
-    with tqdm(total=len(records), desc="cholec80 clips", unit="clip", disable=not progress) as bar:
+    claim = claim_output(out_dir, flag="--out", inputs={"--root": root}, overwrite=overwrite, is_ours=written_dataset, folder=True)
+    with claim, tqdm(total=len(records), desc="cholec80 clips", unit="clip", disable=not progress) as bar:
         for video, cuts in plans:
             _cut_video(video, cuts, out_dir, timing.fps, size, bar)
-    return write_manifest(out_dir / "manifest.jsonl", split_by_video(records, val_fraction, seed))
+        return write_manifest(out_dir / MANIFEST_FILE, split_by_video(records, val_fraction, seed))

@@ -30,7 +30,7 @@ from pydantic import (
 )
 
 from moe.atomic import atomic_file
-from moe.data.video import count_frames, probe_video
+from moe.data.video import count_frames, probe_video, written_by_lora_moe
 from moe.errors import MoeError
 from moe.lora_moe.experts import EXPERTS as EXPERT_CLASSES  # the canonical labels
 
@@ -45,6 +45,8 @@ CHOLEC80_LABELS: dict[str, str] = {
 }
 
 TipBox = tuple[int, int, int, int, int]
+
+MANIFEST_FILE = "manifest.jsonl"
 
 
 class ClipRecord(BaseModel):
@@ -187,6 +189,8 @@ def read_manifest(path: str | Path, label_map: LabelMap | None = None) -> list[C
     label_map = label_map or LabelMap()
     try:
         text = path.read_text(encoding="utf-8")
+    except IsADirectoryError:
+        raise MoeError(f"manifest {path} is a folder; pass the manifest file (e.g. {path / MANIFEST_FILE})") from None
     except OSError as e:
         raise MoeError(f"cannot read manifest {path}: {e.strerror}") from None
     records: list[ClipRecord] = []
@@ -205,6 +209,16 @@ def read_manifest(path: str | Path, label_map: LabelMap | None = None) -> list[C
     if not records:
         raise MoeError(f"manifest {path} has no clips")
     return records
+
+
+def written_dataset(folder: str | Path) -> bool:
+    """Whether `folder` is a clip set lora-moe wrote (`data synth`, `data cholec80`): a manifest
+    whose first clip is one of our MP4s. `--overwrite` replaces nothing else."""
+    try:
+        first = read_manifest(Path(folder) / MANIFEST_FILE)[0]
+    except MoeError:
+        return False
+    return written_by_lora_moe(first.video_path(Path(folder)))
 
 
 def write_manifest(path: str | Path, records: Iterable[ClipRecord]) -> Path:

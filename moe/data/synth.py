@@ -33,9 +33,18 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from moe.data.manifest import EXPERT_CLASSES, ClipRecord, split_by_video, write_manifest
-from moe.data.video import write_video
+from moe.config_types import MAX_FRAMES, MAX_SIDE
+from moe.data.manifest import (
+    EXPERT_CLASSES,
+    MANIFEST_FILE,
+    ClipRecord,
+    split_by_video,
+    write_manifest,
+    written_dataset,
+)
+from moe.data.video import check_frame_rate, write_video
 from moe.errors import MoeError
+from moe.output_paths import claim_output
 
 Point = tuple[float, float]
 Vec = np.ndarray  # a 2-vector (x, y) in pixels
@@ -199,10 +208,12 @@ def plan_dataset(clips: int, frames: int, size: tuple[int, int], seed: int) -> l
         raise MoeError(f"the synthetic set needs at least one clip, got {clips}")
     if frames < 1:
         raise MoeError(f"clips need at least one frame, got {frames}")
-    if width < MIN_SIZE or height < MIN_SIZE or width % 2 or height % 2:
+    if frames > MAX_FRAMES:
+        raise MoeError(f"clips have at most {MAX_FRAMES} frames, got {frames}")
+    if not (MIN_SIZE <= width <= MAX_SIDE and MIN_SIZE <= height <= MAX_SIDE) or width % 2 or height % 2:
         raise MoeError(
-            f"size must be even and at least {MIN_SIZE}x{MIN_SIZE} (H.264 needs even sizes), "
-            f"got {width}x{height}"
+            f"size must be even, at least {MIN_SIZE}x{MIN_SIZE} and at most {MAX_SIDE}x{MAX_SIDE} "
+            f"(H.264 needs even sizes), got {width}x{height}"
         )
     # Clip i depends only on (seed, i, size, frames): a larger set extends a smaller one.
     primaries = _primary_classes(clips, np.random.default_rng([seed, 1 << 30]))
@@ -498,26 +509,30 @@ def synthesize_dataset(
     fps: float = 16.0,
     val_fraction: float = 0.2,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Write `clips` synthetic clips to `out_dir/videos/` and return `out_dir/manifest.jsonl`.
 
     `size` is (width, height). The split is set in the manifest (about `val_fraction` of clips
-    in val, chosen deterministically from the seed).
+    in val, chosen deterministically from the seed). An existing `out_dir` is refused unless
+    `overwrite` and it is a clip set lora-moe wrote.
     """
     out_dir = Path(out_dir)
     plans = plan_dataset(clips, frames, size, seed)
-    records = []
-    for plan in tqdm(plans, desc="synth clips", unit="clip", disable=not progress):
-        clip = render_clip(plan)
-        video = Path("videos") / f"{plan.id}.mp4"
-        write_video(out_dir / video, clip.frames, fps)
-        records.append(
-            ClipRecord(
-                id=plan.id,
-                video=video.as_posix(),
-                caption=plan.caption,
-                instruments=plan.labels,
-                roi=[list(box) for box in clip.roi],
+    check_frame_rate(fps)
+    with claim_output(out_dir, flag="--out", overwrite=overwrite, is_ours=written_dataset, folder=True):
+        records = []
+        for plan in tqdm(plans, desc="synth clips", unit="clip", disable=not progress):
+            clip = render_clip(plan)
+            video = Path("videos") / f"{plan.id}.mp4"
+            write_video(out_dir / video, clip.frames, fps)
+            records.append(
+                ClipRecord(
+                    id=plan.id,
+                    video=video.as_posix(),
+                    caption=plan.caption,
+                    instruments=plan.labels,
+                    roi=[list(box) for box in clip.roi],
+                )
             )
-        )
-    return write_manifest(out_dir / "manifest.jsonl", split_by_video(records, val_fraction, seed))
+        return write_manifest(out_dir / MANIFEST_FILE, split_by_video(records, val_fraction, seed))

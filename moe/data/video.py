@@ -7,6 +7,7 @@ interrupted run never leaves a half-written clip that a later run would mistake 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from fractions import Fraction
@@ -20,6 +21,9 @@ from moe.errors import MoeError
 
 # The errors PyAV raises for unreadable input; av's FileNotFoundError etc. derive from both.
 _AV_ERRORS = (av.error.FFmpegError, OSError, EOFError)
+# The container comment of every MP4 we write: `written_by_lora_moe` recognises our files.
+VIDEO_MARKER = "written by wan-lora-moe"
+MAX_FPS = 240
 
 
 @contextmanager
@@ -130,6 +134,7 @@ def _encode(target: str, frames: np.ndarray, fps: float, crf: int) -> None:
     costs a little file size, not visible quality.
     """
     with av.open(target, "w", format="mp4") as container:
+        container.metadata["comment"] = VIDEO_MARKER
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
@@ -138,6 +143,21 @@ def _encode(target: str, frames: np.ndarray, fps: float, crf: int) -> None:
         for rgb in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
         container.mux(stream.encode(None))
+
+
+def check_frame_rate(fps: float) -> None:
+    if not (math.isfinite(fps) and 0 < fps <= MAX_FPS):
+        raise MoeError(f"--fps must be a finite number > 0 and <= {MAX_FPS}, got {fps}")
+
+
+def written_by_lora_moe(path: str | Path) -> bool:
+    """Whether `path` is an MP4 this project wrote (its container comment is our marker), so
+    `--overwrite` may replace it; any other file is never replaced."""
+    try:
+        with av.open(str(path)) as container:
+            return container.metadata.get("comment") == VIDEO_MARKER
+    except _AV_ERRORS:
+        return False
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18) -> Path:
@@ -149,8 +169,7 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18)
     path = Path(path)
     frames = np.asarray(frames)
     _check_frames(path, frames)
-    if fps <= 0:
-        raise MoeError(f"cannot write {path}: fps must be positive, got {fps}")
+    check_frame_rate(fps)
     with atomic_file(path) as tmp:
         _encode(str(tmp), frames, fps, crf)
     return path

@@ -1,14 +1,19 @@
 """Vanilla LoRA files (SPEC section 3): write ours, read every common Wan LoRA form.
 
-Written form (default, loads in diffusers and ComfyUI even with partial coverage):
-    diffusion_model.blocks.{i}.self_attn.q.lora_down.weight  [r, in]
-    diffusion_model.blocks.{i}.self_attn.q.lora_up.weight    [out, r]
-    diffusion_model.blocks.{i}.self_attn.q.alpha             scalar
-`musubi` form: `lora_unet_blocks_{i}_self_attn_q.{lora_down.weight,lora_up.weight,alpha}`.
+Forms written (`LoraForm`; `lora-moe convert-lora` turns any readable file into any of them):
+
+- `default` (`--save_format diffusers`): loads in diffusers and ComfyUI, also with partial coverage
+      diffusion_model.blocks.{i}.self_attn.q.lora_down.weight  [r, in]
+      diffusion_model.blocks.{i}.self_attn.q.lora_up.weight    [out, r]
+      diffusion_model.blocks.{i}.self_attn.q.alpha             scalar
+- `musubi`: musubi-tuner's `lora_unet_blocks_{i}_self_attn_q.{lora_down.weight,lora_up.weight,alpha}`;
+- `peft`: what diffusers' `save_lora_weights` writes, `transformer.blocks.{i}.attn1.to_q.lora_A.weight`
+  / `.lora_B.weight` with the ranks and alphas in the PEFT header (`moe.lora.peft_header`).
 
 Read forms: the above with or without `model.diffusion_model.`/`diffusion_model.`, musubi
-`lora_unet_`, PEFT/diffusers `transformer.blocks.N.attn1.to_q.lora_A/lora_B` (alpha optional:
-without it the scale is 1, i.e. alpha = rank, as diffusers does), any subset of modules, mixed ranks.
+`lora_unet_`, PEFT/diffusers `transformer.blocks.N.attn1.to_q.lora_A/lora_B` with or without a
+`lora_adapter_metadata` header (without one and without `.alpha` the scale is 1, i.e. alpha = rank,
+as diffusers does), any subset of modules, mixed ranks.
 """
 
 from __future__ import annotations
@@ -24,11 +29,19 @@ from safetensors.torch import load_file, save_file
 
 from moe.atomic import atomic_file
 from moe.errors import MoeError
+from moe.file_kind import require_kind
+from moe.lora.peft_header import COMPONENT_PREFIX, HEADER_KEY, PeftLoraHeader
 from moe.lora.targets import LINEAR_SUBMODULES, TargetSpec
-from moe.wan.keys import module_to_original
+from moe.safetensors_file import require_finite
+from moe.wan.keys import module_to_diffusers, module_to_original
 
 VANILLA_FORMAT = "vanilla-lora/1"
+LoraForm = Literal["default", "musubi", "peft"]
+# The `--save_format` of stage 1 and export-expert: "diffusers" is the default form.
 SaveFormat = Literal["diffusers", "musubi"]
+_FORM_OF_SAVE_FORMAT = {"diffusers": "default", "default": "default", "musubi": "musubi", "peft": "peft"}
+# Header entries computed from the weights on every write (never copied from an input file).
+DERIVED_METADATA = {"ss_network_dim", "ss_network_alpha", "lora_moe.format", "lora_moe.ranks", HEADER_KEY}
 
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.", "")
 _PARTS = {
@@ -68,6 +81,7 @@ class LoRAFile(BaseModel):
 
     modules: dict[str, LoRAModuleWeights]  # original module name -> weights
     metadata: dict[str, str]
+    form: str  # a LoraForm, or (read only) "peft-bare", "comfy" (model.diffusion_model.*), "other", "mixed"
 
     def ranks(self) -> dict[str, int]:
         return {m: w.rank for m, w in self.modules.items()}
@@ -98,8 +112,32 @@ def canonical_module(module: str) -> str | None:
     return None
 
 
-def parse_lora_state(state: dict[str, torch.Tensor], source: str) -> dict[str, LoRAModuleWeights]:
-    """Group a LoRA state dict of any supported form by canonical module name."""
+def lora_form(keys) -> str:
+    """Which form a LoRA state dict's keys are in (see the module docstring). `peft-bare` is what
+    `save_lora_adapter` writes (`blocks.N.attn1.to_q.lora_A.weight`): diffusers reads it only with
+    `load_lora_adapter(..., prefix=None)`, `load_lora_weights` skips it."""
+    forms = set()
+    for key in keys:
+        if key.startswith("lora_unet_"):
+            forms.add("musubi")
+        elif key.startswith("model.diffusion_model."):
+            forms.add("comfy")
+        elif key.startswith("diffusion_model."):
+            forms.add("default")
+        elif key.startswith(COMPONENT_PREFIX):
+            forms.add("peft")
+        elif key.startswith("blocks.") and (".lora_A." in key or ".lora_B." in key):
+            forms.add("peft-bare")
+        else:
+            forms.add("other")
+    return forms.pop() if len(forms) == 1 else "mixed"
+
+
+def parse_lora_state(
+    state: dict[str, torch.Tensor], source: str, metadata: dict[str, str] | None = None
+) -> dict[str, LoRAModuleWeights]:
+    """Group a LoRA state dict of any supported form by canonical module name. A PEFT header in
+    `metadata` sets each module's alpha (`moe.lora.peft_header`)."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
     for key, tensor in state.items():
@@ -112,6 +150,14 @@ def parse_lora_state(state: dict[str, torch.Tensor], source: str) -> dict[str, L
     if unknown:
         shown = ", ".join(unknown[:5]) + (f" ... ({len(unknown)} in all)" if len(unknown) > 5 else "")
         raise MoeError(f"{source}: keys that are not Wan DiT LoRA weights: {shown}")
+    header = PeftLoraHeader.from_metadata(metadata or {}, source)
+    if header is not None and any("alpha" in p for p in parts.values()):
+        # diffusers would apply both (the .alpha baked into the weights, then the header's scale);
+        # ComfyUI and musubi-tuner read only the .alpha: the file has no single meaning.
+        raise MoeError(
+            f"{source} has both .alpha tensors and a {HEADER_KEY} header, which tools read differently; "
+            "remove one of them"
+        )
     modules = {}
     for module, p in parts.items():
         if "down" not in p or "up" not in p:
@@ -121,7 +167,10 @@ def parse_lora_state(state: dict[str, torch.Tensor], source: str) -> dict[str, L
             raise MoeError(
                 f"{source}: {module} has inconsistent LoRA shapes down {tuple(down.shape)}, up {tuple(up.shape)}"
             )
-        alpha = float(p["alpha"].float().item()) if "alpha" in p else float(down.shape[0])
+        if header is not None:
+            alpha = header.kohya_alpha(module_to_diffusers(module), down.shape[0], source)
+        else:
+            alpha = float(p["alpha"].float().item()) if "alpha" in p else float(down.shape[0])
         modules[module] = LoRAModuleWeights(down=down, up=up, alpha=alpha)
     if not modules:
         raise MoeError(f"{source} holds no LoRA weights")
@@ -130,11 +179,13 @@ def parse_lora_state(state: dict[str, torch.Tensor], source: str) -> dict[str, L
 
 def read_lora_file(path: str | Path) -> LoRAFile:
     """Read a vanilla LoRA file of any supported form; other kinds of file are a clear error."""
-    from moe.inspect import require_kind
-
     path = Path(path)
     header = require_kind(path, "vanilla-lora", "--lora_weight")
-    return LoRAFile(modules=parse_lora_state(load_file(path), str(path)), metadata=header.metadata)
+    state = load_file(path)
+    require_finite(state, str(path))
+    return LoRAFile(
+        modules=parse_lora_state(state, str(path), header.metadata), metadata=header.metadata, form=lora_form(state)
+    )
 
 
 def lora_metadata(
@@ -157,29 +208,46 @@ def lora_metadata(
     return meta
 
 
+def _module_key(module: str, form: str) -> tuple[str, str, str]:
+    """(base key, down part, up part) of a module in a written form."""
+    if form == "musubi":
+        return "lora_unet_" + module.replace(".", "_"), "lora_down", "lora_up"
+    if form == "peft":
+        return COMPONENT_PREFIX + module_to_diffusers(module), "lora_A", "lora_B"
+    return "diffusion_model." + module, "lora_down", "lora_up"
+
+
 def write_lora_file(
     path: str | Path,
     modules: dict[str, LoRAModuleWeights],
     targets: TargetSpec | None = None,
     task: str | None = None,
-    save_format: SaveFormat = "diffusers",
+    save_format: SaveFormat | LoraForm = "diffusers",
     dtype: torch.dtype | None = None,
     extra_metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Write a vanilla LoRA file (atomically). `dtype` casts down/up (alpha stays fp32)."""
+    """Write a vanilla LoRA file (atomically) in one of the written forms. `dtype` casts
+    down/up (alpha stays an fp32 scalar); in the peft form alphas go into the PEFT header."""
+    form = _FORM_OF_SAVE_FORMAT.get(save_format)
+    if form is None:
+        raise MoeError(f"unknown LoRA form {save_format!r}; choose default (diffusers), musubi or peft")
+    if form == "musubi" and (zero := [m for m, w in modules.items() if w.alpha == 0]):
+        # musubi-tuner reads alpha 0 as alpha = rank (networks/lora.py LoRAModule.__init__)
+        raise MoeError(
+            f"the musubi form cannot hold alpha 0 ({', '.join(zero[:3])}): musubi-tuner reads it as alpha = rank"
+        )
+    cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
     state: dict[str, torch.Tensor] = {}
     for module, w in modules.items():
-        if save_format == "musubi":
-            base = "lora_unet_" + module.replace(".", "_")
-        elif save_format == "diffusers":
-            base = "diffusion_model." + module
-        else:
-            raise MoeError(f"unknown --save_format {save_format!r}; choose diffusers or musubi")
-        cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
-        state[f"{base}.lora_down.weight"] = cast(w.down.detach()).contiguous().cpu()
-        state[f"{base}.lora_up.weight"] = cast(w.up.detach()).contiguous().cpu()
-        state[f"{base}.alpha"] = torch.tensor(w.alpha, dtype=torch.float32)
+        base, down, up = _module_key(module, form)
+        state[f"{base}.{down}.weight"] = cast(w.down.detach()).contiguous().cpu()
+        state[f"{base}.{up}.weight"] = cast(w.up.detach()).contiguous().cpu()
+        if form != "peft":
+            state[f"{base}.alpha"] = torch.tensor(w.alpha, dtype=torch.float32)
     meta = lora_metadata(modules, targets, task) | (extra_metadata or {})
+    meta.pop(HEADER_KEY, None)  # a header beside .alpha tensors would scale twice in diffusers
+    if form == "peft":
+        meta |= PeftLoraHeader.for_modules({module_to_diffusers(m): (w.rank, w.alpha) for m, w in modules.items()}).to_metadata()
     with atomic_file(path) as tmp:
         save_file(state, tmp, metadata=meta)
     return Path(path)

@@ -3,6 +3,10 @@
 `LoRAAdapter` holds the trainable pair; `LoRALinear` wraps a frozen `nn.Linear` and adds an
 adapter's output. Keeping the two apart lets one adapter be shared by the same module of both
 Wan2.2 experts, so stage 1 trains a single LoRA across the high- and low-noise DiTs.
+
+Both stages' layers run `FusedLowRankLinear`: the base matmul and the low-rank update in one
+autograd node, in the base's compute dtype (bf16 for a bf16 checkpoint or under bf16 autocast),
+with fp32 master weights and fp32 scales; it saves only what backward needs.
 """
 
 from __future__ import annotations
@@ -10,7 +14,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -30,10 +33,17 @@ class LoRAAdapter(nn.Module):
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The unscaled low-rank update `up(down(x))`, in the adapter's dtype."""
-        x = x.to(self.lora_down.dtype)
-        return F.linear(F.linear(x, self.lora_down), self.lora_up)
+
+def scale_dtype(master: torch.Tensor) -> torch.dtype:
+    """fp32 for the column scales (fp64 when the adapter is fp64, as in gradient checks)."""
+    return torch.promote_types(master.dtype, torch.float32)
+
+
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype a frozen Linear computes in: autocast's (bf16/fp16) when autocast is on for the
+    input's device, else the base weight's (a bf16 checkpoint computes in bf16)."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
 
 
 class FusedLowRankLinear(torch.autograd.Function):
@@ -42,40 +52,71 @@ class FusedLowRankLinear(torch.autograd.Function):
 
     One autograd node: the update is accumulated into the base output, and in backward the
     adapter's input gradient into the base's, so no extra [tokens, out] or [tokens, in] tensors
-    are formed. The frozen W and b get no gradient; x, A, B and s do (s carries the router's)."""
+    are formed. The frozen W and b get no gradient; x, A, B and s do (s carries the router's).
+
+    Dtypes: x, W and b arrive in the compute dtype (the caller casts them, see `compute_dtype`);
+    A, B (master weights, fp32) and s (fp32) may be wider. The matmuls run in the compute dtype,
+    as the base Linear's own do (their GEMMs accumulate in fp32). s is folded into B per sample in
+    fp32 before B is rounded (B_s = B * s, [B, out, R], parameter-sized), and its gradient is taken
+    from the fp32 product of B with G = g^T h: scaling the bf16 h by s instead would round every
+    h * s back onto h's bf16 grid, which quantises the gate itself (a gate of 0.5019 acts as 0.5).
+    Saved for backward: the input x as it is (no copy, no upcast), h = x A^T ([tokens, R], small)
+    and parameters, nothing else.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, down, up, s):
-        n, out = x.shape[0] * x.shape[1], weight.shape[0]
-        x2 = x.reshape(n, -1)
-        h = (x2 @ down.t()).view(x.shape[0], x.shape[1], -1)  # [B, T, E*r]
-        hs = h * s[:, None, :]
-        y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
-        y.addmm_(hs.view(n, -1), up.t())
+        with torch.autocast(x.device.type, enabled=False):
+            b, t = x.shape[:2]
+            x2 = x.reshape(b * t, -1)
+            h = x2 @ down.to(x.dtype).t()  # [B*T, R]
+            y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+            up_s = _scaled_up(up, s, x.dtype)  # [B or 1, out, R]
+            if up_s.shape[0] == 1:
+                y.addmm_(h, up_s[0].t())
+            else:
+                y.view(b, t, -1).baddbmm_(h.view(b, t, -1), up_s.transpose(1, 2))
         ctx.save_for_backward(x2, weight, down, up, s, h)
-        ctx.batch = x.shape[:2]
-        return y.view(*x.shape[:2], out)
+        ctx.batch = (b, t)
+        return y.view(b, t, -1)
 
     @staticmethod
     def backward(ctx, grad):
         x2, weight, down, up, s, h = ctx.saved_tensors
         b, t = ctx.batch
-        g2 = grad.reshape(b * t, -1)
-        gh = (g2 @ up).view(b, t, -1)  # dL/d(hs)
-        ghs = gh * s[:, None, :]
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = g2 @ weight
-            grad_x.addmm_(ghs.view(b * t, -1), down)
-            grad_x = grad_x.view(b, t, -1)
-        grad_down = ghs.view(b * t, -1).t() @ x2 if ctx.needs_input_grad[3] else None
-        grad_up = g2.t() @ (h * s[:, None, :]).view(b * t, -1) if ctx.needs_input_grad[4] else None
-        grad_s = None
-        if ctx.needs_input_grad[5]:
-            grad_s = (gh * h).sum(1)
-            if s.shape[0] == 1 and b > 1:
-                grad_s = grad_s.sum(0, keepdim=True)
+        dtype = x2.dtype
+        with torch.autocast(grad.device.type, enabled=False):
+            g2 = grad.reshape(b * t, -1).to(dtype)
+            up_s = _scaled_up(up, s, dtype)
+            if up_s.shape[0] == 1:
+                ghs = g2 @ up_s[0]  # dL/dh [B*T, R]
+            else:
+                ghs = torch.bmm(g2.view(b, t, -1), up_s).view(b * t, -1)
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = g2 @ weight
+                grad_x.addmm_(ghs, down.to(dtype))
+                grad_x = grad_x.view(b, t, -1)
+            grad_down = (ghs.t() @ x2).to(down.dtype) if ctx.needs_input_grad[3] else None
+            grad_up = grad_s = None
+            if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
+                wide = torch.promote_types(up.dtype, s.dtype)
+                if s.shape[0] == 1:  # one scale for the batch: G summed over it, one GEMM
+                    g_h = (g2.t() @ h)[None].to(wide)  # [1, out, R]
+                else:
+                    g_h = torch.bmm(g2.view(b, t, -1).transpose(1, 2), h.view(b, t, -1)).to(wide)  # [B, out, R]
+                if ctx.needs_input_grad[4]:
+                    grad_up = (g_h * s[:, None, :]).sum(0).to(up.dtype)
+                if ctx.needs_input_grad[5]:
+                    grad_s = (g_h * up.to(wide)).sum(1)  # [B, R]
+                    grad_s = (grad_s.sum(0, keepdim=True) if s.shape[0] == 1 else grad_s).to(s.dtype)
         return grad_x, None, None, grad_down, grad_up, grad_s
+
+
+def _scaled_up(up: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """B_s = B * s per sample, [B or 1, out, R], formed in the wider dtype, then rounded."""
+    wide = torch.promote_types(up.dtype, s.dtype)
+    return (up.to(wide)[None] * s.to(wide)[:, None, :]).to(dtype)
 
 
 class AdaptedLinear(nn.Module):
@@ -93,14 +134,16 @@ class AdaptedLinear(nn.Module):
         self.adapter = adapter
         self.enabled = True
 
-    def fusable(self, x: torch.Tensor) -> bool:
-        """Whether `FusedLowRankLinear` applies: one dtype throughout and no autocast (else the
-        same maths runs as plain ops, which autocast and mixed dtypes handle)."""
-        return (
-            x.ndim == 3
-            and x.dtype == self.base.weight.dtype == self.adapter.lora_down.dtype
-            and not torch.is_autocast_enabled(x.device.type)
-        )
+    def low_rank_forward(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """`base(x)` plus the adapter's update with column scales s [B or 1, R] (fp32), through
+        `FusedLowRankLinear` in the base Linear's compute dtype (autocast's when it is on)."""
+        dtype = compute_dtype(x, self.base.weight)
+        lead, width = x.shape[:-1], x.shape[-1]
+        x3 = x.reshape(1, -1, width) if x.ndim == 2 else x.reshape(x.shape[0], -1, width)
+        bias = self.base.bias.to(dtype) if self.base.bias is not None else None
+        a = self.adapter
+        y = FusedLowRankLinear.apply(x3.to(dtype), self.base.weight.to(dtype), bias, a.lora_down, a.lora_up, s)
+        return y.reshape(*lead, self.out_features)
 
     @property
     def in_features(self) -> int:
@@ -121,9 +164,6 @@ class LoRALinear(AdaptedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled or self.multiplier == 0:
             return self.base(x)
-        a, scale = self.adapter, self.adapter.scale * self.multiplier
-        if self.fusable(x):
-            s = torch.full((1, a.rank), scale, dtype=x.dtype, device=x.device)
-            return FusedLowRankLinear.apply(x, self.base.weight, self.base.bias, a.lora_down, a.lora_up, s)
-        y = self.base(x)
-        return y + (a(x) * scale).to(y.dtype)
+        a = self.adapter
+        s = torch.full((1, a.rank), a.scale * self.multiplier, dtype=scale_dtype(a.lora_down), device=x.device)
+        return self.low_rank_forward(x, s)

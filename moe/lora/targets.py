@@ -99,19 +99,17 @@ class TargetSpec(BaseModel):
     ) -> TargetSpec:
         """The reference CLI flags (`--network_dim 4 --rank_q 8 --rank_kvo 4 ...`) as a spec.
         Unset ranks fall back to `--rank_kvo`, then `--network_dim`."""
-        kvo = rank_kvo or network_dim
-        attn = {
-            "q": rank_q or network_dim,
-            "k": rank_k or kvo,
-            "v": rank_v or kvo,
-            "o": rank_o or kvo,
-        }
+        def rank(given: int | None, fallback: int) -> int:
+            return fallback if given is None else given  # an explicit 0 is an error, not "unset"
+
+        kvo = rank(rank_kvo, network_dim)
+        attn = {"q": rank(rank_q, network_dim), "k": rank(rank_k, kvo), "v": rank(rank_v, kvo), "o": rank(rank_o, kvo)}
         attn_ranks = {f"self_attn.{p}": r for p, r in attn.items()}
         if cross_attn:
             attn_ranks |= {f"cross_attn.{p}": r for p, r in attn.items()}
-        ffn_ranks = {"ffn.0": rank_ffn or network_dim}
+        ffn_ranks = {"ffn.0": rank(rank_ffn, network_dim)}
         if ffn2:
-            ffn_ranks["ffn.2"] = rank_ffn or network_dim
+            ffn_ranks["ffn.2"] = rank(rank_ffn, network_dim)
         return cls(
             groups=(
                 TargetGroup(ranks=attn_ranks, last_blocks=attn_last_blocks),

@@ -9,13 +9,16 @@ states its own expert order and names survive a reordering):
     timestep_gate.k, timestep_gate.c                 [E]
 Metadata (strings): lora_moe.format = "lora-moe/1", lora_moe.experts (JSON list), lora_moe.targets
 (TargetSpec JSON), lora_moe.router (RouterConfig JSON), lora_moe.top_k, use_base_lora = "false",
-lora_moe.task, lora_moe.merged_dits (JSON {name: sha256} of the merged DiTs trained on).
+lora_moe.task, lora_moe.merged_dits (JSON {name: sha256} of the merged DiTs trained on),
+lora_moe.routing_mode (learned, teacher or uniform) and lora_moe.router_trained (true/false):
+how generation without a hint may route (files without them: a trained, learned router).
 
 `export_expert` writes one expert as a stage-1-style vanilla LoRA (`lora-moe export-expert`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -26,13 +29,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moe.atomic import atomic_file
+from moe.config_types import FiniteFloat, Fraction, checked
 from moe.errors import MoeError
+from moe.file_kind import require_kind, written_as
 from moe.lora.file import LoRAModuleWeights, SaveFormat, write_lora_file
 from moe.lora.inject import adapter_items
 from moe.lora.targets import TargetSpec, check_same_targets
 from moe.lora_moe.experts import expert_index
 from moe.lora_moe.gates import TimestepGate, timestep_weight
 from moe.lora_moe.router import Router, RouterConfig
+from moe.output_paths import claim_output
+from moe.safetensors_file import require_finite
 
 LORA_MOE_FORMAT = "lora-moe/1"
 _EXPERT_KEY = re.compile(r"lora_moe\.(?P<module>.+)\.experts\.(?P<expert>[^.]+)\.(?P<part>lora_down|lora_up)\.weight")
@@ -56,6 +63,27 @@ class LoRAMoEFile(BaseModel):
 
     def ranks(self) -> dict[str, int]:
         return {m: next(iter(w.values())).rank for m, w in self.modules.items()}
+
+    @property
+    def routing_mode(self) -> str:
+        return self.metadata.get("lora_moe.routing_mode", "learned")
+
+    @property
+    def router_trained(self) -> bool:
+        return self.metadata.get("lora_moe.router_trained", "true") == "true"
+
+    def inference_routing(self, source: str | Path | None = None) -> str:
+        """How generation routes without --instrument_hint: `learned` (the trained router) or
+        `uniform` (the mode the file was trained with); a router never trained is refused."""
+        if self.router_trained:
+            return "learned"
+        if self.routing_mode == "uniform":
+            return "uniform"
+        how = "--routing_mode teacher" if self.routing_mode == "teacher" else "--no_train_router"
+        raise MoeError(
+            f"{source or 'this LoRA-MoE file'} was trained with {how}: its router was never trained, so it cannot "
+            f"choose experts; pass --instrument_hint NAME ({', '.join(self.experts)})"
+        )
 
     def build_router(self) -> Router:
         router = Router(self.router_config)
@@ -133,8 +161,6 @@ def write_lora_moe_file(
 
 def read_lora_moe_file(path: str | Path) -> LoRAMoEFile:
     """Read a stage-2 file; any other kind of file (a vanilla LoRA, a DiT) is a one-line error."""
-    from moe.inspect import require_kind
-
     path = Path(path)
     meta = require_kind(path, "lora-moe", "--lora_moe_weights").metadata
     if meta.get("lora_moe.format") != LORA_MOE_FORMAT:
@@ -155,7 +181,9 @@ def read_lora_moe_file(path: str | Path) -> LoRAMoEFile:
     parts: dict[str, dict[tuple[str, str], torch.Tensor]] = {}
     alphas: dict[str, float] = {}
     router_state, gate_state, unknown = {}, {}, []
-    for key, t in load_file(path).items():
+    state = load_file(path)
+    require_finite(state, str(path))
+    for key, t in state.items():
         if m := _EXPERT_KEY.fullmatch(key):
             parts.setdefault(m["module"], {})[m["expert"], m["part"]] = t
         elif m := _ALPHA_KEY.fullmatch(key):
@@ -211,6 +239,7 @@ def export_expert(
     bake_timestep_gate_sigma: float | None = 0.0,
     alpha_expert: float = 1.0,
     save_format: SaveFormat = "diffusers",
+    overwrite: bool = False,
 ) -> Path:
     """One expert as a stage-1-style vanilla LoRA (loads in diffusers, ComfyUI, `--lora_weight`).
 
@@ -220,8 +249,12 @@ def export_expert(
     steps); None bakes no gate (w = 1). The LoRA is a delta on the MERGED DiTs it was trained on
     (recorded as `lora_moe.merged_dits`), not on the base DiTs.
     """
-    if not isinstance(moe_file, LoRAMoEFile):
-        moe_file = read_lora_moe_file(moe_file)
+    checked(FiniteFloat, alpha_expert, "--alpha_expert")
+    if bake_timestep_gate_sigma is not None:
+        checked(Fraction, bake_timestep_gate_sigma, "--bake_sigma")
+    source = None if isinstance(moe_file, LoRAMoEFile) else Path(moe_file)
+    if source is not None:
+        moe_file = read_lora_moe_file(source)
     e = expert_index(expert_name, moe_file.experts)
     w = 1.0
     if bake_timestep_gate_sigma is not None:
@@ -235,7 +268,9 @@ def export_expert(
         "lora_moe.baked_scale": repr(factor),
         "lora_moe.merged_dits": json.dumps(moe_file.merged_dits, sort_keys=True),
     }
-    return write_lora_file(out_path, modules, moe_file.targets, moe_file.task, save_format, extra_metadata=meta)
+    ours = functools.partial(written_as, kind="vanilla-lora")
+    with claim_output(out_path, flag="--out", inputs={"--lora_moe_weights": source}, overwrite=overwrite, is_ours=ours):
+        return write_lora_file(out_path, modules, moe_file.targets, moe_file.task, save_format, extra_metadata=meta)
 
 
 def _scale_up(w: LoRAModuleWeights, factor: float) -> LoRAModuleWeights:

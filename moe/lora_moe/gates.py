@@ -33,4 +33,6 @@ class TimestepGate(nn.Module):
         self.c = nn.Parameter(torch.full((num_experts,), INIT_CENTER))
 
     def forward(self, sigma: torch.Tensor) -> torch.Tensor:
-        return timestep_weight(self.k, self.c, sigma.to(self.k.dtype))
+        """w [B, E] in the gates' dtype (fp32), also under autocast."""
+        with torch.autocast(sigma.device.type, enabled=False):
+            return timestep_weight(self.k, self.c, sigma.to(self.k.dtype))

@@ -10,9 +10,10 @@ update is formed, never one per expert.
 per-sample mix [B, E] from a `RoutingState` shared by every layer, so one adapter set and one
 state can serve both Wan2.2 DiTs (as stage 1's `LoRAAdapter`/`LoRALinear`).
 
-When base and adapter share a dtype and no autocast is active (fp32 training, CPU), the base
-matmul and the update run as one autograd function (`moe.lora.layer.FusedLowRankLinear`, with
-the per-sample column scales s = mix * alpha_expert * alpha / r repeated r times).
+The base matmul and the update run as one autograd function (`moe.lora.layer.FusedLowRankLinear`,
+with the per-sample column scales s = mix * alpha_expert * alpha / r repeated r times) in the
+base Linear's compute dtype (bf16 for a bf16 checkpoint or under bf16 autocast), while the
+experts' weights and the mix stay fp32: the mix scales h in fp32 before it is rounded.
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from moe.lora.layer import AdaptedLinear, FusedLowRankLinear
+from moe.lora.layer import AdaptedLinear, scale_dtype
 from moe.lora_moe.routing import RoutingState
 
 
@@ -46,14 +46,6 @@ class LoRAMoEAdapter(nn.Module):
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    def forward(self, x: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
-        """`sum_e mix[b, e] * (alpha / r) * B_e A_e x[b]` for x [B, ..., in] and mix [B or 1, E],
-        fused, in the adapter's dtype."""
-        h = F.linear(x.to(self.lora_down.dtype), self.lora_down)  # [B, ..., E*r]
-        s = (mix.to(h.dtype) * self.scale).repeat_interleave(self.rank, dim=-1)  # [B, E*r]
-        h = h * s.view(s.shape[0], *([1] * (h.ndim - 2)), s.shape[1])
-        return F.linear(h, self.lora_up)
-
 
 class LoRAMoELinear(AdaptedLinear):
     """A frozen `nn.Linear` plus a LoRA-MoE adapter; `alpha_expert` (default 1) and `enabled`."""
@@ -72,8 +64,5 @@ class LoRAMoELinear(AdaptedLinear):
         if mix.shape[0] not in (1, x.shape[0]):
             raise RuntimeError(f"routing state holds gates for {mix.shape[0]} samples, input has {x.shape[0]}")
         a = self.adapter
-        if self.fusable(x):
-            s = (mix.to(x.dtype) * (self.alpha_expert * a.scale)).repeat_interleave(a.rank, dim=-1)
-            return FusedLowRankLinear.apply(x, self.base.weight, self.base.bias, a.lora_down, a.lora_up, s)
-        y = self.base(x)
-        return y + a(x, mix * self.alpha_expert).to(y.dtype)
+        s = mix.to(scale_dtype(a.lora_down)) * (self.alpha_expert * a.scale)  # fp32: never rounded to bf16
+        return self.low_rank_forward(x, s.repeat_interleave(a.rank, dim=-1))

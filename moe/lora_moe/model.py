@@ -9,13 +9,18 @@ the same `RoutingState`), so both models hold the very same parameters.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
 from moe.errors import MoeError
 from moe.lora.inject import adapter_items, get_linear, replace_module
 from moe.lora.layer import LoRALinear
 from moe.lora.targets import check_same_targets
+from moe.lora_moe.file import LoRAMoEFile
+from moe.lora_moe.gates import TimestepGate
 from moe.lora_moe.layer import LoRAMoEAdapter, LoRAMoELinear
+from moe.lora_moe.router import Router
 from moe.lora_moe.routing import RoutingState
 from moe.wan.keys import module_to_diffusers
 
@@ -68,3 +73,29 @@ def set_alpha_expert(model: nn.Module, alpha_expert: float) -> None:
         if isinstance(layer, LoRAMoELinear):
             layer.alpha_expert = alpha_expert
 
+
+
+@dataclass
+class AttachedLoRAMoE:
+    """A stage-2 file's experts, router and timestep gates, attached to one or two DiTs that
+    share one routing state."""
+
+    adapters: nn.ModuleDict
+    router: Router
+    timestep_gate: TimestepGate
+    state: RoutingState
+
+
+def attach_lora_moe_file(dits: list[nn.Module], moe_file: LoRAMoEFile, num_layers: int, device, alpha_expert: float = 1.0) -> AttachedLoRAMoE:
+    """Inject a stage-2 file's experts into `dits` (the merged DiTs it was trained on), with its
+    router (eval mode) and timestep gates on `device`."""
+    check_same_targets(moe_file.targets.resolve(num_layers), moe_file.ranks(), "the file's target spec", "its weights")
+    state = RoutingState()
+    adapters = build_moe_adapters(dits[0], moe_file.ranks(), moe_file.targets.alpha, len(moe_file.experts))
+    moe_file.load_adapters(adapters)
+    adapters.to(device)
+    for dit in dits:
+        inject_lora_moe(dit, moe_file.ranks(), moe_file.targets.alpha, moe_file.experts, state, adapters=adapters)
+        set_alpha_expert(dit, alpha_expert)
+    router = moe_file.build_router().to(device).eval()
+    return AttachedLoRAMoE(adapters, router, moe_file.build_timestep_gate().to(device), state)

@@ -99,4 +99,7 @@ class Router(nn.Module):
         return torch.cat(parts, dim=-1).to(self.mlp[0].weight.dtype)
 
     def forward(self, text, text_mask, sigma, image_cond=None) -> torch.Tensor:
-        return self.mlp(self.features(text, text_mask, sigma, image_cond))
+        """fp32 logits, also under autocast: routing is a small MLP whose decisions scale every
+        adapted layer, so it never runs in bf16."""
+        with torch.autocast(text.device.type, enabled=False):
+            return self.mlp(self.features(text, text_mask, sigma, image_cond))

@@ -33,6 +33,16 @@ def multi_hot(labels: Sequence[Sequence[str]], experts: tuple[str, ...] = EXPERT
     return out
 
 
+def labels_by_name(labels: torch.Tensor, label_classes: Sequence[str], experts: tuple[str, ...]) -> torch.Tensor:
+    """Multi-hot labels [B, C] over `label_classes` (the cache's column order) -> [B, E] in the
+    order of `experts`, matched by name: the expert named hook gets the hook column."""
+    classes = tuple(label_classes)
+    missing = [e for e in experts if e not in classes]
+    if missing:
+        raise MoeError(f"experts {', '.join(missing)} are not label classes of the cache ({', '.join(classes)})")
+    return labels[:, [classes.index(e) for e in experts]]
+
+
 def teacher_distribution(labels: torch.Tensor, experts: tuple[str, ...] = EXPERTS) -> torch.Tensor:
     """Multi-hot labels [B, E] -> teacher q [B, E]: uniform over the specific instruments present;
     one-hot `other` only when no specific instrument is present (a labelled `other` next to a

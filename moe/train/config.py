@@ -9,16 +9,25 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from moe.config_types import MAX_RANK, Seed, validation_message
 from moe.errors import MoeError
 from moe.lora.targets import TargetSpec
 from moe.lora_moe.experts import EXPERTS
-from moe.train.flow_matching import SigmaSampling
-from moe.wan.presets import WanPreset, get_preset
+from moe.wan.presets import PRESETS, WanPreset, get_preset
+
+SigmaSampling = Literal["shift", "logit_normal", "uniform"]
 
 # The options that define the LoRA target spec: stage 2 must repeat stage 1's.
 TARGET_FLAGS = (
@@ -30,7 +39,8 @@ TARGET_FLAGS = (
 class TrainConfig(BaseModel):
     """Options shared by stage 1 and stage 2."""
 
-    model_config = ConfigDict(extra="forbid")
+    # No nan/inf in any float option (a NaN boundary trained one expert silently).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     task: str = Field("tiny-t2v", description="Model preset: t2v-A14B, i2v-A14B, ti2v-5B, tiny-t2v, tiny-i2v.")
     dit: Path = Field(description="Low-noise DiT (or the single DiT of ti2v-5B).")
@@ -38,14 +48,14 @@ class TrainConfig(BaseModel):
     dataset: Path = Field(description="Latent cache folder made by `lora-moe cache`.")
     output_dir: Path = Field(description="Where weights, checkpoints, logs and metrics go.")
 
-    network_dim: int = Field(4, gt=0, description="Default LoRA rank.")
+    network_dim: int = Field(4, ge=1, le=MAX_RANK, description="Default LoRA rank.")
     network_alpha: float = Field(1.0, gt=0, description="LoRA alpha (scale = alpha / rank).")
-    rank_q: int | None = Field(8, description="Rank of self_attn.q.")
-    rank_kvo: int | None = Field(None, description="Rank of self_attn.k/v/o (default --network_dim).")
-    rank_k: int | None = Field(None, description="Rank of self_attn.k (overrides --rank_kvo).")
-    rank_v: int | None = Field(None, description="Rank of self_attn.v (overrides --rank_kvo).")
-    rank_o: int | None = Field(None, description="Rank of self_attn.o (overrides --rank_kvo).")
-    rank_ffn: int | None = Field(None, description="Rank of ffn.0 (default --network_dim).")
+    rank_q: int | None = Field(8, ge=1, le=MAX_RANK, description="Rank of self_attn.q.")
+    rank_kvo: int | None = Field(None, ge=1, le=MAX_RANK, description="Rank of self_attn.k/v/o (default --network_dim).")
+    rank_k: int | None = Field(None, ge=1, le=MAX_RANK, description="Rank of self_attn.k (overrides --rank_kvo).")
+    rank_v: int | None = Field(None, ge=1, le=MAX_RANK, description="Rank of self_attn.v (overrides --rank_kvo).")
+    rank_o: int | None = Field(None, ge=1, le=MAX_RANK, description="Rank of self_attn.o (overrides --rank_kvo).")
+    rank_ffn: int | None = Field(None, ge=1, le=MAX_RANK, description="Rank of ffn.0 (default --network_dim).")
     lora_cross_attn: bool = Field(False, description="Also adapt cross-attention q/k/v/o.")
     lora_ffn2: bool = Field(False, description="Also adapt the FFN's second linear (ffn.2).")
 
@@ -57,31 +67,54 @@ class TrainConfig(BaseModel):
     max_train_epochs: int = Field(10, gt=0)
     batch_size: int = Field(1, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
-    seed: int = 42
+    seed: Seed = 42
 
     timestep_sampling: SigmaSampling = "shift"
     discrete_flow_shift: float = Field(5.0, gt=0)
     min_timestep: float = Field(0.0, ge=0, le=1000)
     max_timestep: float = Field(1000.0, ge=0, le=1000)
     timestep_boundary: float | None = Field(
-        None, description="Expert boundary as t (0-1000) or sigma (0-1); default: the task's."
+        None, ge=0, le=1000, description="Expert boundary as t (0-1000) or sigma (0-1); default: the task's."
     )
     train_dit: Literal["both", "low", "high"] = Field("both", description="Restrict sigma to one expert's range.")
-    roi_weight: float = Field(1.0, ge=1, description="lambda_roi: loss weight on instrument tips (1 = off).")
+    roi_weight: float = Field(4.0, ge=1, description="lambda_roi: loss weight on instrument tips (3-5; 1 = off).")
 
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on a GPU, no on the CPU. Trainable weights stay fp32."
+    )
     dit_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="DiT weight dtype (auto: bf16 with --mixed_precision bf16, else the file's)."
+        "auto", description="DiT weight dtype (auto: bf16 with bf16 mixed precision, else the file's)."
     )
     gradient_checkpointing: bool = False
     cpu: bool = Field(False, description="Train on the CPU even with a GPU present (with torchrun: multi-process gloo).")
-    offload_inactive_dit: bool = Field(True, description="Keep only the active DiT on the GPU.")
+    offload_inactive_dit: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="Park the inactive expert in host memory: auto = only when both experts plus "
+        "--placement_headroom_gib do not fit in free device memory.",
+    )
+    placement_headroom_gib: float = Field(
+        32.0, ge=0, description="Device memory kept free for activations when deciding --offload_inactive_dit auto."
+    )
 
     save_every_n_epochs: int = Field(1, gt=0)
     resume: bool = Field(False, description="Continue from the latest checkpoint in --output_dir.")
+    overwrite: bool = Field(False, description="Replace a previous run of this stage in --output_dir (only its own files).")
     log_every_n_steps: int = Field(1, gt=0)
-    val_sigmas: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
+    val_sigmas: tuple[Annotated[float, Field(ge=0, le=1)], ...] = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
     progress: bool = Field(True, description="Show a progress bar.")
+
+    @field_validator("offload_inactive_dit", mode="before")
+    @classmethod
+    def _offload_from_bool(cls, v):
+        """Config files written for the old on/off switch: true = always, false = never."""
+        return {True: "always", False: "never"}.get(v, v) if isinstance(v, bool) else v
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        if v not in PRESETS:
+            raise ValueError(f"unknown task {v!r}; choose one of: {', '.join(PRESETS)}")
+        return v
 
     @field_validator("timestep_boundary")
     @classmethod
@@ -126,6 +159,7 @@ class Stage1Config(TrainConfig):
     """`lora-moe stage1`: one vanilla LoRA across both experts."""
 
     save_format: Literal["diffusers", "musubi"] = Field("diffusers", description="Key style of the LoRA file.")
+    musubi_copy: bool = Field(False, description="Also write vanilla_lora_musubi.safetensors (musubi-tuner's form).")
 
 
 def read_config_file(path: Path) -> dict:
@@ -143,27 +177,26 @@ def read_config_file(path: Path) -> dict:
     return data
 
 
-def build_config(cls: type[TrainConfig], file_values: dict, flag_values: dict) -> TrainConfig:
-    """Validate file values overridden by explicit flags; errors name the option."""
+def build_config(cls: type[BaseModel], file_values: dict, flag_values: dict) -> BaseModel:
+    """Validate file values overridden by explicit flags; one line names every bad option and
+    its allowed range."""
     try:
         return cls(**(file_values | flag_values))
     except ValidationError as e:
-        problems = "; ".join(f"--{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        raise MoeError(f"invalid {cls.__name__} options: {problems}") from None
+        raise MoeError(validation_message(e, cls)) from None
 
 
 class Stage2Config(TrainConfig):
     """`lora-moe stage2` (SPEC section 5): experts + router + timestep gates on merged DiTs."""
 
     learning_rate: float = Field(5e-5, gt=0)
-    roi_weight: float = Field(4.0, ge=1, description="lambda_roi: loss weight on instrument tips (3-5; 1 = off).")
     training_stage: Literal["stage_b"] = Field("stage_b", description="Reference flag; stage 2 is stage_b.")
     use_base_lora: bool = Field(False, description="Refused: stage-1 knowledge lives in the merged DiTs.")
     alpha_base: float | None = Field(None, description="Accepted and ignored (there is no base_lora).")
-    num_experts: int = Field(4, gt=1)
+    num_experts: int = Field(4, ge=2, le=64)
     expert_names: tuple[str, ...] = EXPERTS
     routing_mode: Literal["learned", "teacher", "uniform"] = "learned"
-    top_k: int = Field(2, gt=0)
+    top_k: int = Field(2, ge=1, le=64)
     train_router: bool = Field(True, description="Train the router (learned routing).")
     use_teacher_guidance: bool = Field(True, description="Teacher forcing and the KL teacher loss.")
     teacher_forcing_fraction: float = Field(0.3, ge=0, le=1, description="rho decays 1 -> 0 over this share of steps.")
@@ -172,4 +205,10 @@ class Stage2Config(TrainConfig):
     lambda_lb: float = Field(0.01, ge=0)
     load_balance_beta: float = Field(0.99, ge=0, lt=1)
     alpha_expert: float = Field(1.0, description="Strength of the expert mixture.")
-    router_sigma_dim: int = Field(32, gt=0)
+    router_sigma_dim: int = Field(32, ge=2, le=4096)
+
+    @model_validator(mode="after")
+    def _top_k_fits(self) -> Stage2Config:
+        if self.top_k > self.num_experts:
+            raise ValueError(f"--top_k {self.top_k} is more than --num_experts {self.num_experts}")
+        return self

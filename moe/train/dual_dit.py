@@ -1,6 +1,14 @@
 """The Wan2.2 expert pair: the high-noise DiT owns t >= boundary * 1000, the low-noise DiT the
-rest (SPEC section 1; split by sigma, never by scheduler index). Only the active DiT needs to be
-on the accelerator: with `offload` the other waits on the CPU."""
+rest (SPEC section 1; split by sigma, never by scheduler index), and where the two live.
+
+Placement (`--offload_inactive_dit`): `never` keeps both experts on the device; `always` keeps
+only the active one there and parks the other in host memory (pinned, so loading it back is a
+plain DMA; the frozen weights keep a host copy, so parking costs no copy back at all); `auto`
+(default) keeps both on the device when their weights plus a headroom for activations fit in the
+device's free memory, else offloads. With offloading, the training loop orders each accumulation
+window's micro-batches by expert (`moe.train.epoch_plan`) so a window swaps at most once.
+`swaps` counts the times the resident expert changed.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +23,33 @@ from moe.wan.checkpoint import load_transformer
 from moe.wan.presets import WanPreset
 
 Expert = Literal["high", "low"]
+Placement = Literal["auto", "always", "never"]
+GiB = 2**30
+
+
+def frozen_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The model's own weights and buffers, without the (shared, trainable) adapters injected into it."""
+    return [p for p in model.parameters() if not p.requires_grad] + list(model.buffers())
+
+
+def frozen_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in frozen_tensors(model))
+
+
+def should_offload(policy: Placement, device: torch.device, need_bytes: int, free_bytes: int | None, headroom_bytes: int) -> bool:
+    """Whether to keep only the active expert on `device`. `auto` offloads when the two experts'
+    weights (`need_bytes`) plus `headroom_bytes` for activations exceed the device's free memory
+    (`free_bytes`; None on the CPU, where there is nowhere to offload to)."""
+    if policy != "auto":
+        return policy == "always"
+    return free_bytes is not None and need_bytes + headroom_bytes > free_bytes
+
+
+def device_free_bytes(device: torch.device) -> int | None:
+    """Free memory on an accelerator (None on the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return None
 
 
 class DualDiT:
@@ -32,10 +67,24 @@ class DualDiT:
         if high is not None and boundary is None:
             raise MoeError("two DiTs need a timestep boundary")
         self.models: dict[str, nn.Module] = {"low": low} | ({"high": high} if high is not None else {})
+        for model in self.models.values():
+            model.requires_grad_(False)  # frozen: only adapters injected later train
         self.boundary = boundary
         self.device = torch.device(device)
-        self.offload = offload and self.device.type != "cpu"
+        self.offload = offload and high is not None
         self.active: str | None = None
+        self.swaps = 0
+        self._host: dict[str, list[torch.Tensor]] = {}
+        if self.offload:
+            pin = self.device.type == "cuda"
+            for name, model in self.models.items():
+                self._host[name] = []
+                for t in frozen_tensors(model):  # one tensor at a time: no second copy of a whole model
+                    t.data = t.data.to("cpu").pin_memory() if pin else t.data.to("cpu")
+                    self._host[name].append(t.data)
+        else:
+            for model in self.models.values():
+                model.to(self.device)
 
     @classmethod
     def load(
@@ -46,16 +95,36 @@ class DualDiT:
         boundary: float | None,
         dtype: torch.dtype | None,
         device: torch.device | str,
-        offload: bool,
+        placement: Placement = "auto",
+        headroom_bytes: int = 32 * GiB,
+        free_bytes: int | None = None,
     ) -> DualDiT:
+        """Load the expert(s) and place them. `free_bytes` overrides the device's free memory
+        (queried when None) for the `auto` decision."""
         if preset.two_experts and dit_high_noise is None:
             raise MoeError(f"task {preset.task} has two experts: pass the high-noise DiT as --dit_high_noise")
         if not preset.two_experts and dit_high_noise is not None:
             raise MoeError(f"task {preset.task} has a single DiT; drop --dit_high_noise")
-        first = "cpu" if offload else device
-        low = load_transformer(dit, preset, dtype=dtype, device=first)
-        high = load_transformer(dit_high_noise, preset, dtype=dtype, device="cpu" if offload else device) if dit_high_noise else None
+        device = torch.device(device)
+        low = load_transformer(dit, preset, dtype=dtype, device="cpu")
+        offload = False
+        if dit_high_noise is not None:
+            free = device_free_bytes(device) if free_bytes is None else free_bytes
+            offload = should_offload(placement, device, 2 * frozen_bytes(low), free, headroom_bytes)
+            if not offload:
+                low.to(device)  # before the second expert is read, so host memory holds one at a time
+        high = load_transformer(dit_high_noise, preset, dtype=dtype, device="cpu") if dit_high_noise else None
         return cls(low, high, boundary if high is not None else None, device, offload)
+
+    def describe(self) -> str:
+        gb = sum(frozen_bytes(m) for m in self) / 1e9
+        if len(self.models) == 1:
+            return f"one DiT on {self.device} ({gb:.1f} GB)"
+        if self.offload:
+            where = "pinned host memory" if self.device.type == "cuda" else "the host"
+            return (f"offloading: the active expert on {self.device}, the other in {where} ({gb:.1f} GB for both); "
+                    f"micro-batches grouped by expert per accumulation window")
+        return f"both experts resident on {self.device} ({gb:.1f} GB)"
 
     def expert_for(self, sigma: float) -> Expert:
         if "high" in self.models and sigma * 1000 >= self.boundary * 1000:
@@ -63,15 +132,20 @@ class DualDiT:
         return "low"
 
     def get(self, expert: Expert) -> nn.Module:
-        """The expert's model, on the device (moving the other one off first when offloading)."""
+        """The expert's model, on the device (parking the other one first when offloading)."""
         model = self.models[expert]
         if self.offload and self.active != expert:
-            for name, other in self.models.items():
-                if name != expert:
-                    other.to("cpu")
-            model.to(self.device)
+            if self.active is not None:
+                self.swaps += 1
+                self._place(self.active, self._host[self.active])
+            self._place(expert, [t.to(self.device, non_blocking=True) for t in self._host[expert]])
         self.active = expert
         return model
+
+    def _place(self, name: str, tensors: list[torch.Tensor]) -> None:
+        """Point the model's frozen weights and buffers at `tensors` (host copies or device ones)."""
+        for t, new in zip(frozen_tensors(self.models[name]), tensors, strict=True):
+            t.data = new
 
     def __iter__(self):
         return iter(self.models.values())

@@ -9,11 +9,9 @@ ROI weighting: w = 1 + (lambda_roi - 1) m on the latent grid; per-sample loss su
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-SigmaSampling = Literal["shift", "logit_normal", "uniform"]
+from moe.train.config import SigmaSampling
 
 
 def shift_sigma(u: torch.Tensor, shift: float) -> torch.Tensor:

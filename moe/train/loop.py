@@ -3,9 +3,11 @@
 A stage supplies a `TrainingModule`: the trainable parameters (adapters, router, gates) with a
 forward that returns the loss for a micro-batch on the DiT that owns its sigma, a way to save its
 weights file, and its evaluation. The loop does everything else: accelerate (devices, mixed
-precision, DDP/FSDP), gradient accumulation, per-epoch seeded data order, sigma and noise (so a
-resumed run continues exactly), AdamW with warmup + cosine, gradient clipping, non-finite loss
-guard, checkpoints with optimizer/scheduler/RNG state, TensorBoard logs and a progress bar.
+precision, DDP), gradient accumulation, the per-epoch plan of batches, sigmas and noise
+(`moe.train.epoch_plan`: a resumed run continues exactly, for any number of processes), AdamW
+with warmup + cosine counted in optimizer steps, gradient clipping, the non-finite loss and
+gradient guards, pickle-free checkpoints (`moe.train.train_state`), TensorBoard logs and a
+progress bar.
 """
 
 from __future__ import annotations
@@ -13,9 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,12 +24,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from moe.atomic import fsync_dir, fsync_tree, write_json_atomic
-from moe.data.cache import CachedClipDataset, CacheIndex, collate_clips
+from moe.atomic import write_json_atomic
+from moe.data.cache_index import CacheIndex
+from moe.data.dataset import CachedClipDataset, collate_clips
 from moe.errors import MoeError
+from moe.file_names import METRICS_FILE, TRAIN_LOG_FILE
 from moe.train.config import TrainConfig
-from moe.train.dual_dit import DualDiT, Expert
-from moe.train.flow_matching import sample_sigmas
+from moe.train.dual_dit import DualDiT, Expert, GiB
+from moe.train.epoch_plan import MicroBatch, epoch_batches, noise_generator, plan_epoch, positions_per_epoch
+from moe.train.train_state import load_training_state, save_training_state
 
 STATE_RE = re.compile(r"state-epoch-(\d+)")
 
@@ -55,28 +58,18 @@ class TrainingModule(nn.Module):
 
 
 class TrainProgress:
-    """Epoch and step counters, saved with the accelerate state."""
+    """Epoch and step counters and the expert the last epoch ended on, saved with the state."""
 
     def __init__(self):
         self.epoch = 0
         self.step = 0
+        self.expert: str | None = None
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step}
+        return {"epoch": self.epoch, "step": self.step, "expert": self.expert}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
-
-
-def epoch_batches(entries: list, batch_size: int, generator: torch.Generator) -> list[list]:
-    """Shuffled batches whose clips share a latent shape (a clip never pads or crops)."""
-    order = torch.randperm(len(entries), generator=generator).tolist()
-    by_shape: dict[tuple, list] = {}
-    for i in order:
-        by_shape.setdefault(tuple(entries[i].latent_shape), []).append(entries[i])
-    batches = [group[j : j + batch_size] for group in by_shape.values() for j in range(0, len(group), batch_size)]
-    perm = torch.randperm(len(batches), generator=generator).tolist()
-    return [batches[i] for i in perm]
+        self.epoch, self.step, self.expert = int(state["epoch"]), int(state["step"]), state.get("expert")
 
 
 def latest_state(output_dir: Path) -> Path | None:
@@ -84,13 +77,34 @@ def latest_state(output_dir: Path) -> Path | None:
     return max(states)[1] if states else None
 
 
+def mixed_precision(cfg: TrainConfig) -> str:
+    """`--mixed_precision auto`: bf16 when training on a GPU, none on the CPU."""
+    if cfg.mixed_precision != "auto":
+        return cfg.mixed_precision
+    return "bf16" if torch.cuda.is_available() and not cfg.cpu else "no"
+
+
 def _dit_dtype(cfg: TrainConfig) -> torch.dtype | None:
     if cfg.dit_dtype == "auto":
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision(cfg))
     return getattr(torch, cfg.dit_dtype)
 
 
+def build_optimizer(cfg: TrainConfig, module: nn.Module) -> tuple[torch.optim.Optimizer, list[list[str]]]:
+    """AdamW over the trainable parameters in two groups: weight matrices with --weight_decay,
+    and vectors (biases, the timestep gates' centre c and slope k) without, as is usual for
+    biases and schedule parameters. Returns the optimizer and the parameter names per group."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    groups = [[(n, p) for n, p in named if p.ndim >= 2], [(n, p) for n, p in named if p.ndim < 2]]
+    decays = [cfg.weight_decay, 0.0]
+    param_groups = [{"params": [p for _, p in g], "weight_decay": d} for g, d in zip(groups, decays) if g]
+    names = [[n for n, _ in g] for g in groups if g]
+    return torch.optim.AdamW(param_groups, lr=cfg.learning_rate), names
+
+
 def _scheduler(cfg: TrainConfig, optimizer, total_steps: int):
+    """Warmup + cosine (or constant) over optimizer steps: stepped once per optimizer step, by
+    the loop itself (a scheduler prepared by accelerate steps once per process)."""
     from diffusers.optimization import (
         get_constant_schedule_with_warmup,
         get_cosine_schedule_with_warmup,
@@ -101,30 +115,21 @@ def _scheduler(cfg: TrainConfig, optimizer, total_steps: int):
     return get_constant_schedule_with_warmup(optimizer, cfg.lr_warmup_steps)
 
 
-def save_state_atomically(accelerator, target: Path) -> None:
-    """accelerate's resumable state (weights, optimizer, scheduler, RNG of every process) into
-    `target`: every process writes into one shared temporary folder, then the main process fsyncs
-    it and renames it into place, so a crash never leaves a half-written state to resume from."""
-    tmp = target.with_name(target.name + ".partial")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        fsync_tree(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
-    accelerator.wait_for_everyone()
+class TrainLog:
+    """`OUTPUT_DIR/train_log.jsonl`: one JSON object per line (`start`, `step`, `epoch`), appended
+    and flushed line by line, so an orchestrator can follow a running child (progress, metrics)
+    without parsing the progress bar. A resumed run appends to it. Main process only."""
 
+    def __init__(self, path: Path, enabled: bool):
+        self.file = open(path, "a", buffering=1) if enabled else None
 
-def _save_checkpoint(accelerator, module: TrainingModule, output_dir: Path, epoch: int) -> None:
-    """`checkpoint-epoch-N.safetensors` (weights, usable as is) + `state-epoch-N/` (resumable)."""
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(module).save_weights(output_dir / f"checkpoint-epoch-{epoch}.safetensors")
-    save_state_atomically(accelerator, output_dir / f"state-epoch-{epoch}")
+    def write(self, event: str, **fields) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps({"event": event, "time": round(time.time(), 3)} | fields) + "\n")
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -148,95 +153,135 @@ def open_dataset(cfg: TrainConfig) -> CacheIndex:
     return index
 
 
+class _Run:
+    """What a stop (non-finite loss or gradient) needs to save the state and say what happened."""
+
+    def __init__(self, accelerator, module, optimizer, scheduler, progress: TrainProgress, groups, out: Path):
+        self.accelerator, self.module, self.optimizer, self.scheduler = accelerator, module, optimizer, scheduler
+        self.progress, self.groups, self.out = progress, groups, out
+
+    def save(self, target: Path) -> None:
+        save_training_state(target, self.accelerator, self.module, self.optimizer, self.scheduler,
+                            self.progress.state_dict(), self.groups)
+
+    def stop(self, what: str, epoch: int, window: list[MicroBatch]) -> None:
+        """Save the state as it was before this optimizer step (the weights are untouched), then
+        stop every process with a message naming the step, the sigmas and every process's clips."""
+        from accelerate.utils import gather_object
+
+        state = self.out / f"state-nonfinite-step-{self.progress.step}"
+        self.save(state)
+        local = [e.id for mb in window for e in mb.entries]
+        clips = gather_object(local) if self.accelerator.num_processes > 1 else local
+        sigmas = ", ".join(f"{mb.sigma:.3f}" for mb in window)
+        raise MoeError(
+            f"training stopped: {what} at epoch {epoch + 1}, step {self.progress.step + 1} (sigma {sigmas}, "
+            f"clips {', '.join(dict.fromkeys(clips))}); the last good state is saved to {state}. Check those "
+            f"clips' cache for NaN/inf, or lower --learning_rate"
+        )
+
+
+def _all_finite(accelerator, value: torch.Tensor) -> bool:
+    """Whether `value` is finite on every process (all agree before anyone stops: a lone process
+    stopping would hang DDP; accelerate's reduce knows max, not min)."""
+    bad = (~torch.isfinite(value.detach())).any().float().reshape(1)
+    return not bool(accelerator.reduce(bad, "max"))
+
+
 def run_training(cfg: TrainConfig, module: TrainingModule, accelerator, run_name: str) -> dict:
     """Train `module` on the cache at `cfg.dataset`; returns the metrics written to metrics.json."""
     out = cfg.output_dir
     index = open_dataset(cfg)
-    train_entries = [c for c in index.clips if c.split == "train"]
-    low, high = cfg.sigma_range()
+    dataset = CachedClipDataset(index, split="train")
+    by_id = {e.id: i for i, e in enumerate(dataset.entries)}
 
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    # Each process sees its own share of the batches.
-    batches_per_epoch = math.ceil(math.ceil(len(train_entries) / cfg.batch_size) / accelerator.num_processes)
-    steps_per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
+    optimizer, groups = build_optimizer(cfg, module)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    # Each process sees its own share of the batches; one optimizer step per accumulation window.
+    batches = len(epoch_batches(dataset.entries, cfg.batch_size, torch.Generator()))
+    steps_per_epoch = math.ceil(positions_per_epoch(batches, accelerator.num_processes) / cfg.gradient_accumulation_steps)
     total_steps = steps_per_epoch * cfg.max_train_epochs
-    # accelerate steps a prepared scheduler once per process per optimizer step.
-    scheduler = _scheduler(cfg, optimizer, total_steps * accelerator.num_processes)
-    module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+    scheduler = _scheduler(cfg, optimizer, total_steps)
+    module, optimizer = accelerator.prepare(module, optimizer)
     inner: TrainingModule = accelerator.unwrap_model(module)
     progress = TrainProgress()
-    accelerator.register_for_checkpointing(progress)
+    run = _Run(accelerator, module, optimizer, scheduler, progress, groups, out)
 
     if cfg.resume:
         state = latest_state(out)
         if state is None:
             raise MoeError(f"--resume: no state-epoch-N checkpoint in {out}; start without --resume")
-        accelerator.load_state(str(state))
+        progress.load_state_dict(load_training_state(state, accelerator, module, optimizer, scheduler, groups))
         accelerator.print(f"resumed from {state.name} (epoch {progress.epoch}, step {progress.step})")
     if accelerator.is_main_process:
         write_json_atomic(out / f"{run_name}_config.json", json.loads(cfg.model_dump_json()))
     accelerator.init_trackers(run_name)
+    accelerator.print(f"DiT placement: {inner.dits.describe()}")
 
-    dataset = CachedClipDataset(index, split="train")
-    by_id = {e.id: i for i, e in enumerate(dataset.entries)}
     bar = tqdm(
         total=total_steps, initial=progress.step, desc=run_name, unit="step",
         disable=not (cfg.progress and accelerator.is_local_main_process),
         mininterval=0.1 if sys.stderr.isatty() else 10.0,  # a log file gets a line every 10 s
     )
-    started = time.monotonic()
+    started, swaps_before = time.monotonic(), inner.dits.swaps
+    log = TrainLog(out / TRAIN_LOG_FILE, accelerator.is_main_process)
+    log.write("start", run=run_name, step=progress.step, epoch=progress.epoch, total_steps=total_steps,
+              max_epochs=cfg.max_train_epochs)
     for epoch in range(progress.epoch, cfg.max_train_epochs):
         module.train()
-        # Order, sigmas and noise come from a generator seeded per epoch: a resumed run draws
-        # exactly what an uninterrupted one would.
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        batches = epoch_batches(dataset.entries, cfg.batch_size, g)
-        # Every process must run the same number of micro-batches (each one is a collective
-        # step under DDP): pad with the epoch's first batches, as DistributedSampler does.
-        batches += batches[: -len(batches) % accelerator.num_processes]
-        mine = batches[accelerator.process_index :: accelerator.num_processes]
-        # Gradient accumulation by hand, in groups of --gradient_accumulation_steps micro-batches;
-        # the last group of an epoch may be shorter and still ends in an optimizer step, so no
-        # gradient leaks into the next epoch (accelerate's `accumulate` needs its own dataloader).
-        accum = cfg.gradient_accumulation_steps
-        for micro, entries in enumerate(mine):
-            first, last = micro % accum == 0, (micro + 1) % accum == 0 or micro + 1 == len(mine)
-            group = min(accum, len(mine) - micro // accum * accum)
-            if first:
+        epoch_loss, epoch_steps = torch.zeros((), device=accelerator.device), 0
+        plan, end_expert = plan_epoch(dataset.entries, cfg, epoch, accelerator.num_processes,
+                                      accelerator.process_index, inner.dits.expert_for, progress.expert)
+        noise_g = noise_generator(cfg, epoch, accelerator.process_index)
+        window: list[MicroBatch] = []
+        # Gradient accumulation by hand, one window of --gradient_accumulation_steps micro-batches
+        # per optimizer step; an epoch's last, shorter window still ends in a step, so no gradient
+        # leaks into the next epoch (accelerate's `accumulate` needs its own dataloader).
+        for mb in plan:
+            if mb.first:
                 inner.on_step(progress.step, total_steps)
-            batch = _to_device(collate_clips([dataset[by_id[e.id]] for e in entries]), accelerator.device)
-            sigma_value = float(sample_sigmas(1, g, cfg.timestep_sampling, cfg.discrete_flow_shift, low, high))
-            sigma = torch.full((len(entries),), sigma_value, device=accelerator.device)
-            noise = torch.randn(batch["latents"].shape, generator=g).to(accelerator.device)
-            expert = inner.dits.expert_for(sigma_value)
-            with contextlib.nullcontext() if last else accelerator.no_sync(module):
-                parts = module(batch, sigma, noise, expert)
+                window = []
+            window.append(mb)
+            batch = _to_device(collate_clips([dataset[by_id[e.id]] for e in mb.entries]), accelerator.device)
+            sigma = torch.full((len(mb.entries),), mb.sigma, device=accelerator.device)
+            noise = torch.randn(batch["latents"].shape, generator=noise_g).to(accelerator.device)
+            with contextlib.nullcontext() if mb.last else accelerator.no_sync(module):
+                parts = module(batch, sigma, noise, mb.expert)
                 loss = parts["loss"]
-                # All processes agree before anyone stops (a lone rank stopping would hang DDP).
-                if not bool(accelerator.reduce(torch.isfinite(loss.detach()).float(), "min")):
-                    _stop_on_nonfinite(accelerator, out, epoch, progress, sigma_value, entries, loss)
-                accelerator.backward(loss / group)
-            if not last:
+                if not _all_finite(accelerator, loss):
+                    run.stop(f"the loss became {loss.item()}", epoch, window)
+                accelerator.backward(loss / mb.window_size)
+            if not mb.last:
                 continue
             grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            if not _all_finite(accelerator, grad_norm):  # a finite loss can still give inf/NaN gradients
+                run.stop(f"the gradient norm became {float(grad_norm)} (the loss was finite)", epoch, window)
             optimizer.step()
-            scheduler.step()
+            if not optimizer.step_was_skipped:  # fp16 loss scaling skips overflowing steps
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             progress.step += 1
+            epoch_loss, epoch_steps = epoch_loss + loss.detach().float(), epoch_steps + 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch + 1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch + 1, refresh=False)  # drawn at the bar's interval
             if progress.step % cfg.log_every_n_steps == 0:
                 logs = {f"train/{k}": float(v.detach()) for k, v in parts.items()}
-                logs |= {"train/lr": scheduler.get_last_lr()[0], "train/sigma": sigma_value,
-                         f"train/loss_{expert}_noise": float(loss.detach()), "train/grad_norm": float(grad_norm)}
+                logs |= {"train/lr": scheduler.get_last_lr()[0], "train/sigma": mb.sigma,
+                         f"train/loss_{mb.expert}_noise": float(loss.detach()), "train/grad_norm": float(grad_norm),
+                         "train/dit_swaps": inner.dits.swaps}
                 accelerator.log(logs, step=progress.step)
-        progress.epoch = epoch + 1
-        if progress.epoch % cfg.save_every_n_epochs == 0 or progress.epoch == cfg.max_train_epochs:
-            _save_checkpoint(accelerator, module, out, progress.epoch)
+                log.write("step", step=progress.step, total_steps=total_steps, epoch=epoch + 1, **logs)
+        progress.epoch, progress.expert = epoch + 1, end_expert
+        saved = progress.epoch % cfg.save_every_n_epochs == 0 or progress.epoch == cfg.max_train_epochs
+        if saved:
+            _save_checkpoint(run, progress.epoch)
+        log.write("epoch", epoch=progress.epoch, max_epochs=cfg.max_train_epochs, step=progress.step,
+                  total_steps=total_steps, loss=float(epoch_loss) / max(epoch_steps, 1), saved_state=saved)
     bar.close()
+    log.close()
 
     accelerator.wait_for_everyone()
+    train_swaps = inner.dits.swaps - swaps_before
     metrics: dict = {}
     if accelerator.is_main_process:
         val = CachedClipDataset(index, split="val")
@@ -247,23 +292,21 @@ def run_training(cfg: TrainConfig, module: TrainingModule, accelerator, run_name
             "epochs": progress.epoch,
             "val_clips": len(val),
             "train_seconds_this_run": round(time.monotonic() - started, 1),
+            "dit_swaps_this_run": train_swaps,  # in training (evaluation runs sigma by sigma)
+            "dit_offload": inner.dits.offload,
         }
-        write_json_atomic(out / "metrics.json", metrics)
+        write_json_atomic(out / METRICS_FILE, metrics)
         accelerator.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=progress.step)
     accelerator.end_training()
     return metrics
 
 
-def _stop_on_nonfinite(accelerator, out: Path, epoch: int, progress: TrainProgress, sigma: float, entries, loss) -> None:
-    """Save the state as it was before this step, then stop with a message saying what to do."""
-    state = out / f"state-nonfinite-step-{progress.step}"
-    save_state_atomically(accelerator, state)
-    clips = ", ".join(e.id for e in entries)
-    raise MoeError(
-        f"training stopped: the loss became {loss.item()} at epoch {epoch + 1}, step {progress.step + 1} "
-        f"(sigma {sigma:.3f}, clips {clips}); state saved to {state}. Check those clips' cache "
-        f"for NaN/inf, or lower --learning_rate"
-    )
+def _save_checkpoint(run: _Run, epoch: int) -> None:
+    """`checkpoint-epoch-N.safetensors` (weights, usable as is) + `state-epoch-N/` (resumable)."""
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        run.accelerator.unwrap_model(run.module).save_weights(run.out / f"checkpoint-epoch-{epoch}.safetensors")
+    run.save(run.out / f"state-epoch-{epoch}")
 
 
 def make_accelerator(cfg: TrainConfig):
@@ -279,15 +322,18 @@ def make_accelerator(cfg: TrainConfig):
     GradientState._reset_state()
     return Accelerator(
         cpu=cfg.cpu,
-        mixed_precision=cfg.mixed_precision,
+        mixed_precision=mixed_precision(cfg),
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(cfg.output_dir), logging_dir=str(cfg.output_dir / "logs")),
     )
 
 
-def load_dits(cfg: TrainConfig, accelerator) -> DualDiT:
+def load_dits(cfg: TrainConfig, accelerator, free_bytes: int | None = None) -> DualDiT:
+    """The stage's DiT(s), placed by --offload_inactive_dit (`free_bytes` overrides the device's
+    free memory in the `auto` decision)."""
     dits = DualDiT.load(
-        cfg.preset, cfg.dit, cfg.dit_high_noise, cfg.boundary, _dit_dtype(cfg), accelerator.device, cfg.offload_inactive_dit
+        cfg.preset, cfg.dit, cfg.dit_high_noise, cfg.boundary, _dit_dtype(cfg), accelerator.device,
+        cfg.offload_inactive_dit, int(cfg.placement_headroom_gib * GiB), free_bytes,
     )
     if cfg.gradient_checkpointing:
         dits.enable_gradient_checkpointing()

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import torch
 
+from moe.file_names import VANILLA_LORA_FILE
+from moe.lora.convert import write_musubi_copy
 from moe.lora.file import LoRAModuleWeights, write_lora_file
-from moe.lora.inject import adapter_items, adapters_enabled, build_adapters, inject_lora
-from moe.train.config import Stage1Config, TrainConfig
+from moe.lora.inject import adapter_items, build_adapters, inject_lora
+from moe.train.config import Stage1Config
 from moe.train.dual_dit import DualDiT, Expert
 from moe.train.flow_matching import per_sample_loss, roi_weights
 from moe.train.loop import (
@@ -27,9 +29,8 @@ from moe.train.loop import (
     open_dataset,
     run_training,
 )
-from moe.train.validation import dit_inputs, mean_loss_by_sigma, run_dit
-
-VANILLA_LORA_FILE = "vanilla_lora.safetensors"
+from moe.train.run_dir import claim_run_dir
+from moe.train.validation import dit_inputs, dit_variant, measure, run_dit
 
 
 class Stage1Module(TrainingModule):
@@ -61,22 +62,16 @@ class Stage1Module(TrainingModule):
     def save_weights(self, path: Path) -> None:
         write_lora_file(path, self.lora_weights(), self.spec, self.cfg.task, save_format=self.cfg.save_format)
 
-    def val_losses(self, items: list[dict], cfg: TrainConfig, lora: bool) -> dict[float, float]:
-        def loss(batch, sigma, noise):
-            pred, target = self.predict(batch, sigma, noise, self.dits.expert_for(float(sigma[0])))
-            return per_sample_loss(pred, target)
-
-        with adapters_enabled(self.dits, lora):
-            return mean_loss_by_sigma(items, cfg.val_sigmas, loss, next(self.adapters.parameters()).device, cfg.seed)
-
+    @torch.no_grad()
     def evaluate(self, items, cfg):
-        base = self.val_losses(items, cfg, lora=False)
-        final = self.val_losses(items, cfg, lora=True)
+        variants = {"base": dit_variant(self.dits, self.cfg.preset.i2v, adapters=False),
+                    "final": dit_variant(self.dits, self.cfg.preset.i2v, adapters=True)}
+        m = measure(items, cfg.val_sigmas, variants, self.dits, cfg.seed)
         return {
-            "val_loss_base": sum(base.values()) / len(base),
-            "val_loss_final": sum(final.values()) / len(final),
-            "val_loss_base_by_sigma": {str(s): v for s, v in base.items()},
-            "val_loss_final_by_sigma": {str(s): v for s, v in final.items()},
+            "val_loss_base": m.mean("base"),
+            "val_loss_final": m.mean("final"),
+            "val_loss_base_by_sigma": {str(s): v for s, v in m.mean_by_sigma("base").items()},
+            "val_loss_final_by_sigma": {str(s): v for s, v in m.mean_by_sigma("final").items()},
         }
 
 
@@ -84,10 +79,13 @@ def train_stage1(cfg: Stage1Config) -> dict:
     """Train the stage-1 LoRA; writes `vanilla_lora.safetensors` into `cfg.output_dir`."""
     check_dits(cfg)
     open_dataset(cfg)
-    accelerator = make_accelerator(cfg)
-    torch.manual_seed(cfg.seed)  # adapter initialisation
-    module = Stage1Module(cfg, load_dits(cfg, accelerator))
-    metrics = run_training(cfg, module, accelerator, run_name="stage1")
-    if accelerator.is_main_process:
-        module.save_weights(cfg.output_dir / VANILLA_LORA_FILE)
+    with claim_run_dir(cfg, "stage1", VANILLA_LORA_FILE):
+        accelerator = make_accelerator(cfg)
+        torch.manual_seed(cfg.seed)  # adapter initialisation
+        module = Stage1Module(cfg, load_dits(cfg, accelerator))
+        metrics = run_training(cfg, module, accelerator, run_name="stage1")
+        if accelerator.is_main_process:
+            module.save_weights(cfg.output_dir / VANILLA_LORA_FILE)
+            if cfg.musubi_copy:
+                write_musubi_copy(cfg.output_dir / VANILLA_LORA_FILE, overwrite=True)  # inside our run folder
     return metrics

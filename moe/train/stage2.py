@@ -14,30 +14,31 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from statistics import fmean
 
 import torch
 import torch.nn.functional as F
 
 from moe.errors import MoeError
+from moe.file_kind import classify, require_kind
+from moe.file_names import LORA_MOE_FILE
 from moe.hashing import sha256_tree
-from moe.inspect import classify, require_kind
-from moe.lora.inject import adapters_enabled
 from moe.lora.targets import check_same_targets
+from moe.lora_moe.experts import EXPERTS
 from moe.lora_moe.file import write_lora_moe_file
 from moe.lora_moe.gates import TimestepGate
-from moe.lora_moe.losses import LoadBalance, kl_teacher, mean_entropy
+from moe.lora_moe.losses import LoadBalance, routing_entropy, teacher_kl
 from moe.lora_moe.model import build_moe_adapters, inject_lora_moe, set_alpha_expert
 from moe.lora_moe.router import Router, RouterConfig
 from moe.lora_moe.routing import (
     RoutingState,
     compute_gates,
+    labels_by_name,
     teacher_distribution,
     teacher_forcing_rho,
 )
 from moe.train.config import Stage2Config
-from moe.train.dual_dit import DualDiT, Expert
-from moe.train.flow_matching import masked_loss, per_sample_loss, roi_weights
+from moe.train.dual_dit import DualDiT
+from moe.train.flow_matching import per_sample_loss, roi_weights
 from moe.train.loop import (
     TrainingModule,
     check_dits,
@@ -46,9 +47,9 @@ from moe.train.loop import (
     open_dataset,
     run_training,
 )
-from moe.train.validation import dit_inputs, iter_fixed_noise, run_dit
+from moe.train.routed_dit import RoutedDiT, stage2_metrics
+from moe.train.run_dir import claim_run_dir
 
-LORA_MOE_FILE = "lora_moe_stage2.safetensors"
 BASE_LORA_REFUSAL = (
     "--use_base_lora is not supported: stage-1 knowledge lives in the merged DiTs, not in a base_lora. "
     "Merge the stage-1 LoRA into both DiTs with `lora-moe merge` and pass the merged files as --dit and "
@@ -57,14 +58,13 @@ BASE_LORA_REFUSAL = (
 
 
 def check_stage2_inputs(cfg: Stage2Config) -> dict[str, str]:
-    """Refuse what the merge workflow rules out, before any weights are loaded. Returns the
+    """Refuse what the merge workflow rules out, before any weights are loaded (the experts are
+    checked against the cache's classes by `check_experts`, after the DiTs' task). Returns the
     merged DiTs' sha256 (recorded in the stage-2 file)."""
     if cfg.use_base_lora:
         raise MoeError(BASE_LORA_REFUSAL)
     if cfg.alpha_base is not None:
         warnings.warn("--alpha_base is ignored: this workflow has no base_lora (use_base_lora = false)", stacklevel=2)
-    if cfg.num_experts != len(cfg.expert_names):
-        raise MoeError(f"--num_experts {cfg.num_experts} but --expert_names lists {len(cfg.expert_names)}: {', '.join(cfg.expert_names)}")
     paths = {"low": cfg.dit} | ({"high": cfg.dit_high_noise} if cfg.dit_high_noise else {})
     stage1_loras = {}
     for name, path in paths.items():
@@ -87,14 +87,33 @@ def check_stage2_inputs(cfg: Stage2Config) -> dict[str, str]:
     return {name: sha256_tree(p) for name, p in paths.items()}
 
 
+def check_experts(cfg: Stage2Config, label_classes: tuple[str, ...]) -> None:
+    """`--num_experts` / `--expert_names` against the cache's label classes: one expert per class,
+    matched by name (any order), before any DiT is loaded."""
+    names, classes = tuple(cfg.expert_names), tuple(label_classes)
+    listed = f"--expert_names {','.join(names)}"
+    if cfg.num_experts != len(names):
+        raise MoeError(f"--num_experts {cfg.num_experts} but {listed} names {len(names)}; the cache's label classes are "
+                       f"{', '.join(classes)} (one expert each)")
+    if len(set(names)) != len(names):
+        raise MoeError(f"{listed} names an expert twice")
+    if set(names) != set(classes):
+        missing, unknown = [c for c in classes if c not in names], [n for n in names if n not in classes]
+        raise MoeError(
+            f"{listed} must name the cache's label classes ({', '.join(classes)}), one expert each, in any order"
+            + (f"; missing: {', '.join(missing)}" if missing else "") + (f"; not a label class: {', '.join(unknown)}" if unknown else "")
+        )
+
+
 class Stage2Module(TrainingModule):
-    def __init__(self, cfg: Stage2Config, dits: DualDiT, merged_dits: dict[str, str]):
+    def __init__(self, cfg: Stage2Config, dits: DualDiT, merged_dits: dict[str, str], label_classes: tuple[str, ...] = EXPERTS):
         super().__init__()
         self.cfg = cfg
         self.dits = dits
         self.merged_dits = merged_dits
         self.spec = cfg.target_spec()
         self.experts = tuple(cfg.expert_names)
+        self.label_classes = tuple(label_classes)  # the cache's label columns; experts match them by name
         self.state = RoutingState()
         modules = self.spec.resolve(cfg.preset.dit.num_layers)
         self.adapters = build_moe_adapters(dits.models["low"], modules, self.spec.alpha, len(self.experts))
@@ -102,23 +121,22 @@ class Stage2Module(TrainingModule):
             inject_lora_moe(dit, modules, self.spec.alpha, self.experts, self.state, adapters=self.adapters)
             set_alpha_expert(dit, cfg.alpha_expert)
         self.router = Router(RouterConfig.for_preset(cfg.preset, sigma_dim=cfg.router_sigma_dim, num_experts=len(self.experts), top_k=cfg.top_k))
-        self.router.requires_grad_(cfg.train_router and cfg.routing_mode == "learned")
+        self.router.requires_grad_(self.router_trained)
         self.timestep_gate = TimestepGate(len(self.experts))
         self.load_balance = LoadBalance(len(self.experts), cfg.load_balance_beta)
         self.rho = 0.0
+        # The routed forward (shared with `lora-moe eval`); a plain object, so the router and
+        # gates stay registered here only.
+        self.routed = RoutedDiT(dits, self.router, self.timestep_gate, self.state, self.experts, cfg.top_k, cfg.preset.i2v,
+                                self.label_classes)
 
     # --- routing ---------------------------------------------------------------------------
-    def router_probs(self, batch: dict, sigma: torch.Tensor) -> torch.Tensor:
-        image = batch.get("i2v_condition") if self.cfg.preset.i2v else None
-        return F.softmax(self.router(batch["text_embeds"], batch["text_mask"], sigma, image).float(), dim=-1)
+    def teacher(self, batch: dict) -> torch.Tensor:
+        """q [B, E] from the clips' labels, each column taken from the label class of that name."""
+        return teacher_distribution(labels_by_name(batch["labels"], self.label_classes, self.experts), self.experts)
 
     def gates(self, p: torch.Tensor, q: torch.Tensor, mode: str, rho: float = 0.0, hint: int | None = None) -> torch.Tensor:
         return compute_gates(mode, router_probs=p, q=q, rho=rho, hint_index=hint, top_k=self.cfg.top_k)
-
-    def predict(self, batch: dict, sigma: torch.Tensor, noise: torch.Tensor, expert: Expert, gates: torch.Tensor):
-        self.state.set(gates, sigma, self.timestep_gate(sigma))
-        x, target = dit_inputs(batch, sigma, noise, self.cfg.preset.i2v)
-        return run_dit(self.dits.get(expert), x, sigma, batch["text_embeds"]), target
 
     # --- training --------------------------------------------------------------------------
     def on_step(self, step: int, total_steps: int) -> None:
@@ -127,16 +145,17 @@ class Stage2Module(TrainingModule):
 
     def forward(self, batch, sigma, noise, expert):
         cfg = self.cfg
-        q = teacher_distribution(batch["labels"])
-        p = self.router_probs(batch, sigma)
+        q = self.teacher(batch)
+        logits = self.routed.router_logits(batch, sigma)
+        p = F.softmax(logits, dim=-1)
         g = self.gates(p, q, cfg.routing_mode, self.rho)
-        pred, target = self.predict(batch, sigma, noise, expert, g)
+        pred, target = self.routed.predict(batch, sigma, noise, expert, g)
         fm = per_sample_loss(pred, target, roi_weights(batch["roi"], cfg.roi_weight)).mean()
         parts = {"loss_fm": fm.detach(), "rho": torch.tensor(self.rho)}
         loss = fm
         if cfg.routing_mode == "learned" and cfg.train_router:
-            teach = kl_teacher(q, p) if cfg.use_teacher_guidance else torch.zeros(())
-            ent, lb = mean_entropy(p), self.load_balance(p)
+            teach = teacher_kl(q, logits) if cfg.use_teacher_guidance else torch.zeros(())
+            ent, lb = routing_entropy(logits), self.load_balance(p)
             loss = fm + cfg.lambda_teach * teach + cfg.lambda_ent * ent + cfg.lambda_lb * lb
             parts |= {"loss_teach": teach.detach(), "loss_entropy": ent.detach(), "loss_load_balance": lb.detach()}
         parts["routing_accuracy"] = (q.gather(1, p.argmax(1, keepdim=True)) > 0).float().mean()
@@ -150,38 +169,18 @@ class Stage2Module(TrainingModule):
         write_lora_moe_file(
             path, self.adapters, self.router, self.timestep_gate, experts=self.experts, targets=self.spec,
             task=self.cfg.task, merged_dits=self.merged_dits,
+            extra_metadata={"lora_moe.routing_mode": self.cfg.routing_mode, "lora_moe.router_trained": str(self.router_trained).lower()},
         )
 
-    # --- held-out metrics ------------------------------------------------------------------
-    def held_out_loss(self, batch, sigma, noise, expert: Expert, gates, experts_on: bool = True, roi: bool = False) -> float:
-        """Flow-matching loss of one clip with the given gates (over the ROI cells with `roi`)."""
-        with adapters_enabled(self.dits, experts_on):
-            pred, target = self.predict(batch, sigma, noise, expert, gates)
-        return float(masked_loss(pred, target, batch["roi"]) if roi else per_sample_loss(pred, target))
+    @property
+    def router_trained(self) -> bool:
+        return self.cfg.train_router and self.cfg.routing_mode == "learned"
 
+    # --- held-out metrics ------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, items, cfg):
         """Held-out metrics on the fixed sigma grid with fixed noise per (clip, sigma)."""
-        device = self.timestep_gate.k.device
-        accuracy, stage1, stage2, correct, wrong = [], [], [], [], []
-        for batch, s, sigma, noise in iter_fixed_noise(items, cfg.val_sigmas, device, cfg.seed):
-            expert = self.dits.expert_for(s)
-            q = teacher_distribution(batch["labels"])
-            p = self.router_probs(batch, sigma)
-            accuracy.append(float(q[0, p.argmax()] > 0))  # top-1 is an instrument of the clip
-            stage1.append(self.held_out_loss(batch, sigma, noise, expert, q, experts_on=False))
-            stage2.append(self.held_out_loss(batch, sigma, noise, expert, self.gates(p, q, "learned")))
-            if batch["roi"].sum() > 0:
-                roi = [self.held_out_loss(batch, sigma, noise, expert, self.gates(p, q, "hint", hint=e), roi=True)
-                       for e in range(len(self.experts))]
-                correct.append(fmean(r for r, qe in zip(roi, q[0]) if qe > 0))
-                wrong.append(fmean(r for r, qe in zip(roi, q[0]) if qe == 0))
-        return {
-            "routing_accuracy": fmean(accuracy),
-            "roi_loss_correct_hint": fmean(correct) if correct else float("nan"),
-            "roi_loss_wrong_hint": fmean(wrong) if wrong else float("nan"),
-            "val_loss_stage1": fmean(stage1),
-            "val_loss_stage2": fmean(stage2),
+        return stage2_metrics(self.routed.measure(items, cfg.val_sigmas, cfg.seed)) | {
             "timestep_gate_k": self.timestep_gate.k.tolist(),
             "timestep_gate_c": self.timestep_gate.c.tolist(),
             "experts": list(self.experts),
@@ -192,13 +191,15 @@ def train_stage2(cfg: Stage2Config) -> dict:
     """Train experts + router + gates; writes `lora_moe_stage2.safetensors` into `cfg.output_dir`."""
     merged = check_stage2_inputs(cfg)
     check_dits(cfg)
-    open_dataset(cfg)
-    accelerator = make_accelerator(cfg)
-    torch.manual_seed(cfg.seed)
-    module = Stage2Module(cfg, load_dits(cfg, accelerator), merged)
-    metrics = run_training(cfg, module, accelerator, run_name="stage2")
-    if accelerator.is_main_process:
-        module.save_weights(cfg.output_dir / LORA_MOE_FILE)
+    index = open_dataset(cfg)
+    check_experts(cfg, index.label_classes)
+    with claim_run_dir(cfg, "stage2", LORA_MOE_FILE):
+        accelerator = make_accelerator(cfg)
+        torch.manual_seed(cfg.seed)
+        module = Stage2Module(cfg, load_dits(cfg, accelerator), merged, index.label_classes)
+        metrics = run_training(cfg, module, accelerator, run_name="stage2")
+        if accelerator.is_main_process:
+            module.save_weights(cfg.output_dir / LORA_MOE_FILE)
     return metrics
 
 

@@ -22,11 +22,11 @@ from safetensors.torch import load_file, save_file
 
 from moe.atomic import atomic_dir, atomic_file
 from moe.errors import MoeError, key_set_problems
-from moe.safetensors_file import SafetensorsHeader, read_header
+from moe.file_kind import describe_kind
+from moe.safetensors_file import SafetensorsHeader, read_header, resolve_files
 from moe.wan.keys import KeyFormat, detect_key_format, diffusers_to_original
 from moe.wan.presets import PRESETS, DiTConfig, WanPreset
 
-SHARD_RE = re.compile(r"(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors")
 DEFAULT_SHARD_STEM = "diffusion_pytorch_model"
 
 
@@ -62,52 +62,6 @@ class CheckpointLayout(BaseModel):
         return f"{self.key_format.describe()}, {where}"
 
 
-def _find_index(folder: Path) -> Path | None:
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
-    if len(indexes) > 1:
-        raise MoeError(f"{folder} holds several index files ({', '.join(p.name for p in indexes)}); pass one of them")
-    return indexes[0] if indexes else None
-
-
-def _shards_from_index(index: Path) -> list[Path]:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise MoeError(f"{index} is not a valid safetensors index (expected a 'weight_map')") from None
-    files = sorted(set(weight_map.values()))
-    missing = [f for f in files if not (index.parent / f).is_file()]
-    if missing:
-        raise MoeError(f"sharded checkpoint {index} is incomplete: missing {', '.join(missing)}")
-    return [index.parent / f for f in files]
-
-
-def resolve_files(path: str | Path) -> tuple[list[Path], Path | None]:
-    """The shard files (and index) a user path refers to, without reading any tensor."""
-    path = Path(path)
-    if not path.exists():
-        raise MoeError(f"{path} does not exist")
-    if path.is_dir():
-        index = _find_index(path)
-        if index:
-            return _shards_from_index(index), index
-        singles = sorted(path.glob("*.safetensors"))
-        if len(singles) == 1:
-            return singles, None
-        raise MoeError(
-            f"{path} holds {len(singles)} .safetensors files and no *.safetensors.index.json; "
-            "pass the file to use or add the index"
-        )
-    if path.name.endswith(".index.json"):
-        return _shards_from_index(path), path
-    m = SHARD_RE.fullmatch(path.name)
-    if m:
-        index = _find_index(path.parent)
-        if index is None:
-            raise MoeError(f"{path} looks like a shard but its folder has no *.safetensors.index.json")
-        return _shards_from_index(index), index
-    return [path], None
-
-
 def resolve_checkpoint(path: str | Path) -> CheckpointLayout:
     """Find a DiT checkpoint's files and detect its key format (reads headers only)."""
     files, index = resolve_files(path)
@@ -115,10 +69,6 @@ def resolve_checkpoint(path: str | Path) -> CheckpointLayout:
     keys = [k for h in headers for k in h.tensors]
     key_format = detect_key_format(keys)
     if key_format is None:
-        from moe.inspect import (
-            describe_kind,  # late import: inspect builds on this module
-        )
-
         raise MoeError(f"{path} is not a Wan DiT checkpoint: it is {describe_kind(path)}")
     return CheckpointLayout(files=files, index=index, key_format=key_format, headers=headers)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
+from moe.errors import MoeError
+
 
 class DiTConfig(BaseModel):
     """Constructor kwargs of diffusers' `WanTransformer3DModel` (the subset Wan2.2 uses)."""
@@ -159,4 +161,4 @@ def get_preset(task: str) -> WanPreset:
     try:
         return PRESETS[task]
     except KeyError:
-        raise ValueError(f"unknown task {task!r}; choose one of: {', '.join(PRESETS)}") from None
+        raise MoeError(f"unknown task {task!r}; choose one of: {', '.join(PRESETS)}") from None

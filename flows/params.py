@@ -1,0 +1,206 @@
+"""Typed parameters of the `lora-moe-pipeline` flow (pydantic, so the Prefect UI renders a
+validated form with descriptions and defaults).
+
+The training and eval settings are generated from the commands' own configs
+(`moe.train.config`, `moe.eval.config`): every option of `Stage1Config` / `Stage2Config` /
+`EvalConfig` except the paths and runtime switches the tasks fill in; the promotion gate is
+`moe.eval.gate.PromotionGate` itself. A setting left empty takes the preset's value: the tiny
+presets use exactly what `lora-moe workflow run` uses (`moe.workflow`), the real ones the
+config defaults. The resolved settings go to the child as a YAML `--config` file (the gate as
+`--gate FILE`), so the CLI, config files and the UI all spell an option the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+
+from moe.errors import MoeError
+from moe.eval.config import EvalConfig
+from moe.eval.gate import PromotionGate
+from moe.train.config import TARGET_FLAGS, Stage1Config, Stage2Config
+from moe.wan.presets import PRESETS
+from moe.workflow import TINY_PRESETS, WorkflowConfig, eval_options, stage1_options, stage2_options
+from tasks.artifacts.s3 import S3Options
+from tasks.tracking import TrackingSettings
+
+Preset = Literal["tiny", "tiny-t2v", "tiny-i2v", "t2v-A14B", "i2v-A14B", "ti2v-5B"]
+assert set(Preset.__args__) == set(TINY_PRESETS) | set(PRESETS)
+
+# Filled in by the tasks (inputs fetched by ref, the work folder, resume after a failure, GPUs).
+RUNTIME_FIELDS = frozenset({"task", "dit", "dit_high_noise", "dataset", "output_dir", "resume", "progress", "cpu"})
+EVAL_RUNTIME_FIELDS = RUNTIME_FIELDS | {
+    "merged_dit", "merged_dit_high_noise", "lora_moe_weights", "model_set", "vae", "text_encoder", "tokenizer",
+    "manifest", "device", "overwrite", "gate",
+}
+
+_TINY = WorkflowConfig(output_dir=".")
+TINY_STAGE1 = stage1_options(_TINY)
+TINY_STAGE2 = stage2_options(_TINY) | {"seed": _TINY.seed}
+TINY_EVAL = eval_options(_TINY)
+
+
+def settings_model(config: type[BaseModel], name: str, exclude: frozenset[str], tiny: dict[str, Any], doc: str) -> type[BaseModel]:
+    """`config`'s fields minus `exclude`, each optional (empty = the preset's value), keeping
+    the field's type, constraints and description."""
+    fields = {}
+    for field_name, info in config.model_fields.items():
+        if field_name in exclude:
+            continue
+        typ = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+        default = info.get_default(call_default_factory=True)
+        text = (info.description or field_name.replace("_", " ").capitalize()).rstrip(".")
+        text += f". Default {default!r}" + (f"; tiny presets {tiny[field_name]!r}." if field_name in tiny else ".")
+        fields[field_name] = (typ | None, Field(None, description=text))
+    return create_model(name, __config__=ConfigDict(extra="forbid"), __doc__=doc, **fields)
+
+
+Stage1Settings = settings_model(
+    Stage1Config, "Stage1Settings", RUNTIME_FIELDS, TINY_STAGE1,
+    "Stage-1 (vanilla LoRA) training options: the `lora-moe stage1` flags.",
+)
+Stage2Settings = settings_model(
+    Stage2Config, "Stage2Settings", RUNTIME_FIELDS | set(TARGET_FLAGS), TINY_STAGE2,
+    "Stage-2 (LoRA-MoE) training options: the `lora-moe stage2` flags; the LoRA targets and ranks are stage 1's.",
+)
+EvalSettings = settings_model(
+    EvalConfig, "EvalSettings", EVAL_RUNTIME_FIELDS, TINY_EVAL,
+    "`lora-moe eval` options (held-out clips, sigma grid, seed, bootstrap, samples); the gate is its own parameter.",
+)
+Stage1Settings.__module__ = Stage2Settings.__module__ = EvalSettings.__module__ = __name__
+
+
+def resolve_settings(settings: BaseModel, tiny_preset: bool, tiny_defaults: dict[str, Any]) -> dict[str, Any]:
+    """Preset values overridden by what the user set."""
+    return (dict(tiny_defaults) if tiny_preset else {}) | settings.model_dump(mode="json", exclude_none=True)
+
+
+class ModelInputs(BaseModel):
+    """Base Wan2.2 checkpoints and components by URI (s3://bucket/key, file:///path or a path).
+    All empty with a tiny preset: the embedded tiny model set is made and stored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dit: str | None = Field(None, description="Low-noise DiT (the one DiT of ti2v-5B): a .safetensors file or a sharded folder.")
+    dit_high_noise: str | None = Field(None, description="High-noise DiT (A14B tasks).")
+    vae: str | None = Field(None, description="diffusers vae/ folder or Wan2.1_VAE.pth.")
+    text_encoder: str | None = Field(None, description="diffusers text_encoder/ folder or the UMT5 .pth.")
+    tokenizer: str | None = Field(None, description="tokenizer/ folder.")
+    tiny_seed: int = Field(0, description="Seed of the embedded tiny model set.")
+
+    def given(self) -> dict[str, str]:
+        return {k: v for k, v in self.model_dump(exclude={"tiny_seed"}).items() if v}
+
+
+class DataSettings(BaseModel):
+    """The clips and their latent cache (`prepare-data`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    manifest: str | None = Field(
+        None, description="Clip manifest (JSONL; videos relative to it) by URI. Empty: the synthetic surgical-like set."
+    )
+    size: str | None = Field(None, description="Cache bucket WIDTHxHEIGHT. Default 832x480; tiny presets 64x64.")
+    frames: int | None = Field(None, gt=0, description="Frames per clip, 4k+1. Default 81; tiny presets 17.")
+    dtype: Literal["float32", "bf16", "fp16"] | None = Field(None, description="VAE/text-encoder dtype. Default bf16; tiny float32.")
+    embed_dtype: Literal["float32", "bf16"] | None = Field(None, description="Stored text embeddings. Default bf16; tiny float32.")
+    synthetic_clips: int = Field(WorkflowConfig.model_fields["clips"].default, gt=1, description="Clips of the synthetic set.")
+    synthetic_seed: int = Field(0, description="Seed of the synthetic set.")
+    val_fraction: float = Field(0.2, ge=0, lt=1, description="Share of synthetic clips held out for validation.")
+
+    @field_validator("size")
+    @classmethod
+    def _check_size(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"\d+x\d+", value):
+            raise ValueError(f"expected WIDTHxHEIGHT such as 832x480, got {value!r}")
+        return value
+
+    def resolved(self, tiny_preset: bool) -> dict[str, Any]:
+        tiny = {"size": "x".join(map(str, _TINY.size)), "frames": _TINY.frames, "dtype": "float32", "embed_dtype": "float32"}
+        real = {"size": "832x480", "frames": 81, "dtype": "bf16", "embed_dtype": "bf16"}
+        return (tiny if tiny_preset else real) | self.model_dump(exclude_none=True, include=set(real))
+
+
+class MergeSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lora_multiplier: float = Field(1.0, description="Strength of the stage-1 LoRA folded into both experts.")
+
+
+class StageResources(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    gpus: int | None = Field(None, ge=0, description="GPUs (0: CPU; > 1: accelerate launch). Default: 0 for tiny presets, else 1.")
+    timeout_minutes: float = Field(24 * 60, gt=0, description="The stage command is killed (its whole process group) after this.")
+    retries: int = Field(1, ge=0, le=5, description="Retries after a failure other than bad input; training resumes from its last saved state.")
+
+
+class Resources(BaseModel):
+    """GPUs, time limits and retries per stage. A stage's empty `gpus` is taken from the worker's
+    environment (LORA_MOE_<STAGE>_GPUS, else LORA_MOE_GPUS: job variables of a deployment), else
+    0 for the tiny presets and 1 for the real ones."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prepare_data: StageResources = StageResources(timeout_minutes=12 * 60, retries=2)
+    stage1: StageResources = StageResources()
+    merge: StageResources = StageResources(gpus=0, timeout_minutes=6 * 60, retries=2)
+    stage2: StageResources = StageResources()
+    eval: StageResources = StageResources(timeout_minutes=6 * 60)
+
+    def resolved(self, tiny_preset: bool, environ: dict[str, str]) -> Resources:
+        """Every stage's `gpus` filled in: the parameter, else the environment, else the preset's."""
+        stages = {}
+        for name in type(self).model_fields:
+            stage = getattr(self, name)
+            if stage.gpus is None:
+                stage = stage.model_copy(update={"gpus": _gpus_from_env(name, environ, 0 if tiny_preset else 1)})
+            stages[name] = stage
+        return type(self)(**stages)
+
+
+def _gpus_from_env(stage: str, environ: dict[str, str], default: int) -> int:
+    for variable in (f"LORA_MOE_{stage.upper()}_GPUS", "LORA_MOE_GPUS"):
+        value = environ.get(variable, "").strip()
+        if value:
+            if not value.isdigit():
+                raise MoeError(f"{variable}={value!r} must be a number of GPUs (0 for the CPU)")
+            return int(value)
+    return default
+
+
+class StorageSettings(BaseModel):
+    """S3 options (for s3:// URIs) and the worker's scratch folder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    s3: S3Options = S3Options()
+    work_dir: str | None = Field(
+        None, description="Worker scratch and download cache. Default: LORA_MOE_WORK_DIR, else ARTIFACT_ROOT/work for a "
+        "local root or ~/.cache/lora-moe for S3.",
+    )
+
+
+STAGE_ORDER: tuple[tuple[str, ...], ...] = (
+    ("tiny-models", "synth-data"), ("prepare-data",), ("stage1-train",), ("merge-low", "merge-high"),
+    ("stage2-train",), ("eval",), ("register",),
+)
+StageName = Literal["tiny-models", "synth-data", "prepare-data", "stage1-train", "merge-low", "merge-high",
+                    "stage2-train", "eval", "register"]
+
+
+def forced_stages(force: str | None) -> set[str]:
+    """The named stage and every stage after it."""
+    if force is None:
+        return set()
+    level = next(i for i, names in enumerate(STAGE_ORDER) if force in names)
+    return {name for names in STAGE_ORDER[level:] for name in names}
+
+
+__all__ = [
+    "DataSettings", "EvalSettings", "MergeSettings", "ModelInputs", "Preset", "PromotionGate", "Resources", "S3Options",
+    "Stage1Settings", "Stage2Settings", "StageName", "StorageSettings", "TrackingSettings", "forced_stages",
+    "resolve_settings",
+]

@@ -1,0 +1,32 @@
+"""Evaluation (SPEC section 8): base vs stage 1 vs stage 2 on held-out clips, a report people
+read, plots, sample videos and a promotion gate (`lora-moe eval`).
+
+    config.py    EvalConfig, SweepConfig (torch-free)      gate.py     PromotionGate (torch-free)
+    inputs.py    every input checked before anything runs  variants.py the model variants
+    metrics.py   losses by region/class/sigma, bootstrap    routing.py  routing quality
+    report.py    EvalReport, report.md (torch-free)         plots.py    matplotlib PNGs
+    samples.py   MP4 samples + contact sheet                sweep.py    multiplier sweep
+    run.py       evaluate(EvalConfig) -> EvalReport
+
+Importing `moe.eval` is cheap: torch, diffusers and matplotlib load only when a function runs.
+"""
+
+from __future__ import annotations
+
+from moe.eval.config import EvalConfig, SweepConfig
+from moe.eval.gate import PromotionGate
+from moe.eval.report import EvalReport
+
+__all__ = ["EvalConfig", "EvalReport", "PromotionGate", "SweepConfig", "evaluate", "multiplier_sweep"]
+
+
+def evaluate(cfg: EvalConfig) -> EvalReport:
+    from moe.eval.run import evaluate as run
+
+    return run(cfg)
+
+
+def multiplier_sweep(cfg: SweepConfig):
+    from moe.eval.sweep import multiplier_sweep as run
+
+    return run(cfg)

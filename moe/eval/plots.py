@@ -1,0 +1,194 @@
+"""The report's PNG plots, drawn with matplotlib's object API (`Figure`, Agg canvas: no GUI
+backend, no global pyplot state). Each function takes report models and writes one file."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from moe.eval.report import EvalReport
+
+PLOTS_DIR = "plots"
+_VARIANT_STYLE = {"base": "tab:gray", "stage1": "tab:blue", "stage2_learned": "tab:red", "stage2_hint": "tab:green"}
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _save(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+
+
+def loss_vs_sigma(report: EvalReport, path: Path) -> None:
+    fig = _figure(11, 3.4)
+    axes = fig.subplots(1, 3, sharex=True)
+    for ax, region in zip(axes, ("overall", "roi", "background")):
+        for name, color in _VARIANT_STYLE.items():
+            v = report.variants.get(name)
+            if v is None:
+                continue
+            ys = [v.by_sigma[f"{s:g}"][region] for s in report.sigmas]
+            ys = [np.nan if y is None else y for y in ys]
+            ax.plot(report.sigmas, ys, marker="o", color=color, label=name)
+        ax.set_title(f"{region} loss")
+        ax.set_xlabel("sigma")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("flow-matching MSE")
+    axes[0].legend(fontsize=8)
+    _save(fig, path)
+
+
+def class_roi_loss(report: EvalReport, path: Path) -> None:
+    classes = [c for c in report.routing.experts if report.classes.get(c)]
+    names = [n for n in _VARIANT_STYLE if n in report.variants]
+    fig = _figure(8, 3.6)
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(names))
+    for k, name in enumerate(names):
+        est = [report.variants[name].by_class[c].roi for c in classes]
+        means = np.array([np.nan if e.mean is None else e.mean for e in est])
+        err = np.array([[0, 0] if e.mean is None else [e.mean - e.low, e.high - e.mean] for e in est]).T
+        ax.bar(np.arange(len(classes)) + k * width, means, width, yerr=err, capsize=3,
+               color=_VARIANT_STYLE[name], label=name)
+    ax.set_xticks(np.arange(len(classes)) + width * (len(names) - 1) / 2)
+    ax.set_xticklabels([f"{c}\n({report.classes[c]} clips)" for c in classes])
+    ax.set_ylabel("ROI loss (95% interval)")
+    ax.set_title("ROI loss by instrument class")
+    finite = [e.low for n in names for c in classes if (e := report.variants[n].by_class[c].roi).low is not None]
+    if finite:
+        ax.set_ylim(bottom=0.9 * min(finite))
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)
+
+
+def _heat_map(ax, values: np.ndarray, labels: list[str], rows: list[str], cols: list[str], cmap: str, vmin, vmax):
+    image = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax)
+    ax.set_xticks(range(len(cols)), cols)
+    ax.set_yticks(range(len(rows)), rows)
+    for (i, j), text in np.ndenumerate(np.array(labels, dtype=object).reshape(values.shape)):
+        r, g, b, _ = image.cmap(image.norm(values[i, j]))
+        dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5  # white text on dark cells
+        ax.text(j, i, text, ha="center", va="center", fontsize=9, color="white" if dark else "black")
+    return image
+
+
+def confusion(report: EvalReport, path: Path) -> None:
+    r = report.routing
+    counts = np.array(r.confusion, dtype=float)
+    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    fig = _figure(5, 4.2)
+    ax = fig.subplots()
+    image = _heat_map(ax, share, [str(int(n)) for n in counts.ravel()], r.experts, r.experts, "Blues", vmin=0, vmax=1)
+    ax.set_xlabel("router's top-1 expert")
+    ax.set_ylabel("label (teacher class)")
+    ax.set_title(f"routing confusion (top-1 accuracy {r.top1_accuracy.mean:.2f})")
+    fig.colorbar(image, ax=ax, label="share of the row")
+    _save(fig, path)
+
+
+def expert_load(report: EvalReport, path: Path) -> None:
+    r = report.routing
+    x = np.arange(len(r.experts))
+    fig = _figure(6, 3.4)
+    ax = fig.subplots()
+    ax.bar(x - 0.2, [r.load[e] for e in r.experts], 0.4, label="mean gate")
+    ax.bar(x + 0.2, [r.top1_share[e] for e in r.experts], 0.4, label="top-1 share")
+    ax.axhline(1 / len(r.experts), color="k", lw=0.8, ls="--", label="balanced")
+    ax.set_xticks(x, r.experts)
+    ax.set_title(f"expert load (E sum f P = {r.load_balance:.2f})")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def gate_curves(report: EvalReport, path: Path, boundary: float | None) -> None:
+    curves = report.routing.gate_curves
+    fig = _figure(6, 3.4)
+    ax = fig.subplots()
+    for e in report.routing.experts:
+        ax.plot(curves["sigma"], curves[e], label=e)
+    if boundary is not None:
+        ax.axvline(boundary, color="k", lw=0.8, ls="--", label=f"expert boundary {boundary:g}")
+    ax.set_xlabel("sigma")
+    ax.set_ylabel("w_e(sigma)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("timestep gates")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def knockout(report: EvalReport, path: Path) -> None:
+    experts = report.routing.experts
+    classes = [c for c in experts if report.classes.get(c)]
+    est = [[report.knockout.roi_delta[e][c] for c in classes] for e in experts]
+    values = np.array([[np.nan if x.mean is None else 100 * x.mean for x in row] for row in est])
+    limit = np.nanmax(np.abs(values)) if np.isfinite(values).any() else 1.0
+    fig = _figure(5.5, 4.2)
+    ax = fig.subplots()
+    labels = ["n/a" if math.isnan(v) else f"{v:+.1f}%" for v in values.ravel()]
+    image = _heat_map(ax, values, labels, experts, classes, "RdBu_r", vmin=-limit, vmax=limit)
+    ax.set_xlabel("class")
+    ax.set_ylabel("expert switched off")
+    ax.set_title("knock-out: ROI loss change")
+    fig.colorbar(image, ax=ax, label="% change of the ROI loss")
+    _save(fig, path)
+
+
+def write_plots(report: EvalReport, out: Path, boundary: float | None) -> list[str]:
+    """Every plot under `out/plots/`; returns their paths relative to `out`."""
+    plots = {"loss_vs_sigma": loss_vs_sigma, "class_roi_loss": class_roi_loss, "routing_confusion": confusion,
+             "expert_load": expert_load, "knockout": knockout}
+    written = []
+    for name, draw in plots.items():
+        draw(report, out / PLOTS_DIR / f"{name}.png")
+        written.append(f"{PLOTS_DIR}/{name}.png")
+    gate_curves(report, out / PLOTS_DIR / "timestep_gates.png", boundary)
+    return written + [f"{PLOTS_DIR}/timestep_gates.png"]
+
+
+def contact_sheet(rows: list[tuple], path: Path) -> None:
+    """First / middle / last frames of (label, real, hinted, learned) videos, one row each."""
+    cols = [(video, name, where) for video, name in ((1, "real"), (2, "hinted"), (3, "learned"))
+            for where in ("first", "middle", "last")]
+    h, w = rows[0][1].shape[1:3]
+    inches = min(1.6, max(1.0, max(h, w) / 100)) / max(h, w)  # per pixel: 1-1.6 in per frame
+    fig = _figure(len(cols) * w * inches + 1.4, len(rows) * (h * inches + 0.15) + 0.5)
+    axes = np.atleast_2d(fig.subplots(len(rows), len(cols)))
+    for r, row in enumerate(rows):
+        for c, (video, name, where) in enumerate(cols):
+            frames = row[video]
+            ax = axes[r, c]
+            ax.imshow(frames[{"first": 0, "middle": len(frames) // 2, "last": len(frames) - 1}[where]], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"{name}\n{where}", fontsize=8)
+            if c == 0:
+                ax.set_ylabel(row[0].replace(" / ", "\n"), fontsize=8, rotation=0, ha="right", va="center")
+    _save(fig, path)
+
+
+def sweep_plot(result, path: Path) -> None:
+    """Held-out loss against the merge multiplier (`moe.eval.sweep.SweepResult`)."""
+    fig = _figure(6, 3.4)
+    ax = fig.subplots()
+    xs = [p.multiplier for p in result.points]
+    for region, color in (("overall", "tab:blue"), ("roi", "tab:red")):
+        est = [getattr(p, region) for p in result.points]
+        if any(e.mean is None for e in est):
+            continue
+        ax.errorbar(xs, [e.mean for e in est], yerr=[[e.mean - e.low for e in est], [e.high - e.mean for e in est]],
+                    marker="o", capsize=3, color=color, label=f"{region} loss")
+    ax.axvline(result.recommended, color="k", lw=0.8, ls="--", label=f"recommended x{result.recommended:g}")
+    ax.set_xlabel("--lora_multiplier")
+    ax.set_ylabel("held-out loss (95% interval)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, path)

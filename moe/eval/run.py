@@ -1,0 +1,163 @@
+"""`evaluate(EvalConfig) -> EvalReport`: measure every variant on the held-out clips, compute the
+statistics, judge the gate, and write the report folder atomically:
+
+    DIR/eval_report.json   EvalReport (metrics, gate verdict, inputs' sha256, everything below)
+    DIR/report.md          the one-minute summary (relative links only)
+    DIR/plots/*.png        loss vs sigma, per-class ROI loss, confusion, expert load, knock-out, gates
+    DIR/samples/*.mp4      per expert: hinted, learned router, real clip; contact_sheet.png
+
+Every input is checked before anything is loaded; the folder appears only when complete.
+"""
+
+from __future__ import annotations
+
+import math
+
+from moe import __version__
+from moe.atomic import atomic_dir
+from moe.eval.config import EvalConfig
+from moe.eval.report import Estimate, EvalReport, render_markdown
+from moe.file_names import EVAL_REPORT_FILE
+
+IMPROVEMENT_PAIRS = [("base", "stage1"), ("stage1", "stage2_learned"), ("stage1", "stage2_hint")]
+CONTACT_SHEET = "samples/contact_sheet.png"
+
+
+def _put(metrics: dict[str, float], name: str, value: float | None) -> None:
+    if value is not None and math.isfinite(value):
+        metrics[name] = float(value)
+
+
+def _put_estimate(metrics: dict[str, float], name: str, e: Estimate, interval: bool = False) -> None:
+    _put(metrics, name, e.mean)
+    if interval and e.mean is not None:
+        _put(metrics, f"{name}_ci_low", e.low)
+        _put(metrics, f"{name}_ci_high", e.high)
+
+
+def headline_metrics(variants, improvements, hint, routing, knockout) -> dict[str, float]:
+    """The flat {name: float} of the report (for mlflow.log_metrics and the gate); unmeasured
+    numbers are left out rather than written as NaN."""
+    metrics: dict[str, float] = {}
+    for name, v in variants.items():
+        for region in ("overall", "roi", "background"):
+            _put_estimate(metrics, f"{name}_{region}_loss", getattr(v.losses, region))
+        for c, losses in v.by_class.items():
+            _put_estimate(metrics, f"{name}_roi_loss_{c}", losses.roi)
+    for i in improvements:
+        _put_estimate(metrics, f"{i.after}_{i.region}_improvement_over_{i.before}", i.relative, interval=True)
+    correct, wrong, margin = hint
+    _put_estimate(metrics, "hint_correct_roi_loss", correct)
+    _put_estimate(metrics, "hint_wrong_roi_loss", wrong)
+    _put_estimate(metrics, "hint_correct_vs_wrong_roi_margin", margin, interval=True)
+    _put_estimate(metrics, "routing_top1_accuracy", routing.top1_accuracy)
+    _put_estimate(metrics, "routing_top2_accuracy", routing.top2_accuracy)
+    _put(metrics, "routing_mean_entropy", routing.mean_entropy)
+    _put(metrics, "routing_load_balance", routing.load_balance)
+    for e in routing.experts:
+        _put(metrics, f"routing_load_{e}", routing.load[e])
+        _put(metrics, f"routing_top1_share_{e}", routing.top1_share[e])
+        if e in knockout.roi_delta.get(e, {}):
+            _put_estimate(metrics, f"knockout_{e}_own_class_roi_delta", knockout.roi_delta[e][e], interval=True)
+    return metrics
+
+
+def _warnings(cfg: EvalConfig, metrics: dict[str, float], classes: dict[str, int], has_base: bool) -> list[str]:
+    out = []
+    s1 = metrics.get("stage1_overall_improvement_over_base")
+    if not has_base:
+        out.append("no base DiTs given (--dit / --dit_high_noise): stage 1 is not compared with the base model")
+    elif s1 is not None and s1 < cfg.stage1_undertrained_below:
+        out.append(
+            f"stage 1 looks undertrained: it lowers the base DiT's held-out loss by only {s1:.1%} (below "
+            f"{cfg.stage1_undertrained_below:.0%}); retrain stage 1 (more epochs or clips) before stage 2"
+        )
+    s2 = metrics.get("stage2_learned_roi_improvement_over_stage1")
+    if s2 is not None and s2 <= 0:
+        low = f"--dit {cfg.dit}" if cfg.dit else "--dit BASE_LOW"
+        out.append(
+            f"stage 2 does not improve on stage 1 in the ROI ({s2:+.1%}): check the stage-1 merge strength with "
+            f"`lora-moe eval multiplier-sweep {low} --lora_weight vanilla_lora.safetensors --dataset {cfg.dataset} "
+            "--multipliers 0.8,0.9,1.0,1.1,1.2` and keep the stage-2 learning rate at 5e-5 or lower"
+        )
+    margin = metrics.get("hint_correct_vs_wrong_roi_margin")
+    if margin is not None and margin <= 0:
+        out.append(
+            f"forcing a clip's own expert is no better in the ROI than a wrong one ({margin:+.1%}): the experts did "
+            "not specialise; train stage 2 longer or with a higher --roi_weight"
+        )
+    accuracy = metrics.get("routing_top1_accuracy")
+    if accuracy is not None and accuracy < cfg.gate.min_routing_top1_accuracy:
+        out.append(
+            f"the router's top-1 expert matches the labels in only {accuracy:.0%} of held-out samples: check the "
+            "instrument labels and the teacher guidance (--lambda_teach, --teacher_forcing_fraction)"
+        )
+    out += [f"no held-out clip of class {c}: its per-class numbers are missing" for c, n in classes.items() if n == 0]
+    return out
+
+
+def evaluate(cfg: EvalConfig) -> EvalReport:
+    from moe.eval.inputs import claim_eval_output
+
+    inputs = {f"--{k}": getattr(cfg, k) for k in ("merged_dit", "merged_dit_high_noise", "lora_moe_weights", "dit", "dit_high_noise", "dataset")}
+    with claim_eval_output(cfg.output_dir, cfg.overwrite, inputs, EVAL_REPORT_FILE):
+        return _evaluate(cfg)
+
+
+def _evaluate(cfg: EvalConfig) -> EvalReport:
+    from moe.eval.inputs import check_eval_inputs, load_items
+    from moe.eval.metrics import (
+        Bootstrap,
+        hint_matrix,
+        improvements,
+        knockout_report,
+        variant_report,
+    )
+    from moe.eval.plots import contact_sheet, write_plots
+    from moe.eval.routing import routing_report
+    from moe.eval.samples import generate_samples
+    from moe.eval.variants import MAIN_VARIANTS, measure_variants
+    from moe.wan.presets import get_preset
+
+    checked = check_eval_inputs(cfg)
+    preset = get_preset(checked.task)
+    moe_file = checked.moe_file
+    items = load_items(checked.clips)
+    m, model = measure_variants(cfg, preset, moe_file, items)
+
+    boot = Bootstrap(len(items), cfg.bootstrap_samples, cfg.seed)
+    variants = {name: variant_report(m, boot, name, desc) for name, desc in MAIN_VARIANTS.items() if name in m.losses}
+    gains = improvements(m, boot, IMPROVEMENT_PAIRS)
+    correct, wrong = m.hint_losses()
+    hint = (boot.mean(correct), boot.mean(wrong), boot.improvement(wrong, correct))
+    routing = routing_report(m, boot, model.timestep_gate.k.detach(), model.timestep_gate.c.detach())
+    knockout = knockout_report(m, boot)
+    classes = {e: int(m.class_mask(e).sum()) for e in m.experts}
+    metrics = headline_metrics(variants, gains, hint, routing, knockout) | {"val_clips": float(len(items))}
+    report = EvalReport(
+        tool=f"wan-lora-moe {__version__}",
+        task=checked.task,
+        metrics=metrics,
+        gate=cfg.gate.evaluate(metrics),
+        inputs=checked.hashes,
+        clips=m.clip_ids,
+        sigmas=list(m.sigmas),
+        seed=cfg.seed,
+        classes=classes,
+        variants=variants,
+        improvements=gains,
+        hint_matrix=hint_matrix(m),
+        routing=routing,
+        knockout=knockout,
+        warnings=_warnings(cfg, metrics, classes, has_base="base" in m.losses),
+    )
+    with atomic_dir(cfg.output_dir) as tmp:
+        report.plots = write_plots(report, tmp, preset.boundary)
+        if cfg.sample_count > 0:
+            report.samples, sheet = generate_samples(cfg, preset, model, moe_file, checked.clips, items, m.teacher, tmp)
+            if sheet:
+                contact_sheet(sheet, tmp / CONTACT_SHEET)
+                report.contact_sheet = CONTACT_SHEET
+        (tmp / EVAL_REPORT_FILE).write_text(report.model_dump_json(indent=2) + "\n")
+        (tmp / "report.md").write_text(render_markdown(report))
+    return report

@@ -1,0 +1,60 @@
+"""Registry entries through MlflowClient on SQLite: one version per registration, the bundle as
+an MLflow logged model, `candidate` always, `champion` only for a passing, not-worse model."""
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tasks.registry import BUNDLE_PATH, CANDIDATE, CHAMPION, metric_tag, register_bundle
+from tasks.tracking import TrackingSettings, mlflow_client, stage_run, start_pipeline_run
+
+
+@pytest.fixture
+def registry(mlflow_uri, tmp_path):
+    name = f"model-{uuid.uuid4().hex[:8]}"
+    ctx = start_pipeline_run(TrackingSettings(experiment=name), mlflow_uri, str(tmp_path / "artifacts"),
+                             {"prefect.flow_run_id": "test", "prefect.flow_run_name": "test"}, {"stage1": {"lr": 0.1}})
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "bundle.json").write_text(json.dumps({"artifacts": {}}))
+    client = mlflow_client(mlflow_uri)
+
+    def register(loss: float, passed: bool = True):
+        with stage_run(ctx, "register") as run:
+            return register_bundle(client, name, ctx.experiment_id, run.run_id, bundle, {metric_tag("loss"): repr(loss)},
+                                   passed, "loss", loss, higher_is_better=False)
+
+    return client, name, register
+
+
+def test_champion_moves_only_to_passing_models_that_are_not_worse(registry):
+    client, name, register = registry
+    first = register(1.0)
+    assert first.version == "1" and first.aliases == [CANDIDATE, CHAMPION]
+    worse = register(1.2)
+    assert worse.aliases == [CANDIDATE] and "worse than champion v1" in worse.champion_decision
+    failed = register(0.5, passed=False)
+    assert failed.aliases == [CANDIDATE] and failed.champion_decision.startswith("eval gate failed")
+    better = register(0.9)
+    assert better.aliases == [CANDIDATE, CHAMPION] and better.version == "4"
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == "4"
+    assert client.get_model_version(name, "1").aliases == []  # aliases moved, versions kept
+
+
+def test_the_version_holds_the_bundle_as_a_logged_model(registry, tmp_path, monkeypatch):
+    import mlflow
+
+    client, name, register = registry
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)  # as a consumer of the registry sets it
+    entry = register(1.0)
+    version = client.get_model_version(name, entry.version)
+    logged = client.get_logged_model(entry.model_id)
+    assert version.source == logged.artifact_location and version.tags["logged_model_id"] == entry.model_id
+    assert version.tags[metric_tag("loss")] == "1.0" and logged.source_run_id == version.run_id
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@{CHAMPION}", dst_path=str(tmp_path / "got")))
+    assert json.loads((local / BUNDLE_PATH / "bundle.json").read_text()) == {"artifacts": {}}
+    # a pyfunc model from code: MLmodel names the code file MLflow runs, no pickle is stored
+    assert (local / "video_model_code.py").is_file() and not list(local.rglob("*.pkl"))
+    assert "loader_module: mlflow.pyfunc.loaders.code_model" in (local / "MLmodel").read_text()
