@@ -4,13 +4,19 @@
 
 Each process appends one JSON line per training micro-batch to `$PROBE_DIR/rank-{k}.jsonl`: the
 clip ids, sigma, expert, a fingerprint of the noise, and for stage 2 the router's local batch
-statistics and the load-balance EMAs after the update. The probe only reads; training is the
-real command's.
+statistics and the load-balance EMAs after the update. It also appends to
+`$PROBE_DIR/events-{k}.jsonl` when the main process's held-out evaluation ends and when each
+process destroys the process group, and writes its pid to `$PROBE_DIR/pid-{k}`: a SIGUSR1 then
+dumps every thread's stack into `$PROBE_DIR/stacks-{k}.txt` (how the test explains a hang). The probe only reads;
+training is the real command's.
 """
 
+import faulthandler
 import json
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -33,15 +39,50 @@ def _probe(cls):
                 p = F.softmax(self.routed.router_logits(batch, sigma), dim=-1)
             record |= {"top1": F.one_hot(p.argmax(-1), p.shape[-1]).sum(0).tolist(), "p_sum": p.sum(0).tolist(),
                        "n": len(p), "f": self.load_balance.f.tolist(), "P": self.load_balance.P.tolist()}
-        path = Path(os.environ["PROBE_DIR"]) / f"rank-{os.environ['RANK']}.jsonl"
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        _append(f"rank-{os.environ['RANK']}.jsonl", record)
         return parts
 
     cls.forward = probed
 
 
+def _append(name: str, record: dict) -> None:
+    with open(Path(os.environ["PROBE_DIR"]) / name, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _event(name: str) -> None:
+    _append(f"events-{os.environ['RANK']}.jsonl", {"event": name, "t": time.monotonic()})  # one clock for all processes
+
+
+def _record_after(owner, attr: str, event: str) -> None:
+    wrapped = getattr(owner, attr)
+
+    def recorded(*args, **kwargs):
+        out = wrapped(*args, **kwargs)
+        _event(event)
+        return out
+
+    setattr(owner, attr, recorded)
+
+
+def _record_before(owner, attr: str, event: str) -> None:
+    wrapped = getattr(owner, attr)
+
+    def recorded(*args, **kwargs):
+        _event(event)
+        return wrapped(*args, **kwargs)
+
+    setattr(owner, attr, recorded)
+
+
 if __name__ == "__main__":
+    probe_dir, rank = Path(os.environ["PROBE_DIR"]), os.environ["RANK"]
+    stacks = open(probe_dir / f"stacks-{rank}.txt", "w")  # open until the process exits
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
+    (probe_dir / f"pid-{rank}").write_text(str(os.getpid()))
     _probe(Stage1Module)
     _probe(Stage2Module)
+    for cls in (Stage1Module, Stage2Module):
+        _record_after(cls, "evaluate", "evaluated")
+    _record_before(torch.distributed, "destroy_process_group", "destroy_process_group")
     main(sys.argv[1:])

@@ -4,12 +4,15 @@ own noise and the shared sigma, the warmup counts optimizer steps, the load-bala
 every process's data, the state holds every process's RNG, a resume is exact, and only the main
 process writes weights and metrics. `tests/ddp_probe.py` records what each process trained on."""
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,18 +29,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(args: list[str], probe_dir: Path) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], probe_dir: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `ddp_probe.py` on two processes. A run takes 15-40 s; one still going after `timeout`
+    has hung: each worker's threads' stacks (SIGUSR1, see the probe) go into the failure."""
     probe_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), str(PROBE), *args, "--cpu", "--no_progress"]
     env = os.environ | {"OMP_NUM_THREADS": "1", "PROBE_DIR": str(probe_dir)}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          start_new_session=True) as run:
+        try:
+            stdout, stderr = run.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for pid_file in probe_dir.glob("pid-*"):
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid_file.read_text()), signal.SIGUSR1)
+            time.sleep(2)
+            os.killpg(run.pid, signal.SIGKILL)
+            run.communicate()
+            stacks = "".join(f"--- {f.name}\n{f.read_text()[:6000]}" for f in sorted(probe_dir.glob("stacks-*")))
+            pytest.fail(f"two-process run hung for {timeout} s; the workers' stacks:\n{stacks}")
+    assert run.returncode == 0, stderr[-3000:]
+    return subprocess.CompletedProcess(cmd, run.returncode, stdout, stderr)
 
 
 def _records(probe_dir: Path) -> list[list[dict]]:
     return [[json.loads(line) for line in (probe_dir / f"rank-{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+
+
+def _events(probe_dir: Path) -> list[dict[str, float]]:
+    return [{e["event"]: e["t"] for e in map(json.loads, (probe_dir / f"events-{r}.jsonl").read_text().splitlines())}
+            for r in (0, 1)]
 
 
 def _train_clips(cache: Path) -> int:
@@ -52,7 +74,20 @@ def two_process_stage1(tiny_workspace, tmp_path_factory):
             "--dataset", str(tiny_workspace["cache"]), "--max_train_epochs", "2", "--save_every_n_epochs", "1",
             "--network_dim", "8", "--learning_rate", "0.01", "--lr_warmup_steps", "4"]
     done = _torchrun([*args, "--output_dir", str(root / "straight")], root / "probe")
-    return {"root": root, "args": args, "stdout": done.stdout, "out": root / "straight", "records": _records(root / "probe")}
+    return {"root": root, "args": args, "stdout": done.stdout, "out": root / "straight", "records": _records(root / "probe"),
+            "events": _events(root / "probe")}
+
+
+def test_no_process_tears_down_while_another_still_works(two_process_stage1):
+    """Every process destroys the process group only after the main process's held-out
+    evaluation, the last work of the run (the documented shutdown: together, once nothing more
+    is sent). Before, the other process destroyed it while the main one was still evaluating.
+    A CI run once hung after "stage 1 done" until it was killed, with no stacks to say where;
+    `_torchrun` now collects them if it happens again."""
+    rank0, rank1 = two_process_stage1["events"]
+    assert rank0["evaluated"] < rank0["destroy_process_group"]
+    assert "evaluated" not in rank1  # only the main process evaluates
+    assert rank1["destroy_process_group"] > rank0["evaluated"]
 
 
 def test_each_process_draws_its_own_noise_and_shares_sigma(two_process_stage1, tiny_workspace):

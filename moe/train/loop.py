@@ -297,6 +297,9 @@ def run_training(cfg: TrainConfig, module: TrainingModule, accelerator, run_name
         }
         write_json_atomic(out / METRICS_FILE, metrics)
         accelerator.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=progress.step)
+    # end_training destroys the process group; every process does it together, once the main
+    # one has evaluated (torch's documented shutdown: not while a peer is still working).
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
 
