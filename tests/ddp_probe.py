@@ -54,23 +54,17 @@ def _event(name: str) -> None:
     _append(f"events-{os.environ['RANK']}.jsonl", {"event": name, "t": time.monotonic()})  # one clock for all processes
 
 
-def _record_after(owner, attr: str, event: str) -> None:
+def _record(owner, attr: str, event: str, before: bool = False) -> None:
+    """Wrap `owner.attr` to record `event` as it starts (`before`) or once it has returned."""
     wrapped = getattr(owner, attr)
 
     def recorded(*args, **kwargs):
+        if before:
+            _event(event)
         out = wrapped(*args, **kwargs)
-        _event(event)
+        if not before:
+            _event(event)
         return out
-
-    setattr(owner, attr, recorded)
-
-
-def _record_before(owner, attr: str, event: str) -> None:
-    wrapped = getattr(owner, attr)
-
-    def recorded(*args, **kwargs):
-        _event(event)
-        return wrapped(*args, **kwargs)
 
     setattr(owner, attr, recorded)
 
@@ -83,6 +77,6 @@ if __name__ == "__main__":
     _probe(Stage1Module)
     _probe(Stage2Module)
     for cls in (Stage1Module, Stage2Module):
-        _record_after(cls, "evaluate", "evaluated")
-    _record_before(torch.distributed, "destroy_process_group", "destroy_process_group")
+        _record(cls, "evaluate", "evaluated")
+    _record(torch.distributed, "destroy_process_group", "destroy_process_group", before=True)
     main(sys.argv[1:])

@@ -118,6 +118,24 @@ def _validate_state_dict(
         raise MoeError(f"{path} is not a matching {what} checkpoint; " + "; ".join(problems))
 
 
+def _load_component_folder(path: Path, subfolder: str, what: str, config_field: str, expected: str,
+                           expected_text: str, from_pretrained):
+    """A diffusers component folder (`path` itself or `path/subfolder`), its config.json checked
+    for the right kind before diffusers/transformers reads it; errors name the folder."""
+    folder = _component_dir(path, subfolder, "config.json")
+    if folder is None:
+        raise MoeError(
+            f"{path} is neither a diffusers {subfolder}/ folder (with config.json) nor a model folder holding one"
+        )
+    found = _read_json(folder / "config.json").get(config_field)
+    if found != expected:
+        raise MoeError(f"{folder} holds a {found!r} config, expected {expected_text}")
+    try:
+        return from_pretrained(folder).eval()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise MoeError(f"cannot load the {what} from {folder}: {e}") from None
+
+
 def _materialise(
     build: Callable[[], torch.nn.Module], state_dict: dict, path: Path, what: str, dtype: torch.dtype
 ):
@@ -159,19 +177,10 @@ def load_vae(
     """
     path = Path(path)
     if path.is_dir():
-        folder = _component_dir(path, "vae", "config.json")
-        if folder is None:
-            raise MoeError(
-                f"{path} is neither a diffusers vae/ folder (with config.json) nor a model folder holding one"
-            )
-        class_name = _read_json(folder / "config.json").get("_class_name")
-        if class_name != "AutoencoderKLWan":
-            raise MoeError(f"{folder} holds a {class_name} config, expected AutoencoderKLWan (a Wan vae/ folder)")
-        try:
-            vae = AutoencoderKLWan.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise MoeError(f"cannot load the Wan VAE from {folder}: {e}") from None
-        return vae.eval()
+        return _load_component_folder(
+            path, "vae", "Wan VAE", "_class_name", "AutoencoderKLWan", "AutoencoderKLWan (a Wan vae/ folder)",
+            lambda folder: AutoencoderKLWan.from_pretrained(folder, torch_dtype=dtype, local_files_only=True),
+        )
     if not path.is_file():
         raise MoeError(f"VAE path {path} does not exist; expected a diffusers vae/ folder or Wan2.1_VAE.pth")
     kwargs = dict(config or {})
@@ -192,19 +201,10 @@ def load_text_encoder(path: str | Path, dtype: torch.dtype = torch.float32) -> U
     shapes, so UMT5-XXL and tiny test encoders load the same way."""
     path = Path(path)
     if path.is_dir():
-        folder = _component_dir(path, "text_encoder", "config.json")
-        if folder is None:
-            raise MoeError(
-                f"{path} is neither a diffusers text_encoder/ folder (with config.json) nor a model folder holding one"
-            )
-        model_type = _read_json(folder / "config.json").get("model_type")
-        if model_type != "umt5":
-            raise MoeError(f"{folder} holds a {model_type!r} model, expected a UMT5 encoder (model_type 'umt5')")
-        try:
-            model = UMT5EncoderModel.from_pretrained(folder, dtype=dtype, local_files_only=True)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise MoeError(f"cannot load the UMT5 text encoder from {folder}: {e}") from None
-        return model.eval()
+        return _load_component_folder(
+            path, "text_encoder", "UMT5 text encoder", "model_type", "umt5", "a UMT5 encoder (model_type 'umt5')",
+            lambda folder: UMT5EncoderModel.from_pretrained(folder, dtype=dtype, local_files_only=True),
+        )
     if not path.is_file():
         raise MoeError(
             f"text encoder path {path} does not exist; expected a diffusers text_encoder/ folder "
