@@ -135,6 +135,10 @@ class StageResources(BaseModel):
     gpus: int | None = Field(None, ge=0, description="GPUs (0: CPU; > 1: accelerate launch). Default: 0 for tiny presets, else 1.")
     timeout_minutes: float = Field(24 * 60, gt=0, description="The stage command is killed (its whole process group) after this.")
     retries: int = Field(1, ge=0, le=5, description="Retries after a failure other than bad input; training resumes from its last saved state.")
+    stop_grace_s: float = Field(
+        90.0, ge=0, description="On a timeout or a cancelled run the stage command gets SIGTERM, then SIGKILL after this "
+        "long: a training command saves its state at the next optimizer step (exit code 143) and a retry resumes from it.",
+    )
 
 
 class Resources(BaseModel):

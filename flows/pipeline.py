@@ -132,7 +132,8 @@ class _Runner:
     def context(self, resources: StageResources | None) -> StageContext:
         if resources is None:
             return self.ctx
-        return self.ctx.model_copy(update={"gpus": resources.gpus, "timeout_s": resources.timeout_minutes * 60})
+        return self.ctx.model_copy(update={"gpus": resources.gpus, "timeout_s": resources.timeout_minutes * 60,
+                                           "stop_grace_s": resources.stop_grace_s})
 
     def _record(self, name: str, state, value):
         timing = getattr(value, "timing", None)

@@ -29,3 +29,14 @@ def key_set_problems(expected: dict[str, tuple], got: dict[str, tuple], limit: i
     if wrong:
         problems.append("shape mismatches: " + list_names([f"{k} {tuple(got[k])} != {tuple(expected[k])}" for k in wrong], limit))
     return problems
+
+
+# The exit code of a training command stopped by SIGTERM after saving a resumable state: 128 +
+# SIGTERM, what a shell reports for a process the signal ended. Not 2, so an orchestrator
+# (tasks.launcher, Prefect's retries) retries it, and the retry resumes.
+EXIT_STOPPED = 143
+
+
+class TrainingStopped(Exception):
+    """Training stopped on SIGTERM at an optimizer-step boundary, its state saved; the CLI prints
+    the message as one `error:` line and exits with `EXIT_STOPPED`."""

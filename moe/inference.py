@@ -35,10 +35,11 @@ from moe.lora_moe.experts import expert_index
 from moe.lora_moe.routing import GateSmoother, RoutingState, compute_gates
 from moe.output_paths import claim_output
 from moe.wan.checkpoint import check_checkpoint_task
+from moe.wan.runtime_options import DiTRuntimeOptions
 from moe.wan.presets import get_preset
 
 
-class GenerateConfig(BaseModel):
+class GenerateConfig(DiTRuntimeOptions):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # no nan/inf in any float option
 
     task: str = "tiny-t2v"
@@ -314,12 +315,12 @@ def generate_video(cfg: GenerateConfig):
 
 def _generate(cfg: GenerateConfig, preset):
     from moe.data.video import write_video
-    from moe.wan.checkpoint import load_transformer
     from moe.wan.encoding import encode_prompts
+    from moe.wan.expert import load_expert
 
     dtype = getattr(torch, DTYPE_ALIASES[cfg.dtype])
-    low = load_transformer(cfg.dit, preset, dtype=dtype, device=cfg.device)
-    high = load_transformer(cfg.dit_high_noise, preset, dtype=dtype, device=cfg.device) if cfg.dit_high_noise else None
+    low = load_expert(cfg.dit, preset, dtype, cfg.device, cfg.fp8, cfg.blocks_to_swap)
+    high = load_expert(cfg.dit_high_noise, preset, dtype, cfg.device, cfg.fp8, cfg.blocks_to_swap) if cfg.dit_high_noise else None
     if preset.two_experts and high is None:
         raise MoeError(f"task {cfg.task} has two experts: pass the high-noise DiT as --dit_high_noise")
     dits = [d for d in (high, low) if d is not None]

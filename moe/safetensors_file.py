@@ -205,3 +205,24 @@ def resolve_files(path: str | Path) -> tuple[list[Path], Path | None]:
             raise MoeError(f"{path} looks like a shard but its folder has no *.safetensors.index.json")
         return _shards_from_index(index), index
     return [path], None
+
+
+def iter_tensors(header: SafetensorsHeader):
+    """(name, tensor) for every tensor of a file, in file order, each read into its own
+    memory with plain reads: no memory map, so a tensor that the caller converts and drops
+    (a bf16 weight quantised to fp8 on load) never holds pages of the file in this process.
+    Peak memory is what the caller keeps plus one tensor."""
+    with open(header.path, "rb", buffering=0) as f:
+        for name, info in sorted(header.tensors.items(), key=lambda kv: kv[1].data_offsets[0]):
+            if info.dtype not in DTYPES:
+                raise MoeError(f"{header.path}: tensor {name!r} has dtype {info.dtype}, which this tool cannot read")
+            t = torch.empty(info.shape, dtype=DTYPES[info.dtype])
+            view = memoryview(t.view(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+            f.seek(header.data_start + info.data_offsets[0])
+            got = 0
+            while got < info.nbytes:
+                n = f.readinto(view[got:])
+                if not n:
+                    raise MoeError(f"{header.path} is truncated")
+                got += n
+            yield name, t

@@ -10,6 +10,12 @@ Killing that group on timeout kills the whole stage and nothing else; Prefect's 
 `timeout_seconds` does not stop a child process. The flow calls `terminate_all()` when it ends
 for any reason (a cancel from the UI arrives as SIGTERM, which Prefect turns into an exception
 in the flow's thread), so a cancelled run leaves no stage running behind it.
+
+Stopping a group is SIGTERM, then SIGKILL after a grace period (`grace_s`; the pipeline gives
+every stage `resources.*.stop_grace_s`, 90 s by default): a training child saves its state at
+the next optimizer step and exits with 143 (`moe.errors.EXIT_STOPPED`), which is retried like any
+failure other than bad input (2), and the retry resumes. Under `accelerate launch` the workers
+get the same time from torchrun's agent (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, set from `grace_s`).
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-GRACE_S = 5.0  # SIGTERM, then SIGKILL after this long
+GRACE_S = 5.0  # SIGTERM, then SIGKILL after this long (run_command's default)
 _live: dict[int, str] = {}  # process group id -> stage name
+_grace: dict[int, float] = {}  # process group id -> its grace period
 _live_lock = threading.Lock()
 
 
@@ -130,12 +137,17 @@ def kill_group(pgid: int, grace_s: float = GRACE_S) -> None:
         pass
 
 
-def terminate_all(grace_s: float = GRACE_S) -> list[str]:
-    """Kill every stage command still running in this process; returns their names."""
+def terminate_all(grace_s: float | None = None) -> list[str]:
+    """Stop every stage command still running in this process, each with its own grace period
+    (or `grace_s`), all at once; returns their names."""
     with _live_lock:
-        groups = dict(_live)
-    for pgid in groups:
-        kill_group(pgid, grace_s)
+        groups, graces = dict(_live), dict(_grace)
+    threads = [threading.Thread(target=kill_group, args=(pgid, graces.get(pgid, GRACE_S) if grace_s is None else grace_s),
+                                daemon=True) for pgid in groups]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     return list(groups.values())
 
 
@@ -154,17 +166,20 @@ def run_command(
     tick_s: float = 2.0,
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
+    grace_s: float = GRACE_S,
 ) -> CommandResult:
     """Run `command`, passing each output line to `log` and calling `on_tick` every `tick_s`
     seconds (both on the calling thread, so they may use the Prefect run context). Raises
-    `StageFailed` on a non-zero exit, a signal or the timeout."""
+    `StageFailed` on a non-zero exit, a signal or the timeout. A stop (the timeout, an exception
+    or cancellation here, `terminate_all`) is SIGTERM, then SIGKILL after `grace_s`."""
     started = time.time()
+    child_env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(max(int(grace_s), 1))} | os.environ | (env or {})
     child = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}, cwd=cwd, process_group=0,
+        env=child_env | {"PYTHONUNBUFFERED": "1"}, cwd=cwd, process_group=0,
     )
     with _live_lock:
-        _live[child.pid] = name
+        _live[child.pid], _grace[child.pid] = name, grace_s
     lines: queue.Queue = queue.Queue()
     reader = threading.Thread(target=_read_lines, args=(child.stdout, lines), daemon=True, name=f"{name}-output")
     reader.start()
@@ -197,14 +212,15 @@ def run_command(
                 next_tick = time.monotonic() + tick_s
             if deadline is not None and time.monotonic() > deadline:
                 timed_out = True
-                kill_group(child.pid)
+                kill_group(child.pid, grace_s)
     finally:
         # Whatever happened (exit, timeout, an exception or cancellation in this thread), nothing
         # of this stage outlives it: a leader's exit does not end the processes it started.
-        kill_group(child.pid, grace_s=0 if _exited(child.pid) else GRACE_S)
+        kill_group(child.pid, grace_s=0 if _exited(child.pid) else grace_s)
         returncode = child.wait()
         with _live_lock:
             _live.pop(child.pid, None)
+            _grace.pop(child.pid, None)
         reader.join(timeout=5)
         while not lines.empty():
             line = lines.get_nowait()

@@ -23,6 +23,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
 from pydantic import BaseModel, Field
 
+from moe.train.state_names import resumable_states
 from tasks.artifacts.download_cache import DownloadCache
 from tasks.artifacts.refs import ArtifactRef, DatasetRef
 from tasks.artifacts.s3 import S3Options
@@ -42,6 +43,7 @@ class StageContext(BaseModel):
     tracking: TrackingContext
     gpus: int = 0
     timeout_s: float | None = None
+    stop_grace_s: float = Field(90.0, description="SIGTERM, then SIGKILL after this long (a training child saves its state).")
     flow_run_id: str = ""
 
 
@@ -92,7 +94,7 @@ class Stage:
         self.logger.info("running: " + " ".join(command))
         progress = TrainingProgress(train_log, self.name) if train_log is not None else None
         result = run_command(command, self.name, self.logger.info, timeout_s=self.ctx.timeout_s,
-                             on_tick=progress.update if progress else None, cwd=self.work)
+                             on_tick=progress.update if progress else None, cwd=self.work, grace_s=self.ctx.stop_grace_s)
         self.logger.info(f"{self.name} command finished in {result.wall_s:.1f} s")
         self.commands.append(result)
         return result
@@ -123,8 +125,9 @@ def open_stage(ctx: StageContext, tags: dict[str, str] | None = None) -> Iterato
 
 
 def saved_states(output_dir: Path) -> list[Path]:
-    """`state-epoch-N/` folders a resumed run continues from (as moe.train.loop.latest_state)."""
-    return sorted(output_dir.glob("state-epoch-[0-9]*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    """The states a resumed run continues from, oldest first: `state-epoch-N/` and
+    `state-epoch-N-step-S/` (`moe.train.state_names`, which `--resume` reads the same way)."""
+    return resumable_states(output_dir)
 
 
 class TrainingProgress:

@@ -291,15 +291,20 @@ def prepare_data(dataset: DatasetRef, models: ModelRefs, settings: dict[str, Any
 # -- training and merges -------------------------------------------------------------------------
 
 
+def resume_flags(out: Path) -> tuple[list[str], Path | None]:
+    """How a training stage starts in its work folder `out`: a retry (or a re-run of a failed
+    stage) continues from the newest saved state, an epoch's or a step's (`--resume`); without one
+    it starts again, replacing only what an earlier attempt of this stage wrote (`--overwrite`)."""
+    states = saved_states(out)
+    return (["--resume"], states[-1]) if states else (["--overwrite"], None)
+
+
 def _train(stage, command: str, config: dict[str, Any], flags: list, weights_file: str, kind: str) -> TrainResult:
     out = stage.work / "out"
     out.mkdir(exist_ok=True)
-    states = saved_states(out)
-    # A retry continues from the last saved state; without one it starts again, replacing only
-    # what an earlier attempt of this stage wrote into its own work folder.
-    resume = ["--resume"] if states else ["--overwrite"]
-    if states:
-        stage.logger.info(f"resuming from {states[-1].name} in {out}")
+    resume, state = resume_flags(out)
+    if state is not None:
+        stage.logger.info(f"resuming from {state.name} in {out}")
     cfg = stage.write_config(f"{command}.yaml", config)
     cpu = [] if stage.ctx.gpus else ["--cpu"]
     stage.run([command, "--config", cfg, *flags, "--output_dir", out, *resume, *cpu], train_log=out / TRAIN_LOG_FILE)
@@ -316,7 +321,7 @@ def _train(stage, command: str, config: dict[str, Any], flags: list, weights_fil
     stage.mlflow.set_tags(ref_tags(kind, weights))
     return TrainResult(
         weights=weights, metrics=metrics, metrics_file=stage.put(out / METRICS_FILE, "metrics"), logs=logs,
-        train_log=stage.put(out / TRAIN_LOG_FILE, "train_log"), resumed_from=states[-1].name if states else None,
+        train_log=stage.put(out / TRAIN_LOG_FILE, "train_log"), resumed_from=state.name if state is not None else None,
         mlflow_run_id=stage.mlflow.run_id, timing=stage.timing(),
     )
 

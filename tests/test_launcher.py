@@ -113,3 +113,29 @@ def test_stage_commands():
     assert multi[5] == "--main_process_port" and int(multi[6]) > 0 and multi[7:] == ["-m", "moe", "stage2"]
     for command in ("merge", "eval", "cache"):  # one process whatever LORA_MOE_GPUS gives the stage
         assert stage_command([command, "--dit", "a"], gpus=4) == [sys.executable, "-m", "moe", command, "--dit", "a"]
+
+
+@pytest.mark.parametrize("grace_s, finishes", [(8.0, True), (0.3, False)])
+def test_a_stopped_stage_gets_its_grace_period_before_sigkill(tmp_path, grace_s, finishes):
+    """SIGTERM first, SIGKILL only after `grace_s`: a training child that takes a moment to save
+    its state after SIGTERM (as `lora-moe stage1` does) finishes within a long enough grace and
+    its exit code comes back; torchrun's agent under `accelerate launch` gets the same time."""
+    marker = tmp_path / "saved"
+    code = f"""
+        import os, signal, sys, time
+        def stop(signum, frame):
+            time.sleep(1.0)  # saving the state
+            open({str(marker)!r}, "w").write("saved")
+            sys.exit(143)
+        signal.signal(signal.SIGTERM, stop)
+        print("shutdown timeout", os.environ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"], flush=True)
+        time.sleep(120)
+    """
+    lines = []
+    started = time.monotonic()
+    with pytest.raises(StageFailed, match="timed out") as e:
+        run_command(_python(code), "stage1-train", lines.append, timeout_s=3, grace_s=grace_s)
+    assert lines[0] == f"shutdown timeout {max(int(grace_s), 1)}"
+    assert marker.exists() is finishes
+    assert e.value.returncode == (143 if finishes else -signal.SIGKILL)
+    assert time.monotonic() - started < 3 + grace_s + 3

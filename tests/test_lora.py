@@ -158,10 +158,10 @@ def test_fused_low_rank_linear_gradients_match_float64_finite_differences():
     up = torch.randn(o, r, dtype=torch.float64, requires_grad=True)
     for s in (torch.rand(b, r, dtype=torch.float64), torch.rand(1, r, dtype=torch.float64)):
         s.requires_grad_(True)
-        assert torch.autograd.gradcheck(FusedLowRankLinear.apply, (x, w, bias, down, up, s))
-        assert torch.autograd.gradcheck(FusedLowRankLinear.apply, (x, w, None, down, up, s))
+        assert torch.autograd.gradcheck(FusedLowRankLinear.apply, (x, w, None, bias, down, up, s))
+        assert torch.autograd.gradcheck(FusedLowRankLinear.apply, (x, w, None, None, down, up, s))
         ref = x @ w.T + bias + ((x @ down.T) * s[:, None, :]) @ up.T
-        torch.testing.assert_close(FusedLowRankLinear.apply(x, w, bias, down, up, s), ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(FusedLowRankLinear.apply(x, w, None, bias, down, up, s), ref, rtol=1e-12, atol=1e-12)
 
 
 def test_lora_linear_matches_a_float64_reference():

@@ -3,7 +3,8 @@
 Exit codes: 0 success; 2 a usage error (click's usage message: unknown command or option with a
 "did you mean" hint, a missing option, a value of the wrong type) or a user error (one
 `error: ...` line: a wrong or damaged file, a number out of range, an output that exists or is
-locked, a full disk); 130 interrupted. A traceback means a bug.
+locked, a full disk); 130 interrupted; 143 (`moe.errors.EXIT_STOPPED`) a training stopped by
+SIGTERM after saving its state (run it again with --resume). A traceback means a bug.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pydantic import ValidationError
 from moe.atomic import write_error
 from moe.cli.app import app
 from moe.config_types import validation_message
-from moe.errors import MoeError
+from moe.errors import EXIT_STOPPED, MoeError, TrainingStopped
 
 
 PLUGIN_GROUP = "lora_moe.cli"  # entry points: NAME = "module:typer_app", added as `lora-moe NAME ...`
@@ -94,6 +95,9 @@ def main(argv: list[str] | None = None) -> None:
         app(args=argv, prog_name="lora-moe")
     except MoeError as e:
         _fail(str(e))
+    except TrainingStopped as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_STOPPED)
     except ValidationError as e:  # a config built inside a command; boundaries convert theirs
         _fail(validation_message(e, None))
     except OSError as e:

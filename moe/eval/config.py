@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from moe.eval.gate import PromotionGate
+from moe.wan.runtime_options import DiTRuntimeOptions
 
 # The fixed held-out sigma grid of SPEC section 8 (the training configs' val_sigmas).
 EVAL_SIGMAS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
@@ -15,7 +16,7 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf1
            "float16": "float16", "fp16": "float16"}
 
 
-class HeldOutConfig(BaseModel):
+class HeldOutConfig(DiTRuntimeOptions):
     """What both evaluation commands share: the held-out clips, the sigma grid, the noise seed,
     the device and the intervals."""
 

@@ -35,7 +35,8 @@ MAIN_VARIANTS = {
 def load_dits(cfg, preset, low, high) -> DualDiT:
     """Two DiTs (or one) in cfg's dtype; both on the accelerator when they fit, else only the
     active one (training's `auto` placement)."""
-    return DualDiT.load(preset, low, high, preset.boundary, getattr(torch, cfg.dtype), cfg.device, placement="auto")
+    return DualDiT.load(preset, low, high, preset.boundary, getattr(torch, cfg.dtype), cfg.device, placement="auto",
+                        fp8=cfg.fp8, blocks_to_swap=cfg.blocks_to_swap)
 
 
 def release(dits: DualDiT) -> None:

@@ -16,6 +16,8 @@ import math
 import torch
 from torch import nn
 
+from moe.wan.fp8 import Fp8Linear, dequantize_weight
+
 
 class LoRAAdapter(nn.Module):
     """`down` [r, in] (Kaiming-uniform, as peft) and `up` [out, r] (zeros, so a fresh adapter
@@ -39,11 +41,14 @@ def scale_dtype(master: torch.Tensor) -> torch.dtype:
     return torch.promote_types(master.dtype, torch.float32)
 
 
-def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor, base: nn.Linear) -> torch.dtype:
     """The dtype a frozen Linear computes in: autocast's (bf16/fp16) when autocast is on for the
-    input's device, else the base weight's (a bf16 checkpoint computes in bf16)."""
+    input's device, else the base weight's (a bf16 checkpoint computes in bf16; an fp8 weight
+    computes in the dtype it was loaded for)."""
+    if isinstance(base, Fp8Linear):
+        return base.dtype_for(x)
     device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else base.weight.dtype
 
 
 class FusedLowRankLinear(torch.autograd.Function):
@@ -54,35 +59,39 @@ class FusedLowRankLinear(torch.autograd.Function):
     adapter's input gradient into the base's, so no extra [tokens, out] or [tokens, in] tensors
     are formed. The frozen W and b get no gradient; x, A, B and s do (s carries the router's).
 
-    Dtypes: x, W and b arrive in the compute dtype (the caller casts them, see `compute_dtype`);
+    Dtypes: x and b arrive in the compute dtype (the caller casts them, see `compute_dtype`), and W
+    too, unless it is an fp8 weight (`--fp8_base`) with its scale (or None): then it is dequantised
+    here, in forward and again in backward, so only the fp8 weight is saved between them;
     A, B (master weights, fp32) and s (fp32) may be wider. The matmuls run in the compute dtype,
     as the base Linear's own do (their GEMMs accumulate in fp32). s is folded into B per sample in
     fp32 before B is rounded (B_s = B * s, [B, out, R], parameter-sized), and its gradient is taken
     from the fp32 product of B with G = g^T h: scaling the bf16 h by s instead would round every
     h * s back onto h's bf16 grid, which quantises the gate itself (a gate of 0.5019 acts as 0.5).
     Saved for backward: the input x as it is (no copy, no upcast), h = x A^T ([tokens, R], small)
-    and parameters, nothing else.
+    and parameters (an fp8 W as fp8), nothing else.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, s):
+    def forward(ctx, x, weight, weight_scale, bias, down, up, s):
         with torch.autocast(x.device.type, enabled=False):
             b, t = x.shape[:2]
             x2 = x.reshape(b * t, -1)
             h = x2 @ down.to(x.dtype).t()  # [B*T, R]
-            y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+            w = dequantize_weight(weight, weight_scale, x.dtype)  # a no-op cast unless W is fp8
+            y = torch.addmm(bias, x2, w.t()) if bias is not None else x2 @ w.t()
+            del w
             up_s = _scaled_up(up, s, x.dtype)  # [B or 1, out, R]
             if up_s.shape[0] == 1:
                 y.addmm_(h, up_s[0].t())
             else:
                 y.view(b, t, -1).baddbmm_(h.view(b, t, -1), up_s.transpose(1, 2))
-        ctx.save_for_backward(x2, weight, down, up, s, h)
+        ctx.save_for_backward(x2, weight, weight_scale, down, up, s, h)
         ctx.batch = (b, t)
         return y.view(b, t, -1)
 
     @staticmethod
     def backward(ctx, grad):
-        x2, weight, down, up, s, h = ctx.saved_tensors
+        x2, weight, weight_scale, down, up, s, h = ctx.saved_tensors
         b, t = ctx.batch
         dtype = x2.dtype
         with torch.autocast(grad.device.type, enabled=False):
@@ -94,23 +103,23 @@ class FusedLowRankLinear(torch.autograd.Function):
                 ghs = torch.bmm(g2.view(b, t, -1), up_s).view(b * t, -1)
             grad_x = None
             if ctx.needs_input_grad[0]:
-                grad_x = g2 @ weight
+                grad_x = g2 @ dequantize_weight(weight, weight_scale, dtype)
                 grad_x.addmm_(ghs, down.to(dtype))
                 grad_x = grad_x.view(b, t, -1)
-            grad_down = (ghs.t() @ x2).to(down.dtype) if ctx.needs_input_grad[3] else None
+            grad_down = (ghs.t() @ x2).to(down.dtype) if ctx.needs_input_grad[4] else None
             grad_up = grad_s = None
-            if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
+            if ctx.needs_input_grad[5] or ctx.needs_input_grad[6]:
                 wide = torch.promote_types(up.dtype, s.dtype)
                 if s.shape[0] == 1:  # one scale for the batch: G summed over it, one GEMM
                     g_h = (g2.t() @ h)[None].to(wide)  # [1, out, R]
                 else:
                     g_h = torch.bmm(g2.view(b, t, -1).transpose(1, 2), h.view(b, t, -1)).to(wide)  # [B, out, R]
-                if ctx.needs_input_grad[4]:
-                    grad_up = (g_h * s[:, None, :]).sum(0).to(up.dtype)
                 if ctx.needs_input_grad[5]:
+                    grad_up = (g_h * s[:, None, :]).sum(0).to(up.dtype)
+                if ctx.needs_input_grad[6]:
                     grad_s = (g_h * up.to(wide)).sum(1)  # [B, R]
                     grad_s = (grad_s.sum(0, keepdim=True) if s.shape[0] == 1 else grad_s).to(s.dtype)
-        return grad_x, None, None, grad_down, grad_up, grad_s
+        return grad_x, None, None, None, grad_down, grad_up, grad_s
 
 
 def _scaled_up(up: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -137,12 +146,15 @@ class AdaptedLinear(nn.Module):
     def low_rank_forward(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """`base(x)` plus the adapter's update with column scales s [B or 1, R] (fp32), through
         `FusedLowRankLinear` in the base Linear's compute dtype (autocast's when it is on)."""
-        dtype = compute_dtype(x, self.base.weight)
+        dtype = compute_dtype(x, self.base)
         lead, width = x.shape[:-1], x.shape[-1]
         x3 = x.reshape(1, -1, width) if x.ndim == 2 else x.reshape(x.shape[0], -1, width)
         bias = self.base.bias.to(dtype) if self.base.bias is not None else None
         a = self.adapter
-        y = FusedLowRankLinear.apply(x3.to(dtype), self.base.weight.to(dtype), bias, a.lora_down, a.lora_up, s)
+        base = self.base
+        fp8 = isinstance(base, Fp8Linear)
+        weight, scale = (base.weight, base.scale_weight) if fp8 else (base.weight.to(dtype), None)
+        y = FusedLowRankLinear.apply(x3.to(dtype), weight, scale, bias, a.lora_down, a.lora_up, s)
         return y.reshape(*lead, self.out_features)
 
     @property

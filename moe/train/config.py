@@ -25,6 +25,7 @@ from moe.config_types import MAX_RANK, Seed, validation_message
 from moe.errors import MoeError
 from moe.lora.targets import TargetSpec
 from moe.lora_moe.experts import EXPERTS
+from moe.wan.runtime_options import DiTRuntimeOptions
 from moe.wan.presets import PRESETS, WanPreset, get_preset
 
 SigmaSampling = Literal["shift", "logit_normal", "uniform"]
@@ -36,7 +37,7 @@ TARGET_FLAGS = (
 )
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(DiTRuntimeOptions):
     """Options shared by stage 1 and stage 2."""
 
     # No nan/inf in any float option (a NaN boundary trained one expert silently).
@@ -92,12 +93,36 @@ class TrainConfig(BaseModel):
         description="Park the inactive expert in host memory: auto = only when both experts plus "
         "--placement_headroom_gib do not fit in free device memory.",
     )
+    fsdp: bool = Field(
+        False,
+        description="With several processes (accelerate launch / torchrun): shard each frozen DiT block over "
+        "the processes (FSDP2), so N GPUs hold 1/N of each expert; the adapters stay replicated.",
+    )
     placement_headroom_gib: float = Field(
         32.0, ge=0, description="Device memory kept free for activations when deciding --offload_inactive_dit auto."
     )
 
-    save_every_n_epochs: int = Field(1, gt=0)
-    resume: bool = Field(False, description="Continue from the latest checkpoint in --output_dir.")
+    save_every_n_epochs: int = Field(
+        1, gt=0, description="Write checkpoint-epoch-N.safetensors (weights) and state-epoch-N/ (resumable) every "
+        "N epochs and after the last one."
+    )
+    save_every_n_steps: int | None = Field(
+        None, gt=0, description="Also write a resumable state-epoch-E-step-S/ every N optimizer steps (E: epochs "
+        "done; no weights file). A save never splits a gradient accumulation window."
+    )
+    save_every_n_minutes: float | None = Field(
+        None, gt=0, description="Also write a resumable state-epoch-E-step-S/ at the first optimizer step N minutes "
+        "or more after the last state written (or the start)."
+    )
+    save_last_n_states: int | None = Field(
+        None, ge=1, description="Keep only the newest K resumable states (epoch and step states together; the "
+        "newest, which --resume needs, always stays). checkpoint-epoch-N.safetensors files are all kept. "
+        "Default: keep every state."
+    )
+    resume: bool = Field(
+        False, description="Continue from the newest state in --output_dir (state-epoch-N/ or state-epoch-E-step-S/), "
+        "mid-epoch exactly where it stopped."
+    )
     overwrite: bool = Field(False, description="Replace a previous run of this stage in --output_dir (only its own files).")
     log_every_n_steps: int = Field(1, gt=0)
     val_sigmas: tuple[Annotated[float, Field(ge=0, le=1)], ...] = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95)

@@ -19,21 +19,13 @@ import torch
 from torch import nn
 
 from moe.errors import MoeError
-from moe.wan.checkpoint import load_transformer
+from moe.wan.expert import is_sharded, load_expert, place, resident_bytes, resident_tensors, storage_name, swapped_bytes
+from moe.wan.fp8 import Fp8Mode
 from moe.wan.presets import WanPreset
 
 Expert = Literal["high", "low"]
 Placement = Literal["auto", "always", "never"]
 GiB = 2**30
-
-
-def frozen_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """The model's own weights and buffers, without the (shared, trainable) adapters injected into it."""
-    return [p for p in model.parameters() if not p.requires_grad] + list(model.buffers())
-
-
-def frozen_bytes(model: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in frozen_tensors(model))
 
 
 def should_offload(policy: Placement, device: torch.device, need_bytes: int, free_bytes: int | None, headroom_bytes: int) -> bool:
@@ -79,12 +71,12 @@ class DualDiT:
             pin = self.device.type == "cuda"
             for name, model in self.models.items():
                 self._host[name] = []
-                for t in frozen_tensors(model):  # one tensor at a time: no second copy of a whole model
+                for t in resident_tensors(model):  # one tensor at a time: no second copy of a whole model
                     t.data = t.data.to("cpu").pin_memory() if pin else t.data.to("cpu")
                     self._host[name].append(t.data)
         else:
             for model in self.models.values():
-                model.to(self.device)
+                place(model, self.device)
 
     @classmethod
     def load(
@@ -98,33 +90,61 @@ class DualDiT:
         placement: Placement = "auto",
         headroom_bytes: int = 32 * GiB,
         free_bytes: int | None = None,
+        fp8: Fp8Mode = "none",
+        blocks_to_swap: int = 0,
+        compile: bool = False,
+        compile_mode: str = "default",
+        attention_backend: str = "native",
     ) -> DualDiT:
         """Load the expert(s) and place them. `free_bytes` overrides the device's free memory
-        (queried when None) for the `auto` decision."""
+        (queried when None) for the `auto` decision. `fp8` keeps the block Linear weights in fp8
+        (`moe.wan.fp8`); `blocks_to_swap` keeps that many blocks of each expert in (pinned) host
+        memory, copied to the device one block ahead of use (`moe.wan.block_swap`). The `auto`
+        decision counts the bytes that actually live on the device (fp8, minus swapped blocks).
+        `compile` and `attention_backend`: `moe.wan.expert.load_expert`'s."""
         if preset.two_experts and dit_high_noise is None:
             raise MoeError(f"task {preset.task} has two experts: pass the high-noise DiT as --dit_high_noise")
         if not preset.two_experts and dit_high_noise is not None:
             raise MoeError(f"task {preset.task} has a single DiT; drop --dit_high_noise")
         device = torch.device(device)
-        low = load_transformer(dit, preset, dtype=dtype, device="cpu")
+        runtime = dict(compile=compile, compile_mode=compile_mode, attention_backend=attention_backend)
+        low = load_expert(dit, preset, dtype, device, fp8, blocks_to_swap, on_device=False, **runtime)
         offload = False
         if dit_high_noise is not None:
             free = device_free_bytes(device) if free_bytes is None else free_bytes
-            offload = should_offload(placement, device, 2 * frozen_bytes(low), free, headroom_bytes)
+            offload = should_offload(placement, device, 2 * resident_bytes(low), free, headroom_bytes)
             if not offload:
-                low.to(device)  # before the second expert is read, so host memory holds one at a time
-        high = load_transformer(dit_high_noise, preset, dtype=dtype, device="cpu") if dit_high_noise else None
+                place(low, device)  # before the second expert is read: host memory holds one at a time
+        high = load_expert(dit_high_noise, preset, dtype, device, fp8, blocks_to_swap, on_device=False, **runtime) if dit_high_noise else None
         return cls(low, high, boundary if high is not None else None, device, offload)
 
+    def memory_plan(self) -> str:
+        """One line: what lives where, bytes per expert, and the copies to expect (printed by
+        `lora-moe stage1/stage2` at start)."""
+        first = next(iter(self))
+        storage = storage_name(first)
+        on_device = resident_bytes(first) / 1e9
+        on_host = swapped_bytes(first) / 1e9
+        swap = getattr(first, "block_swap", None)
+        n = len(self.models)
+        per = f"{n} expert{'s' if n > 1 else ''} x {on_device + on_host:.2f} GB ({storage})"
+        pinned = "pinned host memory" if self.device.type == "cuda" else "host memory (CPU: a no-op swap)"
+        swaps = (f"; blocks 0-{len(swap.swapped) - 1} of {len(first.blocks)} per expert in {pinned} "
+                 f"({on_host:.2f} GB each), {len(swap.swapped)} block copies per forward"
+                 if swap is not None and swap.swapped else "")
+        if is_sharded(first):
+            where = f"sharded over the processes (FSDP): {n * on_device:.2f} GB of them on this process's {self.device}"
+        elif n == 1:
+            where = f"on {self.device} ({on_device:.2f} GB)"
+        elif self.offload:
+            where = (f"active expert on {self.device} ({on_device:.2f} GB), the other in {pinned}; "
+                     f"micro-batches grouped by expert, at most one expert swap per accumulation window")
+        else:
+            where = f"both resident on {self.device} ({n * on_device:.2f} GB)"
+        return f"memory plan: {per}, {where}{swaps}"
+
     def describe(self) -> str:
-        gb = sum(frozen_bytes(m) for m in self) / 1e9
-        if len(self.models) == 1:
-            return f"one DiT on {self.device} ({gb:.1f} GB)"
-        if self.offload:
-            where = "pinned host memory" if self.device.type == "cuda" else "the host"
-            return (f"offloading: the active expert on {self.device}, the other in {where} ({gb:.1f} GB for both); "
-                    f"micro-batches grouped by expert per accumulation window")
-        return f"both experts resident on {self.device} ({gb:.1f} GB)"
+        return self.memory_plan()
 
     def expert_for(self, sigma: float) -> Expert:
         if "high" in self.models and sigma * 1000 >= self.boundary * 1000:
@@ -144,7 +164,7 @@ class DualDiT:
 
     def _place(self, name: str, tensors: list[torch.Tensor]) -> None:
         """Point the model's frozen weights and buffers at `tensors` (host copies or device ones)."""
-        for t, new in zip(frozen_tensors(self.models[name]), tensors, strict=True):
+        for t, new in zip(resident_tensors(self.models[name]), tensors, strict=True):
             t.data = new
 
     def __iter__(self):

@@ -8,6 +8,14 @@ precision, DDP), gradient accumulation, the per-epoch plan of batches, sigmas an
 with warmup + cosine counted in optimizer steps, gradient clipping, the non-finite loss and
 gradient guards, pickle-free checkpoints (`moe.train.train_state`), TensorBoard logs and a
 progress bar.
+
+Checkpoints: at epoch ends (`--save_every_n_epochs`), and between them at optimizer-step
+boundaries only (`--save_every_n_steps`, `--save_every_n_minutes`, SIGTERM), never inside a
+gradient accumulation window. A state saved mid-epoch records how many micro-batches of the
+epoch's plan are done and where each process's noise stream stands, so `--resume` skips exactly
+those and ends with the same weights as an uninterrupted run. SIGTERM only sets a flag; at the
+next optimizer-step boundary every process agrees on it (a max all-reduce), saves the state and
+stops with `TrainingStopped` (exit code 143, `moe.errors.EXIT_STOPPED`).
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -24,17 +32,18 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from moe.atomic import write_json_atomic
+from moe.atomic import remove_path, write_json_atomic
 from moe.data.cache_index import CacheIndex
 from moe.data.dataset import CachedClipDataset, collate_clips
-from moe.errors import MoeError
+from moe.errors import MoeError, TrainingStopped
 from moe.file_names import METRICS_FILE, TRAIN_LOG_FILE
 from moe.train.config import TrainConfig
 from moe.train.dual_dit import DualDiT, Expert, GiB
 from moe.train.epoch_plan import MicroBatch, epoch_batches, noise_generator, plan_epoch, positions_per_epoch
-from moe.train.train_state import load_training_state, save_training_state
+from moe.train.state_names import latest_state, resumable_states, state_name
+from moe.train.train_state import load_training_state, read_generator_state, save_training_state
 
-STATE_RE = re.compile(r"state-epoch-(\d+)")
+__all__ = ["latest_state"]  # moe.train.run_dir and older callers import it from here
 
 
 class TrainingModule(nn.Module):
@@ -58,23 +67,29 @@ class TrainingModule(nn.Module):
 
 
 class TrainProgress:
-    """Epoch and step counters and the expert the last epoch ended on, saved with the state."""
+    """Where training stands, saved with the state: epochs done, optimizer steps done, the expert
+    the last finished epoch ended on (the next epoch's plan starts from it) and, for a state saved
+    mid-epoch, the micro-batches of the current epoch's plan each process has done and the epoch's
+    running loss (0 at an epoch boundary); `processes`: how many processes wrote it."""
 
-    def __init__(self):
+    def __init__(self, processes: int = 1):
         self.epoch = 0
         self.step = 0
         self.expert: str | None = None
+        self.batch = 0
+        self.epoch_loss = 0.0
+        self.epoch_steps = 0
+        self.processes = processes
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "expert": self.expert}
+        return {"epoch": self.epoch, "step": self.step, "expert": self.expert, "batch": self.batch,
+                "epoch_loss": self.epoch_loss, "epoch_steps": self.epoch_steps, "processes": self.processes}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.step, self.expert = int(state["epoch"]), int(state["step"]), state.get("expert")
-
-
-def latest_state(output_dir: Path) -> Path | None:
-    states = [(int(m.group(1)), p) for p in output_dir.glob("state-epoch-*") if (m := STATE_RE.fullmatch(p.name))]
-    return max(states)[1] if states else None
+        self.batch, self.epoch_steps = int(state.get("batch", 0)), int(state.get("epoch_steps", 0))
+        self.epoch_loss = float(state.get("epoch_loss", 0.0))
+        self.processes = int(state.get("processes", self.processes))
 
 
 def mixed_precision(cfg: TrainConfig) -> str:
@@ -138,8 +153,10 @@ def _to_device(batch: dict, device) -> dict:
 
 def check_dits(cfg: TrainConfig) -> None:
     """The DiT files against the task, from their headers (fast, before anything is loaded)."""
+    from moe.train.fsdp import check_fsdp
     from moe.wan.checkpoint import check_checkpoint_task
 
+    check_fsdp(cfg)
     for path in (cfg.dit, cfg.dit_high_noise):
         check_checkpoint_task(path, cfg.preset)
 
@@ -159,10 +176,12 @@ class _Run:
     def __init__(self, accelerator, module, optimizer, scheduler, progress: TrainProgress, groups, out: Path):
         self.accelerator, self.module, self.optimizer, self.scheduler = accelerator, module, optimizer, scheduler
         self.progress, self.groups, self.out = progress, groups, out
+        self.noise_g: torch.Generator | None = None  # this process's noise stream of the current epoch
 
     def save(self, target: Path) -> None:
         save_training_state(target, self.accelerator, self.module, self.optimizer, self.scheduler,
-                            self.progress.state_dict(), self.groups)
+                            self.progress.state_dict(), self.groups,
+                            generators={"noise": self.noise_g} if self.noise_g is not None else None)
 
     def stop(self, what: str, epoch: int, window: list[MicroBatch]) -> None:
         """Save the state as it was before this optimizer step (the weights are untouched), then
@@ -188,6 +207,87 @@ def _all_finite(accelerator, value: torch.Tensor) -> bool:
     return not bool(accelerator.reduce(bad, "max"))
 
 
+def _clock() -> float:
+    """The clock of --save_every_n_minutes (tests move it)."""
+    return time.monotonic()
+
+
+class _StopRequest:
+    """SIGTERM (a preempted node, a cancelled pipeline run, the launcher's timeout) only sets a
+    flag here; the loop acts on it at the next optimizer-step boundary. Installed only from the
+    main thread (elsewhere the default action stays); the previous handler is restored on exit."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        self._installed = False
+
+    def __enter__(self) -> _StopRequest:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        except ValueError:  # not the main thread
+            pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+
+
+class _Checkpoints:
+    """The saves between epoch ends (every --save_every_n_steps optimizer steps; at the first step
+    --save_every_n_minutes after the last state written; on SIGTERM, which then stops training)
+    and --save_last_n_states pruning. Asked only at optimizer-step boundaries, the same on every
+    process: the signal and the clock, which may differ between processes, are max-reduced."""
+
+    def __init__(self, cfg: TrainConfig, run: _Run, log: TrainLog, stop: _StopRequest):
+        self.cfg, self.run, self.log, self.stop = cfg, run, log, stop
+        self.last_save = _clock()
+
+    def _agreed(self) -> tuple[bool, bool]:
+        """(stop, a timed save is due) on every process."""
+        minutes = self.cfg.save_every_n_minutes
+        flags = [self.stop.requested, minutes is not None and _clock() - self.last_save >= minutes * 60]
+        accelerator = self.run.accelerator
+        if accelerator.num_processes > 1:  # a lone process stopping would leave the others at the next all-reduce
+            reduced = accelerator.reduce(torch.tensor([float(f) for f in flags], device=accelerator.device), "max")
+            flags = [bool(f > 0) for f in reduced.tolist()]
+        return flags[0], flags[1]
+
+    def saved(self, state: Path) -> None:
+        """After every resumable state written: the clock restarts, old states are pruned."""
+        self.last_save = _clock()
+        progress = self.run.progress
+        self.log.write("state", state=state.name, epoch=progress.epoch, step=progress.step, batch=progress.batch)
+        keep = self.cfg.save_last_n_states
+        if keep is not None and self.run.accelerator.is_main_process:
+            for old in resumable_states(self.run.out)[:-keep]:  # the newest (just written) always stays
+                remove_path(old)
+
+    def at_step_boundary(self, epoch_loss: torch.Tensor, epoch_steps: int, epoch_state: Path | None = None) -> None:
+        """After an optimizer step (`epoch_state`: the state its epoch end has just written)."""
+        stop, timed = self._agreed()
+        progress, every = self.run.progress, self.cfg.save_every_n_steps
+        state = epoch_state
+        if state is None and (stop or timed or (every is not None and progress.step % every == 0)):
+            progress.epoch_loss, progress.epoch_steps = float(epoch_loss), epoch_steps
+            state = self.run.out / state_name(progress.epoch, progress.step)
+            self.run.save(state)
+            self.saved(state)
+        if stop:
+            where = (f"{progress.batch} micro-batches into epoch {progress.epoch + 1}" if progress.batch
+                     else f"after epoch {progress.epoch}")
+            self.log.write("stopped", state=state.name, epoch=progress.epoch, step=progress.step, batch=progress.batch)
+            raise TrainingStopped(
+                f"training stopped by SIGTERM at step {progress.step} ({where}); its state is saved to {state}: run the "
+                "same command with --resume to continue from there"
+            )
+
+
 def run_training(cfg: TrainConfig, module: TrainingModule, accelerator, run_name: str) -> dict:
     """Train `module` on the cache at `cfg.dataset`; returns the metrics written to metrics.json."""
     out = cfg.output_dir
@@ -202,21 +302,37 @@ def run_training(cfg: TrainConfig, module: TrainingModule, accelerator, run_name
     steps_per_epoch = math.ceil(positions_per_epoch(batches, accelerator.num_processes) / cfg.gradient_accumulation_steps)
     total_steps = steps_per_epoch * cfg.max_train_epochs
     scheduler = _scheduler(cfg, optimizer, total_steps)
+    if cfg.fsdp:  # the frozen DiTs' blocks sharded over the processes; the adapters stay whole (DDP)
+        from moe.train.fsdp import shard_frozen_dits
+
+        accelerator.print(shard_frozen_dits(module.dits, module, accelerator))
     module, optimizer = accelerator.prepare(module, optimizer)
     inner: TrainingModule = accelerator.unwrap_model(module)
-    progress = TrainProgress()
+    progress = TrainProgress(accelerator.num_processes)
     run = _Run(accelerator, module, optimizer, scheduler, progress, groups, out)
 
+    skip, noise_state = 0, None  # a resume mid-epoch: micro-batches of the epoch done, this process's noise stream
     if cfg.resume:
         state = latest_state(out)
         if state is None:
-            raise MoeError(f"--resume: no state-epoch-N checkpoint in {out}; start without --resume")
+            raise MoeError(f"--resume: no state-epoch-N checkpoint (nor state-epoch-N-step-S) in {out}; start without --resume")
         progress.load_state_dict(load_training_state(state, accelerator, module, optimizer, scheduler, groups))
-        accelerator.print(f"resumed from {state.name} (epoch {progress.epoch}, step {progress.step})")
+        skip = progress.batch
+        if skip and progress.processes == accelerator.num_processes:
+            noise_state = read_generator_state(state, accelerator.process_index, "noise")
+            if noise_state is None:
+                raise MoeError(f"{state} was saved mid-epoch without process {accelerator.process_index}'s noise "
+                               "generator: it cannot continue exactly; delete it to resume from the state before")
+        elif skip:  # another number of processes (warned): the same share of the epoch, in whole windows
+            accum = cfg.gradient_accumulation_steps
+            skip = skip * progress.processes // accelerator.num_processes // accum * accum
+        progress.processes = accelerator.num_processes
+        where = f", {progress.batch} micro-batches into epoch {progress.epoch + 1}" if progress.batch else ""
+        accelerator.print(f"resumed from {state.name} (epoch {progress.epoch}, step {progress.step}{where})")
     if accelerator.is_main_process:
         write_json_atomic(out / f"{run_name}_config.json", json.loads(cfg.model_dump_json()))
     accelerator.init_trackers(run_name)
-    accelerator.print(f"DiT placement: {inner.dits.describe()}")
+    accelerator.print(inner.dits.memory_plan())
 
     bar = tqdm(
         total=total_steps, initial=progress.step, desc=run_name, unit="step",
@@ -225,65 +341,79 @@ def run_training(cfg: TrainConfig, module: TrainingModule, accelerator, run_name
     )
     started, swaps_before = time.monotonic(), inner.dits.swaps
     log = TrainLog(out / TRAIN_LOG_FILE, accelerator.is_main_process)
-    log.write("start", run=run_name, step=progress.step, epoch=progress.epoch, total_steps=total_steps,
-              max_epochs=cfg.max_train_epochs)
-    for epoch in range(progress.epoch, cfg.max_train_epochs):
-        module.train()
-        epoch_loss, epoch_steps = torch.zeros((), device=accelerator.device), 0
-        plan, end_expert = plan_epoch(dataset.entries, cfg, epoch, accelerator.num_processes,
-                                      accelerator.process_index, inner.dits.expert_for, progress.expert)
-        noise_g = noise_generator(cfg, epoch, accelerator.process_index)
-        window: list[MicroBatch] = []
-        # Gradient accumulation by hand, one window of --gradient_accumulation_steps micro-batches
-        # per optimizer step; an epoch's last, shorter window still ends in a step, so no gradient
-        # leaks into the next epoch (accelerate's `accumulate` needs its own dataloader).
-        for mb in plan:
-            if mb.first:
-                inner.on_step(progress.step, total_steps)
-                window = []
-            window.append(mb)
-            batch = _to_device(collate_clips([dataset[by_id[e.id]] for e in mb.entries]), accelerator.device)
-            sigma = torch.full((len(mb.entries),), mb.sigma, device=accelerator.device)
-            noise = torch.randn(batch["latents"].shape, generator=noise_g).to(accelerator.device)
-            with contextlib.nullcontext() if mb.last else accelerator.no_sync(module):
-                parts = module(batch, sigma, noise, mb.expert)
-                loss = parts["loss"]
-                if not _all_finite(accelerator, loss):
-                    run.stop(f"the loss became {loss.item()}", epoch, window)
-                accelerator.backward(loss / mb.window_size)
-            if not mb.last:
-                continue
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-            if not _all_finite(accelerator, grad_norm):  # a finite loss can still give inf/NaN gradients
-                run.stop(f"the gradient norm became {float(grad_norm)} (the loss was finite)", epoch, window)
-            optimizer.step()
-            if not optimizer.step_was_skipped:  # fp16 loss scaling skips overflowing steps
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            progress.step += 1
-            epoch_loss, epoch_steps = epoch_loss + loss.detach().float(), epoch_steps + 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch + 1, refresh=False)  # drawn at the bar's interval
-            if progress.step % cfg.log_every_n_steps == 0:
-                logs = {f"train/{k}": float(v.detach()) for k, v in parts.items()}
-                logs |= {"train/lr": scheduler.get_last_lr()[0], "train/sigma": mb.sigma,
-                         f"train/loss_{mb.expert}_noise": float(loss.detach()), "train/grad_norm": float(grad_norm),
-                         "train/dit_swaps": inner.dits.swaps}
-                accelerator.log(logs, step=progress.step)
-                log.write("step", step=progress.step, total_steps=total_steps, epoch=epoch + 1, **logs)
-        progress.epoch, progress.expert = epoch + 1, end_expert
-        saved = progress.epoch % cfg.save_every_n_epochs == 0 or progress.epoch == cfg.max_train_epochs
-        if saved:
-            _save_checkpoint(run, progress.epoch)
-        log.write("epoch", epoch=progress.epoch, max_epochs=cfg.max_train_epochs, step=progress.step,
-                  total_steps=total_steps, loss=float(epoch_loss) / max(epoch_steps, 1), saved_state=saved)
+    log.write("start", run=run_name, step=progress.step, epoch=progress.epoch, batch=progress.batch,
+              total_steps=total_steps, max_epochs=cfg.max_train_epochs)
+    checkpoints = _Checkpoints(cfg, run, log, _StopRequest())
+    with _stopping_on_sigterm(checkpoints.stop, accelerator, bar, log):
+        for epoch in range(progress.epoch, cfg.max_train_epochs):
+            module.train()
+            epoch_loss = torch.tensor(progress.epoch_loss, device=accelerator.device)  # 0 unless resumed mid-epoch
+            epoch_steps = progress.epoch_steps
+            plan, end_expert = plan_epoch(dataset.entries, cfg, epoch, accelerator.num_processes,
+                                          accelerator.process_index, inner.dits.expert_for, progress.expert)
+            noise_g = run.noise_g = noise_generator(cfg, epoch, accelerator.process_index)
+            if noise_state is not None:  # resumed mid-epoch: where this process's noise stream stood
+                noise_g.set_state(noise_state)
+                noise_state = None
+            window: list[MicroBatch] = []
+            # Gradient accumulation by hand, one window of --gradient_accumulation_steps micro-batches
+            # per optimizer step; an epoch's last, shorter window still ends in a step, so no gradient
+            # leaks into the next epoch (accelerate's `accumulate` needs its own dataloader).
+            for i, mb in enumerate(plan):
+                if i < skip:  # done before the state this run resumed from (whole windows)
+                    continue
+                if mb.first:
+                    inner.on_step(progress.step, total_steps)
+                    window = []
+                window.append(mb)
+                batch = _to_device(collate_clips([dataset[by_id[e.id]] for e in mb.entries]), accelerator.device)
+                sigma = torch.full((len(mb.entries),), mb.sigma, device=accelerator.device)
+                noise = torch.randn(batch["latents"].shape, generator=noise_g).to(accelerator.device)
+                with contextlib.nullcontext() if mb.last else accelerator.no_sync(module):
+                    parts = module(batch, sigma, noise, mb.expert)
+                    loss = parts["loss"]
+                    if not _all_finite(accelerator, loss):
+                        run.stop(f"the loss became {loss.item()}", epoch, window)
+                    accelerator.backward(loss / mb.window_size)
+                if not mb.last:
+                    continue
+                grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                if not _all_finite(accelerator, grad_norm):  # a finite loss can still give inf/NaN gradients
+                    run.stop(f"the gradient norm became {float(grad_norm)} (the loss was finite)", epoch, window)
+                optimizer.step()
+                if not optimizer.step_was_skipped:  # fp16 loss scaling skips overflowing steps
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                progress.step, progress.batch = progress.step + 1, i + 1
+                epoch_loss, epoch_steps = epoch_loss + loss.detach().float(), epoch_steps + 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch + 1, refresh=False)  # drawn at the bar's interval
+                if progress.step % cfg.log_every_n_steps == 0:
+                    logs = {f"train/{k}": float(v.detach()) for k, v in parts.items()}
+                    logs |= {"train/lr": scheduler.get_last_lr()[0], "train/sigma": mb.sigma,
+                             f"train/loss_{mb.expert}_noise": float(loss.detach()), "train/grad_norm": float(grad_norm),
+                             "train/dit_swaps": inner.dits.swaps}
+                    accelerator.log(logs, step=progress.step)
+                    log.write("step", step=progress.step, total_steps=total_steps, epoch=epoch + 1, **logs)
+                if i + 1 < len(plan):  # the epoch's last step is handled after its end, below
+                    checkpoints.at_step_boundary(epoch_loss, epoch_steps)
+            skip = 0
+            progress.epoch, progress.expert, progress.batch = epoch + 1, end_expert, 0
+            progress.epoch_loss, progress.epoch_steps = 0.0, 0
+            saved = progress.epoch % cfg.save_every_n_epochs == 0 or progress.epoch == cfg.max_train_epochs
+            if saved:
+                _save_checkpoint(run, progress.epoch)
+                checkpoints.saved(out / state_name(progress.epoch))
+            log.write("epoch", epoch=progress.epoch, max_epochs=cfg.max_train_epochs, step=progress.step,
+                      total_steps=total_steps, loss=float(epoch_loss) / max(epoch_steps, 1), saved_state=saved)
+            checkpoints.at_step_boundary(epoch_loss.new_zeros(()), 0, out / state_name(progress.epoch) if saved else None)
     bar.close()
     log.close()
 
     accelerator.wait_for_everyone()
     train_swaps = inner.dits.swaps - swaps_before
     metrics: dict = {}
-    if accelerator.is_main_process:
+    if accelerator.is_main_process or cfg.fsdp:  # --fsdp: every process joins each sharded DiT forward
         val = CachedClipDataset(index, split="val")
         items = [val[i] for i in range(len(val))] or [dataset[i] for i in range(min(4, len(dataset)))]
         module.eval()
@@ -295,13 +425,29 @@ def run_training(cfg: TrainConfig, module: TrainingModule, accelerator, run_name
             "dit_swaps_this_run": train_swaps,  # in training (evaluation runs sigma by sigma)
             "dit_offload": inner.dits.offload,
         }
-        write_json_atomic(out / METRICS_FILE, metrics)
-        accelerator.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=progress.step)
+        if accelerator.is_main_process:
+            write_json_atomic(out / METRICS_FILE, metrics)
+            accelerator.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=progress.step)
     # end_training destroys the process group; every process does it together, once the main
     # one has evaluated (torch's documented shutdown: not while a peer is still working).
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return metrics
+    return metrics if accelerator.is_main_process else {}
+
+
+@contextlib.contextmanager
+def _stopping_on_sigterm(stop: _StopRequest, accelerator, bar, log: TrainLog):
+    """SIGTERM handled (a flag) while the loop runs; a stop (all processes together, their state
+    saved) closes the logs and leaves the process group before `TrainingStopped` goes up."""
+    with stop:
+        try:
+            yield
+        except TrainingStopped:
+            bar.close()
+            log.close()
+            accelerator.wait_for_everyone()
+            accelerator.end_training()
+            raise
 
 
 def _save_checkpoint(run: _Run, epoch: int) -> None:
@@ -309,7 +455,7 @@ def _save_checkpoint(run: _Run, epoch: int) -> None:
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:
         run.accelerator.unwrap_model(run.module).save_weights(run.out / f"checkpoint-epoch-{epoch}.safetensors")
-    run.save(run.out / f"state-epoch-{epoch}")
+    run.save(run.out / state_name(epoch))
 
 
 def make_accelerator(cfg: TrainConfig):
@@ -334,10 +480,18 @@ def make_accelerator(cfg: TrainConfig):
 def load_dits(cfg: TrainConfig, accelerator, free_bytes: int | None = None) -> DualDiT:
     """The stage's DiT(s), placed by --offload_inactive_dit (`free_bytes` overrides the device's
     free memory in the `auto` decision)."""
+    # With --fsdp the experts stay on the host until `shard_frozen_dits` moves each block's shard
+    # to the device: a process never holds a whole expert there.
     dits = DualDiT.load(
-        cfg.preset, cfg.dit, cfg.dit_high_noise, cfg.boundary, _dit_dtype(cfg), accelerator.device,
-        cfg.offload_inactive_dit, int(cfg.placement_headroom_gib * GiB), free_bytes,
+        cfg.preset, cfg.dit, cfg.dit_high_noise, cfg.boundary, _dit_dtype(cfg),
+        "cpu" if cfg.fsdp else accelerator.device, "never" if cfg.fsdp else cfg.offload_inactive_dit,
+        int(cfg.placement_headroom_gib * GiB), free_bytes, fp8=cfg.fp8, blocks_to_swap=cfg.blocks_to_swap,
     )
     if cfg.gradient_checkpointing:
         dits.enable_gradient_checkpointing()
+    elif cfg.blocks_to_swap:
+        accelerator.print(
+            "note: --blocks_to_swap without --gradient_checkpointing: a swapped block whose backward runs keeps "
+            "its weights on the device until then; add --gradient_checkpointing for the full saving"
+        )
     return dits

@@ -20,9 +20,10 @@ from moe.file_names import METRICS_FILE, TRAIN_LOG_FILE
 from moe.output_paths import claim_output
 from moe.safetensors_file import read_header
 from moe.train.config import TrainConfig
-from moe.train.loop import latest_state
+from moe.train.state_names import latest_state
 
-# What a run writes into its folder besides the weights file (see `moe.train.loop`).
+# What a run writes into its folder besides the weights file (see `moe.train.loop`);
+# `state-epoch-*` covers the step states too (`state-epoch-N-step-S`, `moe.train.state_names`).
 RUN_PATTERNS = ("{run}_config.json", METRICS_FILE, TRAIN_LOG_FILE, "checkpoint-epoch-*.safetensors", "state-epoch-*",
                 "state-nonfinite-step-*", "logs/{run}")
 

@@ -1,4 +1,5 @@
-"""The resumable training state (`state-epoch-N/`), written and read without pickle.
+"""The resumable training state (`state-epoch-N/`, `state-epoch-N-step-S/`: `moe.train.state_names`),
+written and read without pickle.
 
 accelerate's `save_state` pickles custom objects and `load_state` unpickles them with
 `weights_only=False`, so a state folder from someone else could run their code. This format holds
@@ -9,7 +10,9 @@ only tensors (safetensors) and plain values (JSON):
                              hyper-parameters and scalar state, the scheduler, the fp16 scaler
     trainable.safetensors    the training module's state dict (adapters, router, gates, EMAs)
     optimizer.safetensors    the optimizer's tensors (`{param index}.{name}`: exp_avg, step ...)
-    rng-{k}.safetensors      process k's torch CPU/CUDA generator states
+    rng-{k}.safetensors      process k's torch CPU/CUDA generator states, and its own
+                             generators' (`generator.noise`: where its noise stream of the
+                             epoch stands, for a resume in the middle of an epoch)
     rng-{k}.json             process k's Python and NumPy generator states
 
 Nothing else in the folder is read (a planted `*.pkl` is never opened). The main process writes
@@ -74,9 +77,12 @@ def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
 
 
-def save_training_state(target: Path, accelerator, module, optimizer, scheduler, progress: dict, groups: list[list[str]]) -> None:
-    """Write the state of every process into `target` (called on every process)."""
+def save_training_state(target: Path, accelerator, module, optimizer, scheduler, progress: dict, groups: list[list[str]],
+                        generators: dict[str, torch.Generator] | None = None) -> None:
+    """Write the state of every process into `target` (called on every process); `generators`:
+    this process's own generators, read back with `read_generator_state`."""
     tensors, plain = rng_state()
+    tensors |= {f"generator.{name}": g.get_state() for name, g in (generators or {}).items()}
     from accelerate.utils import gather_object
 
     rngs = gather_object([(tensors, plain)]) if accelerator.num_processes > 1 else [(tensors, plain)]
@@ -122,6 +128,14 @@ def _read_tensors(path: Path, state_dir: Path) -> dict[str, torch.Tensor]:
         return load_file(path)
     except (OSError, SafetensorError) as e:
         raise MoeError(f"{state_dir} is a damaged training state ({path.name}: {e}); resume from another state-epoch-N") from None
+
+
+def read_generator_state(source: Path, rank: int, name: str) -> torch.Tensor | None:
+    """Process `rank`'s saved state of its generator `name` (None: not saved)."""
+    path = source / f"rng-{rank}.safetensors"
+    if not path.is_file():
+        return None
+    return _read_tensors(path, source).get(f"generator.{name}")
 
 
 def load_training_state(source: Path, accelerator, module, optimizer, scheduler, groups: list[list[str]]) -> dict:

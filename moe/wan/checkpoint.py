@@ -19,11 +19,23 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from moe.atomic import atomic_dir, atomic_file
 from moe.errors import MoeError, key_set_problems
 from moe.file_kind import describe_kind
-from moe.safetensors_file import SafetensorsHeader, read_header, resolve_files
+from moe.safetensors_file import DTYPES, SafetensorsHeader, iter_tensors, read_header, resolve_files
+from moe.wan.fp8 import (
+    FP8_DTYPE,
+    SCALE_WEIGHT_SUFFIX,
+    Fp8Linear,
+    Fp8Mode,
+    block_linear_names,
+    dequantize_weight,
+    fp8_extra_key,
+    is_fp8,
+    quantize_weight,
+)
 from moe.wan.keys import KeyFormat, detect_key_format, diffusers_to_original
 from moe.wan.presets import PRESETS, DiTConfig, WanPreset
 
@@ -51,7 +63,8 @@ class CheckpointLayout(BaseModel):
         shapes = {}
         for h in self.headers:
             for k, info in h.tensors.items():
-                shapes[self.key_format.to_original_key(k) or k] = info.shape
+                if not fp8_extra_key(k, self.key_format.prefix):  # scaled fp8's scales and marker
+                    shapes[self.key_format.to_original_key(k) or k] = info.shape
         return shapes
 
     def dtypes(self) -> set[str]:
@@ -179,25 +192,87 @@ def write_checkpoint(
 
 
 def load_transformer(
-    path: str | Path, preset: WanPreset, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    path: str | Path,
+    preset: WanPreset,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    fp8: Fp8Mode = "none",
 ):
     """A diffusers `WanTransformer3DModel` with the checkpoint's weights.
 
     The key set is validated before anything is built, so a wrong checkpoint is a clear error
-    instead of diffusers' "Cannot copy out of meta tensor" later on.
+    instead of diffusers' "Cannot copy out of meta tensor" later on. The model is built on the
+    meta device and each tensor is read, converted and assigned one at a time, so host memory
+    peaks near one copy of the model as it is kept (`fp8`: the block Linear weights quantised on
+    the fly, about half of a bf16 file), never the file plus the model.
+
+    `dtype`: the dtype of every weight except the modules diffusers keeps in fp32 (None: the
+    file's; an fp8 file's weights are dequantised to bf16). `fp8` (`moe.wan.fp8`): `none`, or the
+    block Linear weights kept as float8_e4m3fn, computing in `dtype`: `fp8` a plain cast,
+    `fp8_scaled` with per-row scales. An fp8 checkpoint (plain, or ComfyUI's scaled form) is
+    kept as it is with `fp8`, else dequantised.
     """
     from diffusers import WanTransformer3DModel
 
-    state, layout = read_checkpoint(path, preset)
+    layout = resolve_checkpoint(path)
+    validate_shapes(layout.original_shapes(), preset, str(path))
     with torch.device("meta"):
         model = WanTransformer3DModel(**preset.dit.diffusers_kwargs())
-    diffusers_state = {KeyFormat(style="diffusers").to_file_key(k): v for k, v in state.items()}
-    model.load_state_dict(diffusers_state, strict=True, assign=True)
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    fp8_layers = set(block_linear_names(model)) if fp8 != "none" else set()
+    compute = dtype or _block_weight_dtype(layout)
+    for name in fp8_layers:
+        model.set_submodule(name, Fp8Linear.like(model.get_submodule(name), compute))
+    to_diffusers = KeyFormat(style="diffusers")
+    for header in layout.headers:
+        scales = _scale_weights(header, layout.key_format)
+        for file_key, tensor in iter_tensors(header):
+            if fp8_extra_key(file_key, layout.key_format.prefix):
+                continue
+            key = layout.key_format.to_original_key(file_key)
+            module_path, _, attr = to_diffusers.to_file_key(key).rpartition(".")
+            scale = scales.get(key)
+            module = model.get_submodule(module_path)
+            if module_path in fp8_layers and attr == "weight":
+                module.set_weight(*(  # an fp8 file's weight is kept as stored
+                    (tensor, scale) if tensor.dtype == FP8_DTYPE else quantize_weight(tensor, fp8 == "fp8_scaled")))
+                continue
+            target = torch.float32 if any(part in keep for part in f"{module_path}.{attr}".split(".")) else dtype
+            if is_fp8(tensor):
+                tensor = dequantize_weight(tensor, scale, target or torch.bfloat16)
+            elif target is not None:
+                tensor = tensor.to(target)
+            setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
     # Buffers made on the meta device (rotary tables) are rebuilt on the real device.
     _rebuild_meta_buffers(model, preset)
-    if dtype is not None:
-        cast_keeping_fp32_modules(model, dtype)
     return model.to(device).eval()
+
+
+def _block_weight_dtype(layout: CheckpointLayout) -> torch.dtype:
+    """The dtype of the file's first block Linear weight (bf16 for an fp8 file): what fp8 layers
+    compute in when no dtype is asked for."""
+    key = layout.key_format.to_file_key("blocks.0.self_attn.q.weight")
+    for h in layout.headers:
+        if key in h.tensors:
+            found = DTYPES[h.tensors[key].dtype]
+            return torch.bfloat16 if found == FP8_DTYPE else found
+    return torch.float32
+
+
+def _scale_weights(header: SafetensorsHeader, key_format: KeyFormat) -> dict[str, torch.Tensor]:
+    """Canonical weight key -> its `scale_weight` tensor (ComfyUI's scaled fp8), read first:
+    they are small, and in file order a layer's scale comes before its weight."""
+    from safetensors import safe_open
+
+    names = [k for k in header.tensors if k.endswith(SCALE_WEIGHT_SUFFIX)]
+    if not names:
+        return {}
+    out = {}
+    with safe_open(header.path, "pt") as f:
+        for name in names:
+            weight_key = key_format.to_original_key(name[: -len(SCALE_WEIGHT_SUFFIX)] + ".weight")
+            out[weight_key] = f.get_tensor(name).to(torch.float32)
+    return out
 
 
 def cast_keeping_fp32_modules(model, dtype: torch.dtype) -> None:

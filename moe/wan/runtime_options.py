@@ -1,0 +1,54 @@
+"""The options that decide how a frozen DiT is held and run, shared by training, evaluation and
+generation (names as musubi-tuner spells them, so its users feel at home)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from moe.wan.attention import AttentionBackend
+from moe.wan.compile import CompileMode
+
+MAX_BLOCKS = 1000  # no Wan DiT has more blocks; the real bound is checked against the model
+
+
+class DiTRuntimeOptions(BaseModel):
+    fp8_base: bool = Field(
+        False,
+        description="Keep the frozen DiT blocks' Linear weights in float8_e4m3fn (half of bf16), "
+        "dequantised one layer at a time inside its forward and backward.",
+    )
+    fp8_scaled: bool = Field(
+        False,
+        description="fp8 with a scale per output row (more accurate than a plain cast); implies --fp8_base.",
+    )
+    blocks_to_swap: int = Field(
+        0,
+        ge=0,
+        le=MAX_BLOCKS,
+        description="Keep this many frozen DiT blocks in pinned host memory and copy each to the device "
+        "one block ahead of use (forward and backward); 0 = off. Needs a GPU to save memory; on the "
+        "CPU it runs as a no-op swap.",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile each DiT block's forward (regional: one graph serves every block alike, so "
+        "compiling takes seconds to minutes, not the whole model); the LoRA / LoRA-MoE layers, fp8 dequantisation, "
+        "gradient checkpointing, --blocks_to_swap and --fsdp all work inside or around it. The first steps are "
+        "slow while it compiles.",
+    )
+    compile_mode: CompileMode = Field(
+        "default",
+        description="torch.compile mode for --compile (CUDA graphs are not offered: block swap, expert offloading "
+        "and FSDP move the weights between calls).",
+    )
+    attention_backend: AttentionBackend = Field(
+        "native",
+        description="Attention kernel, through diffusers' attention dispatcher: native = PyTorch SDPA (default); "
+        "flash, _flash_3_hub, xformers, ... need their package (checked before loading); the sage* and _flash_3 "
+        "kernels are inference only (refused for training).",
+    )
+
+    @property
+    def fp8(self) -> str:
+        """`none`, `fp8` or `fp8_scaled` (see `moe.wan.fp8.fp8_mode`)."""
+        return "fp8_scaled" if self.fp8_scaled else "fp8" if self.fp8_base else "none"
