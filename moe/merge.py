@@ -47,7 +47,7 @@ from moe.file_kind import MERGED_FROM_KEY, require_kind, written_as
 from moe.hashing import sha256_file
 from moe.lora.file import LoRAFile, LoRAModuleWeights, read_lora_file
 from moe.output_paths import claim_output
-from moe.safetensors_file import DTYPES, FLOAT_DTYPES, SafetensorsHeader, encode_header
+from moe.safetensors_file import DTYPES, FLOAT_DTYPES, SafetensorsHeader, encode_header, readinto_exact
 from moe.wan.checkpoint import CheckpointLayout, check_checkpoint_task, resolve_checkpoint
 from moe.wan.fp8 import FP8_MAX, SCALE_WEIGHT_SUFFIX, SCALED_FP8_MARKER, scale_key_for
 from moe.wan.presets import get_preset
@@ -194,12 +194,8 @@ def _locate_targets(layout: CheckpointLayout, lora: LoRAFile) -> _Plan:
 
 def read_exact(f, nbytes: int) -> bytes:
     """`nbytes` from the unbuffered file `f` (a raw read may return fewer)."""
-    data = bytearray()
-    while len(data) < nbytes:
-        chunk = f.read(nbytes - len(data))
-        if not chunk:
-            raise MoeError(f"{f.name} is truncated")
-        data += chunk
+    data = bytearray(nbytes)
+    readinto_exact(f, memoryview(data))
     return bytes(data)
 
 
@@ -240,12 +236,7 @@ class _StreamCopier:
         if self.pending[i] is not None:
             self.pending[i].result()  # the hasher is done with this buffer
         view = self.buffers[i][:nbytes]
-        got = 0
-        while got < nbytes:
-            n = self.fin.readinto(view[got:])
-            if not n:
-                raise MoeError(f"{self.fin.name} is truncated")
-            got += n
+        readinto_exact(self.fin, view)
         self.pending[i] = self.pool.submit(self.sha.update, view)
         return view
 
@@ -335,12 +326,7 @@ class _OffsetReader:
         if len(self.buffer) < nbytes:
             self.buffer = bytearray(nbytes)
         view = memoryview(self.buffer)[:nbytes]
-        got = 0
-        while got < nbytes:
-            n = self.f.readinto(view[got:])
-            if not n:
-                raise MoeError(f"{self.f.name} is truncated")
-            got += n
+        readinto_exact(self.f, view)
         return view
 
 

@@ -207,6 +207,16 @@ def resolve_files(path: str | Path) -> tuple[list[Path], Path | None]:
     return [path], None
 
 
+def readinto_exact(f, view: memoryview) -> None:
+    """Fill `view` from the unbuffered file `f` (a raw read may return fewer bytes)."""
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise MoeError(f"{f.name} is truncated")
+        got += n
+
+
 def iter_tensors(header: SafetensorsHeader):
     """(name, tensor) for every tensor of a file, in file order, each read into its own
     memory with plain reads: no memory map, so a tensor that the caller converts and drops
@@ -219,10 +229,5 @@ def iter_tensors(header: SafetensorsHeader):
             t = torch.empty(info.shape, dtype=DTYPES[info.dtype])
             view = memoryview(t.view(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
             f.seek(header.data_start + info.data_offsets[0])
-            got = 0
-            while got < info.nbytes:
-                n = f.readinto(view[got:])
-                if not n:
-                    raise MoeError(f"{header.path} is truncated")
-                got += n
+            readinto_exact(f, view)
             yield name, t
