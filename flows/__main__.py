@@ -85,11 +85,14 @@ def run(
     from prefect.exceptions import ParameterTypeError
 
     from flows.params import ModelInputs
-    from flows.pipeline import check_models, lora_moe_pipeline
+    from flows.pipeline import check_models, lora_moe_pipeline, signature_problem
     from moe.errors import MoeError
     from tasks.launcher import StageFailed
 
     values = pipeline_parameters(params, assignments, preset=preset, artifact_root=artifact_root, force=force)
+    if (problem := signature_problem(values)) is not None:
+        typer.echo(f"error: invalid parameters: {problem}", err=True)
+        sys.exit(2)
     try:  # bad parameters fail here, before any Prefect API or stage is started
         validation_log = logging.getLogger("prefect.flows")
         validation_log.disabled = True  # it would print the same errors as a multi-line dump

@@ -8,18 +8,26 @@ The training and eval settings are generated from the commands' own configs
 presets use exactly what `lora-moe workflow run` uses (`moe.workflow`), the real ones the
 config defaults. The resolved settings go to the child as a YAML `--config` file (the gate as
 `--gate FILE`), so the CLI, config files and the UI all spell an option the same way.
+
+What the form (and the API behind it) accepts means what it says (`FormGroup`): every number is
+finite and has a range (the configs' own bounds, plus an upper bound for those that have none:
+`NUMBER_BOUNDS`, else +-1e6), an unknown key is refused, and so is a null: a field left out takes
+the preset's value, a null is never read as "left out" (a bare NaN or Infinity in a JSON number
+field reaches the flow as null, and would otherwise train silently with the preset's value).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+import types
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_serializer, model_validator
 
+from moe.config_types import MAX_FRAMES, MAX_SIDE, SEED_MAX, Seed
 from moe.errors import MoeError
 from moe.eval.config import EvalConfig
-from moe.eval.gate import PromotionGate
+from moe.eval.gate import PromotionGate as EvalGate
 from moe.train.config import TARGET_FLAGS, Stage1Config, Stage2Config
 from moe.wan.presets import PRESETS
 from moe.workflow import TINY_PRESETS, WorkflowConfig, eval_options, stage1_options, stage2_options
@@ -42,19 +50,122 @@ TINY_STAGE2 = stage2_options(_TINY) | {"seed": _TINY.seed}
 TINY_EVAL = eval_options(_TINY)
 
 
+# Ranges for the numbers whose config gives no upper bound (or no lower one): sane, generous
+# limits that stop a typo (an epoch count of 2**63) before a stage starts. Any other number
+# without a bound gets +-DEFAULT_LIMIT.
+NUMBER_BOUNDS: dict[str, tuple[float | None, float | None]] = {
+    "max_train_epochs": (None, 10_000), "batch_size": (None, 1024), "gradient_accumulation_steps": (None, 1024),
+    "lr_warmup_steps": (None, 10_000_000), "learning_rate": (None, 1.0), "weight_decay": (None, 10.0),
+    "max_grad_norm": (None, 1e6), "network_alpha": (None, 4096.0), "discrete_flow_shift": (None, 100.0),
+    "roi_weight": (None, 100.0), "placement_headroom_gib": (None, 1024.0), "save_every_n_epochs": (None, 10_000),
+    "save_every_n_steps": (None, 100_000_000), "save_every_n_minutes": (None, 7 * 24 * 60),
+    "save_last_n_states": (None, 10_000), "log_every_n_steps": (None, 100_000_000),
+    "lambda_teach": (None, 1000.0), "lambda_ent": (None, 1000.0), "lambda_lb": (None, 1000.0),
+    "alpha_expert": (-100.0, 100.0), "alpha_base": (-100.0, 100.0),
+    "seed": (0, SEED_MAX), "sigmas": (0.0, 1.0), "max_clips": (None, 1_000_000), "bootstrap_samples": (None, 1_000_000),
+    "samples": (None, 1000), "sample_steps": (None, 1000), "sample_frames": (None, MAX_FRAMES),
+    "stage1_undertrained_below": (-1.0, 1.0),
+}
+DEFAULT_LIMIT = 1_000_000
+
+
+def _upper_and_lower(metadata) -> tuple[bool, bool]:
+    """Whether pydantic constraints in `metadata` bound a number from above, from below."""
+    upper = lower = False
+    for item in metadata:
+        upper |= any(getattr(item, n, None) is not None for n in ("le", "lt"))
+        lower |= any(getattr(item, n, None) is not None for n in ("ge", "gt"))
+        inner_upper, inner_lower = _upper_and_lower(getattr(item, "metadata", []))
+        upper, lower = upper or inner_upper, lower or inner_lower
+    return upper, lower
+
+
+def bounded(annotation: Any, metadata: list, name: str) -> Any:
+    """`annotation` (None taken out) with its constraints, every number in it finite and bounded
+    on both sides (`NUMBER_BOUNDS`, else +-DEFAULT_LIMIT) where the config left a side open."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        kept = [a for a in get_args(annotation) if a is not type(None)]
+        annotation = kept[0] if len(kept) == 1 else Union[tuple(kept)]  # noqa: UP007
+    if get_origin(annotation) is Annotated:
+        base, *inner = get_args(annotation)
+        return bounded(base, [*inner, *metadata], name)
+    if get_origin(annotation) is tuple:
+        items = get_args(annotation)
+        if len(items) == 2 and items[1] is Ellipsis:
+            item = bounded(items[0], [], name)
+            return Annotated[tuple[item, ...], *metadata] if metadata else tuple[item, ...]
+    if annotation not in (int, float):
+        return Annotated[annotation, *metadata] if metadata else annotation
+    low, high = NUMBER_BOUNDS.get(name, (None, None))
+    has_upper, has_lower = _upper_and_lower(metadata)
+    extra = [Field(allow_inf_nan=False)] if annotation is float else []
+    if not has_upper:
+        extra.append(Field(le=high if high is not None else DEFAULT_LIMIT))
+    if not has_lower:
+        extra.append(Field(ge=low if low is not None else -DEFAULT_LIMIT))
+    return Annotated[annotation, *metadata, *extra]
+
+
+def _drop_null_defaults(schema: dict[str, Any]) -> None:
+    """The form shows an empty field (not a null to send) for "the preset's value"."""
+    for prop in schema.get("properties", {}).values():
+        if "default" in prop and prop["default"] is None:
+            del prop["default"]
+
+
+class FormGroup(BaseModel):
+    """A group of flow parameters whose empty fields take the preset's value: unknown keys,
+    non-finite numbers and nulls are refused (a field is left out, never set to null)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra=_drop_null_defaults)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nulls(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            nulls = [k for k, v in data.items() if v is None and k in cls.model_fields]
+            if nulls:
+                raise ValueError(
+                    f"{', '.join(nulls)}: null is not a value; leave the field out to take the preset's value "
+                    "(a NaN or Infinity sent as a number arrives as null)")
+        return data
+
+    @model_serializer(mode="wrap")
+    def _without_empty(self, handler) -> dict[str, Any]:
+        """Empty fields are left out (so a dumped group validates again, and the form's default is {})."""
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
 def settings_model(config: type[BaseModel], name: str, exclude: frozenset[str], tiny: dict[str, Any], doc: str) -> type[BaseModel]:
-    """`config`'s fields minus `exclude`, each optional (empty = the preset's value), keeping
-    the field's type, constraints and description."""
+    """`config`'s fields minus `exclude`, each optional (left out = the preset's value), keeping
+    the field's type, constraints and description, with every number bounded (`bounded`)."""
     fields = {}
     for field_name, info in config.model_fields.items():
         if field_name in exclude:
             continue
-        typ = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+        typ = bounded(info.annotation, list(info.metadata), field_name)
         default = info.get_default(call_default_factory=True)
         text = (info.description or field_name.replace("_", " ").capitalize()).rstrip(".")
         text += f". Default {default!r}" + (f"; tiny presets {tiny[field_name]!r}." if field_name in tiny else ".")
-        fields[field_name] = (typ | None, Field(None, description=text))
-    return create_model(name, __config__=ConfigDict(extra="forbid"), __doc__=doc, **fields)
+        fields[field_name] = (typ, Field(None, description=text))
+    return create_model(name, __base__=FormGroup, __doc__=doc, **fields)
+
+
+class PromotionGate(EvalGate):
+    """Thresholds a model must meet to be promoted (`moe.eval.gate.PromotionGate`, with every
+    threshold finite and within -1..1: they are fractions, 0.01 = 1%)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    min_stage1_improvement_over_base: float = Field(
+        EvalGate.model_fields["min_stage1_improvement_over_base"].default, ge=-1, le=1,
+        description=EvalGate.model_fields["min_stage1_improvement_over_base"].description)
+    min_stage2_roi_improvement_over_stage1: float = Field(
+        EvalGate.model_fields["min_stage2_roi_improvement_over_stage1"].default, ge=-1, le=1,
+        description=EvalGate.model_fields["min_stage2_roi_improvement_over_stage1"].description)
+    min_hint_margin: float = Field(
+        EvalGate.model_fields["min_hint_margin"].default, ge=-1, le=1,
+        description=EvalGate.model_fields["min_hint_margin"].description)
 
 
 Stage1Settings = settings_model(
@@ -88,33 +199,35 @@ class ModelInputs(BaseModel):
     vae: str | None = Field(None, description="diffusers vae/ folder or Wan2.1_VAE.pth.")
     text_encoder: str | None = Field(None, description="diffusers text_encoder/ folder or the UMT5 .pth.")
     tokenizer: str | None = Field(None, description="tokenizer/ folder.")
-    tiny_seed: int = Field(0, description="Seed of the embedded tiny model set.")
+    tiny_seed: Seed = Field(0, description="Seed of the embedded tiny model set.")
 
     def given(self) -> dict[str, str]:
         return {k: v for k, v in self.model_dump(exclude={"tiny_seed"}).items() if v}
 
 
-class DataSettings(BaseModel):
+class DataSettings(FormGroup):
     """The clips and their latent cache (`prepare-data`)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    manifest: str | None = Field(
+    manifest: str = Field(
         None, description="Clip manifest (JSONL; videos relative to it) by URI. Empty: the synthetic surgical-like set."
     )
-    size: str | None = Field(None, description="Cache bucket WIDTHxHEIGHT. Default 832x480; tiny presets 64x64.")
-    frames: int | None = Field(None, gt=0, description="Frames per clip, 4k+1. Default 81; tiny presets 17.")
-    dtype: Literal["float32", "bf16", "fp16"] | None = Field(None, description="VAE/text-encoder dtype. Default bf16; tiny float32.")
-    embed_dtype: Literal["float32", "bf16"] | None = Field(None, description="Stored text embeddings. Default bf16; tiny float32.")
-    synthetic_clips: int = Field(WorkflowConfig.model_fields["clips"].default, gt=1, description="Clips of the synthetic set.")
-    synthetic_seed: int = Field(0, description="Seed of the synthetic set.")
+    size: str = Field(None, description="Cache bucket WIDTHxHEIGHT. Default 832x480; tiny presets 64x64.")
+    frames: int = Field(None, ge=1, le=MAX_FRAMES, description="Frames per clip, 4k+1. Default 81; tiny presets 17.")
+    dtype: Literal["float32", "bf16", "fp16"] = Field(None, description="VAE/text-encoder dtype. Default bf16; tiny float32.")
+    embed_dtype: Literal["float32", "bf16"] = Field(None, description="Stored text embeddings. Default bf16; tiny float32.")
+    synthetic_clips: int = Field(WorkflowConfig.model_fields["clips"].default, gt=1, le=100_000,
+                                 description="Clips of the synthetic set.")
+    synthetic_seed: Seed = Field(0, description="Seed of the synthetic set.")
     val_fraction: float = Field(0.2, ge=0, lt=1, description="Share of synthetic clips held out for validation.")
 
     @field_validator("size")
     @classmethod
-    def _check_size(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"\d+x\d+", value):
+    def _check_size(cls, value: str) -> str:
+        match = re.fullmatch(r"(\d+)x(\d+)", value)
+        if match is None:
             raise ValueError(f"expected WIDTHxHEIGHT such as 832x480, got {value!r}")
+        if not all(2 <= int(side) <= MAX_SIDE for side in match.groups()):
+            raise ValueError(f"each side must be a whole number >= 2 and <= {MAX_SIDE}, got {value!r}")
         return value
 
     def resolved(self, tiny_preset: bool) -> dict[str, Any]:
@@ -123,20 +236,17 @@ class DataSettings(BaseModel):
         return (tiny if tiny_preset else real) | self.model_dump(exclude_none=True, include=set(real))
 
 
-class MergeSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    lora_multiplier: float = Field(1.0, description="Strength of the stage-1 LoRA folded into both experts.")
+class MergeSettings(FormGroup):
+    lora_multiplier: float = Field(1.0, ge=-10, le=10, description="Strength of the stage-1 LoRA folded into both experts.")
 
 
-class StageResources(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    gpus: int | None = Field(None, ge=0, description="GPUs (0: CPU; > 1: accelerate launch). Default: 0 for tiny presets, else 1.")
-    timeout_minutes: float = Field(24 * 60, gt=0, description="The stage command is killed (its whole process group) after this.")
+class StageResources(FormGroup):
+    gpus: int = Field(None, ge=0, le=64, description="GPUs (0: CPU; > 1: accelerate launch). Default: 0 for tiny presets, else 1.")
+    timeout_minutes: float = Field(24 * 60, gt=0, le=30 * 24 * 60,
+                                   description="The stage command is killed (its whole process group) after this.")
     retries: int = Field(1, ge=0, le=5, description="Retries after a failure other than bad input; training resumes from its last saved state.")
     stop_grace_s: float = Field(
-        90.0, ge=0, description="On a timeout or a cancelled run the stage command gets SIGTERM, then SIGKILL after this "
+        90.0, ge=0, le=3600, description="On a timeout or a cancelled run the stage command gets SIGTERM, then SIGKILL after this "
         "long: a training command saves its state at the next optimizer step (exit code 143) and a retry resumes from it.",
     )
 

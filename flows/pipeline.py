@@ -60,7 +60,15 @@ from tasks.caching import StoreResultStorage
 from tasks.launcher import terminate_all
 from tasks.registry import RegistryEntry
 from tasks.stage import StageContext
-from tasks.tracking import StageRun, TrackingContext, end_run, pin_mlflow_s3_endpoint, ref_tags, start_pipeline_run
+from tasks.tracking import (
+    StageRun,
+    TrackingContext,
+    bound_mlflow_requests,
+    end_run,
+    pin_mlflow_s3_endpoint,
+    ref_tags,
+    start_pipeline_run,
+)
 
 FLOW_NAME = "lora-moe-pipeline"
 
@@ -116,6 +124,36 @@ def check_models(preset: str, models: ModelInputs) -> None:
         raise MoeError(f"models: {', '.join(missing)} not given; pass every base model URI or none (tiny presets only)")
 
 
+def signature_problem(parameters: dict[str, Any]) -> str | None:
+    """One line naming the parameters the flow does not take (None: there are none)."""
+    import difflib
+    import inspect
+
+    known = list(inspect.signature(lora_moe_pipeline.fn).parameters)
+    unknown = [name for name in parameters if name not in known]
+    if not unknown:
+        return None
+    guesses = [f" (did you mean {match[0]!r}?)" if (match := difflib.get_close_matches(name, known, n=1)) else ""
+               for name in unknown]
+    names = ", ".join(f"{name!r}{guess}" for name, guess in zip(unknown, guesses))
+    return f"unknown parameter{'s' if len(unknown) > 1 else ''} {names}; {FLOW_NAME} takes: {', '.join(known)}"
+
+
+def explain_crash(flow, flow_run, state) -> None:
+    """`on_crashed` hook (run by the worker when a flow-run process dies): a run that never
+    started because its parameters do not fit the flow's signature (Prefect binds them before
+    the flow can validate anything, so the process dies with the reason in a traceback only)
+    is marked Failed with that reason as its one-line state message."""
+    from prefect import get_client
+    from prefect.states import Failed
+
+    problem = signature_problem(dict(flow_run.parameters or {}))
+    if problem is None:
+        return
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run.id, Failed(message=f"Invalid parameters: {problem}"), force=True)
+
+
 class _Runner:
     """Calls the stage tasks with this run's options: result storage in the artifact root,
     `refresh_cache` for forced stages, per-stage GPUs (resolved) and timeout; records each
@@ -158,7 +196,7 @@ class _Runner:
         return self._record(name, future.state, future.result())
 
 
-@flow(name=FLOW_NAME, persist_result=False, log_prints=True,
+@flow(name=FLOW_NAME, persist_result=False, log_prints=True, on_crashed=[explain_crash],
       description="Two-stage Wan2.2 LoRA-MoE: data -> stage 1 -> merge both experts -> stage 2 -> eval -> registry.")
 def lora_moe_pipeline(
     preset: Preset = "tiny",
@@ -223,15 +261,20 @@ def lora_moe_pipeline(
     eval_cfg = resolve_settings(evaluation, tiny, TINY_EVAL)
     gate_cfg = gate.model_dump(mode="json")
 
-    mlflow_ctx = start_pipeline_run(
-        tracking, tracking_uri, f"{root_uri}/mlflow-artifacts",
-        tags={"prefect.flow_run_id": str(run.id), "prefect.flow_run_name": run.name, "preset": preset,
-              "artifact_root": root_uri},
-        params={"preset": preset, "data": data_cfg, "stage1": stage1_cfg, "merge": merge.model_dump(), "stage2": stage2_cfg,
-                "eval": eval_cfg, "gate": gate_cfg, "force": force or "", "only_new_data": only_new_data,
-                "stage2_from_champion": stage2_from_champion},
-        ui_url=tracking.resolved_ui_url(tracking_uri, dict(os.environ)),
-    )
+    unbound_requests = bound_mlflow_requests(tracking)  # a dead tracking server fails the run in minutes
+    try:
+        mlflow_ctx = start_pipeline_run(
+            tracking, tracking_uri, f"{root_uri}/mlflow-artifacts",
+            tags={"prefect.flow_run_id": str(run.id), "prefect.flow_run_name": run.name, "preset": preset,
+                  "artifact_root": root_uri},
+            params={"preset": preset, "data": data_cfg, "stage1": stage1_cfg, "merge": merge.model_dump(), "stage2": stage2_cfg,
+                    "eval": eval_cfg, "gate": gate_cfg, "force": force or "", "only_new_data": only_new_data,
+                    "stage2_from_champion": stage2_from_champion},
+            ui_url=tracking.resolved_ui_url(tracking_uri, dict(os.environ)), flow_run_ended=_flow_run_ended,
+        )
+    except BaseException:
+        unbound_requests()
+        raise
     logger.info(f"MLflow run {mlflow_ctx.run_url(mlflow_ctx.parent_run_id)} ({tracking_uri})")
     ctx = StageContext(artifact_root=root_uri, s3=storage.s3, work_dir=str(work_dir), run_prefix=f"runs/{run.id}",
                        tracking=mlflow_ctx, flow_run_id=str(run.id))
@@ -292,9 +335,24 @@ def lora_moe_pipeline(
         raise
     finally:
         unpin_endpoint()
+        unbound_requests()
         stopped = terminate_all()
         if stopped:
             logger.warning(f"stopped stage commands still running: {', '.join(stopped)}")
+
+
+def _flow_run_ended(flow_run_id: str) -> bool | None:
+    """Whether Prefect records this flow run in a final state (None: it does not know the run)."""
+    from uuid import UUID
+
+    from prefect import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(UUID(flow_run_id)).state
+    except Exception:  # another Prefect server's run, or none at all
+        return None
+    return None if state is None else state.is_final()
 
 
 def _version_url(ctx: TrackingContext, entry: RegistryEntry) -> str:

@@ -11,6 +11,11 @@ Killing that group on timeout kills the whole stage and nothing else; Prefect's 
 for any reason (a cancel from the UI arrives as SIGTERM, which Prefect turns into an exception
 in the flow's thread), so a cancelled run leaves no stage running behind it.
 
+A stage command also dies with its flow: when the flow process itself is killed (SIGKILL, the OOM
+killer), so that nothing of it can clean up, the kernel sends the command SIGTERM
+(`PR_SET_PDEATHSIG`, requested by a small trampoline before the command is exec'd), and the
+command's own shutdown stops what it started.
+
 Stopping a group is SIGTERM, then SIGKILL after a grace period (`grace_s`; the pipeline gives
 every stage `resources.*.stop_grace_s`, 90 s by default): a training child saves its state at
 the next optimizer step and exits with 143 (`moe.errors.EXIT_STOPPED`), which is retried like any
@@ -34,6 +39,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GRACE_S = 5.0  # SIGTERM, then SIGKILL after this long (run_command's default)
+# Started in front of every stage command on Linux: asks the kernel to send the child SIGTERM when
+# the flow process (the thread that started it, which waits for it) dies, even by SIGKILL or OOM,
+# then becomes the command (exec keeps the request). A parent already gone by then: exit 143.
+# Done in the child rather than in `preexec_fn`, which is unsafe in a threaded process.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    os._exit(143)\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
 _live: dict[int, str] = {}  # process group id -> stage name
 _grace: dict[int, float] = {}  # process group id -> its grace period
 _live_lock = threading.Lock()
@@ -174,8 +190,9 @@ def run_command(
     or cancellation here, `terminate_all`) is SIGTERM, then SIGKILL after `grace_s`."""
     started = time.time()
     child_env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(max(int(grace_s), 1))} | os.environ | (env or {})
+    launched = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *command] if sys.platform == "linux" else command
     child = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        launched, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         env=child_env | {"PYTHONUNBUFFERED": "1"}, cwd=cwd, process_group=0,
     )
     with _live_lock:

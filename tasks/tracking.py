@@ -5,20 +5,31 @@ run"), so the concurrent merge tasks cannot log into each other's runs. Params a
 configs, metrics the trainer's per-step and per-epoch losses (mirrored from `train_log.jsonl`)
 and the held-out/eval numbers; small files are logged as artifacts; merged DiTs are recorded by
 URI and sha256 tags only, never copied into MLflow.
+
+Outages surface in minutes: MLflow's own client retries a request 7 times with a backoff factor
+of 2 and waits 120 s for each answer, so a dead tracking server takes about 4 minutes per request
+to fail a stage (and a run makes many requests). The flow bounds its requests with
+`TrackingSettings.request_*` (MLflow's MLFLOW_HTTP_REQUEST_* variables, for the run's duration);
+command-line use (`lora-moe registry`, `generate --model`) gets the same defaults unless those
+variables are set. A request that still fails because the server cannot be reached raises
+`TrackingUnavailable`, one sentence naming the server, what went wrong and the limits used.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from moe.errors import MoeError
 from tasks.artifacts.refs import ArtifactRef
 
 DEFAULT_EXPERIMENT = "wan-lora-moe"
@@ -26,10 +37,21 @@ DEFAULT_MODEL_NAME = "wan22-surgical-lora-moe"
 PARAM_LIMIT = 6000  # MLflow's longest param value
 
 
-class TrackingSettings(BaseModel):
-    """Where runs and registered models go."""
+REQUEST_LIMITS = {  # TrackingSettings field -> MLflow's environment variable
+    "request_max_retries": "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "request_backoff_factor": "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+    "request_timeout_s": "MLFLOW_HTTP_REQUEST_TIMEOUT",
+}
 
-    model_config = ConfigDict(extra="forbid")
+
+class TrackingUnavailable(MoeError):
+    """The MLflow tracking server cannot be reached (after the bounded retries)."""
+
+
+class TrackingSettings(BaseModel):
+    """Where runs and registered models go, and how long the MLflow client tries to reach them."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     tracking_uri: str | None = Field(
         None,
@@ -43,6 +65,16 @@ class TrackingSettings(BaseModel):
         None, description="Base URL of the MLflow UI, for links in the run summary. Default: LORA_MOE_MLFLOW_UI_URL, "
         "else an http(s) tracking URI, else http://127.0.0.1:5000.",
     )
+    request_max_retries: int = Field(
+        2, ge=0, le=10, description="Retries of each request to an MLflow tracking server (MLflow's default, 7, takes "
+        "about 4 minutes per request to give up on a dead server).",
+    )
+    request_backoff_factor: int = Field(1, ge=0, le=10, description="Seconds before the second retry, doubling after.")
+    request_timeout_s: int = Field(30, ge=1, le=600, description="Seconds to wait for each answer of the tracking server.")
+
+    def request_environment(self) -> dict[str, str]:
+        """MLflow's MLFLOW_HTTP_REQUEST_* variables for these limits."""
+        return {variable: str(getattr(self, field)) for field, variable in REQUEST_LIMITS.items()}  # MLflow reads ints
 
     def resolved_ui_url(self, tracking_uri: str, environ: dict[str, str]) -> str:
         if self.ui_url:
@@ -82,18 +114,123 @@ def pin_mlflow_s3_endpoint(endpoint: str | None):
     return lambda: os.environ.pop("MLFLOW_S3_ENDPOINT_URL", None)
 
 
+def bound_mlflow_requests(settings: TrackingSettings) -> Callable[[], None]:
+    """Set MLflow's request limits to `settings`' until the returned function is called (the
+    flow's duration; its stages run in its process)."""
+    before = {variable: os.environ.get(variable) for variable in REQUEST_LIMITS.values()}
+    os.environ.update(settings.request_environment())
+
+    def restore() -> None:
+        for variable, value in before.items():
+            if value is None:
+                os.environ.pop(variable, None)
+            else:
+                os.environ[variable] = value
+
+    return restore
+
+
+def default_mlflow_request_limits() -> None:
+    """For command-line use: the pipeline's default limits, unless MLFLOW_HTTP_REQUEST_* are set."""
+    for variable, value in TrackingSettings().request_environment().items():
+        os.environ.setdefault(variable, value)
+
+
+def unreachable_reason(error: BaseException) -> str | None:
+    """Why the tracking server could not be reached, when `error` says it could not (an MLflow
+    request that failed in transport or with repeated server errors); None for other errors."""
+    message = str(error)
+    if not re.match(r"API request to \S+ failed with", message):
+        return None
+    if "timed out" in message or "timeout" in message.lower():
+        return "it did not answer in time"
+    if "Connection refused" in message:
+        return "connection refused"
+    if "Name or service not known" in message or "nodename nor servname" in message or "getaddrinfo" in message:
+        return "its host name does not resolve"
+    if "too many" in message and "error responses" in message:
+        return "it kept answering with server errors"
+    if "Max retries exceeded" in message or "Connection" in message:
+        return "the connection failed"
+    return message.split(" failed with ", 1)[1][:200]
+
+
+class _GuardedClient:
+    """An MlflowClient whose calls raise `TrackingUnavailable` (one sentence naming the server)
+    when the tracking server cannot be reached; every other error passes unchanged (the registry
+    code tells "not found" from other answers by MlflowException)."""
+
+    def __init__(self, client, tracking_uri: str):
+        self._client, self._uri = client, tracking_uri
+
+    def __getattr__(self, name: str):
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+
+        @functools.wraps(attribute)
+        def call(*args, **kwargs):
+            try:
+                return attribute(*args, **kwargs)
+            except Exception as e:
+                reason = unreachable_reason(e)
+                if reason is None:
+                    raise
+                limits = {v: os.environ.get(v) for v in REQUEST_LIMITS.values()}
+                raise TrackingUnavailable(
+                    f"MLflow tracking server {self._uri} is unreachable ({reason}) after "
+                    f"{limits['MLFLOW_HTTP_REQUEST_MAX_RETRIES'] or 'default'} retries with a "
+                    f"{limits['MLFLOW_HTTP_REQUEST_TIMEOUT'] or 'default'} s timeout each "
+                    "(tracking.request_max_retries / request_timeout_s)"
+                ) from None
+
+        return call
+
+
 _clients: dict[str, object] = {}
 _clients_lock = threading.Lock()
 
 
 def mlflow_client(tracking_uri: str):
-    """One MlflowClient per URI, tracking and registry on the same store."""
+    """One MlflowClient per URI, tracking and registry on the same store; an unreachable
+    tracking server is a `TrackingUnavailable` error. A SQLite store is created (or migrated)
+    under a file lock: two processes creating one at once fail in MLflow's schema migration
+    ("table ... already exists"), so the second waits for the first."""
     with _clients_lock:
         if tracking_uri not in _clients:
             from mlflow import MlflowClient
 
-            _clients[tracking_uri] = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+            database = sqlite_path(tracking_uri)
+            if database is None:
+                client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+            else:
+                with _file_lock(database.with_name(database.name + ".lock")):
+                    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)  # creates the tables
+                    client.search_registered_models(max_results=1)  # and the registry's (on first use)
+            _clients[tracking_uri] = _GuardedClient(client, tracking_uri) if is_tracking_server(tracking_uri) else client
         return _clients[tracking_uri]
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a `sqlite:///PATH` URI (None for other URIs and in-memory ones)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    path = tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(path).absolute() if path and path != ":memory:" else None
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (made if missing) across processes; waits for its holder."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def flatten(values: dict, prefix: str = "") -> dict[str, str]:
@@ -113,11 +250,76 @@ def ref_tags(name: str, ref: ArtifactRef) -> dict[str, str]:
     return {f"artifact.{name}.uri": ref.uri, f"artifact.{name}.sha256": ref.sha256, f"artifact.{name}.size": str(ref.size)}
 
 
+def _start_ticks(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, Linux), None when it does not exist:
+    with the pid, it names one process even after the pid is reused."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def process_owner() -> dict[str, str]:
+    """Tags naming this process (host, pid, start time), for a later run to tell whether the
+    process that opened an MLflow run still lives."""
+    import socket
+
+    return {"lora_moe.host": socket.gethostname(), "lora_moe.pid": str(os.getpid()),
+            "lora_moe.pid_started": _start_ticks(os.getpid()) or ""}
+
+
+def owner_alive(tags: dict[str, str]) -> bool | None:
+    """Whether the process named by `process_owner` tags still runs; None when it ran on another
+    host (or the tags are missing)."""
+    import socket
+
+    if tags.get("lora_moe.host") != socket.gethostname() or not tags.get("lora_moe.pid", "").isdigit():
+        return None
+    pid = int(tags["lora_moe.pid"])
+    if tags.get("lora_moe.pid_started"):
+        return _start_ticks(pid) == tags["lora_moe.pid_started"]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def close_abandoned_runs(client, experiment_id: str, flow_run_ended: Callable[[str], bool | None] | None = None) -> list[str]:
+    """Mark KILLED the pipeline runs of this experiment left RUNNING by a flow run that is gone (and
+    their stage runs): its process ran on this host and is dead, or `flow_run_ended(flow_run_id)`
+    (Prefect's view) says the flow run ended. Runs whose owner cannot be told dead stay. Returns
+    the ids closed."""
+    running = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)
+    gone = set()
+    for run in running:
+        tags = run.data.tags
+        if "mlflow.parentRunId" in tags:
+            continue
+        alive = owner_alive(tags)
+        if alive is None and flow_run_ended is not None and tags.get("prefect.flow_run_id"):
+            ended = flow_run_ended(tags["prefect.flow_run_id"])
+            alive = None if ended is None else not ended
+        if alive is False:
+            gone.add(run.info.run_id)
+    closed = []
+    for run in running:
+        if run.info.run_id in gone or run.data.tags.get("mlflow.parentRunId") in gone:
+            client.set_tag(run.info.run_id, "lora_moe.closed", "KILLED by a later run: the flow run that opened it was gone")
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+    return closed
+
+
 def start_pipeline_run(settings: TrackingSettings, tracking_uri: str, artifact_location: str, tags: dict[str, str],
-                       params: dict, ui_url: str | None = None) -> TrackingContext:
+                       params: dict, ui_url: str | None = None,
+                       flow_run_ended: Callable[[str], bool | None] | None = None) -> TrackingContext:
     """The parent run of one flow run (creating the experiment on first use). A new experiment
     keeps its artifacts at `artifact_location`, except on a tracking server, which stores them
-    itself (`--serve-artifacts`: clients need no credentials for its store)."""
+    itself (`--serve-artifacts`: clients need no credentials for its store). Runs that crashed
+    flow runs left RUNNING are closed first (`close_abandoned_runs`)."""
     client = mlflow_client(tracking_uri)
     experiment = client.get_experiment_by_name(settings.experiment)
     if experiment is None:
@@ -125,7 +327,8 @@ def start_pipeline_run(settings: TrackingSettings, tracking_uri: str, artifact_l
         experiment_id = _create_experiment(client, settings.experiment, location)
     else:
         experiment_id = experiment.experiment_id
-    run = client.create_run(experiment_id, tags=tags, run_name=tags.get("prefect.flow_run_name"))
+        close_abandoned_runs(client, experiment_id, flow_run_ended)
+    run = client.create_run(experiment_id, tags=tags | process_owner(), run_name=tags.get("prefect.flow_run_name"))
     _log(client, run.info.run_id, params=flatten(params))
     return TrackingContext(tracking_uri=tracking_uri, experiment_id=experiment_id, parent_run_id=run.info.run_id,
                            ui_url=ui_url or settings.ui_url or "http://127.0.0.1:5000")
@@ -228,3 +431,4 @@ def quiet_mlflow_output() -> None:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    default_mlflow_request_limits()

@@ -36,7 +36,7 @@ MIB = 1 << 20
 class S3Options(BaseModel):
     """How to reach S3. Credentials are not options: they come from the standard AWS chain."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     endpoint_url: str | None = Field(
         None, description="S3-compatible endpoint (MinIO, moto ...); default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS."
@@ -48,10 +48,10 @@ class S3Options(BaseModel):
         "when_supported", description="'when_required' for S3-compatible stores that reject botocore's default checksums."
     )
     max_attempts: int = Field(5, ge=1, le=20, description="Attempts per request (botocore 'standard' retry mode).")
-    multipart_chunk_mib: int = Field(64, ge=5, description="Multipart part size in MiB (and the multipart threshold).")
+    multipart_chunk_mib: int = Field(64, ge=5, le=5120, description="Multipart part size in MiB (and the multipart threshold).")
     max_concurrency: int = Field(8, ge=1, le=64, description="Parts (or files) in flight at once.")
-    connect_timeout_s: float = Field(10.0, gt=0)
-    read_timeout_s: float = Field(120.0, gt=0)
+    connect_timeout_s: float = Field(10.0, gt=0, le=600, description="Seconds to wait for a connection.")
+    read_timeout_s: float = Field(120.0, gt=0, le=3600, description="Seconds to wait for a response.")
 
 
 _clients: dict[str, object] = {}
@@ -194,6 +194,8 @@ class _HashingWriter:
 
 
 class S3Store(ArtifactStore):
+    records_hashes = True  # the `sha256` tag; an object written again without it loses it
+
     def __init__(self, uri: str, options: S3Options):
         bucket, _, prefix = uri.removeprefix("s3://").partition("/")
         if not bucket:

@@ -37,6 +37,7 @@ class ArtifactStore(abc.ABC):
     """Backend primitives; keys are posix paths relative to `root_uri`."""
 
     root_uri: str
+    records_hashes = False  # every object this store wrote carries its sha256 (S3: the `sha256` tag)
 
     @abc.abstractmethod
     def upload_files(self, items: list[tuple[Path, str]]) -> list[Transferred]:
@@ -121,6 +122,37 @@ class ArtifactStore(abc.ABC):
                 )
         got = FolderManifest(files=[FolderEntry(path=e.path, sha256=t.sha256, size=t.size) for e, t in zip(manifest.files, done)])
         return got.sha256, got.size
+
+    def check(self, ref: ArtifactRef) -> str | None:
+        """None when the stored object still matches `ref` as far as the store can tell without
+        downloading it: it exists, has the ref's size, and the sha256 the store records for it
+        (an S3 tag, a folder's manifest) is the ref's; else why not, in one phrase. Backends that
+        can re-hash cheaply check more (`LocalStore`)."""
+        key = self.key(ref.uri)
+        if ref.layout == "file":
+            info = self.stat(key)
+            if info is None:
+                return f"{ref.uri} is gone"
+            if info.size != ref.size:
+                return f"{ref.uri} holds {info.size} bytes, its ref {ref.size}"
+            if info.sha256 is not None and info.sha256 != ref.sha256:
+                return f"{ref.uri} records sha256 {info.sha256[:12]}..., its ref {ref.sha256[:12]}..."
+            if info.sha256 is None and self.records_hashes and ref.producer != "input":
+                return f"{ref.uri} lost its sha256 record (it was written again by something else)"
+            return None
+        files = {rel: info.size for rel, info in self.list_files(key).items() if not _hidden(rel)}
+        if not files:
+            return f"{ref.uri} is gone"
+        raw = self.read_bytes(f"{key}/{FOLDER_MANIFEST}")
+        if raw is not None:
+            manifest = FolderManifest.model_validate_json(raw)
+            if manifest.sha256 != ref.sha256:
+                return f"{ref.uri}: its manifest records sha256 {manifest.sha256[:12]}..., its ref {ref.sha256[:12]}..."
+            if files != {f.path: f.size for f in manifest.files}:
+                return f"{ref.uri}: its files are not the ones its manifest lists"
+        if sum(files.values()) != ref.size:
+            return f"{ref.uri} holds {sum(files.values())} bytes, its ref {ref.size}"
+        return None
 
     def layout_of(self, key: str) -> str | None:
         """'file', 'folder' or None (nothing at `key`)."""
