@@ -1,14 +1,24 @@
-"""Training-step benchmark (issues 3 and 4) on a mid-size Wan DiT, fp32 on the CPU.
+"""Training-step benchmark (issues 3, 4 and 18) on a mid-size Wan DiT, fp32 on the CPU.
 
 One step = forward + backward (+ AdamW step for trainable weights) on one micro-batch.
-Contenders, timed interleaved on the same model and inputs, medians reported:
-  frozen   the DiT's own forward + backward (input gradients only, nothing to update)
-  stage1   our vanilla LoRA (`Stage1Module`, reference targets)
-  peft     peft's LoRA with the same targets and ranks (diffusers' `add_adapter`)
-  stage2   our LoRA-MoE (`Stage2Module`: 4 experts, router, timestep gates, routing losses)
-Targets: stage1 no slower than peft; stage2 at most 1.15x stage1.
+Contenders, timed on the same inputs, each on its own copy of the model:
+  frozen    the DiT's own forward + backward (input gradients only, nothing to update)
+  stage1    our vanilla LoRA (`Stage1Module`, reference targets)
+  peft      peft's LoRA with the same targets and ranks (diffusers' `add_adapter`)
+  stage2    our LoRA-MoE (`Stage2Module`: 4 experts, router, timestep gates, routing losses)
+  stage1_compiled, stage2_compiled   the same with `--compile` (`moe.wan.compile`, inductor);
+            their first step compiles (minutes on a small CPU, seconds once inductor's cache
+            in /tmp/torchinductor_$USER is warm) and is timed apart
+Targets: stage1 no slower than peft; stage2 at most 1.15x stage1; compiled / eager printed.
+
+The order of the contenders rotates every repeat, so each follows every other one equally
+often: with a fixed order a contender's time depends on the step before it (stage 1 always ran
+right after the frozen step, whose full backward keeps about twice the activations, and paid
+about 2% for it; see README). Medians are reported, with the minimum (the least disturbed run
+on a shared machine) beside them.
 
     python bench/train_step_bench.py [--dim 256] [--layers 8] [--latent 5x32x32] [--repeats 9]
+                                     [--threads N] [--no_compile]
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from moe.train.stage1 import Stage1Module
 from moe.train.stage2 import Stage2Module
 from moe.wan import presets
 from moe.wan.checkpoint import build_random_transformer
+from moe.wan.compile import compile_blocks
 from moe.wan.keys import module_to_diffusers
 from moe.wan.presets import DiTConfig
 
@@ -58,7 +69,11 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--latent", default="5x32x32", help="latent frames x height x width")
     ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--no_compile", action="store_true", help="skip the compiled contenders")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     latent = tuple(int(v) for v in args.latent.split("x"))
     task = register_bench_preset(args.dim, args.layers)
     tokens = latent[0] * latent[1] * latent[2] // 4
@@ -69,12 +84,21 @@ def main() -> None:
     noise = torch.randn_like(batch["latents"])
     sigma = torch.tensor([0.5])
 
-    def dits(seed: int) -> DualDiT:
-        return DualDiT(build_random_transformer(presets.PRESETS[task], seed), None, None)
+    def dits(seed: int, compiled: bool = False) -> DualDiT:
+        model = build_random_transformer(presets.PRESETS[task], seed)
+        if compiled:
+            compile_blocks(model, dynamic=False)  # as load_expert does, before the adapters are injected
+        return DualDiT(model, None, None)
 
-    stage1 = Stage1Module(Stage1Config(task=task, **paths), dits(0))
-    stage2 = Stage2Module(Stage2Config(task=task, **paths), dits(0), merged_dits={})
-    stage2.on_step(10**6, 10**6)  # past teacher forcing: the steady-state path
+    def stage1_module(compiled: bool = False) -> Stage1Module:
+        torch.manual_seed(0)
+        return Stage1Module(Stage1Config(task=task, **paths), dits(0, compiled))
+
+    def stage2_module(compiled: bool = False) -> Stage2Module:
+        torch.manual_seed(0)
+        module = Stage2Module(Stage2Config(task=task, **paths), dits(0, compiled), merged_dits={})
+        module.on_step(10**6, 10**6)  # past teacher forcing: the steady-state path
+        return module
 
     frozen = build_random_transformer(presets.PRESETS[task], 0).requires_grad_(False)
     peft_model = build_random_transformer(presets.PRESETS[task], 0)
@@ -110,20 +134,38 @@ def main() -> None:
         peft_opt.step()
         peft_opt.zero_grad(set_to_none=True)
 
+    stage1, stage2 = stage1_module(), stage2_module()
     steps = {"frozen": frozen_step, "stage1": our_step(stage1), "peft": peft_step, "stage2": our_step(stage2)}
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for run in steps.values():  # warm-up
+    if not args.no_compile:
+        steps |= {"stage1_compiled": our_step(stage1_module(compiled=True)),
+                  "stage2_compiled": our_step(stage2_module(compiled=True))}
+    first: dict[str, float] = {}
+    for name, run in steps.items():  # warm-up (the compiled contenders compile here)
+        t0 = time.perf_counter()
         run()
-    for _ in range(args.repeats):
-        for name, run in steps.items():
+        first[name] = time.perf_counter() - t0
+        run()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    order = list(steps)
+    for r in range(args.repeats):
+        for name in order[r % len(order):] + order[: r % len(order)]:
             t0 = time.perf_counter()
-            run()
+            steps[name]()
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    low = {k: min(v) for k, v in times.items()}
     for name, t in med.items():
-        print(f"  {name:7s} {t * 1e3:8.1f} ms  ({t / med['frozen']:.3f}x frozen)")
-    print(f"stage1 / peft:   {med['stage1'] / med['peft']:.3f}x (target <= 1.0)")
-    print(f"stage2 / stage1: {med['stage2'] / med['stage1']:.3f}x (target <= 1.15)")
+        print(f"  {name:16s} {t * 1e3:8.1f} ms median, {low[name] * 1e3:8.1f} ms min  ({t / med['frozen']:.3f}x frozen)")
+
+    def ratio(a: str, b: str) -> str:
+        return f"{med[a] / med[b]:.3f}x (min {low[a] / low[b]:.3f}x)"
+
+    print(f"stage1 / peft:   {ratio('stage1', 'peft')} (target <= 1.0)")
+    print(f"stage2 / stage1: {ratio('stage2', 'stage1')} (target <= 1.15)")
+    if not args.no_compile:
+        for stage in ("stage1", "stage2"):
+            print(f"{stage} compiled / eager: {ratio(stage + '_compiled', stage)}; "
+                  f"first compiled step (compiling) {first[stage + '_compiled']:.1f} s")
     print(f"trainable parameters: stage1 {sum(p.numel() for p in stage1.parameters() if p.requires_grad):,}, "
           f"peft {sum(p.numel() for p in peft_trainable):,}, "
           f"stage2 {sum(p.numel() for p in stage2.parameters() if p.requires_grad):,}")

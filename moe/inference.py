@@ -319,8 +319,9 @@ def _generate(cfg: GenerateConfig, preset):
     from moe.wan.expert import load_expert
 
     dtype = getattr(torch, DTYPE_ALIASES[cfg.dtype])
-    low = load_expert(cfg.dit, preset, dtype, cfg.device, cfg.fp8, cfg.blocks_to_swap)
-    high = load_expert(cfg.dit_high_noise, preset, dtype, cfg.device, cfg.fp8, cfg.blocks_to_swap) if cfg.dit_high_noise else None
+    runtime = dict(compile=cfg.compile, compile_mode=cfg.compile_mode, attention_backend=cfg.attention_backend)
+    low = load_expert(cfg.dit, preset, dtype, cfg.device, cfg.fp8, cfg.blocks_to_swap, **runtime)
+    high = load_expert(cfg.dit_high_noise, preset, dtype, cfg.device, cfg.fp8, cfg.blocks_to_swap, **runtime) if cfg.dit_high_noise else None
     if preset.two_experts and high is None:
         raise MoeError(f"task {cfg.task} has two experts: pass the high-noise DiT as --dit_high_noise")
     dits = [d for d in (high, low) if d is not None]

@@ -36,7 +36,8 @@ def load_dits(cfg, preset, low, high) -> DualDiT:
     """Two DiTs (or one) in cfg's dtype; both on the accelerator when they fit, else only the
     active one (training's `auto` placement)."""
     return DualDiT.load(preset, low, high, preset.boundary, getattr(torch, cfg.dtype), cfg.device, placement="auto",
-                        fp8=cfg.fp8, blocks_to_swap=cfg.blocks_to_swap)
+                        fp8=cfg.fp8, blocks_to_swap=cfg.blocks_to_swap,
+                        compile=cfg.compile, compile_mode=cfg.compile_mode, attention_backend=cfg.attention_backend)
 
 
 def release(dits: DualDiT) -> None:

@@ -154,9 +154,11 @@ def _to_device(batch: dict, device) -> dict:
 def check_dits(cfg: TrainConfig) -> None:
     """The DiT files against the task, from their headers (fast, before anything is loaded)."""
     from moe.train.fsdp import check_fsdp
+    from moe.wan.attention import check_attention_backend
     from moe.wan.checkpoint import check_checkpoint_task
 
     check_fsdp(cfg)
+    check_attention_backend(cfg.attention_backend, training=True)
     for path in (cfg.dit, cfg.dit_high_noise):
         check_checkpoint_task(path, cfg.preset)
 
@@ -486,6 +488,7 @@ def load_dits(cfg: TrainConfig, accelerator, free_bytes: int | None = None) -> D
         cfg.preset, cfg.dit, cfg.dit_high_noise, cfg.boundary, _dit_dtype(cfg),
         "cpu" if cfg.fsdp else accelerator.device, "never" if cfg.fsdp else cfg.offload_inactive_dit,
         int(cfg.placement_headroom_gib * GiB), free_bytes, fp8=cfg.fp8, blocks_to_swap=cfg.blocks_to_swap,
+        compile=cfg.compile, compile_mode=cfg.compile_mode, attention_backend=cfg.attention_backend,
     )
     if cfg.gradient_checkpointing:
         dits.enable_gradient_checkpointing()

@@ -81,7 +81,9 @@ def load_expert(
     each block's forward is compiled (`moe.wan.compile`), lazily: the first call traces the
     block as it is then, with the adapters the caller injects after loading."""
     check_blocks_to_swap(blocks_to_swap, preset.dit.num_layers)
-    check_attention_backend(attention_backend, device=device)
+    # A GPU-only backend is refused on a machine without one (with --fsdp the experts are read
+    # onto the host of a GPU machine and sharded onto the GPU later: `device` is "cpu" there).
+    check_attention_backend(attention_backend, device=None if torch.cuda.is_available() else device)
     prepare_attention_backend(attention_backend)
     model = load_transformer(path, preset, dtype=dtype, device="cpu", fp8=fp8)
     set_attention_backend(model, attention_backend)

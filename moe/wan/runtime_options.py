@@ -3,12 +3,24 @@ generation (names as musubi-tuner spells them, so its users feel at home)."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
-from moe.wan.attention import AttentionBackend
-from moe.wan.compile import CompileMode
-
 MAX_BLOCKS = 1000  # no Wan DiT has more blocks; the real bound is checked against the model
+
+# Spelled here, not imported from moe.wan.compile / moe.wan.attention: configs stay torch-free
+# (the pipeline's flow side imports them).
+CompileMode = Literal["default", "max-autotune-no-cudagraphs"]
+AttentionBackend = Literal[  # diffusers' attention dispatcher's names (moe.wan.attention.BACKENDS)
+    "native", "_native_math", "_native_flash", "_native_efficient", "_native_cudnn", "flex",
+    "flash", "flash_varlen", "flash_hub", "flash_varlen_hub", "flash_4_hub", "aiter_fa2_hub",
+    "_flash_3", "_flash_varlen_3", "_flash_3_hub", "_flash_3_varlen_hub",
+    "sage", "sage_varlen", "sage_hub", "sage_blackwell_hub",
+    "_sage_qk_int8_pv_fp8_cuda", "_sage_qk_int8_pv_fp8_cuda_sm90", "_sage_qk_int8_pv_fp16_cuda",
+    "_sage_qk_int8_pv_fp16_triton",
+    "xformers",
+]
 
 
 class DiTRuntimeOptions(BaseModel):
