@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from moe.errors import MoeError
-from moe.wan.expert import is_sharded, load_expert, place, resident_bytes, resident_tensors, storage_name, swapped_bytes
+from moe.wan.expert import format_bytes, is_sharded, load_expert, place, resident_bytes, resident_tensors, storage_name, swapped_bytes
 from moe.wan.fp8 import Fp8Mode
 from moe.wan.presets import WanPreset
 
@@ -123,24 +123,23 @@ class DualDiT:
         `lora-moe stage1/stage2` at start)."""
         first = next(iter(self))
         storage = storage_name(first)
-        on_device = resident_bytes(first) / 1e9
-        on_host = swapped_bytes(first) / 1e9
+        on_device, on_host = resident_bytes(first), swapped_bytes(first)
         swap = getattr(first, "block_swap", None)
         n = len(self.models)
-        per = f"{n} expert{'s' if n > 1 else ''} x {on_device + on_host:.2f} GB ({storage})"
+        per = f"{n} expert{'s' if n > 1 else ''} x {format_bytes(on_device + on_host)} ({storage})"
         pinned = "pinned host memory" if self.device.type == "cuda" else "host memory (CPU: a no-op swap)"
         swaps = (f"; blocks 0-{len(swap.swapped) - 1} of {len(first.blocks)} per expert in {pinned} "
-                 f"({on_host:.2f} GB each), {len(swap.swapped)} block copies per forward"
+                 f"({format_bytes(on_host)} each), {len(swap.swapped)} block copies per forward"
                  if swap is not None and swap.swapped else "")
         if is_sharded(first):
-            where = f"sharded over the processes (FSDP): {n * on_device:.2f} GB of them on this process's {self.device}"
+            where = f"sharded over the processes (FSDP): {format_bytes(n * on_device)} of them on this process's {self.device}"
         elif n == 1:
-            where = f"on {self.device} ({on_device:.2f} GB)"
+            where = f"on {self.device} ({format_bytes(on_device)})"
         elif self.offload:
-            where = (f"active expert on {self.device} ({on_device:.2f} GB), the other in {pinned}; "
+            where = (f"active expert on {self.device} ({format_bytes(on_device)}), the other in {pinned}; "
                      f"micro-batches grouped by expert, at most one expert swap per accumulation window")
         else:
-            where = f"both resident on {self.device} ({n * on_device:.2f} GB)"
+            where = f"both resident on {self.device} ({format_bytes(n * on_device)})"
         return f"memory plan: {per}, {where}{swaps}"
 
     def describe(self) -> str:

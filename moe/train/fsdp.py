@@ -33,10 +33,7 @@ import torch
 from torch import nn
 
 from moe.errors import MoeError
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+from moe.wan.expert import format_bytes, local_shard
 
 
 def check_fsdp(cfg, num_processes: int | None = None) -> None:
@@ -62,11 +59,6 @@ def check_fsdp(cfg, num_processes: int | None = None) -> None:
         )
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's shard on this process; a plain tensor as is."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def _frozen(model: nn.Module) -> list[torch.Tensor]:
     """The model's frozen weights and buffers (not the trainable adapters injected into it)."""
     return [p for p in model.parameters() if not p.requires_grad] + list(model.buffers())
@@ -75,7 +67,7 @@ def _frozen(model: nn.Module) -> list[torch.Tensor]:
 def frozen_bytes_per_process(model: nn.Module) -> int:
     """Bytes of the model's frozen weights and buffers held by this process (its shards when
     sharded, everything when not)."""
-    return sum(_local(t).numel() * t.element_size() for t in _frozen(model))
+    return sum(local_shard(t).numel() * t.element_size() for t in _frozen(model))
 
 
 def bytes_per_process(dits) -> dict[str, int]:
@@ -87,7 +79,7 @@ def shard_fraction(model: nn.Module) -> float:
     """This process's share of the model's frozen parameters (1.0 unsharded, about 1/N sharded:
     FSDP splits each weight along its first dimension, the last shards may be shorter)."""
     frozen = [p for p in model.parameters() if not p.requires_grad]
-    return sum(_local(p).numel() for p in frozen) / max(sum(p.numel() for p in frozen), 1)
+    return sum(local_shard(p).numel() for p in frozen) / max(sum(p.numel() for p in frozen), 1)
 
 
 def _mesh(device: torch.device):
@@ -131,5 +123,5 @@ def shard_frozen_dits(dits, trainable: nn.Module, accelerator) -> str:
     local = bytes_per_process(dits)
     whole = {name: sum(t.numel() * t.element_size() for t in _frozen(m)) for name, m in dits.models.items()}  # global numel
     n = accelerator.num_processes
-    parts = ", ".join(f"{name} {_size(local[name])} of {_size(whole[name])}" for name in dits.models)
+    parts = ", ".join(f"{name} {format_bytes(local[name])} of {format_bytes(whole[name])}" for name in dits.models)
     return f"FSDP: each of {n} processes holds about 1/{n} of every expert's frozen weights on {device} ({parts})"

@@ -492,7 +492,7 @@ def load_dits(cfg: TrainConfig, accelerator, free_bytes: int | None = None) -> D
     )
     if cfg.gradient_checkpointing:
         dits.enable_gradient_checkpointing()
-    elif cfg.blocks_to_swap:
+    elif cfg.blocks_to_swap and accelerator.device.type == "cuda":  # on the CPU the swap is a no-op
         accelerator.print(
             "note: --blocks_to_swap without --gradient_checkpointing: a swapped block whose backward runs keeps "
             "its weights on the device until then; add --gradient_checkpointing for the full saving"

@@ -38,14 +38,19 @@ def resident_tensors(model: nn.Module) -> list[torch.Tensor]:
 
 def resident_bytes(model: nn.Module) -> int:
     """Bytes of the resident tensors held by this process (a sharded weight's local shard)."""
-    return sum(_local(t).numel() * t.element_size() for t in resident_tensors(model))
+    return sum(local_shard(t).numel() * t.element_size() for t in resident_tensors(model))
+
+
+def format_bytes(n: int) -> str:
+    """`14.59 GB`, `0.35 GB`, `2.10 MB`: decimal units, MB below 0.1 GB (tiny models)."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 def is_sharded(model: nn.Module) -> bool:
     return any(hasattr(t, "to_local") for t in resident_tensors(model))
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_shard(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t  # an FSDP (DTensor) shard
 
 
