@@ -142,9 +142,6 @@ class DualDiT:
             where = f"both resident on {self.device} ({format_bytes(n * on_device)})"
         return f"memory plan: {per}, {where}{swaps}"
 
-    def describe(self) -> str:
-        return self.memory_plan()
-
     def expert_for(self, sigma: float) -> Expert:
         if "high" in self.models and sigma * 1000 >= self.boundary * 1000:
             return "high"

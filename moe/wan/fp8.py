@@ -35,11 +35,6 @@ FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 Fp8Mode = Literal["none", "fp8", "fp8_scaled"]
 
 
-def fp8_mode(fp8_base: bool, fp8_scaled: bool) -> Fp8Mode:
-    """The storage form asked for by the two flags (`--fp8_scaled` implies `--fp8_base`)."""
-    return "fp8_scaled" if fp8_scaled else "fp8" if fp8_base else "none"
-
-
 def quantize_weight(weight: torch.Tensor, scaled: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(W8, scale) for a [out, in] weight: with `scaled`, one fp32 scale per output row
     ([out, 1]); without, a clamped cast and no scale. Rows that are all zero get scale 1.

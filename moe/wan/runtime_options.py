@@ -62,5 +62,5 @@ class DiTRuntimeOptions(BaseModel):
 
     @property
     def fp8(self) -> str:
-        """`none`, `fp8` or `fp8_scaled` (see `moe.wan.fp8.fp8_mode`)."""
+        """The storage form the two flags ask for (`moe.wan.fp8.Fp8Mode`); `--fp8_scaled` implies `--fp8_base`."""
         return "fp8_scaled" if self.fp8_scaled else "fp8" if self.fp8_base else "none"
