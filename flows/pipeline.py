@@ -60,6 +60,7 @@ from tasks.caching import StoreResultStorage
 from tasks.launcher import terminate_all
 from tasks.registry import RegistryEntry
 from tasks.stage import StageContext
+from tasks.trust import check_run
 from tasks.tracking import (
     StageRun,
     TrackingContext,
@@ -122,6 +123,16 @@ def check_models(preset: str, models: ModelInputs) -> None:
     missing = sorted(needed - set(given))
     if missing:
         raise MoeError(f"models: {', '.join(missing)} not given; pass every base model URI or none (tiny presets only)")
+
+
+def check_trust(run, artifact_root: str, models: ModelInputs, data: DataSettings, tracking: TrackingSettings,
+                storage: StorageSettings) -> None:
+    """The worker's trust boundary (`tasks.trust`): a deployment run's form cannot redirect the
+    worker's credentials, and every URI lies inside the worker's allow-lists."""
+    inputs = {f"models.{k}": v for k, v in models.given().items()} | ({"data.manifest": data.manifest} if data.manifest else {})
+    check_run(dict(os.environ), deployment_run=run.deployment_id is not None, artifact_root=artifact_root,
+              tracking_uri=tracking.tracking_uri, s3_endpoint=storage.s3.endpoint_url, s3_profile=storage.s3.profile,
+              work_dir=storage.work_dir, inputs=inputs)
 
 
 def signature_problem(parameters: dict[str, Any]) -> str | None:
@@ -245,6 +256,7 @@ def lora_moe_pipeline(
     tiny = preset in TINY_PRESETS
     check_models(preset, models)
     artifact_root = artifact_root or os.environ.get("LORA_MOE_ARTIFACT_ROOT") or "outputs/pipeline"
+    check_trust(run, artifact_root, models, data, tracking, storage)  # before any server is contacted
     resources = resources.resolved(tiny, dict(os.environ))
     local = _local_root(artifact_root)
     root_uri = open_store(artifact_root, storage.s3).root_uri

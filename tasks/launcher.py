@@ -183,17 +183,19 @@ def run_command(
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
     grace_s: float = GRACE_S,
+    keep_fds: tuple[int, ...] = (),
 ) -> CommandResult:
     """Run `command`, passing each output line to `log` and calling `on_tick` every `tick_s`
     seconds (both on the calling thread, so they may use the Prefect run context). Raises
     `StageFailed` on a non-zero exit, a signal or the timeout. A stop (the timeout, an exception
-    or cancellation here, `terminate_all`) is SIGTERM, then SIGKILL after `grace_s`."""
+    or cancellation here, `terminate_all`) is SIGTERM, then SIGKILL after `grace_s`. `keep_fds`:
+    descriptors the child inherits (a lock it holds with its caller)."""
     started = time.time()
     child_env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(max(int(grace_s), 1))} | os.environ | (env or {})
     launched = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *command] if sys.platform == "linux" else command
     child = subprocess.Popen(
         launched, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        env=child_env | {"PYTHONUNBUFFERED": "1"}, cwd=cwd, process_group=0,
+        env=child_env | {"PYTHONUNBUFFERED": "1"}, cwd=cwd, process_group=0, pass_fds=keep_fds,
     )
     with _live_lock:
         _live[child.pid], _grace[child.pid] = name, grace_s

@@ -4,6 +4,7 @@ run's prefix, log into a nested MLflow run, and follow a training child's progre
 
     WORK_DIR/stages/STAGE/KEY/   the child's folder, KEY = the stage's cache key (a re-run of a
                                  failed stage finds its last saved state here and resumes)
+    WORK_DIR/stages/STAGE/KEY.lock  one run at a time in that folder (`tasks.stage_lock`)
     WORK_DIR/downloads/          the download cache (`DownloadCache`)
     ROOT/runs/FLOW_RUN_ID/STAGE/ the stored outputs (write-once)
 """
@@ -30,6 +31,7 @@ from tasks.artifacts.s3 import S3Options
 from tasks.artifacts.store import open_store
 from tasks.caching import stage_key
 from tasks.launcher import CommandResult, run_command, stage_command
+from tasks.stage_lock import StageLock
 from tasks.tracking import StageRun, TrackingContext, stage_run
 
 
@@ -54,11 +56,11 @@ class StageTiming(BaseModel):
 
 
 class Stage:
-    def __init__(self, name: str, ctx: StageContext, key: str, mlflow: StageRun):
-        self.name, self.ctx, self.key, self.mlflow = name, ctx, key, mlflow
+    def __init__(self, name: str, ctx: StageContext, key: str, mlflow: StageRun, lock: StageLock):
+        self.name, self.ctx, self.key, self.mlflow, self.lock = name, ctx, key, mlflow, lock
         self.store = open_store(ctx.artifact_root, ctx.s3)
         self.downloads = DownloadCache(Path(ctx.work_dir) / "downloads", ctx.s3)
-        self.work = Path(ctx.work_dir) / "stages" / name / key.rsplit("-", 1)[-1][:16]
+        self.work = lock.folder
         self.work.mkdir(parents=True, exist_ok=True)
         self.logger = get_run_logger()
         self.started = time.time()
@@ -94,7 +96,8 @@ class Stage:
         self.logger.info("running: " + " ".join(command))
         progress = TrainingProgress(train_log, self.name) if train_log is not None else None
         result = run_command(command, self.name, self.logger.info, timeout_s=self.ctx.timeout_s,
-                             on_tick=progress.update if progress else None, cwd=self.work, grace_s=self.ctx.stop_grace_s)
+                             on_tick=progress.update if progress else None, cwd=self.work, grace_s=self.ctx.stop_grace_s,
+                             keep_fds=(self.lock.fd,))  # the child holds the folder's lock too, until it exits
         self.logger.info(f"{self.name} command finished in {result.wall_s:.1f} s")
         self.commands.append(result)
         return result
@@ -111,17 +114,27 @@ class Stage:
 
 @contextlib.contextmanager
 def open_stage(ctx: StageContext, tags: dict[str, str] | None = None) -> Iterator[Stage]:
-    """The running task's `Stage`, inside its nested MLflow run."""
+    """The running task's `Stage`, inside its nested MLflow run, holding its work folder's lock
+    (taken before the MLflow run, so a run that waits and then finds the stage done elsewhere
+    leaves no run behind)."""
     run_ctx = TaskRunContext.get()
     name = run_ctx.task.name
     key = stage_key(name, run_ctx.parameters)
-    with stage_run(ctx.tracking, name, (tags or {}) | {"prefect.task_run_id": str(run_ctx.task_run.id)}) as mlflow:
-        stage = Stage(name, ctx, key, mlflow)
-        if run_ctx.task.refresh_cache and run_ctx.task_run.run_count <= 1:
-            # Forced recompute: start clean rather than resume an earlier run's state.
-            shutil.rmtree(stage.work, ignore_errors=True)
-            stage.work.mkdir(parents=True)
-        yield stage
+    work = Path(ctx.work_dir) / "stages" / name / key.rsplit("-", 1)[-1][:16]
+    lock = StageLock(work, {"flow_run_id": ctx.flow_run_id, "task_run_id": str(run_ctx.task_run.id)})
+    lock.acquire(ctx.timeout_s, get_run_logger().info, refresh=bool(run_ctx.task.refresh_cache))
+    outcome = "failed"
+    try:
+        with stage_run(ctx.tracking, name, (tags or {}) | {"prefect.task_run_id": str(run_ctx.task_run.id)}) as mlflow:
+            stage = Stage(name, ctx, key, mlflow, lock)
+            if run_ctx.task.refresh_cache and run_ctx.task_run.run_count <= 1:
+                # Forced recompute: start clean rather than resume an earlier run's state.
+                shutil.rmtree(stage.work, ignore_errors=True)
+                stage.work.mkdir(parents=True)
+            yield stage
+        outcome = "completed"
+    finally:
+        lock.finish(outcome)
 
 
 def saved_states(output_dir: Path) -> list[Path]:

@@ -212,6 +212,44 @@ def test_an_invalid_parameter_is_refused_by_the_schema(stack):
     assert {run["id"] for run in _runs_of(stack, "manual")} == before  # nothing was queued
 
 
+def test_a_form_cannot_send_the_workers_credentials_to_another_host(stack):
+    """Issue 22, item 1: a tracking URI or an S3 endpoint in the form of a deployment run would
+    have the worker send its MLflow token, or SigV4-signed requests, to that host. The run fails
+    in one line naming the field, and the host named in the form hears nothing."""
+    import http.server
+    import threading
+
+    heard: list[str] = []
+
+    class Collector(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            heard.append(f"{self.command} {self.path} {self.headers.get('Authorization', '')}")
+            self.send_response(500)
+            self.end_headers()
+
+        do_GET = do_POST = do_PUT = do_HEAD = _answer  # noqa: N815 (the http.server API)
+
+        def log_message(self, *args):
+            pass
+
+    collector = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{collector.server_address[1]}"
+    try:
+        for field, parameters in (("tracking.tracking_uri", {"tracking": {"tracking_uri": url}}),
+                                  ("storage.s3.endpoint_url", {"storage": {"s3": {"endpoint_url": url}}})):
+            flow_run_id = _trigger(stack, "manual", TINY | parameters)
+            deadline = time.monotonic() + 300
+            while (run := stack.api("GET", f"/flow_runs/{flow_run_id}"))["state_type"] not in ("COMPLETED", "FAILED", "CRASHED"):
+                assert time.monotonic() < deadline, f"still {run['state_name']}:\n{stack.services['worker'].tail(40)}"
+                time.sleep(1)
+            assert run["state_type"] == "FAILED", run["state"]
+            assert f"{field}='{url}' is refused" in run["state"]["message"], run["state"]["message"]
+    finally:
+        collector.shutdown()
+    assert heard == []
+
+
 def test_manual_run_trains_stores_and_registers(stack, manual_run):
     flow_run_id = manual_run["id"]
     assert _task_runs(stack, flow_run_id) == {name: "Completed" for name in TRAINED}

@@ -71,6 +71,17 @@ class ClipRecord(BaseModel):
         self.source = self.source or self.id
         return self
 
+    @field_validator("video", "mask")
+    @classmethod
+    def _inside_the_manifest_folder(cls, path: str | None) -> str | None:
+        """A manifest names files in its own folder: the pipeline resolves them against the
+        manifest's URI and lays them out under a work folder by these names, so an absolute path
+        or a '..' would read (and write) outside both."""
+        if path is not None and (path.startswith(("/", "\\")) or ".." in path.replace("\\", "/").split("/") or "://" in path):
+            raise ValueError(f"{path!r} must be a path relative to the manifest's folder, without '..' or a scheme "
+                             "(a manifest names only files inside its own folder)")
+        return path
+
     @field_validator("roi")
     @classmethod
     def _valid_boxes(cls, roi: list[TipBox] | None) -> list[TipBox] | None:
