@@ -1,13 +1,14 @@
 # Two commands do all the set-up on a fresh machine (Python 3.11):
 #   make demo   creates .venv, installs, and runs the pipeline flow on the embedded tiny default
 #   make test   creates .venv, installs, and runs the test suite
+#   make ui     opens the Prefect and MLflow UIs on the demo's stores
 #   make stack  the server stack without docker (Prefect, MLflow, S3 on moto, a worker); Ctrl-C stops it
 PYTHON ?= python3.11
 VENV   ?= .venv
 OUT    ?= outputs/demo
 BIN    := $(VENV)/bin
 
-.PHONY: demo workflow test bench stack install clean
+.PHONY: demo ui workflow test bench stack install clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,10 @@ install: $(BIN)/.installed
 # $(OUT)/prefect), a local artifact store and MLflow on SQLite under $(OUT), no server to start.
 demo: install
 	HF_HUB_OFFLINE=1 PREFECT_HOME=$(abspath $(OUT))/prefect $(BIN)/python -m flows run --preset tiny --artifact_root $(OUT)
+
+# The Prefect and MLflow UIs on what `make demo` wrote (free loopback ports; Ctrl-C stops both).
+ui: install
+	$(BIN)/python deploy/stack.py ui --dir $(abspath $(OUT))
 
 # The same stages in one process, without an orchestrator.
 workflow: install

@@ -9,6 +9,11 @@
     worker    `prefect worker start --pool lora-moe-process`: runs each flow run as a process here
 
     python deploy/stack.py up [--dir outputs/stack] [--no-ui]     (`make stack`; Ctrl-C stops it all)
+    python deploy/stack.py ui [--dir outputs/demo]                (`make ui`: the two UIs on a local run)
+
+`ui` opens what a local run wrote (`make demo`, `python -m flows run`): the Prefect server on the
+run's database (PREFECT_HOME=DIR/prefect, its UI pointed at its own API) and the MLflow UI on
+DIR/mlflow.db, each on a free loopback port.
 
 `tests/test_stack.py` drives the same `Stack`. Every process the stack starts, and everything
 those start (flow runs, stage commands, server workers), carries LORA_MOE_STACK_ID in its
@@ -338,6 +343,56 @@ def _terminate(pids: list[int], grace_s: float) -> None:
                 pass
 
 
+def local_uis(run_dir: Path, base_env: dict[str, str] | None = None) -> list[Service]:
+    """The Prefect server (with its UI) on a local run's database and the MLflow UI on its store."""
+    run_dir = Path(run_dir).absolute()
+    if not (run_dir / "mlflow.db").is_file():
+        raise RuntimeError(f"{run_dir} holds no local run (no mlflow.db): run `make demo` first, or pass --dir")
+    env = {k: v for k, v in (base_env or dict(os.environ)).items() if not k.startswith(_DROPPED)} | {"PYTHONUNBUFFERED": "1"}
+    prefect, mlflow = free_port(), free_port()
+    api = f"http://127.0.0.1:{prefect}/api"
+    py = sys.executable
+    return [
+        Service("prefect", [py, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(prefect)],
+                f"{api}/health", env | {"PREFECT_HOME": str(run_dir / "prefect"), "PREFECT_UI_API_URL": api,
+                                        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                                        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"}),
+        Service("mlflow", [py, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(mlflow), "--workers", "1",
+                           "--backend-store-uri", f"sqlite:///{run_dir / 'mlflow.db'}"],
+                f"http://127.0.0.1:{mlflow}/health", env),
+    ]
+
+
+def serve_uis(run_dir: Path) -> int:
+    """`ui`: start both, print where they are, stop both on Ctrl-C or SIGTERM."""
+    try:
+        services = local_uis(run_dir)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logs = Path(run_dir).absolute() / "ui-logs"
+    logs.mkdir(exist_ok=True)
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    try:
+        for service in services:
+            service.start(logs)
+        for service in services:
+            service.wait_healthy(300)
+        prefect, mlflow = (service.health_url.removesuffix("/api/health").removesuffix("/health") for service in services)
+        print(f"Prefect UI  {prefect}\nMLflow UI   {mlflow}\n(logs in {logs}; Ctrl-C stops both)", flush=True)
+        while not stopping:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        _terminate([s.process.pid for s in services if s.process], GRACE_S)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Start the wan-lora-moe server stack on this machine (no docker).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -346,7 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--no-ui", action="store_true", help="Start Prefect without its UI.")
     up.add_argument("--no-scheduler", action="store_true",
                     help="Start Prefect without its scheduler: nightly-retrain makes no runs of its own.")
+    ui = sub.add_parser("ui", help="Open the Prefect and MLflow UIs on a local run's stores until Ctrl-C.")
+    ui.add_argument("--dir", type=Path, default=ROOT / "outputs" / "demo", help="The run's artifact root (make demo's).")
     args = parser.parse_args(argv)
+    if args.command == "ui":
+        return serve_uis(args.dir)
     stack = Stack(args.dir, ui=not args.no_ui, scheduler=not args.no_scheduler)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
