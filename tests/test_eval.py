@@ -419,3 +419,38 @@ def test_image_to_video_eval_runs_end_to_end(tmp_path):
     assert report.variants["stage2_learned"].losses.overall.mean != report.variants["stage1"].losses.overall.mean
     for s in report.samples:
         assert probe_video(tmp_path / "eval" / s.learned)[0] == 9
+
+
+def test_weak_experts_are_flagged_in_words(demo_report):
+    from moe.eval.report import Estimate, render_markdown, weak_experts
+
+    experts = demo_report.routing.experts
+    strong = demo_report.model_copy(deep=True)
+    for e in experts:
+        strong.knockout.roi_delta[e][e] = Estimate(mean=0.1, low=0.05, high=0.15, clips=3)
+        strong.routing.top1_share[e] = 1 / len(experts)
+    assert weak_experts(strong) == [] and "## Weak spots" not in render_markdown(strong)
+    weak = strong.model_copy(deep=True)
+    weak.knockout.roi_delta["hook"]["hook"] = Estimate(mean=0.001, low=-0.002, high=0.004, clips=3)
+    weak.routing.top1_share["suction"] = 0.01
+    notes = weak_experts(weak)
+    assert len(notes) == 2
+    assert "`hook` expert may not have specialised" in notes[0] and "+0.1% [-0.2%, +0.4%]" in notes[0]
+    assert "almost never picks `suction`" in notes[1] and "1.0%" in notes[1]
+    assert "## Weak spots" in render_markdown(weak)
+
+
+def test_overlapping_curves_keep_distinct_styles(demo_report, tmp_path, monkeypatch):
+    import moe.eval.plots as plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    plots.loss_vs_sigma(demo_report, tmp_path / "a.png")
+    plots.gate_curves(demo_report, tmp_path / "b.png", 0.5)
+    loss, gates = figures
+    top = loss.axes[0].get_lines()
+    assert len(top) == len(demo_report.variants) >= 3
+    assert len({(line.get_marker(), str(line.get_linestyle())) for line in top}) == len(top)
+    assert loss.axes[3].get_ylabel().startswith("% change vs base")  # the relative row makes small gaps visible
+    experts = [line for line in gates.axes[0].get_lines() if line.get_label() in demo_report.routing.experts]
+    assert len({(line.get_marker(), str(line.get_linestyle())) for line in experts}) == len(experts) == 4

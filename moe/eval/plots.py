@@ -12,6 +12,15 @@ from moe.eval.report import EvalReport
 
 PLOTS_DIR = "plots"
 _VARIANT_STYLE = {"base": "tab:gray", "stage1": "tab:blue", "stage2_learned": "tab:red", "stage2_hint": "tab:green"}
+# Curves of nearly equal values sit on top of each other: each variant (or expert) also gets its own
+# marker and dash pattern, so every one stays visible where they overlap.
+_MARKERS = ("o", "s", "^", "D", "v", "P")
+_DASHES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1)), (0, (1, 1)))
+
+
+def _line_style(k: int) -> dict:
+    return {"marker": _MARKERS[k % len(_MARKERS)], "linestyle": _DASHES[k % len(_DASHES)], "markersize": 5,
+            "markerfacecolor": "none", "linewidth": 1.4}
 
 
 def _figure(width: float, height: float):
@@ -26,21 +35,30 @@ def _save(fig, path: Path) -> None:
 
 
 def loss_vs_sigma(report: EvalReport, path: Path) -> None:
-    fig = _figure(11, 3.4)
-    axes = fig.subplots(1, 3, sharex=True)
-    for ax, region in zip(axes, ("overall", "roi", "background")):
-        for name, color in _VARIANT_STYLE.items():
-            v = report.variants.get(name)
-            if v is None:
-                continue
-            ys = [v.by_sigma[f"{s:g}"][region] for s in report.sigmas]
-            ys = [np.nan if y is None else y for y in ys]
-            ax.plot(report.sigmas, ys, marker="o", color=color, label=name)
-        ax.set_title(f"{region} loss")
-        ax.set_xlabel("sigma")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("flow-matching MSE")
-    axes[0].legend(fontsize=8)
+    """Loss per sigma (top row) and, because the variants' curves nearly coincide at this scale,
+    each variant's change relative to the first one present (bottom row, in %)."""
+    present = [n for n in _VARIANT_STYLE if n in report.variants]
+    fig = _figure(11, 5.6)
+    axes = fig.subplots(2, 3, sharex=True)
+    reference = present[0] if present else None
+    for col, region in enumerate(("overall", "roi", "background")):
+        curves = {}
+        for k, name in enumerate(present):
+            ys = [report.variants[name].by_sigma[f"{s:g}"][region] for s in report.sigmas]
+            curves[name] = np.array([np.nan if y is None else y for y in ys], dtype=float)
+            axes[0, col].plot(report.sigmas, curves[name], color=_VARIANT_STYLE[name], label=name, **_line_style(k))
+        for k, name in enumerate(present):
+            if name != reference:
+                change = 100 * (curves[name] / curves[reference] - 1)
+                axes[1, col].plot(report.sigmas, change, color=_VARIANT_STYLE[name], label=name, **_line_style(k))
+        axes[1, col].axhline(0, color=_VARIANT_STYLE.get(reference, "k"), lw=0.8)
+        axes[0, col].set_title(f"{region} loss")
+        axes[1, col].set_xlabel("sigma (noise level)")
+        for ax in axes[:, col]:
+            ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("flow-matching MSE")
+    axes[1, 0].set_ylabel(f"% change vs {reference}\n(below 0 = better)")
+    axes[0, 0].legend(fontsize=8)
     _save(fig, path)
 
 
@@ -87,8 +105,9 @@ def confusion(report: EvalReport, path: Path) -> None:
     ax = fig.subplots()
     image = _heat_map(ax, share, [str(int(n)) for n in counts.ravel()], r.experts, r.experts, "Blues", vmin=0, vmax=1)
     ax.set_xlabel("router's top-1 expert")
-    ax.set_ylabel("label (teacher class)")
-    ax.set_title(f"routing confusion (top-1 accuracy {r.top1_accuracy.mean:.2f})")
+    ax.set_ylabel("the clip's instrument class")
+    ax.set_title(f"routing confusion (top-1 accuracy {r.top1_accuracy.mean:.2f})\n"
+                 "a clip with two instruments counts in both rows", fontsize=10)
     fig.colorbar(image, ax=ax, label="share of the row")
     _save(fig, path)
 
@@ -111,8 +130,8 @@ def gate_curves(report: EvalReport, path: Path, boundary: float | None) -> None:
     curves = report.routing.gate_curves
     fig = _figure(6, 3.4)
     ax = fig.subplots()
-    for e in report.routing.experts:
-        ax.plot(curves["sigma"], curves[e], label=e)
+    for k, e in enumerate(report.routing.experts):
+        ax.plot(curves["sigma"], curves[e], label=e, **(_line_style(k) | {"markevery": max(1, len(curves["sigma"]) // 8)}))
     if boundary is not None:
         ax.axvline(boundary, color="k", lw=0.8, ls="--", label=f"expert boundary {boundary:g}")
     ax.set_xlabel("sigma")

@@ -137,6 +137,23 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def weak_experts(report: EvalReport) -> list[str]:
+    """Plain-words notes on experts that did not measurably specialise: switching one off leaves
+    its own class's ROI loss unchanged (the knock-out's 95% interval reaches 0 or below), or the
+    router almost never picks it."""
+    notes = []
+    r = report.routing
+    for e in r.experts:
+        delta = report.knockout.roi_delta.get(e, {}).get(e)
+        if delta is not None and delta.mean is not None and delta.low is not None and delta.low <= 0:
+            notes.append(f"the `{e}` expert may not have specialised: switching it off changes the ROI loss of "
+                         f"{e} clips by {delta.text(percent=True)}, an interval that includes no change")
+        if r.top1_share.get(e, 1.0) < 0.02 and report.classes.get(e):
+            notes.append(f"the router almost never picks `{e}` first ({r.top1_share[e]:.1%} of samples), although "
+                         f"{report.classes[e]} held-out clips show it")
+    return notes
+
+
 def render_markdown(report: EvalReport) -> str:
     """report.md: verdict first, then the tables a reader needs, then links (relative only)."""
     gate = report.gate
@@ -157,6 +174,8 @@ def render_markdown(report: EvalReport) -> str:
     lines += [f"- skipped `{s.name}`: {s.reason}" for s in gate.skipped]
     if report.warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in report.warnings]
+    if weak := weak_experts(report):
+        lines += ["", "## Weak spots", ""] + [f"- {note}" for note in weak]
 
     lines += ["", "## Held-out loss by variant", ""]
     lines.append(
