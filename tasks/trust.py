@@ -20,6 +20,11 @@ Each is a comma-separated list of `s3://bucket/prefix` or local folders; a URI i
 when it is the entry or below it at a path boundary (`s3://b/data` does not admit `s3://b/data-x`),
 local paths after resolving symlinks. A manifest names only files inside its own folder
 (`moe.data.manifest`), so its clips are inside whatever admitted the manifest.
+
+Files of the worker itself are another matter: no IAM policy guards them, and the worker's own
+credentials are files too. So a deployment run reads or writes a local path that its form named
+(a model, a manifest, a sample-prompts file, an artifact root, a work folder) only inside an entry
+of those allow-lists, set or not; the worker's own defaults (LORA_MOE_ARTIFACT_ROOT, ...) are its own.
 """
 
 from __future__ import annotations
@@ -104,30 +109,49 @@ def _inside(uri: str, prefix: str) -> bool:
     return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(allowed))
 
 
-def check_locations(policy: WorkerPolicy, *, artifact_root: str, work_dir: str | None,
-                    inputs: dict[str, str]) -> None:
-    """Every place the run writes or reads by URI lies inside the worker's allow-lists (where set)."""
-    if policy.artifact_roots:
-        for field, uri in (("artifact_root", artifact_root), ("storage.work_dir", work_dir)):
-            if uri and not any(_inside(uri, root) for root in policy.artifact_roots):
-                raise MoeError(f"{field}={uri!r} is outside the worker's allowed artifact roots "
-                               f"({ARTIFACT_ROOTS_VARIABLE}: {', '.join(policy.artifact_roots)})")
-    if policy.input_prefixes or policy.artifact_roots:
-        allowed = (*policy.input_prefixes, *policy.artifact_roots)
-        for field, uri in inputs.items():
-            if not any(_inside(uri, prefix) for prefix in allowed):
-                raise MoeError(f"{field}={uri!r} is outside the worker's allowed input prefixes "
-                               f"({INPUT_PREFIXES_VARIABLE}: {', '.join(policy.input_prefixes) or 'none'}; "
-                               f"{ARTIFACT_ROOTS_VARIABLE}: {', '.join(policy.artifact_roots) or 'none'})")
+def _is_local(uri: str) -> bool:
+    return not uri.startswith("s3://")
+
+
+def check_locations(policy: WorkerPolicy, *, artifact_root: str, work_dir: str | None, inputs: dict[str, str],
+                    deployment_run: bool = False, form_outputs: frozenset[str] = frozenset()) -> None:
+    """Every place the run writes or reads by URI lies inside the worker's allow-lists (where set).
+    In a deployment run a path on the worker itself (no IAM policy guards it: the worker's own
+    credentials are files too) is read or written only inside an allow-list entry, whether or not
+    the lists are set; `form_outputs` names the output fields the form gave (not the worker's own
+    defaults)."""
+    outputs = (("artifact_root", artifact_root), ("storage.work_dir", work_dir))
+    for field, uri in outputs:
+        if not uri:
+            continue
+        inside = any(_inside(uri, root) for root in policy.artifact_roots)
+        if policy.artifact_roots and not inside:
+            raise MoeError(f"{field}={uri!r} is outside the worker's allowed artifact roots "
+                           f"({ARTIFACT_ROOTS_VARIABLE}: {', '.join(policy.artifact_roots)})")
+        if deployment_run and field in form_outputs and _is_local(uri) and not inside:
+            raise MoeError(f"{field}={uri!r} is a folder on the worker: a deployment run writes the worker's files only "
+                           f"inside {ARTIFACT_ROOTS_VARIABLE} (not set there); leave {field} empty for the worker's own")
+    allowed = (*policy.input_prefixes, *policy.artifact_roots)
+    for field, uri in inputs.items():
+        inside = any(_inside(uri, prefix) for prefix in allowed)
+        if allowed and not inside:
+            raise MoeError(f"{field}={uri!r} is outside the worker's allowed input prefixes "
+                           f"({INPUT_PREFIXES_VARIABLE}: {', '.join(policy.input_prefixes) or 'none'}; "
+                           f"{ARTIFACT_ROOTS_VARIABLE}: {', '.join(policy.artifact_roots) or 'none'})")
+        if deployment_run and _is_local(uri) and not inside:
+            raise MoeError(f"{field}={uri!r} is a file on the worker: a deployment run reads the worker's files only "
+                           f"inside {INPUT_PREFIXES_VARIABLE} or {ARTIFACT_ROOTS_VARIABLE} (neither admits it)")
 
 
 def check_run(environ: dict[str, str], *, deployment_run: bool, artifact_root: str, tracking_uri: str | None,
-              s3_endpoint: str | None, s3_profile: str | None, work_dir: str | None, inputs: dict[str, str]) -> None:
+              s3_endpoint: str | None, s3_profile: str | None, work_dir: str | None, inputs: dict[str, str],
+              form_outputs: frozenset[str] = frozenset()) -> None:
     """Both checks above for one flow run (the endpoint check for deployment runs only)."""
     policy = WorkerPolicy.from_environ(environ)
     if deployment_run:
         check_endpoints(policy, tracking_uri=tracking_uri, s3_endpoint=s3_endpoint, s3_profile=s3_profile)
-    check_locations(policy, artifact_root=artifact_root, work_dir=work_dir, inputs=inputs)
+    check_locations(policy, artifact_root=artifact_root, work_dir=work_dir, inputs=inputs,
+                    deployment_run=deployment_run, form_outputs=form_outputs)
 
 
 __all__ = ["WorkerPolicy", "check_endpoints", "check_locations", "check_run", "redact"]

@@ -120,3 +120,31 @@ def test_the_flow_refuses_a_root_outside_the_allow_list_before_creating_anything
     assert state.is_failed()
     assert "artifact_root=" in state.message and "LORA_MOE_ALLOWED_ARTIFACT_ROOTS" in state.message
     assert not outside.exists() and os.listdir(tmp_path) == []
+
+
+def test_a_deployment_run_reads_and_writes_worker_files_only_inside_an_allow_list(tmp_path):
+    """No IAM policy guards the worker's own files (its credentials among them): a local path named
+    in a deployment run's form needs an allow-list entry even when no list is set."""
+    secret = tmp_path / "home" / ".aws" / "credentials"
+    given = dict(artifact_root="s3://lab/pipeline", tracking_uri=None, s3_endpoint=None, s3_profile=None, work_dir=None)
+    for field in ("models.vae", "data.manifest", "stage1.sample_prompts"):
+        check_run({}, deployment_run=False, inputs={field: str(secret)}, **given)  # the operator's own run
+        with pytest.raises(MoeError, match=rf"^{field}='.*credentials' is a file on the worker: a deployment run reads"):
+            check_run({}, deployment_run=True, inputs={field: str(secret)}, **given)
+    check_run({}, deployment_run=True, inputs={"models.dit": "s3://weights/dit.safetensors"}, **given)  # IAM decides
+    data = tmp_path / "clips"
+    allowed = {"LORA_MOE_ALLOWED_INPUT_PREFIXES": str(data)}
+    check_run(allowed, deployment_run=True, inputs={"data.manifest": str(data / "manifest.jsonl")}, **given)
+    with pytest.raises(MoeError, match="data.manifest"):
+        check_run(allowed, deployment_run=True, inputs={"data.manifest": f"{data}/../home/.aws/credentials"}, **given)
+    # Outputs: a form's local root or work folder likewise; the worker's own default root is its own.
+    outputs = dict(tracking_uri=None, s3_endpoint=None, s3_profile=None, inputs={})
+    check_run({}, deployment_run=True, artifact_root=str(tmp_path / "root"), work_dir=None, **outputs)
+    with pytest.raises(MoeError, match=r"^artifact_root=.* is a folder on the worker: a deployment run writes"):
+        check_run({}, deployment_run=True, artifact_root=str(tmp_path / "root"), work_dir=None,
+                  form_outputs=frozenset({"artifact_root"}), **outputs)
+    with pytest.raises(MoeError, match=r"^storage.work_dir="):
+        check_run({}, deployment_run=True, artifact_root="s3://lab/pipeline", work_dir=str(tmp_path / "home"),
+                  form_outputs=frozenset({"storage.work_dir"}), **outputs)
+    check_run({"LORA_MOE_ALLOWED_ARTIFACT_ROOTS": str(tmp_path / "root")}, deployment_run=True,
+              artifact_root=str(tmp_path / "root" / "a"), work_dir=None, form_outputs=frozenset({"artifact_root"}), **outputs)

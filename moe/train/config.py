@@ -8,7 +8,7 @@ reads a config file first and lets explicit flags override it.
 from __future__ import annotations
 
 import tomllib
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Annotated, Literal
 
 import yaml
@@ -128,11 +128,35 @@ class TrainConfig(DiTRuntimeOptions):
     val_sigmas: tuple[Annotated[float, Field(ge=0, le=1)], ...] = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
     progress: bool = Field(True, description="Show a progress bar.")
 
+    # Samples during training (`moe.train.sampling`): musubi-tuner's options and prompts file.
+    # Text, not Path: a file on the machine that trains, typed in as text in the pipeline's form too.
+    sample_prompts: str | None = Field(
+        None, description="Prompts file for samples during training, musubi-tuner's format: one prompt per line with "
+        "--w W --h H --f FRAMES --d SEED --s STEPS --g/--l CFG --fs SHIFT --n NEGATIVE --i IMAGE (I2V) and our "
+        "--hint NAME (stage 2's instrument hint); # comments; or a .toml/.json of musubi's keys. Written to "
+        "samples/eEEEE-sSSSSSS-pNN.mp4 and TensorBoard. Needs --sample_every_n_epochs/--sample_every_n_steps/"
+        "--sample_at_first and --model_set (or --vae, --text_encoder, --tokenizer).",
+    )
+    sample_every_n_epochs: int | None = Field(
+        None, gt=0, description="Sample at the end of every N-th epoch (counted from the run's start, also on --resume)."
+    )
+    sample_every_n_steps: int | None = Field(None, gt=0, description="Sample after every N-th optimizer step.")
+    sample_at_first: bool = Field(False, description="Also sample before the first step (a fresh run, not --resume).")
+    model_set: Path | None = Field(None, description="Samples only: folder with vae/, text_encoder/, tokenizer/.")
+    vae: Path | None = Field(None, description="Samples only: the VAE (instead of --model_set's).")
+    text_encoder: Path | None = Field(None, description="Samples only: the UMT5 text encoder (instead of --model_set's).")
+    tokenizer: Path | None = Field(None, description="Samples only: the tokenizer (instead of --model_set's).")
+
     @field_validator("offload_inactive_dit", mode="before")
     @classmethod
     def _offload_from_bool(cls, v):
         """Config files written for the old on/off switch: true = always, false = never."""
         return {True: "always", False: "never"}.get(v, v) if isinstance(v, bool) else v
+
+    @field_validator("sample_prompts", mode="before")
+    @classmethod
+    def _path_as_text(cls, v):
+        return str(v) if isinstance(v, PurePath) else v
 
     @field_validator("task")
     @classmethod
@@ -145,6 +169,17 @@ class TrainConfig(DiTRuntimeOptions):
     @classmethod
     def _boundary_as_sigma(cls, v: float | None) -> float | None:
         return v / 1000 if v is not None and v > 1 else v
+
+    @model_validator(mode="after")
+    def _samples_need_prompts_and_a_schedule(self) -> TrainConfig:
+        when = [f"--{name}" for name in ("sample_every_n_epochs", "sample_every_n_steps") if getattr(self, name) is not None]
+        when += ["--sample_at_first"] if self.sample_at_first else []
+        if when and self.sample_prompts is None:
+            raise ValueError(f"{'/'.join(when)} needs --sample_prompts FILE (the prompts to sample)")
+        if self.sample_prompts is not None and not when:
+            raise ValueError("--sample_prompts needs --sample_every_n_epochs N, --sample_every_n_steps N or --sample_at_first "
+                             "(when to sample)")
+        return self
 
     @property
     def preset(self) -> WanPreset:
@@ -190,13 +225,15 @@ class Stage1Config(TrainConfig):
 def read_config_file(path: Path) -> dict:
     """A YAML or TOML config file as a dict (validated later, with the flags merged in)."""
     try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise MoeError(f"cannot read config file {path}: {e.strerror}") from None
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MoeError(f"cannot read config file {path}: {e.strerror if isinstance(e, OSError) else 'not UTF-8 text'}") from None
     try:
         data = tomllib.loads(text) if str(path).endswith(".toml") else yaml.safe_load(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
-        raise MoeError(f"config file {path} is not valid {'TOML' if str(path).endswith('.toml') else 'YAML'}: {e}") from None
+        mark = getattr(e, "problem_mark", None)  # YAML's own message spans several lines
+        reason = f"{e.problem} at line {mark.line + 1}, column {mark.column + 1}" if mark and getattr(e, "problem", None) else e
+        raise MoeError(f"config file {path} is not valid {'TOML' if str(path).endswith('.toml') else 'YAML'}: {reason}") from None
     if not isinstance(data, dict):
         raise MoeError(f"config file {path} must hold a mapping of option names to values")
     return data

@@ -30,13 +30,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from moe.atomic import remove_path, write_json_atomic
 from moe.data.cache_index import CacheIndex
 from moe.data.dataset import CachedClipDataset, collate_clips
 from moe.errors import MoeError, TrainingStopped
 from moe.file_names import METRICS_FILE, TRAIN_LOG_FILE
+from moe.progress import progress as progress_bar
 from moe.train.config import TrainConfig
 from moe.train.dual_dit import DualDiT, Expert, GiB
 from moe.train.epoch_plan import MicroBatch, epoch_batches, noise_generator, plan_epoch, positions_per_epoch
@@ -64,6 +64,11 @@ class TrainingModule(nn.Module):
 
     def evaluate(self, items: list[dict], cfg: TrainConfig) -> dict:
         raise NotImplementedError
+
+    def sample_routing(self, cond: tuple[torch.Tensor, torch.Tensor], hint: str | None):
+        """The `moe.inference.MoERouting` a sample during training runs with (stage 2), or None
+        (stage 1: the adapters need no routing). `cond`: the prompt's (embeddings, mask)."""
+        return None
 
 
 class TrainProgress:
@@ -290,8 +295,9 @@ class _Checkpoints:
             )
 
 
-def run_training(cfg: TrainConfig, module: TrainingModule, accelerator, run_name: str) -> dict:
-    """Train `module` on the cache at `cfg.dataset`; returns the metrics written to metrics.json."""
+def run_training(cfg: TrainConfig, module: TrainingModule, accelerator, run_name: str, sampler=None) -> dict:
+    """Train `module` on the cache at `cfg.dataset`; returns the metrics written to metrics.json.
+    `sampler` (`moe.train.sampling.TrainingSampler`): samples at its schedule's points."""
     out = cfg.output_dir
     index = open_dataset(cfg)
     dataset = CachedClipDataset(index, split="train")
@@ -336,7 +342,7 @@ def run_training(cfg: TrainConfig, module: TrainingModule, accelerator, run_name
     accelerator.init_trackers(run_name)
     accelerator.print(inner.dits.memory_plan())
 
-    bar = tqdm(
+    bar = progress_bar(  # tqdm on a terminal, a line every 10% / 30 s in a log
         total=total_steps, initial=progress.step, desc=run_name, unit="step",
         disable=not (cfg.progress and accelerator.is_local_main_process),
         mininterval=0.1 if sys.stderr.isatty() else 10.0,  # a log file gets a line every 10 s
@@ -347,6 +353,8 @@ def run_training(cfg: TrainConfig, module: TrainingModule, accelerator, run_name
               total_steps=total_steps, max_epochs=cfg.max_train_epochs)
     checkpoints = _Checkpoints(cfg, run, log, _StopRequest())
     with _stopping_on_sigterm(checkpoints.stop, accelerator, bar, log):
+        if sampler is not None:
+            sampler.at_start(inner, progress, log)
         for epoch in range(progress.epoch, cfg.max_train_epochs):
             module.train()
             epoch_loss = torch.tensor(progress.epoch_loss, device=accelerator.device)  # 0 unless resumed mid-epoch
@@ -398,10 +406,14 @@ def run_training(cfg: TrainConfig, module: TrainingModule, accelerator, run_name
                     accelerator.log(logs, step=progress.step)
                     log.write("step", step=progress.step, total_steps=total_steps, epoch=epoch + 1, **logs)
                 if i + 1 < len(plan):  # the epoch's last step is handled after its end, below
+                    if sampler is not None:  # before the step's state is saved: --resume continues after it
+                        sampler.after_step(inner, progress, log)
                     checkpoints.at_step_boundary(epoch_loss, epoch_steps)
             skip = 0
             progress.epoch, progress.expert, progress.batch = epoch + 1, end_expert, 0
             progress.epoch_loss, progress.epoch_steps = 0.0, 0
+            if sampler is not None:
+                sampler.after_step(inner, progress, log, epoch_end=True)
             saved = progress.epoch % cfg.save_every_n_epochs == 0 or progress.epoch == cfg.max_train_epochs
             if saved:
                 _save_checkpoint(run, progress.epoch)

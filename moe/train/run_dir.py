@@ -25,7 +25,7 @@ from moe.train.state_names import latest_state
 # What a run writes into its folder besides the weights file (see `moe.train.loop`);
 # `state-epoch-*` covers the step states too (`state-epoch-N-step-S`, `moe.train.state_names`).
 RUN_PATTERNS = ("{run}_config.json", METRICS_FILE, TRAIN_LOG_FILE, "checkpoint-epoch-*.safetensors", "state-epoch-*",
-                "state-nonfinite-step-*", "logs/{run}")
+                "state-nonfinite-step-*", "logs/{run}", "samples")
 
 
 def is_main_process() -> bool:

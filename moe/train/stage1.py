@@ -30,6 +30,7 @@ from moe.train.loop import (
     run_training,
 )
 from moe.train.run_dir import claim_run_dir
+from moe.train.sampling import TrainingSampler, check_sampling
 from moe.train.validation import dit_inputs, dit_variant, measure, run_dit
 
 
@@ -78,12 +79,14 @@ class Stage1Module(TrainingModule):
 def train_stage1(cfg: Stage1Config) -> dict:
     """Train the stage-1 LoRA; writes `vanilla_lora.safetensors` into `cfg.output_dir`."""
     check_dits(cfg)
-    open_dataset(cfg)
+    index = open_dataset(cfg)
+    prompts = check_sampling(cfg, index.settings.size, index.settings.frames)  # --sample_prompts, before any loading
     with claim_run_dir(cfg, "stage1", VANILLA_LORA_FILE):
         accelerator = make_accelerator(cfg)
+        sampler = TrainingSampler.prepare(cfg, accelerator, prompts)  # prompt embeddings, before the DiTs load
         torch.manual_seed(cfg.seed)  # adapter initialisation
         module = Stage1Module(cfg, load_dits(cfg, accelerator))
-        metrics = run_training(cfg, module, accelerator, run_name="stage1")
+        metrics = run_training(cfg, module, accelerator, run_name="stage1", sampler=sampler)
         if accelerator.is_main_process:
             module.save_weights(cfg.output_dir / VANILLA_LORA_FILE)
             if cfg.musubi_copy:

@@ -49,6 +49,7 @@ from moe.train.loop import (
 )
 from moe.train.routed_dit import RoutedDiT, stage2_metrics
 from moe.train.run_dir import claim_run_dir
+from moe.train.sampling import TrainingSampler, check_sampling
 
 BASE_LORA_REFUSAL = (
     "--use_base_lora is not supported: stage-1 knowledge lives in the merged DiTs, not in a base_lora. "
@@ -176,6 +177,18 @@ class Stage2Module(TrainingModule):
     def router_trained(self) -> bool:
         return self.cfg.train_router and self.cfg.routing_mode == "learned"
 
+    def sample_routing(self, cond, hint):
+        """`lora-moe generate`'s routing over the live router and gates: the hint's expert, else
+        what generation with this run's file would do (`unhinted_routing`)."""
+        from types import SimpleNamespace
+
+        from moe.inference import GenerateConfig, MoERouting
+
+        live = SimpleNamespace(router_config=self.router.config, inference_routing=lambda source=None: unhinted_routing(self.cfg))
+        index = self.experts.index(hint) if hint is not None else None
+        beta = GenerateConfig.model_fields["routing_beta"].default
+        return MoERouting(live, self.router, self.timestep_gate, self.state, cond, index, beta)
+
     # --- held-out metrics ------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, items, cfg):
@@ -187,17 +200,27 @@ class Stage2Module(TrainingModule):
         }
 
 
+def unhinted_routing(cfg: Stage2Config) -> str | None:
+    """How a sample without an instrument hint routes (`LoRAMoEFile.inference_routing` of the file
+    this run writes): the learned router, uniform gates, or None (the router is never trained)."""
+    if cfg.train_router and cfg.routing_mode == "learned":
+        return "learned"
+    return "uniform" if cfg.routing_mode == "uniform" else None
+
+
 def train_stage2(cfg: Stage2Config) -> dict:
     """Train experts + router + gates; writes `lora_moe_stage2.safetensors` into `cfg.output_dir`."""
     merged = check_stage2_inputs(cfg)
     check_dits(cfg)
     index = open_dataset(cfg)
     check_experts(cfg, index.label_classes)
+    prompts = check_sampling(cfg, index.settings.size, index.settings.frames, tuple(cfg.expert_names), unhinted_routing(cfg))
     with claim_run_dir(cfg, "stage2", LORA_MOE_FILE):
         accelerator = make_accelerator(cfg)
+        sampler = TrainingSampler.prepare(cfg, accelerator, prompts)  # prompt embeddings, before the DiTs load
         torch.manual_seed(cfg.seed)
         module = Stage2Module(cfg, load_dits(cfg, accelerator), merged, index.label_classes)
-        metrics = run_training(cfg, module, accelerator, run_name="stage2")
+        metrics = run_training(cfg, module, accelerator, run_name="stage2", sampler=sampler)
         if accelerator.is_main_process:
             module.save_weights(cfg.output_dir / LORA_MOE_FILE)
     return metrics
