@@ -321,24 +321,34 @@ def test_stage2_samples_with_a_hint(small, stage1_runs, monkeypatch):
 # -- the pipeline glue ----------------------------------------------------------------------------
 
 
-def test_train_task_logs_samples_and_a_markdown_artifact(stage1_runs, monkeypatch):
-    import prefect.artifacts
+def test_train_task_logs_samples_and_a_markdown_artifact(stage1_runs, prefect_api, mlflow_uri):
+    """On a real Prefect API and MLflow store: the stage's `samples/` go to its MLflow run and the
+    latest sampling point to a markdown artifact of the task run."""
+    from prefect import flow, get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     from tasks.stages import _log_samples
+    from tasks.tracking import StageRun, TrackingContext, mlflow_client
 
-    logged, artifacts = [], []
-    monkeypatch.setattr(prefect.artifacts, "create_markdown_artifact", lambda markdown, **kw: artifacts.append((markdown, kw)))
-    stage = SimpleNamespace(
-        name="stage1-train",
-        mlflow=SimpleNamespace(run_id="r1", log_artifact=lambda path, where=None: logged.append((Path(path).name, where))),
-        ctx=SimpleNamespace(tracking=SimpleNamespace(run_url=lambda run_id: f"http://mlflow/#/runs/{run_id}")),
-    )
-    _log_samples(stage, stage1_runs / "samples")
-    assert logged == [("samples", "samples")]
-    (markdown, kw), = artifacts
-    assert kw["key"] == "stage1-train-samples"
-    assert "samples at epoch 2, step 8" in markdown and "4 sample videos" in markdown
-    assert "| 0 | a hook in tissue | 2 | 8 | `samples/e0002-s000008-p00.mp4` |" in markdown
-    artifacts.clear()
-    _log_samples(stage, stage1_runs / "plain")  # no samples: nothing logged
-    assert not artifacts and len(logged) == 1
+    client = mlflow_client(mlflow_uri)
+    experiment = client.create_experiment(f"samples-{stage1_runs.name}")
+    run_id = client.create_run(experiment).info.run_id
+    tracking = TrackingContext(tracking_uri=mlflow_uri, experiment_id=experiment, parent_run_id=run_id, ui_url="http://mlflow")
+    stage = SimpleNamespace(name="stage1-train", mlflow=StageRun(tracking, run_id), ctx=SimpleNamespace(tracking=tracking))
+
+    @flow
+    def log_them():
+        _log_samples(stage, stage1_runs / "samples")
+        _log_samples(stage, stage1_runs / "plain")  # no samples: nothing logged
+
+    log_them()
+    logged = sorted(f.path for f in client.list_artifacts(run_id, "samples"))
+    assert logged == ["samples/e0000-s000000-p00.mp4", "samples/e0000-s000003-p00.mp4", "samples/e0001-s000006-p00.mp4",
+                      "samples/e0002-s000008-p00.mp4"]
+    with get_client(sync_client=True) as prefect:
+        artifacts = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["stage1-train-samples"])))
+    (artifact,) = artifacts
+    assert "samples at epoch 2, step 8" in artifact.data and "4 sample videos" in artifact.data
+    assert "| 0 | a hook in tissue | 2 | 8 | `samples/e0002-s000008-p00.mp4` |" in artifact.data
+    assert f"http://mlflow/#/experiments/{experiment}/runs/{run_id}" in artifact.data
+
