@@ -12,8 +12,10 @@ training stage 1 and merging again (`champion-stage1`; the README weighs the tra
 Stages hand each other refs (URI + sha256) through the artifact store; each stage is cached on
 its inputs' hashes, its config and the package version (`tasks.caching`), so a re-run skips
 what did not change and a failed run resumes at the failed stage. One MLflow parent run per
-flow run, a nested run per stage that ran, one registry version per run that registered. The
-flow process never imports torch: every stage is a child process (`tasks.launcher`).
+flow run, a nested run per stage that ran, one registry version per run that registered (with a
+model card; a Prefect event when `champion` moves to it). What a person sees of a run in the
+Prefect UI (name, tags, settings, summary, report) is `flows.surfaces`. The flow process never
+imports torch: every stage is a child process (`tasks.launcher`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext
 from pydantic import BaseModel
 
+from flows import surfaces
 from flows.params import (
     TINY_EVAL,
     TINY_STAGE1,
@@ -49,7 +52,8 @@ from flows.params import (
     resolve_settings,
 )
 from moe.errors import MoeError
-from moe.train.config import TARGET_FLAGS
+from moe.eval.config import EvalConfig
+from moe.train.config import TARGET_FLAGS, Stage1Config, Stage2Config
 from moe.wan.presets import PRESETS
 from moe.workflow import TINY_PRESETS
 from tasks import stages
@@ -64,10 +68,12 @@ from tasks.trust import check_run
 from tasks.tracking import (
     StageRun,
     TrackingContext,
+    artifact_url,
     bound_mlflow_requests,
+    clip_datasets,
     end_run,
+    log_datasets,
     pin_mlflow_s3_endpoint,
-    ref_tags,
     start_pipeline_run,
 )
 
@@ -96,6 +102,7 @@ class PipelineSummary(BaseModel):
     gate: dict[str, Any]
     skipped: str | None = None  # why nothing was trained ("no new clips since version N")
     stage1_from_version: str | None = None  # stage 2 started from this champion's merged DiTs
+    report_url: str | None = None  # report.md in the parent MLflow run's artifacts (its UI page)
 
     @property
     def cached(self) -> list[str]:
@@ -125,14 +132,17 @@ def check_models(preset: str, models: ModelInputs) -> None:
         raise MoeError(f"models: {', '.join(missing)} not given; pass every base model URI or none (tiny presets only)")
 
 
-def check_trust(run, artifact_root: str, models: ModelInputs, data: DataSettings, tracking: TrackingSettings,
-                storage: StorageSettings) -> None:
+def check_trust(run, form_root: str | None, artifact_root: str, models: ModelInputs, data: DataSettings,
+                stage_settings: dict[str, BaseModel], tracking: TrackingSettings, storage: StorageSettings) -> None:
     """The worker's trust boundary (`tasks.trust`): a deployment run's form cannot redirect the
-    worker's credentials, and every URI lies inside the worker's allow-lists."""
+    worker's credentials or read its files, and every URI lies inside the worker's allow-lists."""
     inputs = {f"models.{k}": v for k, v in models.given().items()} | ({"data.manifest": data.manifest} if data.manifest else {})
+    inputs |= {f"{name}.sample_prompts": prompts for name, settings in stage_settings.items()
+               if (prompts := getattr(settings, "sample_prompts", None))}
+    form_outputs = frozenset({"artifact_root"} if form_root else set()) | ({"storage.work_dir"} if storage.work_dir else set())
     check_run(dict(os.environ), deployment_run=run.deployment_id is not None, artifact_root=artifact_root,
               tracking_uri=tracking.tracking_uri, s3_endpoint=storage.s3.endpoint_url, s3_profile=storage.s3.profile,
-              work_dir=storage.work_dir, inputs=inputs)
+              work_dir=storage.work_dir, inputs=inputs, form_outputs=form_outputs)
 
 
 def signature_problem(parameters: dict[str, Any]) -> str | None:
@@ -207,7 +217,7 @@ class _Runner:
         return self._record(name, future.state, future.result())
 
 
-@flow(name=FLOW_NAME, persist_result=False, log_prints=True, on_crashed=[explain_crash],
+@flow(name=FLOW_NAME, persist_result=False, log_prints=True, on_crashed=[explain_crash], flow_run_name=surfaces.run_name,
       description="Two-stage Wan2.2 LoRA-MoE: data -> stage 1 -> merge both experts -> stage 2 -> eval -> registry.")
 def lora_moe_pipeline(
     preset: Preset = "tiny",
@@ -255,8 +265,9 @@ def lora_moe_pipeline(
     task_name = TINY_PRESETS.get(preset, preset)
     tiny = preset in TINY_PRESETS
     check_models(preset, models)
-    artifact_root = artifact_root or os.environ.get("LORA_MOE_ARTIFACT_ROOT") or "outputs/pipeline"
-    check_trust(run, artifact_root, models, data, tracking, storage)  # before any server is contacted
+    form_root, artifact_root = artifact_root, artifact_root or os.environ.get("LORA_MOE_ARTIFACT_ROOT") or "outputs/pipeline"
+    check_trust(run, form_root, artifact_root, models, data, {"stage1": stage1, "stage2": stage2}, tracking,
+                storage)  # before any server is contacted
     resources = resources.resolved(tiny, dict(os.environ))
     local = _local_root(artifact_root)
     root_uri = open_store(artifact_root, storage.s3).root_uri
@@ -272,16 +283,20 @@ def lora_moe_pipeline(
     data_cfg = data.resolved(tiny)
     eval_cfg = resolve_settings(evaluation, tiny, TINY_EVAL)
     gate_cfg = gate.model_dump(mode="json")
+    settings = _settings(tiny, data, data_cfg, stage1, stage1_cfg, merge, stage2, stage2_cfg, evaluation, eval_cfg, gate, resources)
+    surfaces.tag_flow_run(f"task:{task_name}", f"preset:{preset}")
+    create_markdown_artifact(surfaces.settings_markdown(f"{FLOW_NAME} ({task_name})", settings), key=surfaces.SETTINGS_KEY,
+                             description="The settings every stage runs with, and where each came from")
 
     unbound_requests = bound_mlflow_requests(tracking)  # a dead tracking server fails the run in minutes
     try:
         mlflow_ctx = start_pipeline_run(
             tracking, tracking_uri, f"{root_uri}/mlflow-artifacts",
             tags={"prefect.flow_run_id": str(run.id), "prefect.flow_run_name": run.name, "preset": preset,
-                  "artifact_root": root_uri},
-            params={"preset": preset, "data": data_cfg, "stage1": stage1_cfg, "merge": merge.model_dump(), "stage2": stage2_cfg,
-                    "eval": eval_cfg, "gate": gate_cfg, "force": force or "", "only_new_data": only_new_data,
-                    "stage2_from_champion": stage2_from_champion},
+                  "artifact_root": root_uri, "mlflow.source.name": "flows.pipeline:lora_moe_pipeline",
+                  "mlflow.source.type": "JOB"},
+            params={"preset": preset, **surfaces.plain_settings({k: v for k, v in settings.items() if k != "resources"}),
+                    "force": force or "", "only_new_data": only_new_data, "stage2_from_champion": stage2_from_champion},
             ui_url=tracking.resolved_ui_url(tracking_uri, dict(os.environ)), flow_run_ended=_flow_run_ended,
         )
     except BaseException:
@@ -304,6 +319,9 @@ def lora_moe_pipeline(
                 return _skipped(mlflow_ctx, call, check, tracking.registered_model, root_uri)
         model_refs = inputs.models or call(stages.tiny_models, task_name, models.tiny_seed).models
         prepared = call(stages.prepare_data, dataset, model_refs, data_cfg, resources=resources.prepare_data)
+        surfaces.tag_flow_run(f"data:{prepared.data_fingerprint[:12]}")
+        training_data = clip_datasets(dataset, prepared.cache, "training")
+        log_datasets(tracking_uri, mlflow_ctx.parent_run_id, training_data)
         previous = call(stages.champion_stage1, tracking.registered_model, model_refs) if stage2_from_champion else None
         if stage2_from_champion and previous is None:
             logger.warning(f"stage2_from_champion: {tracking.registered_model} has no champion yet, so stage 1 trains")
@@ -321,7 +339,9 @@ def lora_moe_pipeline(
             vanilla, merged_low, merged_high = previous.vanilla_lora, previous.merged_low_noise, previous.merged_high_noise
             stage1_metrics = {}
         s2 = call(stages.stage2_train, task_name, merged_low, merged_high, prepared.cache, stage2_cfg,
-                  resources=resources.stage2)
+                  models=model_refs, resources=resources.stage2)
+        for trained in ([s1] if previous is None else []) + [s2]:  # the training runs' "Datasets"
+            log_datasets(tracking_uri, trained.mlflow_run_id, training_data)
         ev = call(stages.evaluate, model_refs, merged_low, merged_high, s2.weights, prepared.cache, dataset, eval_cfg,
                   gate_cfg, resources=resources.eval)
         artifacts = {f"base_{k}": v for k, v in model_refs.refs().items()} | {
@@ -329,7 +349,13 @@ def lora_moe_pipeline(
             "lora_moe": s2.weights, "eval_report": ev.report,
         } | ({"merged_high_noise": merged_high} if merged_high else {})
         based_on = previous.version if previous else None
-        reg = call(stages.register, tracking.registered_model, task_name, artifacts, ev, prepared.data_fingerprint, based_on)
+        producers = {"lora_moe": s2.mlflow_run_id, "eval_report": ev.mlflow_run_id}  # who made what (lineage)
+        if previous is None:
+            producers |= {"vanilla_lora": s1.mlflow_run_id, "merged_low_noise": low.mlflow_run_id}
+            producers |= {"merged_high_noise": high[0].mlflow_run_id} if high else {}
+        reg = call(stages.register, tracking.registered_model, task_name, artifacts, ev, prepared.data_fingerprint, based_on,
+                   dataset=dataset, producers=producers)
+        report_dir = _log_report(mlflow_ctx, ev.report, work_dir, storage)
         metrics = ev.metrics | {f"stage1/{k}": v for k, v in stage1_metrics.items() if isinstance(v, (int, float))} | {
             f"stage2/{k}": v for k, v in s2.metrics.items() if isinstance(v, (int, float))}
         summary = PipelineSummary(
@@ -338,9 +364,14 @@ def lora_moe_pipeline(
             registry_url=_version_url(mlflow_ctx, reg.entry), registered=reg.entry,
             data_fingerprint=prepared.data_fingerprint, stages=call.reports, artifacts=artifacts,
             metrics={k: float(v) for k, v in metrics.items()}, gate=ev.gate, stage1_from_version=based_on,
+            report_url=mlflow_ctx.artifact_page_url(mlflow_ctx.parent_run_id, f"{surfaces.REPORT_PREFIX}/report.md"),
         )
-        _finish_parent_run(mlflow_ctx, summary)
-        _publish(summary)
+        new_version = "register" not in summary.cached
+        _finish_parent_run(mlflow_ctx, summary, ev.metrics, training_data[0] if new_version else None)
+        _publish(summary, mlflow_ctx, report_dir)
+        entry = summary.registered
+        surfaces.tag_flow_run(f"registered:v{entry.version}", f"gate:{'passed' if ev.gate.get('passed') else 'failed'}",
+                              *(["champion"] if entry.champion_moved and new_version else []))
         return summary
     except BaseException:
         _end_quietly(mlflow_ctx, "FAILED")
@@ -368,7 +399,7 @@ def _flow_run_ended(flow_run_id: str) -> bool | None:
 
 
 def _version_url(ctx: TrackingContext, entry: RegistryEntry) -> str:
-    return f"{ctx.ui_url.rstrip('/')}/#/models/{entry.name}/versions/{entry.version}"
+    return ctx.version_url(entry.name, entry.version)
 
 
 def _skipped(ctx: TrackingContext, call: _Runner, check: stages.NewDataCheck, model_name: str, root_uri: str) -> PipelineSummary:
@@ -390,23 +421,76 @@ def _skipped(ctx: TrackingContext, call: _Runner, check: stages.NewDataCheck, mo
             f"[{model_name} v{check.champion_version}]({summary.registry_url}) (`champion`), so nothing was trained "
             "and the champion stays. Add clips to the manifest (or change it) and the next run trains.",
         ]),
-        key="lora-moe-pipeline-summary", description=why,
+        key=surfaces.SUMMARY_KEY, description=why,
     )
     StageRun(ctx, ctx.parent_run_id).set_tags({"skipped": why, "data_fingerprint": check.data_fingerprint,
                                                "champion_version": check.champion_version})
+    surfaces.tag_flow_run(f"data:{check.data_fingerprint[:12]}", "skipped")
     end_run(ctx, ctx.parent_run_id, "FINISHED")
     return summary
 
 
-def _finish_parent_run(ctx: TrackingContext, summary: PipelineSummary) -> None:
+def _settings(tiny: bool, data: DataSettings, data_cfg: dict, stage1: BaseModel, stage1_cfg: dict,
+              merge: MergeSettings, stage2: BaseModel, stage2_cfg: dict, evaluation: BaseModel, eval_cfg: dict,
+              gate: PromotionGate, resources: Resources) -> dict[str, dict[str, tuple[Any, str]]]:
+    """Every setting of the run as its stage will use it, with where it came from (`surfaces`)."""
+    def preset(values: dict) -> frozenset[str]:
+        return frozenset(values) if tiny else frozenset()
+
+    data_resolved = {"manifest": "(none: synthetic clips)"} | data.model_dump(mode="json", exclude_none=True) | data_cfg
+    return {
+        "data": surfaces.effective_settings(data, None, data_resolved, preset({"size", "frames", "dtype", "embed_dtype"})),
+        "stage1": surfaces.effective_settings(stage1, Stage1Config, stage1_cfg, preset(TINY_STAGE1)),
+        "merge": surfaces.effective_settings(merge, None, merge.model_dump(mode="json")),
+        "stage2": surfaces.effective_settings(stage2, Stage2Config, stage2_cfg, preset(TINY_STAGE2),
+                                              inherited=frozenset(TARGET_FLAGS)),
+        "eval": surfaces.effective_settings(evaluation, EvalConfig, eval_cfg, preset(TINY_EVAL)),
+        "gate": surfaces.effective_settings(gate, None, gate.model_dump(mode="json")),
+        "resources": {f"{stage}.{field}": (value, "resolved") for stage in type(resources).model_fields
+                      for field, value in getattr(resources, stage).model_dump(mode="json").items()},
+    }
+
+
+def _log_report(ctx: TrackingContext, report: ArtifactRef, work_dir: Path, storage: StorageSettings) -> Path | None:
+    """The eval folder (report.md, plots, eval_report.json, samples) into the parent MLflow run
+    under `eval/`, also when the eval stage was cached; returns it as a local folder (None when
+    it could not be fetched: the summary then goes without the report)."""
+    from tasks.artifacts.download_cache import DownloadCache
+
+    try:
+        folder = DownloadCache(work_dir / "downloads", storage.s3).fetch(report)
+        StageRun(ctx, ctx.parent_run_id).log_artifact(folder, surfaces.REPORT_PREFIX)
+        return folder
+    except Exception as e:  # a view of the report; the stages and the registry version are complete
+        get_run_logger().warning(f"could not attach the eval report to the MLflow run: {e}")
+        return None
+
+
+def _finish_parent_run(ctx: TrackingContext, summary: PipelineSummary, eval_metrics: dict[str, float],
+                       clips=None) -> None:
+    """The parent run: what was registered (tags), every metric, the refs as artifacts.json.
+    `clips`: the clips' dataset input when this run registered a new version: then the eval
+    metrics are also the version's logged model's metrics, measured on those clips."""
+    import json
+    import time
+
+    from mlflow.entities import Metric
+
     parent = StageRun(ctx, ctx.parent_run_id)
-    tags = {"registered_model": summary.registered.name, "registered_version": summary.registered.version,
-            "data_fingerprint": summary.data_fingerprint, "cached_stages": ",".join(summary.cached) or "none"} | (
-                {"stage1_from_version": summary.stage1_from_version} if summary.stage1_from_version else {})
-    for name, ref in summary.artifacts.items():
-        tags |= ref_tags(name, ref)
-    parent.set_tags(tags)
-    parent.log_metrics(summary.metrics)
+    parent.set_tags({"registered_model": summary.registered.name, "registered_version": summary.registered.version,
+                     "data_fingerprint": summary.data_fingerprint, "cached_stages": ",".join(summary.cached) or "none",
+                     "gate.passed": str(bool(summary.gate.get("passed"))).lower()}
+                    | ({"stage1_from_version": summary.stage1_from_version} if summary.stage1_from_version else {}))
+    model_id = summary.registered.model_id if clips is not None else None
+    linked = {k for k in eval_metrics if k in summary.metrics} if model_id else set()
+    parent.log_metrics({k: v for k, v in summary.metrics.items() if k not in linked})
+    if linked:
+        now = int(time.time() * 1000)
+        parent.client.log_batch(ctx.parent_run_id, metrics=[
+            Metric(k, float(summary.metrics[k]), now, 0, model_id=model_id, dataset_name=clips.dataset.name,
+                   dataset_digest=clips.dataset.digest) for k in sorted(linked)])
+    parent.client.log_dict(ctx.parent_run_id, {k: json.loads(r.model_dump_json()) for k, r in summary.artifacts.items()},
+                           "artifacts.json")
     end_run(ctx, ctx.parent_run_id, "FINISHED")
 
 
@@ -417,17 +501,28 @@ def _end_quietly(ctx: TrackingContext, status: str) -> None:
         logging.getLogger(__name__).warning(f"could not end MLflow run {ctx.parent_run_id}: {e}")
 
 
-def _publish(summary: PipelineSummary) -> None:
-    """A markdown artifact (what was registered, stage states, artifacts, links) and a table
-    artifact of the eval metrics, on the flow run."""
+def _publish(summary: PipelineSummary, ctx: TrackingContext, report_dir: Path | None) -> None:
+    """The run's Prefect artifacts: the summary (the gate's checks first, then what was
+    registered, stage states, artifacts, links), the eval report with its plots (links into the
+    parent MLflow run's artifacts) and a table of the metrics."""
     entry = summary.registered
+    if "register" in summary.cached:
+        champion = "registered by an earlier run (nothing changed since)"
+    elif entry.champion_moved:
+        champion = "`champion` moved to it" + (f" from v{entry.previous_champion}" if entry.previous_champion else "")
+    else:
+        champion = "`champion` stays" + (f" on v{entry.previous_champion}" if entry.previous_champion else "")
     lines = [
-        f"# {FLOW_NAME}",
-        f"Registered **{entry.name} v{entry.version}** (aliases: {', '.join(entry.aliases) or 'none'}): {entry.champion_decision}.",
+        f"# {FLOW_NAME}: {entry.name} v{entry.version}", "",
+        *surfaces.gate_lines(summary.gate, summary.report_url), "",
+        "## Registered", "",
+        f"**{entry.name} v{entry.version}** (aliases: {', '.join(entry.aliases) or 'none'}): {entry.champion_decision}; "
+        f"{champion}.",
         *([f"Stage 2 started from champion v{summary.stage1_from_version}'s merged DiTs (stage 1 not retrained)."]
           if summary.stage1_from_version else []),
-        f"[MLflow run]({summary.mlflow_run_url}) · [registry version]({summary.registry_url}) · data fingerprint "
-        f"`{summary.data_fingerprint[:16]}`",
+        f"[MLflow run]({summary.mlflow_run_url}) · [registry version]({summary.registry_url})"
+        + (f" · [eval report]({summary.report_url})" if summary.report_url else "")
+        + f" · data fingerprint `{summary.data_fingerprint[:16]}`",
         "", "| stage | state | command s |", "|---|---|---|",
         *(f"| {s.name} | {s.state} | {'' if s.command_s is None else f'{s.command_s:.1f}'} |" for s in summary.stages),
         "", "| metric | value |", "|---|---|",
@@ -435,6 +530,15 @@ def _publish(summary: PipelineSummary) -> None:
         "", "| artifact | URI | sha256 |", "|---|---|---|",
         *(f"| {k} | `{r.uri}` | `{r.sha256[:16]}` |" for k, r in summary.artifacts.items()),
     ]
-    create_markdown_artifact("\n".join(lines), key="lora-moe-pipeline-summary", description="What this run produced")
-    create_table_artifact([{"metric": k, "value": v} for k, v in summary.metrics.items()], key="eval-metrics",
+    verdict = "gate passed" if summary.gate.get("passed") else "gate FAILED"
+    create_markdown_artifact("\n".join(lines), key=surfaces.SUMMARY_KEY,
+                             description=f"{entry.name} v{entry.version}: {verdict}; what this run produced")
+    report = report_dir / "report.md" if report_dir is not None else None
+    if report is not None and report.is_file():
+        def url_of(path: str) -> str:
+            return artifact_url(ctx.ui_url, ctx.parent_run_id, f"{surfaces.REPORT_PREFIX}/{path}")
+
+        create_markdown_artifact(surfaces.rewrite_links(report.read_text(), url_of), key=surfaces.REPORT_KEY,
+                                 description=f"Eval report of {entry.name} v{entry.version} (plots from the MLflow run)")
+    create_table_artifact([{"metric": k, "value": v} for k, v in summary.metrics.items()], key=surfaces.METRICS_KEY,
                           description="Eval and held-out metrics")

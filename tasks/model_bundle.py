@@ -15,13 +15,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from moe.atomic import size_on_disk
 from moe.errors import MoeError
 from moe.file_names import LORA_MOE_FILE
 from moe.hashing import sha256_file
 from moe.model_uri import ResolvedModel
 from tasks.artifacts.download_cache import DownloadCache
 from tasks.artifacts.refs import ArtifactRef
-from tasks.registry import download_bundle, get_version, parse_model_uri, read_bundle
+from tasks.registry import download_bundle, get_version, lora_moe_sha256, parse_model_uri, read_bundle
 
 # bundle ref name -> `lora-moe generate` option
 INPUT_REFS = {"merged_low_noise": "dit", "merged_high_noise": "dit_high_noise", "base_vae": "vae",
@@ -30,7 +31,7 @@ INPUT_REFS = {"merged_low_noise": "dit", "merged_high_noise": "dit_high_noise", 
 
 def verified_lora_moe(bundle_dir: Path, bundle: dict, expected_sha256: str | None = None) -> Path:
     """The bundle's LoRA-MoE file, after checking its sha256 against the bundle's ref (and, when
-    given, the registry version's `artifact.lora_moe.sha256` tag)."""
+    given, the sha256 the registry version recorded: `tasks.registry.lora_moe_sha256`)."""
     ref = ArtifactRef.model_validate(bundle["artifacts"]["lora_moe"])
     if expected_sha256 is not None and expected_sha256 != ref.sha256:
         raise MoeError(f"{bundle_dir}: bundle.json records LoRA-MoE sha256 {ref.sha256[:12]}..., the registry version "
@@ -69,17 +70,19 @@ def resolve_models_uri(uri: str) -> dict:
     client = mlflow_client(tracking_uri)
     version = get_version(client, name, which)
     cache = DownloadCache(s3=S3Options())
+    before = size_on_disk(cache.root)
     source = f"{name} v{version.version}"
     tmp = Path(tempfile.mkdtemp(prefix="bundle-", dir=_make(cache.root / "tmp")))
     try:
         bundle_dir = download_bundle(version, tmp, tracking_uri)
         bundle = read_bundle(bundle_dir)
-        lora_moe = verified_lora_moe(bundle_dir, bundle, version.tags.get("artifact.lora_moe.sha256"))
+        lora_moe = verified_lora_moe(bundle_dir, bundle, lora_moe_sha256(version))
         kept = cache.adopt(lora_moe, bundle["artifacts"]["lora_moe"]["sha256"])  # verified: it joins the cache
         inputs = fetch_bundle_inputs(bundle, kept, cache, source)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return inputs.model_dump(mode="json")
+    cached = {"download_cache": cache.root, "cache_bytes_before": before, "cache_bytes": size_on_disk(cache.root)}
+    return inputs.model_copy(update=cached).model_dump(mode="json")
 
 
 def _make(folder: Path) -> Path:

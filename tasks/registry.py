@@ -13,9 +13,18 @@ the refs and returns the paths of generated videos. It is logged as an MLflow 3 
     MLmodel, python_model.py (the code), requirements.txt ...
     artifacts/bundle/bundle.json, artifacts/bundle/lora_moe_stage2.safetensors
 
+    MODEL_CARD.md, artifacts.json (every ref: URI, sha256, size)
+
+The version points at the pipeline's parent MLflow run (its metrics, datasets, eval report) and
+carries about a dozen tags a person filters by (`version_tags`: task, data fingerprint, gate
+verdict, headline metrics, commit ...); the refs are in `artifacts.json` and `bundle.json`, not in
+tags. Its description is the model card's short form (`tasks.model_card`).
+
 Aliases: `candidate` always moves to the new version; `champion` moves to it only when the
 eval gate passed and, when a champion exists, the candidate is not worse on the gate's primary
-metric (read from the champion's `metric.<name>` tag). `promote` moves an alias by hand.
+metric (read from the champion's `metric.<name>` tag). `promote` moves an alias by hand. When
+the pipeline moves `champion` it emits the Prefect event `lora-moe.champion.promoted`
+(`promotion_event`), which the `export-champion` deployment is triggered by.
 """
 
 from __future__ import annotations
@@ -33,6 +42,10 @@ from moe.file_names import LORA_MOE_FILE
 from tasks.artifacts.refs import ArtifactRef
 
 CANDIDATE, CHAMPION = "candidate", "champion"
+PROMOTED_EVENT = "lora-moe.champion.promoted"
+MODEL_CARD_FILE = "MODEL_CARD.md"
+ARTIFACTS_FILE = "artifacts.json"
+LORA_MOE_SHA256_TAG = "lora_moe.sha256"  # checked by `generate --model` against the bundle (older versions: artifact.lora_moe.sha256)
 BUNDLE_FORMAT = "lora-moe-bundle/1"
 BUNDLE_FILE = "bundle.json"
 BUNDLE_ARTIFACT = "bundle"  # the pyfunc artifact (a folder) holding bundle.json and the LoRA-MoE file
@@ -47,6 +60,59 @@ class RegistryEntry(BaseModel):
     aliases: list[str]
     champion_decision: str  # why champion moved or stayed
     model_id: str | None = None
+    champion_moved: bool = False  # this registration moved `champion` to this version
+    previous_champion: str | None = None  # the version that held `champion` before
+
+
+def version_tags(*, task: str, data_fingerprint: str, gate: dict[str, Any], metrics: dict[str, float],
+                 lora_moe_sha256: str, flow_run_id: str, code: dict[str, str], based_on: str | None = None,
+                 weak: list[str] = ()) -> dict[str, str]:
+    """The tags of a registered version: what a person filters versions by (task, data, gate
+    verdict, headline metrics, code, weak experts) and what the readers need (`check-new-data`:
+    the data fingerprint; `champion_decision`: `metric.<primary>`; `generate --model`: the LoRA-MoE
+    sha256). Every ref is in the version's artifacts.json instead."""
+    from tasks.model_card import headline_metric_names
+
+    tags = {"task": task, "data_fingerprint": data_fingerprint, "gate.passed": str(bool(gate.get("passed"))).lower(),
+            "package_version": code.get("lora_moe.version", ""), LORA_MOE_SHA256_TAG: lora_moe_sha256,
+            "prefect.flow_run_id": flow_run_id}
+    if code.get("mlflow.source.git.commit"):
+        tags["git_commit"] = code["mlflow.source.git.commit"]
+    if based_on:
+        tags["stage1_from_version"] = based_on
+    if weak:
+        tags["weak_experts"] = ",".join(weak)
+    return tags | {metric_tag(n): repr(float(metrics[n])) for n in headline_metric_names(gate) if n in metrics}
+
+
+def resource_id(name: str, version: str) -> str:
+    """The Prefect resource id of a registered model version."""
+    return f"lora-moe.model-version.{name}.{version}"
+
+
+def promotion_event(entry: RegistryEntry, *, gate: dict[str, Any], metrics: dict[str, float], data_fingerprint: str,
+                    task: str, run_url: str | None = None) -> dict[str, Any] | None:
+    """The keyword arguments of `prefect.events.emit_event` announcing that `champion` moved to
+    `entry` (None when this registration left it where it was): the resource names the model
+    and version, the payload carries the gate, the headline metrics and where to read more."""
+    if not entry.champion_moved:
+        return None
+    from tasks.model_card import headline_metric_names
+
+    headline = {n: metrics[n] for n in headline_metric_names(gate) if n in metrics}
+    return {
+        "event": PROMOTED_EVENT,
+        "resource": {"prefect.resource.id": resource_id(entry.name, entry.version),
+                     "prefect.resource.name": f"{entry.name} v{entry.version}",
+                     "lora-moe.model": entry.name, "lora-moe.version": entry.version, "lora-moe.alias": CHAMPION},
+        "payload": {"model_uri": f"models:/{entry.name}/{entry.version}", "previous_champion": entry.previous_champion,
+                    "decision": entry.champion_decision, "task": task, "data_fingerprint": data_fingerprint,
+                    "gate": {"passed": gate.get("passed"), "primary_metric": gate.get("primary_metric"),
+                             "primary_value": gate.get("primary_value"),
+                             "checks": [{k: c.get(k) for k in ("name", "value", "threshold", "passed")}
+                                        for c in gate.get("checks", [])]},
+                    "metrics": headline, "logged_model_id": entry.model_id, "mlflow_run_url": run_url},
+    }
 
 
 def metric_tag(name: str) -> str:
@@ -141,30 +207,58 @@ def save_bundle_model(bundle_dir: Path, out: Path) -> Path:
 
 def register_bundle(client, name: str, experiment_id: str, run_id: str, bundle_dir: Path, tags: dict[str, str],
                     gate_passed: bool, primary_metric: str, primary_value: float, higher_is_better: bool,
-                    run_link: str | None = None) -> RegistryEntry:
-    """A new model version of `name` holding `bundle_dir` (as a pyfunc model), with its tags and aliases."""
+                    run_link: str | None = None, card=None, artifacts: dict[str, ArtifactRef] | None = None,
+                    model_tags: dict[str, str] | None = None) -> RegistryEntry:
+    """A new model version of `name` holding `bundle_dir` (as a pyfunc model), with its tags and
+    aliases. `run_id`: the run the version points at (the pipeline's parent run: metrics, data,
+    report). `card`: a `tasks.model_card.ModelCard` without its version (written as MODEL_CARD.md
+    and, in short, as the version's description); `artifacts`: written as artifacts.json."""
     import tempfile
 
     from mlflow.entities import LoggedModelStatus
 
     _ensure_registered_model(client, name)
-    model = client.create_logged_model(experiment_id, name="lora-moe-bundle", source_run_id=run_id,
-                                       tags={k: v for k, v in tags.items() if k.startswith("artifact.")})
-    with tempfile.TemporaryDirectory() as tmp:
-        client.log_model_artifacts(model.model_id, str(save_bundle_model(bundle_dir, Path(tmp) / "model")))
-    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    model = client.create_logged_model(experiment_id, name="lora-moe-bundle", source_run_id=run_id, tags=model_tags or {},
+                                       model_type="LoRA-MoE bundle")
     move, why = champion_decision(client, name, gate_passed, primary_metric, primary_value, higher_is_better)
+    previous = current_version(client, name, CHAMPION)
+    card = card.model_copy(update={"name": name, "decision": why}) if card is not None else None
     version = client.create_model_version(
         name, source=model.artifact_location, run_id=run_id,
         tags=tags | {"champion_decision": why, "logged_model_id": model.model_id},  # the SQL store keeps no model_id
-        run_link=run_link, description=why, model_id=model.model_id,
+        run_link=run_link, description=card.description() if card is not None else why, model_id=model.model_id,
     )
+    try:  # the files, with the card naming the version's number; no alias points at the version yet
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = save_bundle_model(bundle_dir, Path(tmp) / "model")
+            if card is not None:
+                (folder / MODEL_CARD_FILE).write_text(card.model_copy(update={"version": str(version.version)}).markdown())
+            if artifacts is not None:
+                (folder / ARTIFACTS_FILE).write_text(json.dumps(
+                    {k: json.loads(ref.model_dump_json()) for k, ref in artifacts.items()}, indent=2))
+            client.log_model_artifacts(model.model_id, str(folder))
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    except BaseException:
+        _delete_quietly(client, name, version.version)
+        raise
+    # what `mlflow.register_model` records: the logged model's page then names its version
+    client.set_logged_model_tags(model.model_id, {"mlflow.modelVersions": json.dumps(
+        [{"name": name, "version": str(version.version)}])})
     client.set_registered_model_alias(name, CANDIDATE, version.version)
     if move:
         client.set_registered_model_alias(name, CHAMPION, version.version)
     aliases = client.get_model_version(name, version.version).aliases
     return RegistryEntry(name=name, version=str(version.version), aliases=sorted(aliases), champion_decision=why,
-                         model_id=model.model_id)
+                         model_id=model.model_id, champion_moved=move,
+                         previous_champion=str(previous.version) if previous is not None else None)
+
+
+def _delete_quietly(client, name: str, version: str) -> None:
+    """Remove a version whose files could not be stored (the error that got here matters more)."""
+    try:
+        client.delete_model_version(name, version)
+    except Exception:
+        pass
 
 
 # -- reading the registry (the `lora-moe registry` commands, `generate --model`, the flow) ------------
@@ -200,6 +294,35 @@ def get_version(client, name: str, alias_or_version: str):
         known = ", ".join(sorted(model.aliases)) or "none"
         what = "version" if alias_or_version.isdigit() else "alias"
         raise MoeError(f"{name} has no {what} {alias_or_version!r} (aliases: {known}): {e.message}") from None
+
+
+def lora_moe_sha256(version) -> str | None:
+    """The LoRA-MoE sha256 the version recorded at registration (older versions: artifact.lora_moe.sha256)."""
+    return version.tags.get(LORA_MOE_SHA256_TAG) or version.tags.get("artifact.lora_moe.sha256")
+
+
+def version_artifacts(version, tracking_uri: str) -> dict[str, dict[str, Any]]:
+    """The refs a version names (artifact name -> uri, sha256, size ...): its artifacts.json, or
+    for versions registered before it existed, the `artifact.NAME.FIELD` tags."""
+    import tempfile
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    tagged: dict[str, dict[str, Any]] = {}
+    for key, value in version.tags.items():
+        if key.startswith("artifact."):
+            artifact, _, field = key.removeprefix("artifact.").rpartition(".")
+            tagged.setdefault(artifact, {})[field] = value
+    if tagged:
+        return tagged
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(artifact_uri=f"{version.source.rstrip('/')}/{ARTIFACTS_FILE}",
+                                                       dst_path=tmp, tracking_uri=tracking_uri)
+            return json.loads(Path(path).read_text())
+        except (MlflowException, OSError, ValueError):
+            return {}
 
 
 def gate_passed(version) -> bool | None:

@@ -56,14 +56,17 @@ def _when(millis: int | None) -> str:
     return datetime.fromtimestamp(millis / 1000, UTC).strftime("%Y-%m-%d %H:%M UTC") if millis else "?"
 
 
-def describe(version) -> dict:
-    """What `show` prints, as a mapping (also its `--json` output)."""
+def describe(version, artifacts: dict[str, dict] | None = None) -> dict:
+    """What `show` prints, as a mapping (also its `--json` output). `artifacts`: the version's
+    refs (`tasks.registry.version_artifacts`); without them, only those its tags name (the
+    `artifact.*` tags of versions registered before artifacts.json)."""
     tags = dict(version.tags)
-    artifacts: dict[str, dict[str, str]] = {}
-    for key, value in tags.items():
-        if key.startswith("artifact."):
-            name, _, field = key.removeprefix("artifact.").rpartition(".")
-            artifacts.setdefault(name, {})[field] = value
+    if artifacts is None:
+        artifacts = {}
+        for key, value in tags.items():
+            if key.startswith("artifact."):
+                name, _, field = key.removeprefix("artifact.").rpartition(".")
+                artifacts.setdefault(name, {})[field] = value
     return {
         "name": version.name,
         "version": str(version.version),
@@ -77,7 +80,8 @@ def describe(version) -> dict:
         "prefect_flow_run_id": tags.get("prefect.flow_run_id"),
         "run_id": version.run_id,
         "source": version.source,
-        "artifacts": dict(sorted(artifacts.items())),
+        "artifacts": {k: {f: str(v) for f, v in ref.items() if f in ("uri", "sha256", "size")}
+                      for k, ref in sorted(artifacts.items())},
         "promoted": {k.removeprefix("promoted."): v for k, v in tags.items() if k.startswith("promoted.")},
     }
 
@@ -119,12 +123,13 @@ def show(
     tracking_uri: TrackingOption = None,
 ) -> None:
     """One version: aliases, eval metrics, gate verdict, data fingerprint and every artifact URI."""
-    from tasks.registry import get_version, parse_model_ref
+    from tasks.registry import get_version, parse_model_ref, version_artifacts
 
     client = _client(tracking_uri)
     name, which = parse_model_ref(model)
     with _mlflow_errors(f"cannot read {model} from {client.tracking_uri}"):
-        info = describe(get_version(client, name, which))
+        version = get_version(client, name, which)
+        info = describe(version, version_artifacts(version, client.tracking_uri))
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return

@@ -10,7 +10,7 @@ one `lora-moe` command, store the outputs, return refs and metrics.
     merge-low, merge-high     the LoRA folded into each expert (`lora-moe merge`), concurrently
     stage2-train              LoRA-MoE (`lora-moe stage2`)
     eval                      `lora-moe eval` with the promotion gate
-    register                  MLflow registry version, tags and aliases
+    register                  MLflow registry version (model card, tags, aliases), lineage, promotion event
 
 Retries: transfers and merges are safe to repeat; a training retry continues from the last
 saved state (`--resume`), found in the stage's work folder (keyed by its cache key, so a new
@@ -30,7 +30,6 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-import moe
 from moe.data.manifest import read_manifest
 from moe.errors import MoeError
 from moe.file_names import EVAL_REPORT_FILE, METRICS_FILE, MODEL_SET_FILE, TRAIN_LOG_FILE, VANILLA_LORA_FILE
@@ -38,19 +37,21 @@ from tasks.artifacts.download_cache import DownloadCache
 from tasks.artifacts.refs import ArtifactRef, DatasetRef, FolderManifest
 from tasks.caching import stage_cache_key
 from tasks.launcher import StageFailed
+from tasks.model_card import OTHER_LICENCE, DataCard, ModelCard, weak_experts
 from tasks.registry import (
     CHAMPION,
     LORA_MOE_FILE,
     RegistryEntry,
     current_version,
     download_bundle,
-    metric_tag,
+    promotion_event,
     read_bundle,
     register_bundle,
+    version_tags,
     write_bundle,
 )
 from tasks.stage import StageContext, StageTiming, open_stage, saved_states
-from tasks.tracking import mlflow_client, ref_tags
+from tasks.tracking import clip_datasets, code_version, log_datasets, mlflow_client, record_lineage, ref_tags
 
 
 def _retry_unless_bad_input(task, task_run, state) -> bool:
@@ -299,16 +300,31 @@ def resume_flags(out: Path) -> tuple[list[str], Path | None]:
     return (["--resume"], states[-1]) if states else (["--overwrite"], None)
 
 
-def _train(stage, command: str, config: dict[str, Any], flags: list, weights_file: str, kind: str) -> TrainResult:
+def _train(stage, command: str, config: dict[str, Any], flags: list, weights_file: str, kind: str,
+           components: ModelRefs | None = None) -> TrainResult:
+    """One training command. With `sample_prompts` in `config` (a file on the worker; a relative
+    path is taken from the worker's working folder, the command runs in the stage's work folder)
+    the samples during training use `components`' VAE, text encoder and tokenizer (fetched and
+    verified); the `samples/` folder goes to the stage's MLflow run and its latest samples to a
+    Prefect markdown artifact."""
     out = stage.work / "out"
     out.mkdir(exist_ok=True)
     resume, state = resume_flags(out)
     if state is not None:
         stage.logger.info(f"resuming from {state.name} in {out}")
-    cfg = stage.write_config(f"{command}.yaml", config)
+    child_config, sample_flags = dict(config), []
+    if config.get("sample_prompts"):
+        prompts = Path(config["sample_prompts"]).expanduser().resolve()
+        if not prompts.is_file():
+            raise StageFailed(f"sample_prompts {config['sample_prompts']}: no such file on this worker ({prompts})", returncode=2)
+        child_config["sample_prompts"] = str(prompts)
+        sample_flags = components.component_flags(stage) if components is not None else []
+        stage.mlflow.log_artifact(prompts, "samples")
+    cfg = stage.write_config(f"{command}.yaml", child_config)
     cpu = [] if stage.ctx.gpus else ["--cpu"]
-    stage.run([command, "--config", cfg, *flags, "--output_dir", out, *resume, *cpu], train_log=out / TRAIN_LOG_FILE)
+    stage.run([command, "--config", cfg, *flags, *sample_flags, "--output_dir", out, *resume, *cpu], train_log=out / TRAIN_LOG_FILE)
     stage.mlflow.log_params(config)
+    _log_samples(stage, out)
     stage.mlflow.log_train_log(out / TRAIN_LOG_FILE)
     metrics = json.loads((out / METRICS_FILE).read_text())
     stage.mlflow.log_metrics(metrics, prefix="val/")
@@ -326,6 +342,37 @@ def _train(stage, command: str, config: dict[str, Any], flags: list, weights_fil
     )
 
 
+def _log_samples(stage, out: Path) -> None:
+    """The run's `samples/` (samples during training) into its MLflow run, and a Prefect markdown
+    artifact listing the latest sampling point's prompts and files."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from moe.train.sampling import SAMPLES_DIR, parse_sample_name
+
+    folder = out / SAMPLES_DIR
+    files = {f.name: parse_sample_name(f.name) for f in folder.glob("*.mp4")} if folder.is_dir() else {}
+    files = {name: where for name, where in files.items() if where is not None}
+    if not files:
+        return
+    stage.mlflow.log_artifact(folder, SAMPLES_DIR)
+    epoch, step = max(files.values(), key=lambda w: w[1])[:2]
+    prompts = {}
+    log = out / TRAIN_LOG_FILE
+    for line in log.read_text().splitlines() if log.is_file() else ():
+        record = json.loads(line)
+        if record.get("event") == "sample":
+            prompts[record["prompt_index"]] = record["prompt"] + (f" (hint: {record['hint']})" if record.get("hint") else "")
+    rows = [f"| {index} | {prompts.get(index, '?').replace('|', '/')} | {epoch} | {step} | `{SAMPLES_DIR}/{name}` |"
+            for name, (_, s, index) in sorted(files.items(), key=lambda kv: kv[1][2]) if s == step]
+    url = stage.ctx.tracking.run_url(stage.mlflow.run_id)
+    markdown = "\n".join([
+        f"### {stage.name}: samples at epoch {epoch}, step {step}", "",
+        f"{len(files)} sample videos in all, in the MLflow run's artifacts under `{SAMPLES_DIR}/` ([run]({url})).", "",
+        "| prompt # | prompt | epoch | step | file |", "|---|---|---|---|---|", *rows,
+    ])
+    create_markdown_artifact(markdown, key=f"{stage.name}-samples", description=f"{stage.name}: latest samples during training")
+
+
 @task(name="stage1-train", task_run_name="stage1-train", **CACHED, **TRAINING_RETRIES)
 def stage1_train(models: ModelRefs, cache: ArtifactRef, config: dict[str, Any], ctx: StageContext) -> TrainResult:
     """The vanilla LoRA, trained across both experts (`lora-moe stage1`)."""
@@ -334,7 +381,7 @@ def stage1_train(models: ModelRefs, cache: ArtifactRef, config: dict[str, Any], 
         if models.dit_high_noise is not None:
             dits += ["--dit_high_noise", stage.fetch(models.dit_high_noise)]
         flags = ["--task", models.task, *dits, "--dataset", stage.fetch(cache)]
-        return _train(stage, "stage1", config, flags, VANILLA_LORA_FILE, "vanilla_lora")
+        return _train(stage, "stage1", config, flags, VANILLA_LORA_FILE, "vanilla_lora", components=models)
 
 
 @task(name="merge", **CACHED, **SAFE_RETRIES)
@@ -361,14 +408,15 @@ merge_high = merge.with_options(name="merge-high", task_run_name="merge-high")
 
 @task(name="stage2-train", task_run_name="stage2-train", **CACHED, **TRAINING_RETRIES)
 def stage2_train(task: str, merged_low: ArtifactRef, merged_high: ArtifactRef | None, cache: ArtifactRef,
-                 config: dict[str, Any], ctx: StageContext) -> TrainResult:
-    """Experts + router + timestep gates on the merged DiTs (`lora-moe stage2`)."""
+                 config: dict[str, Any], ctx: StageContext, models: ModelRefs | None = None) -> TrainResult:
+    """Experts + router + timestep gates on the merged DiTs (`lora-moe stage2`); `models` gives
+    the VAE, text encoder and tokenizer for samples during training."""
     with open_stage(ctx) as stage:
         dits = ["--dit", stage.fetch(merged_low)]
         if merged_high is not None:
             dits += ["--dit_high_noise", stage.fetch(merged_high)]
         flags = ["--task", task, *dits, "--dataset", stage.fetch(cache)]
-        return _train(stage, "stage2", config, flags, LORA_MOE_FILE, "lora_moe")
+        return _train(stage, "stage2", config, flags, LORA_MOE_FILE, "lora_moe", components=models)
 
 
 # -- evaluation and registry ---------------------------------------------------------------------
@@ -396,6 +444,7 @@ def evaluate(models: ModelRefs, merged_low: ArtifactRef, merged_high: ArtifactRe
         stage.mlflow.log_params({"eval": config, "gate": gate})
         stage.mlflow.log_metrics(report["metrics"])
         stage.mlflow.log_artifact(out, "eval")
+        log_datasets(ctx.tracking.tracking_uri, stage.mlflow.run_id, clip_datasets(dataset, cache, "evaluation"))
         stage.mlflow.set_tags(ref_tags("eval_report", stored) | {"gate.passed": str(report["gate"]["passed"]).lower()})
         return EvalResult(report=stored, metrics=report["metrics"], gate=report["gate"], mlflow_run_id=stage.mlflow.run_id,
                           timing=stage.timing())
@@ -403,32 +452,53 @@ def evaluate(models: ModelRefs, merged_low: ArtifactRef, merged_high: ArtifactRe
 
 @task(name="register", task_run_name="register", **CACHED)
 def register(model_name: str, task: str, artifacts: dict[str, ArtifactRef], evaluation: EvalResult,
-             data_fingerprint: str, based_on: str | None, ctx: StageContext) -> RegisterResult:
-    """One registry version: the bundle, tags with every artifact URI and hash, aliases.
-    `based_on`: the champion version whose stage 1 this model's stage 2 started from."""
+             data_fingerprint: str, based_on: str | None, ctx: StageContext, dataset: DatasetRef | None = None,
+             producers: dict[str, str] | None = None) -> RegisterResult:
+    """One registry version: the bundle with its model card and artifacts.json, a dozen tags
+    (`version_tags`), aliases; the lineage of its parts as MLflow logged models; the Prefect event
+    `lora-moe.champion.promoted` when `champion` moved to it. The version points at the pipeline's
+    parent run. `based_on`: the champion version whose stage 1 this model's stage 2 started from;
+    `dataset`: the clips (for the card's data and licence); `producers`: artifact name -> the
+    MLflow run of the stage that wrote it (the lineage's edges)."""
     with open_stage(ctx) as stage:
         bundle_dir = stage.work / "bundle"
         shutil.rmtree(bundle_dir, ignore_errors=True)  # a retry writes it again
+        lora_moe_file = stage.fetch(artifacts["lora_moe"])
         bundle = write_bundle(
-            bundle_dir, task=task, lora_moe_file=stage.fetch(artifacts["lora_moe"]), artifacts=artifacts,
+            bundle_dir, task=task, lora_moe_file=lora_moe_file, artifacts=artifacts,
             data_fingerprint=data_fingerprint, metrics=evaluation.metrics, gate=evaluation.gate,
             based_on={"version": based_on, "reused": ["vanilla_lora", "merged_low_noise", "merged_high_noise"]}
             if based_on else None,
         )
-        tags = {"data_fingerprint": data_fingerprint, "package_version": moe.__version__, "task": task,
-                "prefect.flow_run_id": ctx.flow_run_id, "pipeline_run_id": ctx.tracking.parent_run_id,
-                "gate.passed": str(evaluation.gate["passed"]).lower()} | (
-                    {"stage1_from_version": based_on} if based_on else {})
-        for name, ref in artifacts.items():
-            tags |= ref_tags(name, ref)
-        tags |= {metric_tag(k): repr(float(v)) for k, v in evaluation.metrics.items()}
-        gate = evaluation.gate
+        report = json.loads((stage.fetch(evaluation.report) / EVAL_REPORT_FILE).read_text())
+        gate, code, parent = evaluation.gate, code_version(), ctx.tracking.parent_run_id
+        tags = version_tags(task=task, data_fingerprint=data_fingerprint, gate=gate, metrics=evaluation.metrics,
+                            lora_moe_sha256=artifacts["lora_moe"].sha256, flow_run_id=ctx.flow_run_id, code=code,
+                            based_on=based_on, weak=sorted(weak_experts(report)))
+        data = DataCard.of(dataset) if dataset is not None else DataCard(
+            source="manifest", manifest_uri="?", fingerprint=data_fingerprint, clips=0, licence=OTHER_LICENCE)
+        card = ModelCard(task=task, data=data, metrics=evaluation.metrics, gate=gate, report=report, code=code,
+                         based_on=based_on, run_url=ctx.tracking.run_url(parent), flow_run_id=ctx.flow_run_id)
         entry = register_bundle(
-            mlflow_client(ctx.tracking.tracking_uri), model_name, ctx.tracking.experiment_id, stage.mlflow.run_id,
+            mlflow_client(ctx.tracking.tracking_uri), model_name, ctx.tracking.experiment_id, parent,
             bundle_dir, tags, gate["passed"], gate["primary_metric"],
             math.nan if gate["primary_value"] is None else float(gate["primary_value"]), gate["higher_is_better"],
-            run_link=ctx.tracking.run_url(ctx.tracking.parent_run_id),
+            run_link=ctx.tracking.run_url(parent), card=card, artifacts=artifacts,
+            model_tags={k: tags[k] for k in ("task", "data_fingerprint", "gate.passed")},
         )
         stage.logger.info(f"registered {entry.name} v{entry.version}, aliases {entry.aliases}: {entry.champion_decision}")
         stage.mlflow.set_tags({"registered_model": entry.name, "registered_version": entry.version})
+        try:  # what the registry shows beside the version; the version itself is complete
+            record_lineage(ctx.tracking.tracking_uri, ctx.tracking.experiment_id, artifacts, producers or {}, entry.model_id,
+                           parent)
+        except Exception as e:
+            stage.logger.warning(f"could not record the lineage of {entry.name} v{entry.version} in MLflow: {e}")
+        event = promotion_event(entry, gate=gate, metrics=evaluation.metrics, data_fingerprint=data_fingerprint, task=task,
+                                run_url=ctx.tracking.run_url(parent))
+        if event is not None:
+            from prefect.events import emit_event
+
+            emit_event(**event)
+            stage.logger.info(f"emitted {event['event']} for {entry.name} v{entry.version} "
+                              f"(champion was {entry.previous_champion or 'none'})")
         return RegisterResult(entry=entry, bundle=bundle, mlflow_run_id=stage.mlflow.run_id, timing=stage.timing())

@@ -35,6 +35,16 @@ from tasks.artifacts.refs import ArtifactRef
 DEFAULT_EXPERIMENT = "wan-lora-moe"
 DEFAULT_MODEL_NAME = "wan22-surgical-lora-moe"
 PARAM_LIMIT = 6000  # MLflow's longest param value
+BATCH_LIMITS = {"params": 100, "tags": 100, "metrics": 1000}  # MLflow's most per log_batch call
+# The experiment tag MLflow 3's UI reads for an experiment's kind: "custom_model_development" is
+# model training (runs, metrics, models), not GenAI (traces); the UI's kind selector writes it.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# MLflow 3.17's UI ignores that tag for the view: it follows one switch for all experiments
+# ("GenAI" | "Model training", kept in the browser's local storage, GenAI at first), which a URL
+# can set (`?workflowType=machine_learning`). Every link the pipeline writes carries it.
+UI_VIEW = "workflowType=machine_learning"
+DIGEST_CHARS = 16  # of a sha256, as a dataset digest (MLflow keeps at most 36 characters)
 
 
 REQUEST_LIMITS = {  # TrackingSettings field -> MLflow's environment variable
@@ -98,7 +108,15 @@ class TrackingContext(BaseModel):
     ui_url: str
 
     def run_url(self, run_id: str) -> str:
-        return f"{self.ui_url.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        return f"{self.ui_url.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}?{UI_VIEW}"
+
+    def artifact_page_url(self, run_id: str, path: str) -> str:
+        """The MLflow UI page showing one of a run's artifacts."""
+        return f"{self.ui_url.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}/artifacts/{path}?{UI_VIEW}"
+
+    def version_url(self, name: str, version: str) -> str:
+        """The MLflow UI page of a registered model version."""
+        return f"{self.ui_url.rstrip('/')}/#/models/{name}/versions/{version}?{UI_VIEW}"
 
 
 def pin_mlflow_s3_endpoint(endpoint: str | None):
@@ -250,6 +268,142 @@ def ref_tags(name: str, ref: ArtifactRef) -> dict[str, str]:
     return {f"artifact.{name}.uri": ref.uri, f"artifact.{name}.sha256": ref.sha256, f"artifact.{name}.size": str(ref.size)}
 
 
+def _git_head(checkout: Path) -> str | None:
+    """The commit `checkout`'s HEAD names (read from .git, no git binary needed); None when it
+    is not a git checkout."""
+    git = checkout / ".git"
+    if git.is_file():  # a worktree: "gitdir: PATH"
+        text = git.read_text().strip()
+        git = (checkout / text.removeprefix("gitdir:").strip()) if text.startswith("gitdir:") else git
+    try:
+        head = (git / "HEAD").read_text().strip()
+    except OSError:
+        return None
+    if not head.startswith("ref:"):
+        return head if re.fullmatch(r"[0-9a-f]{40}", head) else None
+    ref = head.removeprefix("ref:").strip()
+    common = git
+    if (git / "commondir").is_file():
+        common = (git / (git / "commondir").read_text().strip()).resolve()
+    for folder in (git, common):
+        try:
+            return (folder / ref).read_text().strip()
+        except OSError:
+            pass
+        try:
+            for line in (folder / "packed-refs").read_text().splitlines():
+                if line.endswith(" " + ref):
+                    return line.split(" ", 1)[0]
+        except OSError:
+            pass
+    return None
+
+
+@functools.cache
+def code_version() -> dict[str, str]:
+    """Tags naming the code a run used: MLflow's `mlflow.source.git.commit` when the package is a
+    git checkout (the README's `pip install -e .`), and always the package version."""
+    import moe
+
+    tags = {"lora_moe.version": moe.__version__}
+    commit = _git_head(Path(moe.__file__).resolve().parent.parent)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def dataset_input(name: str, sha256: str, uri: str, context: str, profile: dict | None = None):
+    """An MLflow run input for a data set known by URI and content hash (the run's "Datasets"):
+    digest = the hash's first DIGEST_CHARS characters, the full hash in the profile."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    source_type = "s3" if uri.startswith("s3://") else "http" if uri.startswith(("http://", "https://")) else "local"
+    dataset = Dataset(name=name, digest=sha256[:DIGEST_CHARS], source_type=source_type, source=json.dumps({"uri": uri}),
+                      profile=json.dumps({"sha256": sha256} | (profile or {})))
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
+
+
+def clip_datasets(dataset, cache: ArtifactRef | None, context: str) -> list:
+    """The clips (manifest URI, data fingerprint) and their latent cache as MLflow run inputs."""
+    clips = sum(1 for path in dataset.files if path.endswith(".mp4"))
+    inputs = [dataset_input("clips", dataset.fingerprint, dataset.manifest.uri, context,
+                            {"clips": clips, "files": len(dataset.files) + 1})]
+    if cache is not None:
+        inputs.append(dataset_input("latent_cache", cache.sha256, cache.uri, context, {"bytes": cache.size}))
+    return inputs
+
+
+def log_datasets(tracking_uri: str, run_id: str, inputs: list) -> None:
+    """Run inputs (`dataset_input`); one already logged on the run is not logged twice."""
+    mlflow_client(tracking_uri).log_inputs(run_id, datasets=inputs)
+
+
+# Nodes of the lineage graph: artifact name -> (logged model name, model type)
+LINEAGE_MODELS = {
+    "base_dit": ("base-dit-low-noise", "base DiT"),
+    "base_dit_high_noise": ("base-dit-high-noise", "base DiT"),
+    "vanilla_lora": ("stage1-lora", "vanilla LoRA"),
+    "merged_low_noise": ("merged-dit-low-noise", "merged DiT"),
+    "merged_high_noise": ("merged-dit-high-noise", "merged DiT"),
+}
+# Edges: the stage run that made an artifact (by its name) read these artifacts
+LINEAGE_INPUTS = {
+    "vanilla_lora": ("base_dit", "base_dit_high_noise"),
+    "merged_low_noise": ("base_dit", "vanilla_lora"),
+    "merged_high_noise": ("base_dit_high_noise", "vanilla_lora"),
+    "lora_moe": ("merged_low_noise", "merged_high_noise"),
+}
+
+
+def record_lineage(tracking_uri: str, experiment_id: str, artifacts: dict[str, ArtifactRef], producers: dict[str, str],
+                   bundle_model_id: str, parent_run_id: str | None = None) -> dict[str, str]:
+    """The lineage base DiTs -> stage-1 LoRA -> merged DiTs -> stage-2 LoRA-MoE as MLflow 3 logged
+    models and run inputs/outputs: each stage run (`producers`: artifact name -> the run that
+    wrote it) gets its inputs and its output as models, the LoRA-MoE being the registered
+    bundle's logged model (also an output of the pipeline's `parent_run_id`). The big files stay
+    where they are: a node holds no artifacts, only the ref (URI, sha256, size) as tags. A node
+    whose sha256 an earlier registration recorded in this experiment is reused, so versions that
+    share a base DiT or a stage 1 share its node. Returns artifact name -> logged model id."""
+    from mlflow.entities import LoggedModelInput, LoggedModelOutput, LoggedModelStatus
+
+    client = mlflow_client(tracking_uri)
+    nodes, new = {"lora_moe": bundle_model_id}, {"lora_moe"}
+    for name, (model_name, model_type) in LINEAGE_MODELS.items():
+        ref = artifacts.get(name)
+        if ref is None:
+            continue
+        found = client.search_logged_models([experiment_id], filter_string=f"tags.`lora_moe.sha256` = '{ref.sha256}'",
+                                            max_results=1)
+        if found:
+            nodes[name] = found[0].model_id
+            continue
+        model = client.create_logged_model(
+            experiment_id, name=model_name, source_run_id=producers.get(name), model_type=model_type,
+            tags={"lora_moe.uri": ref.uri, "lora_moe.sha256": ref.sha256, "lora_moe.size": str(ref.size),
+                  "lora_moe.kind": ref.kind})
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+        nodes[name], new = model.model_id, new | {name}
+    for output, inputs in LINEAGE_INPUTS.items():
+        run_id = producers.get(output)
+        if run_id is None or output not in new or output not in nodes:
+            continue  # made by an earlier registration's stage: its edges are recorded there
+        client.log_inputs(run_id, models=[LoggedModelInput(nodes[i]) for i in inputs if i in nodes])
+        client.log_outputs(run_id, [LoggedModelOutput(nodes[output], step=0)])
+    if producers.get("eval_report"):  # what the eval measured
+        client.log_inputs(producers["eval_report"], models=[LoggedModelInput(bundle_model_id)])
+    if parent_run_id:  # the pipeline run's "Logged models"
+        client.log_outputs(parent_run_id, [LoggedModelOutput(bundle_model_id, step=0)])
+    return nodes
+
+
+def artifact_url(ui_url: str, run_id: str, path: str) -> str:
+    """A file of a run's artifacts as the MLflow server serves it (`/get-artifact`): a browser
+    can show it (an image in a Prefect markdown artifact) when the UI URL is a tracking server."""
+    from urllib.parse import urlencode
+
+    return f"{ui_url.rstrip('/')}/get-artifact?{urlencode({'path': path, 'run_uuid': run_id})}"
+
+
 def _start_ticks(pid: int) -> str | None:
     """When process `pid` started (clock ticks since boot, Linux), None when it does not exist:
     with the pid, it names one process even after the pid is reused."""
@@ -327,8 +481,11 @@ def start_pipeline_run(settings: TrackingSettings, tracking_uri: str, artifact_l
         experiment_id = _create_experiment(client, settings.experiment, location)
     else:
         experiment_id = experiment.experiment_id
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older version; a kind a person chose stays
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         close_abandoned_runs(client, experiment_id, flow_run_ended)
-    run = client.create_run(experiment_id, tags=tags | process_owner(), run_name=tags.get("prefect.flow_run_name"))
+    run = client.create_run(experiment_id, tags=tags | code_version() | process_owner(),
+                            run_name=tags.get("prefect.flow_run_name"))
     _log(client, run.info.run_id, params=flatten(params))
     return TrackingContext(tracking_uri=tracking_uri, experiment_id=experiment_id, parent_run_id=run.info.run_id,
                            ui_url=ui_url or settings.ui_url or "http://127.0.0.1:5000")
@@ -338,7 +495,8 @@ def _create_experiment(client, name: str, artifact_location: str | None) -> str:
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.create_experiment(name, artifact_location=artifact_location)
+        return client.create_experiment(name, artifact_location=artifact_location,
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except MlflowException:  # created meanwhile by a concurrent run
         return client.get_experiment_by_name(name).experiment_id
 
@@ -351,12 +509,15 @@ def _log(client, run_id: str, params: dict[str, str] | None = None, tags: dict[s
          metrics: list | None = None) -> None:
     from mlflow.entities import Metric, Param, RunTag
 
-    client.log_batch(
-        run_id,
-        metrics=[Metric(k, float(v), ts, step) for k, v, ts, step in metrics or ()],
-        params=[Param(k, v) for k, v in (params or {}).items()],
-        tags=[RunTag(k, v) for k, v in (tags or {}).items()],
-    )
+    batches = {
+        "metrics": [Metric(k, float(v), ts, step) for k, v, ts, step in metrics or ()],
+        "params": [Param(k, v) for k, v in (params or {}).items()],
+        "tags": [RunTag(k, v) for k, v in (tags or {}).items()],
+    }
+    for kind, items in batches.items():  # MLflow refuses more than BATCH_LIMITS per call
+        limit = BATCH_LIMITS[kind]
+        for start in range(0, len(items), limit):
+            client.log_batch(run_id, **{kind: items[start:start + limit]})
 
 
 class StageRun:

@@ -86,14 +86,20 @@ def test_prefect_yaml(prefect_yaml):
     [pull] = prefect_yaml["pull"]
     assert pull == {"flows.worker_steps.check_installed": {"package_version": moe.__version__}}
     deployments = {d["name"]: d for d in prefect_yaml["deployments"]}
-    assert set(deployments) == {"manual", "nightly-retrain"}
-    for deployment in deployments.values():
+    assert set(deployments) == {"manual", "nightly-retrain", "export-champion"}
+    for deployment in (deployments["manual"], deployments["nightly-retrain"]):
         assert import_object(deployment["entrypoint"]) is lora_moe_pipeline  # a module path: no file of this machine
         assert deployment["enforce_parameter_schema"] is True and deployment["concurrency_limit"] == 1
         lora_moe_pipeline.validate_parameters(deployment["parameters"])
+    export = deployments["export-champion"]  # its trigger: tests/test_promotion_event.py
+    assert import_object(export["entrypoint"]).name == "export-champion" and export["work_pool"]["name"] == pool_name(prefect_yaml)
     [schedule] = deployments["nightly-retrain"]["schedules"]
     assert schedule["cron"] == "0 2 * * *" and zoneinfo.ZoneInfo(schedule["timezone"])
     assert deployments["nightly-retrain"]["parameters"] == {"only_new_data": True} and not deployments["manual"].get("schedules")
+
+
+def pool_name(prefect_yaml: dict) -> str:
+    return prefect_yaml["definitions"]["work_pool"]["name"]
 
 
 def _render(template: dict, job_variables: dict) -> dict:

@@ -140,14 +140,13 @@ def test_registry_version_records_every_artifact(s3_pipeline, s3_endpoint, tmp_p
     client = mlflow_client(s3_pipeline["tracking_uri"])
     entry = summary.registered
     version = client.get_model_version(entry.name, entry.version)
-    for name, ref in summary.artifacts.items():
-        assert version.tags[f"artifact.{name}.uri"] == ref.uri and version.tags[f"artifact.{name}.sha256"] == ref.sha256
     assert {"base_dit", "base_dit_high_noise", "base_vae", "vanilla_lora", "merged_low_noise", "merged_high_noise",
             "lora_moe", "eval_report", "latent_cache"} <= set(summary.artifacts)
     assert version.tags["data_fingerprint"] == summary.data_fingerprint
     assert version.tags["package_version"] == moe.__version__
-    for metric in [k for k in summary.metrics if "/" not in k]:
-        assert float(version.tags[f"metric.{metric}"]) == pytest.approx(summary.metrics[metric])
+    assert version.tags["lora_moe.sha256"] == summary.artifacts["lora_moe"].sha256  # every ref: artifacts.json
+    primary = summary.gate["primary_metric"]
+    assert float(version.tags[f"metric.{primary}"]) == pytest.approx(summary.metrics[primary])
     expected = ["candidate", "champion"] if summary.gate["passed"] else ["candidate"]
     assert sorted(version.aliases) == expected == entry.aliases
     monkeypatch.setenv("MLFLOW_TRACKING_URI", s3_pipeline["tracking_uri"])
@@ -155,6 +154,9 @@ def test_registry_version_records_every_artifact(s3_pipeline, s3_endpoint, tmp_p
     bundle_dir = Path(model_dir) / BUNDLE_PATH
     bundle = json.loads((bundle_dir / "bundle.json").read_text())
     assert bundle["artifacts"]["merged_high_noise"]["sha256"] == summary.artifacts["merged_high_noise"].sha256
+    refs = json.loads((Path(model_dir) / "artifacts.json").read_text())
+    for name, ref in summary.artifacts.items():
+        assert refs[name]["uri"] == ref.uri and refs[name]["sha256"] == ref.sha256, name
     assert bundle["task"] == "tiny-t2v" and version.tags["task"] == "tiny-t2v"
     lora = bundle_dir / "lora_moe_stage2.safetensors"
     assert hashlib.sha256(lora.read_bytes()).hexdigest() == summary.artifacts["lora_moe"].sha256
@@ -200,7 +202,7 @@ def test_prefect_artifacts(s3_pipeline):
     by_type = {}
     for artifact in artifacts:
         by_type.setdefault(artifact.type, []).append(artifact)
-    markdown = by_type["markdown"][0].data
+    markdown = next(a.data for a in by_type["markdown"] if a.key == "lora-moe-pipeline-summary")
     assert f"v{summary.registered.version}" in markdown and summary.mlflow_run_url in markdown
     assert summary.artifacts["merged_low_noise"].uri in markdown
     assert {row["metric"] for row in json.loads(by_type["table"][0].data)} == set(summary.metrics)

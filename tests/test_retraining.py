@@ -43,7 +43,7 @@ def test_the_same_clips_train_nothing(s3_pipeline, champion, monkeypatch):
     runs = task_runs(summary.flow_run_id)
     assert set(runs) == {"synth-data", "check-new-data"} and not TRAINING & set(runs)
     assert runs["synth-data"].state.name == "Cached" and runs["check-new-data"].state.name == "Completed"
-    [note] = [a for a in _artifacts(summary.flow_run_id) if a.type == "markdown"]
+    [note] = [a for a in _artifacts(summary.flow_run_id) if a.key == "lora-moe-pipeline-summary"]
     assert f"no new clips since version {version}" in note.data and summary.data_fingerprint[:16] in note.data
     assert len(client.search_model_versions(f"name = '{name}'")) == before
     experiment = client.get_experiment_by_name(s3_pipeline["params"]["tracking"]["experiment"])

@@ -268,8 +268,7 @@ def test_manual_run_trains_stores_and_registers(stack, manual_run):
     champion = _mlflow(stack, "registered-models/alias", name=MODEL, alias="champion")["model_version"]
     version_tags = {t["key"]: t["value"] for t in champion["tags"]}
     assert champion["version"] == "1" and sorted(champion["aliases"]) == ["candidate", "champion"]
-    assert version_tags["artifact.lora_moe.uri"] == f"s3://lora-moe/{lora_key}"
-    assert version_tags["artifact.lora_moe.sha256"] == hashlib.sha256(body).hexdigest()
+    assert version_tags["lora_moe.sha256"] == hashlib.sha256(body).hexdigest()  # the refs: artifacts.json
     assert version_tags["prefect.flow_run_id"] == flow_run_id and version_tags["gate.passed"] == "true"
     # the runs: one parent per flow run, one nested run per stage that ran
     experiment = _mlflow(stack, "experiments/get-by-name", experiment_name="wan-lora-moe")["experiment"]
@@ -285,7 +284,28 @@ def test_manual_run_trains_stores_and_registers(stack, manual_run):
     mlflow_objects = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="mlflow")
                       for o in page.get("Contents", [])]
     assert any(k.endswith("artifacts/bundle/bundle.json") for k in mlflow_objects)
+    assert any(k.endswith("/artifacts.json") for k in mlflow_objects) and any(k.endswith("MODEL_CARD.md") for k in mlflow_objects)
     assert any(k.endswith("MLmodel") for k in mlflow_objects)
+
+
+def test_the_promotion_triggers_export_champion(stack, manual_run):
+    """The manual run moved `champion` (its gate is lenient): the server's automation, made by
+    `prefect deploy` from the deployment's `triggers:`, ran `export-champion` for that version on
+    the worker; its files are in S3 and the version names them."""
+    deployment = stack.api("GET", "/deployments/name/export-champion/export-champion")
+    deadline = time.monotonic() + 120
+    while not (runs := stack.api("POST", "/flow_runs/filter", {"deployments": {"id": {"any_": [deployment["id"]]}}})):
+        assert time.monotonic() < deadline, "the promotion event triggered no export-champion run"
+        time.sleep(1)
+    [run] = runs
+    assert run["parameters"] == {"model": MODEL, "version": "1"}  # from the event's resource
+    _wait(stack, run["id"], timeout_s=600)
+    champion = _mlflow(stack, "registered-models/alias", name=MODEL, alias="champion")["model_version"]
+    exported = {t["key"]: t["value"] for t in champion["tags"]}["exported_to"]
+    assert exported.startswith("s3://lora-moe/pipeline/exports/wan22-surgical-lora-moe/v1/")
+    keys = [o["Key"] for o in _s3(stack).list_objects_v2(Bucket="lora-moe", Prefix=exported.removeprefix("s3://lora-moe/"))
+            ["Contents"]]
+    assert any(k.endswith("experts/hook_musubi.safetensors") for k in keys) and any(k.endswith("README.md") for k in keys)
 
 
 def test_nightly_retrain_with_the_same_clips_trains_nothing(stack, manual_run):
@@ -294,7 +314,7 @@ def test_nightly_retrain_with_the_same_clips_trains_nothing(stack, manual_run):
     assert run["state_name"] == "Completed" and run["parameters"]["only_new_data"] is True
     assert _task_runs(stack, flow_run_id) == {"resolve-inputs": "Completed", "check-new-data": "Completed"}
     artifacts = stack.api("POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
-    [note] = [a for a in artifacts if a["type"] == "markdown"]
+    [note] = [a for a in artifacts if a["key"] == "lora-moe-pipeline-summary"]
     assert "no new clips since version 1" in note["data"]
     versions = _mlflow(stack, "registered-models/get", name=MODEL)["registered_model"]["latest_versions"]
     assert [v["version"] for v in versions] == ["1"]  # nothing registered
