@@ -38,7 +38,8 @@ Preset = Literal["tiny", "tiny-t2v", "tiny-i2v", "t2v-A14B", "i2v-A14B", "ti2v-5
 assert set(Preset.__args__) == set(TINY_PRESETS) | set(PRESETS)
 
 # Filled in by the tasks (inputs fetched by ref, the work folder, resume after a failure, GPUs).
-RUNTIME_FIELDS = frozenset({"task", "dit", "dit_high_noise", "dataset", "output_dir", "resume", "progress", "cpu"})
+RUNTIME_FIELDS = frozenset({"task", "dit", "dit_high_noise", "dataset", "output_dir", "resume", "progress", "cpu",
+                            "model_set", "vae", "text_encoder", "tokenizer"})
 EVAL_RUNTIME_FIELDS = RUNTIME_FIELDS | {
     "merged_dit", "merged_dit_high_noise", "lora_moe_weights", "model_set", "vae", "text_encoder", "tokenizer",
     "manifest", "device", "overwrite", "gate",
