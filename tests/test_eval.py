@@ -226,7 +226,7 @@ def test_plots_samples_and_links(demo_run, demo_report):
             im.load()
             assert im.format == "PNG" and im.width >= 400 and im.height >= 300, plot
     with Image.open(out / "plots" / "loss_vs_sigma.png") as im:
-        assert im.size == (1100, 340)  # figsize 11 x 3.4 in at 100 dpi
+        assert im.size == (1100, 560)  # figsize 11 x 5.6 in at 100 dpi: loss on top, change vs the first variant below
     assert {s.expert for s in demo_report.samples} == {"scissors", "hook", "suction", "other"}
     for s in demo_report.samples:
         for mode in ("hinted", "learned", "real"):
