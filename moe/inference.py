@@ -34,6 +34,7 @@ from moe.file_kind import require_kind
 from moe.lora_moe.experts import expert_index
 from moe.lora_moe.routing import GateSmoother, RoutingState, compute_gates
 from moe.output_paths import claim_output
+from moe.progress import phase, quiet_third_party_output
 from moe.wan.checkpoint import check_checkpoint_task
 from moe.wan.runtime_options import DiTRuntimeOptions
 from moe.wan.presets import get_preset
@@ -107,16 +108,19 @@ class GenerateConfig(DiTRuntimeOptions):
             raise ValueError("--instrument_hint needs --lora_moe_weights")
         return self
 
-    def with_model_files(self) -> GenerateConfig:
-        """This config with `--model`'s files filled in (fetched and verified by its resolver)."""
-        from moe.model_uri import resolve_model_uri
+    def with_model_files(self, log=None) -> GenerateConfig:
+        """This config with `--model`'s files filled in (fetched and verified by its resolver);
+        `log` gets one line naming the version resolved and the download cache."""
+        from moe.model_uri import ResolvedModel, resolve_model_uri
 
         if self.model is None:
             return self
         resolved = resolve_model_uri(self.model)
+        if log is not None:
+            log(resolved.report(self.model))
         if "task" in self.model_fields_set and self.task != resolved.task:
             raise MoeError(f"--model {self.model} ({resolved.source}) is a {resolved.task} model, not --task {self.task}")
-        return self.model_copy(update=resolved.model_dump(exclude={"source"}))
+        return self.model_copy(update=resolved.model_dump(include=set(ResolvedModel.model_fields) & set(type(self).model_fields)))
 
 
 # The fields that name files generation reads: --save_path may be none of them.
@@ -200,7 +204,12 @@ def _check_inputs(cfg: GenerateConfig, preset) -> None:
     if cfg.lora_weight is not None:
         read_lora_file(cfg.lora_weight)
     if cfg.lora_moe_weights is not None:
-        read_lora_moe_file(cfg.lora_moe_weights)
+        moe_file = read_lora_moe_file(cfg.lora_moe_weights)
+        if cfg.instrument_hint is not None:
+            try:
+                expert_index(cfg.instrument_hint, moe_file.experts)
+            except MoeError as e:
+                raise MoeError(f"--instrument_hint: {e}") from None
     dit_kinds = ("wan-dit", "merged-dit")
     require_kind(cfg.dit, dit_kinds, "--dit")
     if cfg.dit_high_noise is not None:
@@ -256,15 +265,16 @@ def routing_hooks(dits: list, routing: MoERouting):
 def build_pipeline(preset, low, high, vae, text_encoder, tokenizer, flow_shift: float | None = None):
     """diffusers' Wan2.2 pipeline: `transformer` = the high-noise DiT (when there are two),
     `transformer_2` = the low-noise one, UniPC flow sampling with the task's shift."""
-    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
+    import diffusers
 
-    scheduler = UniPCMultistepScheduler(
+    quiet_third_party_output()  # before diffusers imports its Wan pipelines (transformers' CLIP warning)
+    scheduler = diffusers.UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
         flow_shift=flow_shift if flow_shift is not None else preset.sample_shift,
     )
     experts = dict(transformer=high or low, transformer_2=low if high is not None else None,
                    boundary_ratio=preset.boundary if high is not None else None)
-    pipe = (WanImageToVideoPipeline if preset.i2v else WanPipeline)(
+    pipe = (diffusers.WanImageToVideoPipeline if preset.i2v else diffusers.WanPipeline)(  # only the one used is imported
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, **experts
     )
     pipe.set_progress_bar_config(disable=True)
@@ -296,51 +306,74 @@ def run_pipeline(
     return (video.clip(0, 1) * 255).round().astype("uint8")
 
 
-def generate_video(cfg: GenerateConfig):
+def generate_video(cfg: GenerateConfig, log=None):
     """Generate one video and write it to `cfg.save_path`; returns (frames uint8 [F, H, W, 3], routing).
     Everything is checked before a model is loaded, and `--save_path` is claimed for the run
-    (never an input, never an existing file unless --overwrite and it is one of our MP4s)."""
+    (never an input, never an existing file unless --overwrite and it is one of our MP4s), the
+    first time before `--model` fetches anything (up to ~57 GB). `log` gets a line per phase."""
     from moe.data.video import written_by_lora_moe
 
     resolve_device(cfg.device)
-    cfg = cfg.with_model_files()  # --model: fetched and verified before anything is written
+
+    @contextlib.contextmanager
+    def claimed(cfg):
+        inputs = {f"--{name}": getattr(cfg, name) for name in _INPUT_FIELDS}
+        with claim_output(cfg.save_path, flag="--save_path", inputs=inputs, overwrite=cfg.overwrite, is_ours=written_by_lora_moe):
+            if cfg.save_path.suffix.lower() != ".mp4":
+                raise MoeError(f"--save_path {cfg.save_path} must end in .mp4 (the video is written as H.264 MP4)")
+            yield
+
+    if cfg.model is not None:
+        with claimed(cfg):  # refused now, not after the fetch
+            pass
+    cfg = cfg.with_model_files(log)  # --model: fetched and verified before anything is written
     preset = get_preset(cfg.task)
     _check_inputs(cfg, preset)
-    inputs = {f"--{name}": getattr(cfg, name) for name in _INPUT_FIELDS}
-    with claim_output(cfg.save_path, flag="--save_path", inputs=inputs, overwrite=cfg.overwrite, is_ours=written_by_lora_moe):
-        if cfg.save_path.suffix.lower() != ".mp4":
-            raise MoeError(f"--save_path {cfg.save_path} must end in .mp4 (the video is written as H.264 MP4)")
-        return _generate(cfg, preset)
+    with claimed(cfg):
+        _check_complete(cfg, preset)
+        return _generate(cfg, preset, log)
 
 
-def _generate(cfg: GenerateConfig, preset):
+def _check_complete(cfg: GenerateConfig, preset) -> None:
+    """What loading would find missing, found before anything is loaded."""
+    from moe.data.cache import resolve_component_paths
+
+    if preset.two_experts and cfg.dit_high_noise is None:
+        raise MoeError(f"task {cfg.task} has two experts: pass the high-noise DiT as --dit_high_noise")
+    resolve_component_paths(cfg.vae, cfg.text_encoder, cfg.tokenizer, cfg.model_set, cfg.task)
+
+
+def _generate(cfg: GenerateConfig, preset, log=None):
     from moe.data.video import write_video
     from moe.wan.encoding import encode_prompts
     from moe.wan.expert import load_expert
 
     dtype = getattr(torch, DTYPE_ALIASES[cfg.dtype])
     runtime = dict(compile=cfg.compile, compile_mode=cfg.compile_mode, attention_backend=cfg.attention_backend)
-    low = load_expert(cfg.dit, preset, dtype, cfg.device, cfg.fp8, cfg.blocks_to_swap, **runtime)
-    high = load_expert(cfg.dit_high_noise, preset, dtype, cfg.device, cfg.fp8, cfg.blocks_to_swap, **runtime) if cfg.dit_high_noise else None
-    if preset.two_experts and high is None:
-        raise MoeError(f"task {cfg.task} has two experts: pass the high-noise DiT as --dit_high_noise")
-    dits = [d for d in (high, low) if d is not None]
-    vae, text_encoder, tokenizer = load_components(cfg, dtype)
-    max_len = preset.text_encoder.max_length
-    cond, cond_mask = encode_prompts(text_encoder.to(cfg.device), tokenizer, [cfg.prompt], max_len)
-    uncond, _ = encode_prompts(text_encoder, tokenizer, [cfg.negative_prompt], max_len)
+    quiet = log is None  # the library's callers get no phase lines
+    with contextlib.nullcontext() if quiet else phase(f"generate: loading the DiTs and components ({cfg.device})", log):
+        low = load_expert(cfg.dit, preset, dtype, cfg.device, cfg.fp8, cfg.blocks_to_swap, **runtime)
+        high = load_expert(cfg.dit_high_noise, preset, dtype, cfg.device, cfg.fp8, cfg.blocks_to_swap, **runtime) if cfg.dit_high_noise else None
+        dits = [d for d in (high, low) if d is not None]
+        vae, text_encoder, tokenizer = load_components(cfg, dtype)
+        max_len = preset.text_encoder.max_length
+        cond, cond_mask = encode_prompts(text_encoder.to(cfg.device), tokenizer, [cfg.prompt], max_len)
+        uncond, _ = encode_prompts(text_encoder, tokenizer, [cfg.negative_prompt], max_len)
 
-    routing = None
-    if cfg.lora_weight is not None:
-        _apply_stage1(cfg, dits)
-    elif cfg.lora_moe_weights is not None:
-        routing = _apply_stage2(cfg, preset, dits, (cond, cond_mask))
+        routing = None
+        if cfg.lora_weight is not None:
+            _apply_stage1(cfg, dits)
+        elif cfg.lora_moe_weights is not None:
+            routing = _apply_stage2(cfg, preset, dits, (cond, cond_mask))
 
-    pipe = build_pipeline(preset, low, high, vae.to(cfg.device), text_encoder, tokenizer, cfg.flow_shift)
-    image = None
-    if preset.i2v:
-        image = first_frame(cfg.image, cfg.video_size)
-    with routing_hooks(dits, routing) if routing is not None else contextlib.nullcontext():
+        pipe = build_pipeline(preset, low, high, vae.to(cfg.device), text_encoder, tokenizer, cfg.flow_shift)
+        image = None
+        if preset.i2v:
+            image = first_frame(cfg.image, cfg.video_size)
+    w, h = cfg.video_size
+    sampling = f"generate: sampling {cfg.infer_steps} steps, {cfg.video_length} frames at {w}x{h}"
+    with (routing_hooks(dits, routing) if routing is not None else contextlib.nullcontext(),
+          contextlib.nullcontext() if quiet else phase(sampling, log)):
         frames = run_pipeline(
             pipe, preset, cond, uncond, size=cfg.video_size, frames=cfg.video_length, steps=cfg.infer_steps,
             seed=cfg.seed, device=cfg.device, guidance_low=cfg.guidance_scale,

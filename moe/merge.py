@@ -37,7 +37,6 @@ from pathlib import Path
 
 import torch
 from pydantic import BaseModel
-from tqdm import tqdm
 
 from moe import __version__
 from moe.atomic import atomic_dir, atomic_file
@@ -47,7 +46,8 @@ from moe.file_kind import MERGED_FROM_KEY, require_kind, written_as
 from moe.hashing import sha256_file
 from moe.lora.file import LoRAFile, LoRAModuleWeights, read_lora_file
 from moe.output_paths import claim_output
-from moe.safetensors_file import DTYPES, FLOAT_DTYPES, SafetensorsHeader, encode_header, readinto_exact
+from moe.progress import progress as progress_bar
+from moe.safetensors_file import DTYPES, FLOAT_DTYPES, SafetensorsHeader, encode_header, readinto_exact, resolve_files
 from moe.wan.checkpoint import CheckpointLayout, check_checkpoint_task, resolve_checkpoint
 from moe.wan.fp8 import FP8_MAX, SCALE_WEIGHT_SUFFIX, SCALED_FP8_MARKER, scale_key_for
 from moe.wan.presets import get_preset
@@ -432,7 +432,8 @@ def merge_lora_into_checkpoint(
     if task is not None and lora_task and lora_task != task:
         raise MoeError(f"{lora_path} was trained for task {lora_task}, not {task}; pass the matching --task")
 
-    lora_sha = sha256_file(lora_path)
+    lora_file = resolve_files(lora_path)[0][0]  # the file itself when --lora_weight is a folder holding one
+    lora_sha = sha256_file(lora_file)
     for rec in json.loads(layout.headers[0].metadata.get(MERGED_FROM_KEY, "[]")):
         if rec.get("lora_sha256") == lora_sha and not force:
             raise MoeError(
@@ -442,7 +443,7 @@ def merge_lora_into_checkpoint(
     plan = _locate_targets(layout, lora)
     record = {
         "base": None,
-        "lora": lora_path.name,
+        "lora": lora_file.name,
         "lora_sha256": lora_sha,
         "multiplier": lora_multiplier,
         "targets": json.loads(lora.metadata["lora_moe.targets"]) if "lora_moe.targets" in lora.metadata else None,
@@ -457,7 +458,7 @@ def merge_lora_into_checkpoint(
     )
     with (
         claim,
-        tqdm(total=total, unit="B", unit_scale=True, desc=f"merge {dit.name}", disable=not progress) as bar,
+        progress_bar(total=total, unit="B", unit_scale=True, desc=f"merge {dit.name}", disable=not progress) as bar,
         atomic_dir(out) if layout.sharded else atomic_file(out) as tmp,
     ):
         written = []

@@ -22,6 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from moe.errors import MoeError
+from moe.input_paths import special_kind
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -185,6 +186,8 @@ def resolve_files(path: str | Path) -> tuple[list[Path], Path | None]:
     path = Path(path)
     if not path.exists():
         raise MoeError(f"{path} does not exist")
+    if not path.is_dir() and not path.is_file():  # a named pipe would block the read forever
+        raise MoeError(f"{path} is {special_kind(path.stat().st_mode) or 'not a regular file'}, not a file or folder")
     if path.is_dir():
         index = _find_index(path)
         if index:

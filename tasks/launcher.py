@@ -26,6 +26,7 @@ get the same time from torchrun's agent (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, set fro
 from __future__ import annotations
 
 import collections
+import math
 import os
 import queue
 import signal
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GRACE_S = 5.0  # SIGTERM, then SIGKILL after this long (run_command's default)
+REDRAW_INTERVAL_S = 30.0  # a progress bar redrawn in place: at most one log line this often
 # Started in front of every stage command on Linux: asks the kernel to send the child SIGTERM when
 # the flow process (the thread that started it, which waits for it) dies, even by SIGKILL or OOM,
 # then becomes the command (exec keeps the request). A parent already gone by then: exit 143.
@@ -104,15 +106,29 @@ def stage_command(args: list[str], gpus: int = 1) -> list[str]:
     ]
 
 
-def _read_lines(stream, lines: queue.Queue) -> None:
-    """Split the child's output on newlines and carriage returns (progress bars), then signal
-    the end with None."""
-    pending = b""
+def _last_drawn(segments: list[bytes]) -> bytes:
+    """What a terminal would show of a line redrawn with carriage returns: its last non-empty draw."""
+    return next((s for s in reversed(segments) if s.strip()), b"")
+
+
+def _read_lines(stream, lines: queue.Queue, redraw_interval_s: float | None = None) -> None:
+    """Split the child's output into lines, then signal the end with None. A line redrawn in
+    place with carriage returns (a progress bar: `moe.progress` draws one only on a terminal, but
+    a library may not ask) is one line, its final state, plus its latest state at most every
+    `redraw_interval_s` while it is being redrawn: never a log line per redraw."""
+    interval = REDRAW_INTERVAL_S if redraw_interval_s is None else redraw_interval_s
+    pending, last_redraw = b"", -math.inf
     while chunk := os.read(stream.fileno(), 65536):
-        pending += chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        pending += chunk.replace(b"\r\n", b"\n")
         *complete, pending = pending.split(b"\n")
         for line in complete:
-            lines.put(line.decode("utf-8", "replace"))
+            lines.put(_last_drawn(line.split(b"\r")).decode("utf-8", "replace"))
+        if b"\r" in pending:
+            *drawn, pending = pending.split(b"\r")  # the part after the last \r may be half written
+            latest = _last_drawn(drawn)
+            if latest and time.monotonic() - last_redraw >= interval:
+                lines.put(latest.decode("utf-8", "replace"))
+                last_redraw = time.monotonic()
     if pending:
         lines.put(pending.decode("utf-8", "replace"))
     lines.put(None)

@@ -9,6 +9,7 @@ SIGTERM after saving its state (run it again with --resume). A traceback means a
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 
@@ -82,15 +83,25 @@ def _show_warnings() -> None:
 
 
 def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
+    one_line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    typer.echo(f"error: {one_line}", err=True)
     sys.exit(2)
+
+
+# A file a user named that cannot be read: bad input (exit 2), said in one line. Other OSErrors
+# (an I/O error of the disk) are not the user's to fix, and stay tracebacks.
+_READ_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.ELOOP,
+                          errno.ENODEV, errno.ENXIO, errno.ENAMETOOLONG})
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: typer runs in standalone mode (so `--help` exits 0 and usage errors are
     click's own, exit 2); user errors become one line on stderr and exit code 2."""
+    from moe.progress import quiet_third_party_output
+
     _register_commands()
     _show_warnings()
+    quiet_third_party_output()  # in a log: no Hugging Face bars, and one known warning less
     try:
         app(args=argv, prog_name="lora-moe")
     except MoeError as e:
@@ -102,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
         _fail(validation_message(e, None))
     except OSError as e:
         error = write_error(e.filename or "the output", e)
+        if error is None and e.errno in _READ_ERRNOS and e.filename:
+            error = f"cannot read {e.filename}: {e.strerror}; check the path"
         if error is None:
             raise
         _fail(str(error))

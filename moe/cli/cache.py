@@ -8,17 +8,17 @@ from typing import Annotated
 import typer
 
 from moe.cli.app import app
-from moe.cli.options import number
+from moe.cli.options import TASK, CheckedCommand, number
 from moe.config_types import Frames
 
 
-@app.command("cache")
+@app.command("cache", cls=CheckedCommand)
 def cache(
     manifest: Annotated[Path, typer.Option("--manifest", help="Clip manifest (JSONL).")],
     out: Annotated[Path, typer.Option("--out", help="Cache folder (index.json, clips/).")],
-    task: Annotated[str | None, typer.Option("--task", help="Wan task; default: the model set's.")] = None,
+    task: Annotated[str | None, typer.Option("--task", help="Wan task; default: the model set's.", **TASK)] = None,
     model_set: Annotated[
-        Path | None, typer.Option("--model_set", "--model-set", help="Model-set folder (model_set.json).")
+        Path | None, typer.Option("--model_set", help="Model-set folder (model_set.json).")
     ] = None,
     vae: Annotated[
         Path | None, typer.Option("--vae", help="diffusers vae/ folder or Wan2.1_VAE.pth.")
@@ -27,7 +27,6 @@ def cache(
         Path | None,
         typer.Option(
             "--text_encoder",
-            "--text-encoder",
             help="text_encoder/ folder or models_t5_umt5-xxl-enc-bf16.pth.",
         ),
     ] = None,
@@ -39,11 +38,11 @@ def cache(
         str, typer.Option("--dtype", help="VAE / text encoder compute dtype: float32, bf16, fp16.")
     ] = "float32",
     embed_dtype: Annotated[
-        str, typer.Option("--embed_dtype", "--embed-dtype", help="Stored text embeddings: float32 or bf16.")
+        str, typer.Option("--embed_dtype", help="Stored text embeddings: float32 or bf16.")
     ] = "float32",
     label_map: Annotated[
         Path | None,
-        typer.Option("--label_map", "--label-map", help="JSON object: raw label -> expert class."),
+        typer.Option("--label_map", help="JSON object: raw label -> expert class."),
     ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Rebuild a cache made with other settings (one made with the same is updated in place).")

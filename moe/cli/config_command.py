@@ -13,6 +13,7 @@ makes a group that also runs itself (`lora-moe eval` and `lora-moe eval multipli
 
 from __future__ import annotations
 
+import enum
 import inspect
 import types
 import typing
@@ -22,9 +23,12 @@ from typing import Annotated, Literal, get_args, get_origin
 
 import typer
 from pydantic import BaseModel
-from pydantic_core import PydanticUndefined
 
+from moe.cli.options import check_path_option
 from moe.train.config import build_config, read_config_file
+
+# Options whose file a config's validator reads (the eval gate's thresholds).
+READ_WHILE_VALIDATING = ("gate",)
 
 
 def _unwrap_optional(ann):
@@ -42,10 +46,33 @@ def _cli_type(ann) -> type:
     return str  # str, and tuples given comma-separated
 
 
+def shown_default(name: str, value) -> str | None:
+    """A default as a user writes it on the command line (None: nothing worth showing): `64x64`
+    for a size, `0.1,0.5` for a tuple, a path as is, an enum by its value, `--no_name` for a
+    switch that is off."""
+    if value is None or isinstance(value, BaseModel):
+        return None
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no_{name}"
+    if isinstance(value, enum.Enum):
+        return shown_default(name, value.value)
+    if isinstance(value, (tuple, list)):
+        if name.endswith("size") and len(value) == 2:
+            return "x".join(str(v) for v in value)
+        return ",".join(shown_default(name, v) or "" for v in value)
+    if isinstance(value, str) and value == "":
+        return '""'
+    return str(value)
+
+
 def _parameter(name: str, field, aliases: tuple[str, ...]) -> inspect.Parameter:
     ann = _unwrap_optional(field.annotation)
-    required = field.default is PydanticUndefined
-    help_text = (field.description or "") + ("  [required]" if required else f"  [default: {field.default}]")
+    required = field.is_required()
+    default = None if required else field.get_default(call_default_factory=True)
+    shown = None if required else shown_default(name, default)
+    help_text = (field.description or "") + (
+        "  [required]" if required else f"  [default: {shown}]" if shown is not None else ""
+    )
     decls = [f"--{name}/--no_{name}"] if ann is bool else [f"--{name}"]
     option = typer.Option(*decls, *(f"--{a}" for a in aliases), help=help_text.strip(), show_default=False)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[_cli_type(ann) | None, option])
@@ -66,13 +93,21 @@ def _command(config_cls: type[BaseModel], run: Callable[[BaseModel], None], alia
     def command(ctx: typer.Context | None = None, config: Path | None = None, **flags) -> None:
         if ctx is not None and ctx.invoked_subcommand is not None:
             return
+        check_path_option("config", config)
         file_values = read_config_file(config) if config else {}
         given = {
             k: (tuple(x.strip() for x in v.split(",")) if k in tuple_fields else v)  # pydantic converts items
             for k, v in flags.items()
             if v is not None
         }
-        run(build_config(config_cls, file_values, given))
+        merged = file_values | given
+        for name in READ_WHILE_VALIDATING:  # a file a validator reads (--gate): checked before it is opened
+            check_path_option(name, merged.get(name))
+        cfg = build_config(config_cls, file_values, given)
+        for name in config_cls.model_fields:  # after validation, whose messages come first
+            if name not in READ_WHILE_VALIDATING:
+                check_path_option(name, getattr(cfg, name))
+        run(cfg)
 
     command.__signature__ = inspect.Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}

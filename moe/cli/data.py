@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from moe.cli.app import app
-from moe.cli.options import OVERWRITE_HELP, number
+from moe.cli.options import OVERWRITE_HELP, CheckedCommand, number
 from moe.config_types import MAX_SIDE, Count, Fraction, Frames, PositiveFloat, Seed
 from moe.data.manifest import LabelMap, read_manifest, summarize
 from moe.errors import MoeError
@@ -38,7 +38,7 @@ def _report(manifest: Path) -> None:
     typer.echo(summarize(read_manifest(manifest)))
 
 
-@data_app.command("synth")
+@data_app.command("synth", cls=CheckedCommand)
 def synth(
     out: Path = typer.Option(..., "--out", help="Output folder (videos/ and manifest.jsonl)."),
     clips: int = typer.Option(16, "--clips", help="Number of clips; classes are balanced.", **number(Count)),
@@ -47,7 +47,7 @@ def synth(
     seed: int = typer.Option(0, "--seed", help="Same seed, same clips (byte for byte).", **number(Seed)),
     fps: float = typer.Option(16.0, "--fps", help="Frame rate written into the MP4s.", **number(PositiveFloat)),
     val_fraction: float = typer.Option(
-        0.2, "--val-fraction", "--val_fraction", help="Share of clips in val.", **number(Fraction)
+        0.2, "--val_fraction", help="Share of clips in val.", **number(Fraction)
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
@@ -68,18 +68,17 @@ def synth(
     _report(manifest)
 
 
-@data_app.command("cholec80")
+@data_app.command("cholec80", cls=CheckedCommand)
 def cholec80(
     root: Path = typer.Option(..., "--root", help="Cholec80 folder (videos/, tool_annotations/)."),
     out: Path = typer.Option(..., "--out", help="Output folder (clips/ and manifest.jsonl)."),
-    frames_per_clip: int = typer.Option(81, "--frames-per-clip", "--frames_per_clip", **number(Frames)),
+    frames_per_clip: int = typer.Option(81, "--frames_per_clip", **number(Frames)),
     clip_seconds: float | None = typer.Option(
-        None, "--clip-seconds", "--clip_seconds", help="Source seconds per clip (default: frames / 16).",
+        None, "--clip_seconds", help="Source seconds per clip (default: frames / 16).",
         **number(PositiveFloat),
     ),
     stride_seconds: float | None = typer.Option(
         None,
-        "--stride-seconds",
         "--stride_seconds",
         help="Seconds from clip start to start (default: clip length).",
         **number(PositiveFloat),
@@ -89,13 +88,13 @@ def cholec80(
         None, "--videos", help="Comma-separated ids, e.g. video01,video02."
     ),
     label_map: Path | None = typer.Option(
-        None, "--label-map", "--label_map", help="JSON object: Cholec80 tool -> expert class."
+        None, "--label_map", help="JSON object: Cholec80 tool -> expert class."
     ),
     min_presence: float = typer.Option(
-        0.5, "--min-presence", "--min_presence", help="Share of a clip's frames a tool must be in.", **number(Fraction)
+        0.5, "--min_presence", help="Share of a clip's frames a tool must be in.", **number(Fraction)
     ),
     val_fraction: float = typer.Option(
-        0.2, "--val-fraction", "--val_fraction", help="Share of videos in val.", **number(Fraction)
+        0.2, "--val_fraction", help="Share of videos in val.", **number(Fraction)
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the train/val split.", **number(Seed)),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
@@ -121,11 +120,11 @@ def cholec80(
     _report(manifest)
 
 
-@data_app.command("check")
+@data_app.command("check", cls=CheckedCommand)
 def check(
     manifest: Path = typer.Option(..., "--manifest", help="Clip manifest (JSONL)."),
     min_frames: int = typer.Option(
-        81, "--min_frames", "--min-frames", help="Frames each clip needs (4k+1).", **number(Frames)
+        81, "--min_frames", help="Frames each clip needs (4k+1).", **number(Frames)
     ),
 ) -> None:
     """Validate a manifest and decode every clip; lists every bad clip by id in one report."""

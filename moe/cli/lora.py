@@ -8,10 +8,10 @@ from typing import Annotated, Literal
 import typer
 
 from moe.cli.app import app
-from moe.cli.options import OVERWRITE_HELP
+from moe.cli.options import OVERWRITE_HELP, CheckedCommand
 
 
-@app.command("convert-lora")
+@app.command("convert-lora", cls=CheckedCommand)
 def convert_lora(
     src: Annotated[Path, typer.Argument(metavar="IN", help="A vanilla LoRA in any form lora-moe reads.")],
     to: Annotated[

@@ -53,7 +53,7 @@ config_command(
 def _run_generate(cfg) -> None:
     from moe.inference import generate_video
 
-    frames, routing = generate_video(cfg)
+    frames, routing = generate_video(cfg, log=lambda line: typer.echo(line, err=True))
     typer.echo(f"wrote {cfg.save_path} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]})")
 
 

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from moe.cli.app import app
-from moe.cli.options import OVERWRITE_HELP, number
+from moe.cli.options import OVERWRITE_HELP, CheckedCommand, number
 from moe.config_types import Seed
 
 workflow_app = typer.Typer(help="Run the whole workflow.", no_args_is_help=True)
 app.add_typer(workflow_app, name="workflow")
 
 
-@workflow_app.command("run")
+@workflow_app.command("run", cls=CheckedCommand)
 def workflow_run(
     output_dir: Annotated[Path, typer.Option("--output_dir", help="Folder for every artifact.")],
     preset: Annotated[str, typer.Option("--preset", help="tiny (= tiny-t2v) or tiny-i2v.")] = "tiny",
@@ -26,12 +25,16 @@ def workflow_run(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Tiny model set -> synthetic data -> cache -> stage 1 -> merge both experts -> stage 2 -> eval."""
+    from moe.progress import format_number
     from moe.train.config import build_config
     from moe.workflow import WorkflowConfig, run_workflow
 
     options = dict(output_dir=output_dir, preset=preset, until=until, seed=seed, overwrite=overwrite, progress=not quiet)
     cfg = build_config(WorkflowConfig, {}, options)
     summary = run_workflow(cfg)
-    typer.echo("summary:\n" + json.dumps(summary, indent=2))
+    typer.echo("summary:")
+    width = max(map(len, summary))
+    for name, value in summary.items():  # numbers with 4 significant digits, one per line
+        typer.echo(f"  {name:<{width}}  {format_number(value)}")
     if "eval_report" in summary:
         typer.echo(f"eval report: {summary['eval_report']} (gate {'passed' if summary['gate_passed'] else 'FAILED'})")

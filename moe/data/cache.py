@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from moe.atomic import atomic_file
 from moe.config_types import MAX_FRAMES, MAX_SIDE
@@ -59,6 +58,7 @@ from moe.devices import resolve_device
 from moe.errors import MoeError
 from moe.hashing import sha256_file, sha256_tree
 from moe.output_paths import claim_output
+from moe.progress import progress as progress_bar
 from moe.wan.presets import WanPreset, get_preset
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +175,7 @@ def build_cache(
         encoder = _ClipEncoder(preset, paths, size, frames, device, dtype, embed_dtype)
         report = BuildReport()
         entries = []
-        bar = tqdm(records, desc="cache", unit="clip", disable=not progress)
+        bar = progress_bar(records, desc="cache", unit="clip", disable=not progress)
         for record in bar:
             entries.append(_cache_clip(record, manifest.parent, out_dir, task, settings, encoder, report))
             bar.set_postfix(encoded=len(report.encoded), skipped=len(report.skipped))

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from moe.data.manifest import (
     MANIFEST_FILE,
@@ -35,6 +34,7 @@ from moe.data.manifest import (
 from moe.data.video import iter_frames, probe_video, write_video
 from moe.errors import MoeError
 from moe.output_paths import claim_output
+from moe.progress import progress as progress_bar
 
 WAN_FPS = 16.0
 
@@ -194,7 +194,7 @@ def _plan_video(
 
 
 def _cut_video(
-    video: Path, cuts: list[ClipCut], out_dir: Path, fps: float, size: tuple[int, int] | None, bar: tqdm
+    video: Path, cuts: list[ClipCut], out_dir: Path, fps: float, size: tuple[int, int] | None, bar
 ) -> None:
     """Decode `video` once and write every clip as soon as its last frame has arrived.
 
@@ -264,7 +264,7 @@ def import_cholec80(
         raise MoeError(f"the selected videos are all shorter than one clip ({clip_seconds:g} s)")
 
     claim = claim_output(out_dir, flag="--out", inputs={"--root": root}, overwrite=overwrite, is_ours=written_dataset, folder=True)
-    with claim, tqdm(total=len(records), desc="cholec80 clips", unit="clip", disable=not progress) as bar:
+    with claim, progress_bar(total=len(records), desc="cholec80 clips", unit="clip", disable=not progress) as bar:
         for video, cuts in plans:
             _cut_video(video, cuts, out_dir, timing.fps, size, bar)
         return write_manifest(out_dir / MANIFEST_FILE, split_by_video(records, val_fraction, seed))

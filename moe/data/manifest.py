@@ -135,6 +135,8 @@ class LabelMap(BaseModel):
             mapping = json.loads(path.read_text(encoding="utf-8"))
         except OSError as e:
             raise MoeError(f"cannot read label map {path}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise MoeError(f"label map {path} is not UTF-8 text; pass a JSON file") from None
         except json.JSONDecodeError as e:
             raise MoeError(f"label map {path} is not valid JSON: {e}") from None
         try:
@@ -204,6 +206,8 @@ def read_manifest(path: str | Path, label_map: LabelMap | None = None) -> list[C
         raise MoeError(f"manifest {path} is a folder; pass the manifest file (e.g. {path / MANIFEST_FILE})") from None
     except OSError as e:
         raise MoeError(f"cannot read manifest {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise MoeError(f"manifest {path} is not UTF-8 text; pass the JSONL manifest (e.g. {path.parent / MANIFEST_FILE})") from None
     records: list[ClipRecord] = []
     first_line: dict[str, int] = {}
     for lineno, line in enumerate(text.splitlines(), start=1):

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from moe.config_types import MAX_FRAMES, MAX_SIDE
 from moe.data.manifest import (
@@ -45,6 +44,7 @@ from moe.data.manifest import (
 from moe.data.video import check_frame_rate, write_video
 from moe.errors import MoeError
 from moe.output_paths import claim_output
+from moe.progress import progress as progress_bar
 
 Point = tuple[float, float]
 Vec = np.ndarray  # a 2-vector (x, y) in pixels
@@ -522,7 +522,7 @@ def synthesize_dataset(
     check_frame_rate(fps)
     with claim_output(out_dir, flag="--out", overwrite=overwrite, is_ours=written_dataset, folder=True):
         records = []
-        for plan in tqdm(plans, desc="synth clips", unit="clip", disable=not progress):
+        for plan in progress_bar(plans, desc="synth clips", unit="clip", disable=not progress):
             clip = render_clip(plan)
             video = Path("videos") / f"{plan.id}.mp4"
             write_video(out_dir / video, clip.frames, fps)

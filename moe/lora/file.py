@@ -181,7 +181,7 @@ def read_lora_file(path: str | Path) -> LoRAFile:
     """Read a vanilla LoRA file of any supported form; other kinds of file are a clear error."""
     path = Path(path)
     header = require_kind(path, "vanilla-lora", "--lora_weight")
-    state = load_file(path)
+    state = load_file(header.path)  # the file itself when `path` is a folder holding one
     require_finite(state, str(path))
     return LoRAFile(
         modules=parse_lora_state(state, str(path), header.metadata), metadata=header.metadata, form=lora_form(state)

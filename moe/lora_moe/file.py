@@ -162,7 +162,8 @@ def write_lora_moe_file(
 def read_lora_moe_file(path: str | Path) -> LoRAMoEFile:
     """Read a stage-2 file; any other kind of file (a vanilla LoRA, a DiT) is a one-line error."""
     path = Path(path)
-    meta = require_kind(path, "lora-moe", "--lora_moe_weights").metadata
+    header = require_kind(path, "lora-moe", "--lora_moe_weights")
+    meta = header.metadata
     if meta.get("lora_moe.format") != LORA_MOE_FORMAT:
         raise MoeError(
             f"{path} has LoRA-MoE format {meta.get('lora_moe.format', '(unrecorded)')}, this tool reads "
@@ -181,7 +182,7 @@ def read_lora_moe_file(path: str | Path) -> LoRAMoEFile:
     parts: dict[str, dict[tuple[str, str], torch.Tensor]] = {}
     alphas: dict[str, float] = {}
     router_state, gate_state, unknown = {}, {}, []
-    state = load_file(path)
+    state = load_file(header.path)  # the file itself when `path` is a folder holding one
     require_finite(state, str(path))
     for key, t in state.items():
         if m := _EXPERT_KEY.fullmatch(key):

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import (
     AutoTokenizer,
@@ -99,7 +100,7 @@ def _read_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
             sd = load_file(str(path))
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, SafetensorError) as e:
         raise MoeError(f"cannot read {path} as a checkpoint file: {e}") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
