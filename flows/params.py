@@ -65,7 +65,8 @@ NUMBER_BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "alpha_expert": (-100.0, 100.0), "alpha_base": (-100.0, 100.0),
     "seed": (0, SEED_MAX), "sigmas": (0.0, 1.0), "max_clips": (None, 1_000_000), "bootstrap_samples": (None, 1_000_000),
     "samples": (None, 1000), "sample_steps": (None, 1000), "sample_frames": (None, MAX_FRAMES),
-    "stage1_undertrained_below": (-1.0, 1.0),
+    "stage1_undertrained_below": (-1.0, 1.0), "metric_clips": (None, 100_000), "fid_frames": (None, MAX_FRAMES),
+    "metric_bootstrap": (None, 100_000),
 }
 DEFAULT_LIMIT = 1_000_000
 
@@ -156,7 +157,7 @@ class PromotionGate(EvalGate):
     """Thresholds a model must meet to be promoted (`moe.eval.gate.PromotionGate`, with every
     threshold finite and within -1..1: they are fractions, 0.01 = 1%)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra=_drop_null_defaults)
 
     min_stage1_improvement_over_base: float = Field(
         EvalGate.model_fields["min_stage1_improvement_over_base"].default, ge=-1, le=1,
@@ -167,6 +168,13 @@ class PromotionGate(EvalGate):
     min_hint_margin: float = Field(
         EvalGate.model_fields["min_hint_margin"].default, ge=-1, le=1,
         description=EvalGate.model_fields["min_hint_margin"].description)
+    # Off unless set: left out of the form's values (never a null, which the form refuses).
+    min_hint_accuracy_gain_over_stage1: float = Field(  # type: ignore[assignment]
+        None, ge=-1, le=1, description=EvalGate.model_fields["min_hint_accuracy_gain_over_stage1"].description)
+
+    @model_serializer(mode="wrap")
+    def _without_checks_left_off(self, handler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if not (k == "min_hint_accuracy_gain_over_stage1" and v is None)}
 
 
 Stage1Settings = settings_model(

@@ -220,7 +220,7 @@ def test_plots_samples_and_links(demo_run, demo_report):
     from PIL import Image
 
     out = demo_run / "eval"
-    assert len(demo_report.plots) == 6
+    assert len(demo_report.plots) == 8  # 6 of the losses and routing, 2 of the generated clips (issue 19)
     for plot in demo_report.plots:
         with Image.open(out / plot) as im:
             im.load()
@@ -241,7 +241,7 @@ def test_plots_samples_and_links(demo_run, demo_report):
         assert im.format == "PNG" and im.width > 9 * 64 and im.height > 4 * 64
     text = (out / "report.md").read_text()
     links = re.findall(r"\]\(([^)]+)\)", text)
-    assert len(links) == 6 + 3 * 4 + 2  # plots, sample videos, contact sheet, eval_report.json
+    assert len(links) == 8 + 3 * 4 + 2 + 2  # plots, sample videos, contact sheet, eval_report.json, classifier + json
     for link in links:
         assert not link.startswith(("/", "http")) and (out / link).is_file(), link
     assert "**Promotion gate: PASSED**" in text and "| stage1 vs base |" in text and "| stage2_learned vs stage1 |" in text

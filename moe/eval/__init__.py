@@ -1,12 +1,14 @@
 """Evaluation (SPEC section 8): base vs stage 1 vs stage 2 on held-out clips, a report people
-read, plots, sample videos and a promotion gate (`lora-moe eval`).
+read, plots, sample videos, numbers on generated clips and a promotion gate (`lora-moe eval`).
 
     config.py    EvalConfig, SweepConfig (torch-free)      gate.py     PromotionGate (torch-free)
     inputs.py    every input checked before anything runs  variants.py the model variants
     metrics.py   losses by region/class/sigma, bootstrap    routing.py  routing quality
     report.py    EvalReport, report.md (torch-free)         plots.py    matplotlib PNGs
-    samples.py   MP4 samples + contact sheet                sweep.py    multiplier sweep
+    samples.py   clips generated per variant, MP4 samples   sweep.py    multiplier sweep
+    generated.py FVD/KVD/FID/KID, instrument accuracy and VAE PSNR of the generated clips
     run.py       evaluate(EvalConfig) -> EvalReport
+    video_metrics/ (FVD/KVD/FID/KID), instrument_classifier.py (which instruments a clip shows)
 
 Importing `moe.eval` is cheap: torch, diffusers and matplotlib load only when a function runs.
 """

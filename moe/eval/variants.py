@@ -9,14 +9,16 @@
     stage2_hint_{e}      expert e forced (for the correct- vs wrong-hint comparison)
     stage2_knockout_{e}  the learned gates with expert e switched off
 
-The base DiTs are loaded, measured and released before the merged ones are loaded, so at most
-one pair of DiTs is in memory (and, with offloading, one DiT on the accelerator).
+The base DiTs are loaded, measured (and their clips generated) and released before the merged
+ones are loaded, so at most one pair of DiTs is in memory (and, with offloading, one DiT on the
+accelerator).
 """
 
 from __future__ import annotations
 
 import gc
 
+import numpy as np
 import torch
 
 from moe.lora_moe.model import attach_lora_moe_file
@@ -30,6 +32,16 @@ MAIN_VARIANTS = {
     "stage2_learned": "stage 2, learned router",
     "stage2_hint": "stage 2, label as hint",
 }
+
+
+def held_out_teacher(items: list[dict], experts: tuple[str, ...]) -> np.ndarray:
+    """The teacher distribution [N, E] of the held-out clips, as `measure` computes it (known
+    before any DiT is loaded, so the generated clips' prompts can be picked first)."""
+    from moe.lora_moe.experts import EXPERTS
+    from moe.lora_moe.routing import labels_by_name, teacher_distribution
+
+    labels = torch.stack([item["labels"] for item in items]).float()
+    return teacher_distribution(labels_by_name(labels, EXPERTS, experts), experts).numpy()
 
 
 def load_dits(cfg, preset, low, high) -> DualDiT:
@@ -54,14 +66,17 @@ def load_stage2(cfg, preset, moe_file) -> RoutedDiT:
     return RoutedDiT(dits, moe.router, moe.timestep_gate, moe.state, moe_file.experts, moe_file.router_config.top_k, preset.i2v)
 
 
-def measure_variants(cfg, preset, moe_file, items: list[dict]) -> tuple[Measurement, RoutedDiT]:
+def measure_variants(cfg, preset, moe_file, items: list[dict], with_base=None) -> tuple[Measurement, RoutedDiT]:
     """Every variant on the held-out grid; returns the measurement and the loaded stage-2 model
-    (kept for the samples)."""
+    (kept for the generated clips). `with_base(dits)`, when given, runs on the base DiTs after
+    their measurement and before their release (the base variant's generated clips)."""
     base = None
     if cfg.dit is not None:
         dits = load_dits(cfg, preset, cfg.dit, cfg.dit_high_noise)
         base = measure(items, cfg.sigmas, {"base": dit_variant(dits, preset.i2v)}, dits, cfg.seed,
                        experts=moe_file.experts, progress=cfg.progress)
+        if with_base is not None:
+            with_base(dits)
         release(dits)
     model = load_stage2(cfg, preset, moe_file)
     m = model.measure(items, cfg.sigmas, cfg.seed, knockouts=True, progress=cfg.progress)

@@ -11,7 +11,6 @@ steps. The loop is stage 1's (`moe.train.loop`); only this module differs.
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -227,5 +226,7 @@ def train_stage2(cfg: Stage2Config) -> dict:
 
 
 def stage2_summary(metrics: dict) -> str:
-    return json.dumps({k: metrics[k] for k in ("routing_accuracy", "roi_loss_correct_hint", "roi_loss_wrong_hint",
-                                               "val_loss_stage1", "val_loss_stage2") if k in metrics})
+    from moe.progress import metrics_line  # `name value, ...` with 4 significant digits, not a JSON dump
+
+    return metrics_line({k: metrics[k] for k in ("routing_accuracy", "roi_loss_correct_hint", "roi_loss_wrong_hint",
+                                                 "val_loss_stage1", "val_loss_stage2") if k in metrics})

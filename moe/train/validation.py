@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from moe.lora.inject import adapters_enabled
 from moe.lora_moe.experts import EXPERTS
 from moe.lora_moe.routing import labels_by_name, teacher_distribution
+from moe.progress import progress as progress_bar
 from moe.train.dual_dit import DualDiT, Expert
 from moe.train.flow_matching import masked_loss, noisy_latents, per_sample_loss, velocity_target
 
@@ -176,7 +176,7 @@ def measure(
         m.router_probs = np.zeros((n, len(sigmas), len(experts)))
         m.gates = np.zeros((n, len(sigmas), len(experts)))
     roi_only = set(roi_only)
-    bar = tqdm(total=n * len(sigmas), desc="held-out", unit="sample", disable=not progress)
+    bar = progress_bar(total=n * len(sigmas), desc="held-out", unit="sample", disable=not progress)
     for j, s in enumerate(sigmas):
         expert = dits.expert_for(s)
         for i, item in enumerate(items):
