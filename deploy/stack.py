@@ -372,15 +372,24 @@ def serve_uis(run_dir: Path) -> int:
         return 2
     logs = Path(run_dir).absolute() / "ui-logs"
     logs.mkdir(exist_ok=True)
-    stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
-    try:
+
+    def start() -> None:
         for service in services:
             service.start(logs)
         for service in services:
             service.wait_healthy(300)
         prefect, mlflow = (service.health_url.removesuffix("/api/health").removesuffix("/health") for service in services)
         print(f"Prefect UI  {prefect}\nMLflow UI   {mlflow}\n(logs in {logs}; Ctrl-C stops both)", flush=True)
+
+    return run_until_stopped(start, lambda: _terminate([s.process.pid for s in services if s.process], GRACE_S))
+
+
+def run_until_stopped(start, stop) -> int:
+    """`start()`, then wait for Ctrl-C or SIGTERM, then `stop()` (also when starting failed)."""
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    try:
+        start()
         while not stopping:
             time.sleep(1)
     except KeyboardInterrupt:
@@ -389,7 +398,7 @@ def serve_uis(run_dir: Path) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
-        _terminate([s.process.pid for s in services if s.process], GRACE_S)
+        stop()
     return 0
 
 
@@ -407,25 +416,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "ui":
         return serve_uis(args.dir)
     stack = Stack(args.dir, ui=not args.no_ui, scheduler=not args.no_scheduler)
-    stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
-    try:
+
+    def start() -> None:
         stack.up()
         print(stack.describe(), flush=True)
         print("\nstack is up; Ctrl-C stops it", flush=True)
-        while not stopping:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        pass
-    except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
+
+    def stop() -> None:
         stack.stop()
         left = stack.leftovers()
         print(f"stack stopped{'; still running: ' + ', '.join(map(str, left)) if left else ''}", flush=True)
-    return 0
 
+    return run_until_stopped(start, stop)
 
 if __name__ == "__main__":
     sys.exit(main())

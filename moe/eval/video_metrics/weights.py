@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moe.errors import MoeError
+from moe.errors import MoeError, key_set_problems
 
 
 @dataclass(frozen=True)
@@ -235,3 +235,14 @@ def read_inception_tensors() -> dict[str, torch.Tensor]:
         raise MoeError(f"{path} could not be read as a TorchScript archive of tensors: {e}") from None
     tensors = _script_tensors(root)
     return {k.removeprefix("net."): v for k, v in tensors.items()}
+
+
+def load_port(model: torch.nn.Module, state: dict[str, torch.Tensor], weights: WeightFile, port: str) -> torch.nn.Module:
+    """`model` (a torch port) with `state` loaded after a key-and-shape check, in eval mode without
+    gradients; a mismatch is one line naming the weights' file."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = key_set_problems(expected, {k: tuple(v.shape) for k, v in state.items()})
+    if problems:
+        raise MoeError(f"{weights.path} does not fit the {port} port: " + "; ".join(problems))
+    model.load_state_dict(state)
+    return model.eval().requires_grad_(False)
