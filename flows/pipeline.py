@@ -103,6 +103,7 @@ class PipelineSummary(BaseModel):
     skipped: str | None = None  # why nothing was trained ("no new clips since version N")
     stage1_from_version: str | None = None  # stage 2 started from this champion's merged DiTs
     report_url: str | None = None  # report.md in the parent MLflow run's artifacts (its UI page)
+    task: str = ""  # the model task (tiny-t2v, t2v-A14B ...)
 
     @property
     def cached(self) -> list[str]:
@@ -359,7 +360,7 @@ def lora_moe_pipeline(
         metrics = ev.metrics | {f"stage1/{k}": v for k, v in stage1_metrics.items() if isinstance(v, (int, float))} | {
             f"stage2/{k}": v for k, v in s2.metrics.items() if isinstance(v, (int, float))}
         summary = PipelineSummary(
-            flow_run_id=str(run.id), artifact_root=root_uri, tracking_uri=tracking_uri,
+            flow_run_id=str(run.id), artifact_root=root_uri, tracking_uri=tracking_uri, task=task_name,
             mlflow_run_url=mlflow_ctx.run_url(mlflow_ctx.parent_run_id),
             registry_url=_version_url(mlflow_ctx, reg.entry), registered=reg.entry,
             data_fingerprint=prepared.data_fingerprint, stages=call.reports, artifacts=artifacts,

@@ -2,9 +2,11 @@
 local artifact folder, MLflow on SQLite under it), here with inputs given by path so that
 `resolve-inputs` runs too; and bad parameters as one `error:` line with exit code 2."""
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -52,9 +54,25 @@ def test_local_run_from_the_command_line(cli_env, tiny_workspace, tmp_path):
     done = _flows(["run", "--artifact_root", str(root), *inputs, *SMALL], cli_env)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    assert lines[0].startswith("registered wan22-surgical-lora-moe version 1, aliases: candidate")
+    # One epoch per stage: the gate fails, so the version stays a candidate.
+    assert lines[0] == "registered wan22-surgical-lora-moe v1, aliases: candidate", done.stdout
+    # The headline: the eval report's own numbers, then the gate's checks.
+    report_dir = root / "latest-eval"
+    assert report_dir.is_symlink() and (report_dir / "report.md").is_file()
+    report = json.loads((report_dir / "eval_report.json").read_text())
+    s1 = report["metrics"]["stage1_overall_improvement_over_base"]
+    assert any(line.startswith("  stage 1 vs base, held-out loss") and f"  {-s1:+.1%} (95% CI " in line for line in lines), lines
+    passed = sum(c["passed"] for c in report["gate"]["checks"])
+    assert f"  promotion gate {'passed' if report['gate']['passed'] else 'FAILED'}: {passed}/{len(report['gate']['checks'])} checks" in lines
+    assert f"report: {report_dir / 'report.md'}  (samples: {report_dir / 'samples'})" in lines
+    # Commands that work in a fresh shell: the venv, MLflow's store, the UIs, the registry.
+    activate = Path(sys.prefix, "bin", "activate")  # shown relative to the current folder when below it
+    shown = activate.relative_to(Path.cwd()) if activate.is_relative_to(Path.cwd()) else activate
+    assert f"  source {shown}" in lines or sys.prefix == sys.base_prefix
+    assert f"  export MLFLOW_TRACKING_URI=sqlite:///{root / 'mlflow.db'}" in lines
     assert f"PREFECT_HOME={cli_env['PREFECT_HOME']} prefect server start" in done.stdout
     assert f"mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}" in done.stdout
+    assert "  lora-moe generate --model models:/wan22-surgical-lora-moe@champion --prompt '...' --save_path sample.mp4" in lines
     assert (root / "mlflow.db").is_file() and (root / "prefect-results").is_dir()
     assert os.path.isfile(os.path.join(cli_env["PREFECT_HOME"], "prefect.db"))  # what `prefect server start` shows
     run_dirs = list((root / "runs").iterdir())
@@ -62,4 +80,10 @@ def test_local_run_from_the_command_line(cli_env, tiny_workspace, tmp_path):
     stored = {p.name for p in run_dirs[0].iterdir()}
     assert stored == {"prepare-data", "stage1-train", "merge-low", "merge-high", "stage2-train", "eval"}  # inputs by path: not copied
     assert (run_dirs[0] / "merge-low" / "merged_low_noise.safetensors").is_file()
+    assert report_dir.resolve() == (run_dirs[0] / "eval" / "eval").resolve()
+    # Run again: every stage is cached, and the first line says that nothing is new.
+    again = _flows(["run", "--artifact_root", str(root), *inputs, *SMALL], cli_env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.splitlines()[0] == "nothing new: every stage was cached; wan22-surgical-lora-moe v1 is still candidate"
+    assert len(list((root / "runs").iterdir())) == 1 and report_dir.resolve() == (run_dirs[0] / "eval" / "eval").resolve()
 
