@@ -59,6 +59,12 @@ class DataCard(BaseModel):
         return f"{what} from `{self.manifest_uri}` ({self.clips} clips, data fingerprint `{self.fingerprint[:16]}`)."
 
 
+# What the generated clips of the eval say (when measured): how real they look and whether they
+# show the instrument asked for, stage 2 beside stage 1.
+GENERATED_CLIP_METRICS = ("stage2_learned_fvd", "stage1_fvd", "stage2_learned_fid", "stage1_fid",
+                          "stage2_hint_instrument_accuracy", "stage1_instrument_accuracy", "classifier_held_out_accuracy")
+
+
 def headline_metric_names(gate: dict[str, Any]) -> list[str]:
     """The metrics a person compares versions by: the gate's primary metric and every metric a
     gate check reads (measured or skipped)."""
@@ -133,11 +139,13 @@ class ModelCard(BaseModel):
         lines += [f"- {warning}" for warning in (self.report or {}).get("warnings", [])]
         lines += [f"- not measured: `{s['name']}` ({s['reason']})" for s in self.gate.get("skipped", [])]
         if self.task.startswith("tiny"):
-            lines.append("- a tiny preset: random tiny base DiTs made for tests; it generates no meaningful video.")
+            lines.append("- a tiny preset: tiny base DiTs made for tests and the demo (random, or briefly pre-trained on "
+                         "synthetic clips); its videos show coloured shapes on tissue-coloured ground, never real surgery.")
         return lines or ["- none flagged by the eval."]
 
     def _metric_lines(self) -> list[str]:
-        names = [n for n in headline_metric_names(self.gate) if n in self.metrics]
+        names = [n for n in headline_metric_names(self.gate) + list(GENERATED_CLIP_METRICS) if n in self.metrics]
+        names = list(dict.fromkeys(names))
         return ["| metric | value |", "|---|---|"] + [f"| `{n}` | {_num(self.metrics[n])} |" for n in names]
 
     def markdown(self) -> str:

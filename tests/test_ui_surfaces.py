@@ -218,3 +218,19 @@ def test_registry_show_reads_the_refs_from_artifacts_json(s3_pipeline, s3_endpoi
     assert code == 0 and shown["data_fingerprint"] == summary.data_fingerprint
     for name, ref in summary.artifacts.items():
         assert shown["artifacts"][name] == {"uri": ref.uri, "sha256": ref.sha256, "size": str(ref.size)}, name
+
+
+def test_the_card_lists_the_generated_clip_numbers_when_measured():
+    from tasks.artifacts.refs import ArtifactRef, DatasetRef
+    from tasks.model_card import DataCard, ModelCard
+
+    data = DataCard.of(DatasetRef(manifest=ArtifactRef(uri="file:///r/manifest.jsonl", sha256="ab" * 32, size=1,
+                                                       kind="clip", producer="synth-data@run"), files={}))
+    gate = {"passed": True, "primary_metric": "stage2_learned_roi_loss", "checks": [], "skipped": []}
+    metrics = {"stage2_learned_roi_loss": 2.5, "stage2_learned_fvd": 812.25, "stage2_hint_instrument_accuracy": 0.75}
+    card = ModelCard(task="tiny-t2v", name="m", version="1", decision="d", data=data, metrics=metrics, gate=gate)
+    text = card.markdown()
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert rows == ["| `stage2_learned_roi_loss` | 2.5 |", "| `stage2_learned_fvd` | 812.2 |",
+                    "| `stage2_hint_instrument_accuracy` | 0.75 |"]  # unmeasured ones (stage1_fvd ...) left out
+    assert "pre-trained on synthetic clips" in text and "never real surgery" in text
