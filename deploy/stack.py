@@ -48,12 +48,22 @@ GRACE_S = 10.0
 _DROPPED = ("PREFECT_", "MLFLOW_", "AWS_", "LORA_MOE_")
 
 
-def free_port() -> int:
+def free_port(preferred: int = 0) -> int:
+    """`preferred` when it is free on the loopback, else any free port."""
     import socket
 
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        try:
+            s.bind(("127.0.0.1", preferred))
+        except OSError:
+            s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# The ports the tools use by default: the links a local run writes into its reports (MLflow
+# artifact pages, plots, the contact sheet) point at http://127.0.0.1:5000, so `ui` serves MLflow
+# there when it can.
+PREFECT_PORT, MLFLOW_PORT = 4200, 5000
 
 
 @dataclass
@@ -349,7 +359,7 @@ def local_uis(run_dir: Path, base_env: dict[str, str] | None = None) -> list[Ser
     if not (run_dir / "mlflow.db").is_file():
         raise RuntimeError(f"{run_dir} holds no local run (no mlflow.db): run `make demo` first, or pass --dir")
     env = {k: v for k, v in (base_env or dict(os.environ)).items() if not k.startswith(_DROPPED)} | {"PYTHONUNBUFFERED": "1"}
-    prefect, mlflow = free_port(), free_port()
+    prefect, mlflow = free_port(PREFECT_PORT), free_port(MLFLOW_PORT)
     api = f"http://127.0.0.1:{prefect}/api"
     py = sys.executable
     return [
@@ -380,6 +390,10 @@ def serve_uis(run_dir: Path) -> int:
             service.wait_healthy(300)
         prefect, mlflow = (service.health_url.removesuffix("/api/health").removesuffix("/health") for service in services)
         print(f"Prefect UI  {prefect}\nMLflow UI   {mlflow}\n(logs in {logs}; Ctrl-C stops both)", flush=True)
+        if not mlflow.endswith(f":{MLFLOW_PORT}"):
+            print(f"note: port {MLFLOW_PORT} is taken, so the MLflow links inside the run's reports (images in the "
+                  f"Prefect artifacts) do not reach this MLflow UI; stop what holds port {MLFLOW_PORT} to fix them",
+                  flush=True)
 
     return run_until_stopped(start, lambda: _terminate([s.process.pid for s in services if s.process], GRACE_S))
 

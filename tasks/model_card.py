@@ -111,9 +111,9 @@ def _num(value: float | None) -> str:
 
 def gate_table(gate: dict[str, Any]) -> list[str]:
     """The gate's checks, value against threshold, as markdown lines (skipped checks below)."""
-    lines = ["| check | value | threshold | result |", "|---|---|---|---|"]
-    lines += [f"| `{c['name']}`: {c['description']} | {_num(c['value'])} | {_num(c['threshold'])} | "
-              f"{'pass' if c['passed'] else '**FAIL**'} |" for c in gate.get("checks", [])]
+    lines = ["| result | value | threshold | check |", "|---|---|---|---|"]  # numbers first: narrow views cut the right
+    lines += [f"| {'pass' if c['passed'] else '**FAIL**'} | {_num(c['value'])} | {_num(c['threshold'])} | "
+              f"`{c['name']}`: {c['description']} |" for c in gate.get("checks", [])]
     lines += [f"- skipped `{s['name']}`: {s['reason']}" for s in gate.get("skipped", [])]
     return lines
 

@@ -13,6 +13,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from processes import is_running
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -21,11 +23,15 @@ def _get(url: str):
         return json.loads(response.read())
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+def _free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def test_make_ui_opens_both_uis_on_a_local_runs_stores(mlflow_uri, tmp_path):
@@ -34,6 +40,7 @@ def test_make_ui_opens_both_uis_on_a_local_runs_stores(mlflow_uri, tmp_path):
     run_dir = Path(mlflow_uri.removeprefix("sqlite:///")).parent
     experiment = f"ui-{tmp_path.name}"
     mlflow_client(mlflow_uri).create_experiment(experiment)
+    port_5000_free = _free(5000)
     ui = subprocess.Popen([sys.executable, "deploy/stack.py", "ui", "--dir", str(run_dir)], cwd=ROOT, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONPATH": str(ROOT)})
     try:
@@ -41,6 +48,11 @@ def test_make_ui_opens_both_uis_on_a_local_runs_stores(mlflow_uri, tmp_path):
         prefect = re.fullmatch(r"Prefect UI  (http://127\.0\.0\.1:\d+)\n", lines[0])
         mlflow = re.fullmatch(r"MLflow UI   (http://127\.0\.0\.1:\d+)\n", lines[1])
         assert prefect and mlflow, lines
+        # MLflow on 5000 when it is free: the links a local run writes into its reports point there.
+        if port_5000_free:
+            assert mlflow[1] == "http://127.0.0.1:5000"
+        else:
+            assert "port 5000 is taken" in ui.stdout.readline() + ui.stdout.readline()
         assert _get(f"{prefect[1]}/ui-settings")["api_url"] == f"{prefect[1]}/api"  # its own API, not a default
         assert (run_dir / "prefect").is_dir()  # the run's PREFECT_HOME, where the demo's database lives
         with urllib.request.urlopen(f"{prefect[1]}/", timeout=30) as page:
@@ -54,9 +66,9 @@ def test_make_ui_opens_both_uis_on_a_local_runs_stores(mlflow_uri, tmp_path):
         assert ui.wait(timeout=60) == 0
         ui.stdout.close()
     deadline = time.monotonic() + 20
-    while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+    while any(is_running(pid) for pid in children) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not [pid for pid in children if _alive(pid)]
+    assert not [pid for pid in children if is_running(pid)]
 
 
 def test_make_ui_without_a_run_says_what_to_do(tmp_path):

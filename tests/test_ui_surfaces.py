@@ -158,7 +158,7 @@ def test_the_registered_version_has_a_run_a_dozen_tags_and_a_model_card(s3_pipel
     description = version.description
     assert description.startswith(f"**{entry.champion_decision}**") and "Not for clinical use" in description
     assert "Synthetic clips" in description and "no licence restriction" in description
-    assert "| check | value | threshold | result |" in description and len(description) <= 5000
+    assert "| result | value | threshold | check |" in description and len(description) <= 5000
     monkeypatch.setenv("MLFLOW_TRACKING_URI", s3_pipeline["tracking_uri"])
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{entry.name}/{entry.version}", dst_path=str(tmp_path)))
     card = (local / "MODEL_CARD.md").read_text()

@@ -274,9 +274,9 @@ def render_markdown(report: EvalReport) -> str:
         f"{'higher' if gate.higher_is_better else 'lower'} is better)"
     )
     lines.append("")
-    lines += _table(
-        ["check", "value", "threshold", "result"],
-        [[f"`{c.name}`: {c.description}", _num(c.value), _num(c.threshold), "pass" if c.passed else "**FAIL**"]
+    lines += _table(  # the numbers first: a narrow view (the Prefect UI) cuts the long descriptions, not them
+        ["result", "value", "threshold", "check"],
+        [["pass" if c.passed else "**FAIL**", _num(c.value), _num(c.threshold), f"`{c.name}`: {c.description}"]
          for c in gate.checks],
     )
     lines += [f"- skipped `{s.name}`: {s.reason}" for s in gate.skipped]
