@@ -181,7 +181,7 @@ def shell_commands(summary, venv: Path | None = None) -> list[str]:
     if root is not None and prefect_home == root / "prefect" and (Path.cwd() / "Makefile").is_file():
         out = _shown(root)
         commands.append("make ui" + ("" if out == "outputs/demo" else f" OUT={out}")
-                        + "    # the Prefect and MLflow UIs on this run's stores, on free ports")
+                        + "    # the Prefect and MLflow UIs on this run's stores (4200, 5000 when free)")
     elif not os.environ.get("PREFECT_API_URL"):
         commands += [f"PREFECT_HOME={prefect_home} prefect server start",
                      f"mlflow ui --backend-store-uri {summary.tracking_uri}"]

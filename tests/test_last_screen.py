@@ -89,7 +89,7 @@ def test_commands_work_in_a_fresh_shell(local_root):
 def test_make_ui_only_where_it_opens_this_runs_stores(local_root, monkeypatch):
     (local_root / "Makefile").write_text("ui:\n")
     commands = last_screen(_summary(f"file://{local_root}"))
-    assert "  make ui OUT=.    # the Prefect and MLflow UIs on this run's stores, on free ports" in commands
+    assert "  make ui OUT=.    # the Prefect and MLflow UIs on this run's stores (4200, 5000 when free)" in commands
     monkeypatch.setenv("PREFECT_HOME", str(local_root / "elsewhere"))
     commands = last_screen(_summary(f"file://{local_root}"))
     assert f"  PREFECT_HOME={local_root / 'elsewhere'} prefect server start" in commands
