@@ -30,7 +30,7 @@ from moe.eval.config import EvalConfig
 from moe.eval.gate import PromotionGate as EvalGate
 from moe.train.config import TARGET_FLAGS, Stage1Config, Stage2Config
 from moe.wan.presets import PRESETS
-from moe.workflow import TINY_PRESETS, WorkflowConfig, eval_options, stage1_options, stage2_options
+from moe.workflow import TINY_PRESETS, TINY_PRETRAIN_STEPS, WorkflowConfig, eval_options, stage1_options, stage2_options
 from tasks.artifacts.s3 import S3Options
 from tasks.tracking import TrackingSettings
 
@@ -209,9 +209,13 @@ class ModelInputs(BaseModel):
     text_encoder: str | None = Field(None, description="diffusers text_encoder/ folder or the UMT5 .pth.")
     tokenizer: str | None = Field(None, description="tokenizer/ folder.")
     tiny_seed: Seed = Field(0, description="Seed of the embedded tiny model set.")
+    tiny_pretrain_steps: int = Field(
+        TINY_PRETRAIN_STEPS, ge=0, le=100_000,
+        description="Steps each tiny base DiT is pre-trained on synthetic clips of its own, as a real base is "
+        "pretrained (0: random DiTs). Only for the embedded tiny model set.")
 
     def given(self) -> dict[str, str]:
-        return {k: v for k, v in self.model_dump(exclude={"tiny_seed"}).items() if v}
+        return {k: v for k, v in self.model_dump(exclude={"tiny_seed", "tiny_pretrain_steps"}).items() if v}
 
 
 class DataSettings(FormGroup):

@@ -318,7 +318,7 @@ def lora_moe_pipeline(
             check = call(stages.check_new_data, tracking.registered_model, dataset)
             if not check.new:
                 return _skipped(mlflow_ctx, call, check, tracking.registered_model, root_uri)
-        model_refs = inputs.models or call(stages.tiny_models, task_name, models.tiny_seed).models
+        model_refs = inputs.models or call(stages.tiny_models, task_name, models.tiny_seed, models.tiny_pretrain_steps).models
         prepared = call(stages.prepare_data, dataset, model_refs, data_cfg, resources=resources.prepare_data)
         surfaces.tag_flow_run(f"data:{prepared.data_fingerprint[:12]}")
         training_data = clip_datasets(dataset, prepared.cache, "training")

@@ -176,11 +176,13 @@ def _children(folder: ArtifactRef, manifest: FolderManifest, names: dict[str, tu
 
 
 @task(name="tiny-models", task_run_name="tiny-models", **CACHED, **SAFE_RETRIES)
-def tiny_models(task: str, seed: int, ctx: StageContext) -> TinyModels:
-    """The embedded tiny Wan2.2 model set, stored like any other input."""
+def tiny_models(task: str, seed: int, pretrain_steps: int, ctx: StageContext) -> TinyModels:
+    """The embedded tiny Wan2.2 model set (its DiTs pre-trained `pretrain_steps` on synthetic
+    clips), stored like any other input."""
     with open_stage(ctx) as stage:
         out = stage.work / "models"
-        stage.run(["models", "tiny", "--task", task, "--out", out, "--seed", seed, "--overwrite"], gpus=0)
+        stage.run(["models", "tiny", "--task", task, "--out", out, "--seed", seed, "--pretrain_steps", pretrain_steps,
+                   "--overwrite"], gpus=0)
         folder = stage.put(out, "model_set")
         layout = json.loads((out / MODEL_SET_FILE).read_text())
         manifest = stage.store.folder_manifest(stage.store.key(folder.uri))

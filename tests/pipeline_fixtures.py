@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Small enough for CI (2 cores), big enough to train, merge, route and evaluate.
 SMALL_PIPELINE = {
+    "models": {"tiny_pretrain_steps": 0},  # random tiny DiTs: the pipeline's plumbing, not what they learn
     "data": {"synthetic_clips": 8, "frames": 9, "size": "32x32"},
     "stage1": {"max_train_epochs": 1, "network_dim": 4},  # the default rank, set so stage 2 must repeat it
     "stage2": {"max_train_epochs": 1},

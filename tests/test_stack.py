@@ -31,6 +31,7 @@ CLIPS = "s3://clips/surgical/manifest.jsonl"
 # clips decides nothing (the gate itself is tested with the eval).
 TINY = {
     "preset": "tiny",
+    "models": {"tiny_pretrain_steps": 0},
     "data": {"manifest": CLIPS, "frames": 9, "size": "32x32"},
     "stage1": {"max_train_epochs": 1},
     "stage2": {"max_train_epochs": 1},
