@@ -35,7 +35,7 @@ TINY = {
     "data": {"manifest": CLIPS, "frames": 9, "size": "32x32"},
     "stage1": {"max_train_epochs": 1},
     "stage2": {"max_train_epochs": 1},
-    "evaluation": {"samples": 0, "bootstrap_samples": 200},
+    "evaluation": {"samples": 0, "metric_clips": 0, "bootstrap_samples": 200},
     "gate": {"min_stage1_improvement_over_base": -1, "min_stage2_roi_improvement_over_stage1": -1,
              "min_hint_margin": -1, "min_routing_top1_accuracy": 0},
 }
