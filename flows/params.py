@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_serializer, model_validator
 
-from moe.config_types import MAX_FRAMES, MAX_SIDE, SEED_MAX, Seed
+from moe.config_types import MAX_FRAMES, MAX_SIDE, SEED_MAX, PretrainSteps, Seed
 from moe.errors import MoeError
 from moe.eval.config import EvalConfig
 from moe.eval.gate import PromotionGate as EvalGate
@@ -209,8 +209,8 @@ class ModelInputs(BaseModel):
     text_encoder: str | None = Field(None, description="diffusers text_encoder/ folder or the UMT5 .pth.")
     tokenizer: str | None = Field(None, description="tokenizer/ folder.")
     tiny_seed: Seed = Field(0, description="Seed of the embedded tiny model set.")
-    tiny_pretrain_steps: int = Field(
-        TINY_PRETRAIN_STEPS, ge=0, le=100_000,
+    tiny_pretrain_steps: PretrainSteps = Field(
+        TINY_PRETRAIN_STEPS,
         description="Steps each tiny base DiT is pre-trained on synthetic clips of its own, as a real base is "
         "pretrained (0: random DiTs). Only for the embedded tiny model set.")
 

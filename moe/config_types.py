@@ -27,6 +27,7 @@ FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+PretrainSteps = Annotated[int, Field(ge=0, le=100_000)]  # the tiny base DiTs' pre-training, per expert
 Count = Annotated[int, Field(ge=1)]
 Frames = Annotated[int, Field(ge=1, le=MAX_FRAMES)]
 Side = Annotated[int, Field(ge=2, le=MAX_SIDE)]  # a frame's width or height in pixels

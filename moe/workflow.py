@@ -20,7 +20,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from moe.config_types import Seed
+from moe.config_types import PretrainSteps, Seed
 from moe.errors import MoeError
 from moe.file_names import MODEL_SET_FILE, VANILLA_LORA_FILE
 from moe.output_paths import claim_output
@@ -28,6 +28,11 @@ from moe.output_paths import claim_output
 STAGES = ("data", "cache", "stage1", "merge", "stage2", "eval")
 Stage = Literal["data", "cache", "stage1", "merge", "stage2", "eval"]
 TINY_PRESETS = {"tiny": "tiny-t2v", "tiny-t2v": "tiny-t2v", "tiny-i2v": "tiny-i2v"}
+# Pre-training steps per expert of the tiny base DiTs (`moe.wan.tiny_pretrain`): the default of
+# this workflow and of the Prefect flow's `models.tiny_pretrain_steps`: about 80 s per expert on
+# one CPU thread, which the suction caption and hint need to draw the (blue) suction cannula in
+# the demo's samples; 300 steps do not. (`lora-moe models tiny` defaults to 0: random, fast.)
+TINY_PRETRAIN_STEPS = 1000
 
 
 class WorkflowConfig(BaseModel):
@@ -36,6 +41,9 @@ class WorkflowConfig(BaseModel):
     until: Stage = "eval"
     seed: Seed = 0
     overwrite: bool = False  # replace a previous run's outputs (each stage only its own files)
+    # `models tiny --pretrain_steps` (per expert): the tiny base DiTs are pre-trained on synthetic
+    # clips of their own, as a real base is pretrained (0: random DiTs, for fast tests).
+    pretrain_steps: PretrainSteps = TINY_PRETRAIN_STEPS
     # Sized so the tiny run learns visibly (stage 1) and the experts specialise (stage 2) in about
     # a minute on 2 CPU cores; tiny models take far higher learning rates than real ones. The
     # ranks are the reference workflow's (q 8, k/v/o 4, ffn.0 4: the configs' defaults).
@@ -111,9 +119,17 @@ def stage2_options(cfg: WorkflowConfig) -> dict:
     }
 
 
+# Generated clips per variant for FVD/FID and instrument accuracy on the tiny models: one prompt
+# per instrument class (each hint once) and one Inception frame per clip; together they add about
+# 40-50 s to the eval on 2 CPU cores (I3D features of 4 + 4 x 4 clips are most of it).
+TINY_EVAL_METRIC_CLIPS = 4
+TINY_EVAL_FID_FRAMES = 1
+
+
 def eval_options(cfg: WorkflowConfig) -> dict:
     """The `lora-moe eval` options this workflow sets besides paths."""
-    return {"samples": cfg.eval_samples, "sample_steps": cfg.eval_sample_steps, "seed": cfg.seed}
+    return {"samples": cfg.eval_samples, "sample_steps": cfg.eval_sample_steps, "metric_clips": TINY_EVAL_METRIC_CLIPS,
+            "fid_frames": TINY_EVAL_FID_FRAMES, "seed": cfg.seed}
 
 
 def merge_both_experts(
@@ -158,7 +174,8 @@ def _run_stages(cfg: WorkflowConfig, task: str, log) -> dict:
     summary: dict = {"task": task, "output_dir": str(cfg.output_dir)}
 
     log(f"[1/7] tiny {task} model set -> {p.models}")
-    models = write_tiny_model_set(p.models, task, cfg.seed, overwrite=cfg.overwrite)
+    models = write_tiny_model_set(p.models, task, cfg.seed, overwrite=cfg.overwrite, pretrain_steps=cfg.pretrain_steps,
+                                  progress=cfg.progress)
     log(f"[2/7] synthetic surgical clips -> {p.data}")
     manifest = synthesize_dataset(p.data, clips=cfg.clips, frames=cfg.frames, size=cfg.size, seed=cfg.seed, overwrite=cfg.overwrite)
     summary["manifest"] = str(manifest)

@@ -3,7 +3,7 @@
     DIR/high_noise_model.safetensors   original keys (Wan release / ComfyUI style), fp32 or bf16
     DIR/low_noise_model.safetensors
     DIR/vae/ DIR/text_encoder/ DIR/tokenizer/   diffusers folders
-    DIR/model_set.json                 the task and file names
+    DIR/model_set.json                 the task, file names and how the DiTs were pre-trained
 
 Demos and tests use it as stand-in "checkpoints"; nothing is downloaded.
 """
@@ -37,6 +37,7 @@ class ModelSet(BaseModel):
     vae: Path
     text_encoder: Path
     tokenizer: Path
+    pretrain: dict | None = None  # `moe.wan.tiny_pretrain`'s settings and losses; None: random DiTs
 
     @classmethod
     def load(cls, folder: str | Path) -> ModelSet:
@@ -49,7 +50,7 @@ class ModelSet(BaseModel):
             raise MoeError(f"{folder} is not a model set (no {MODEL_SET_FILE}); make one with `lora-moe models tiny`") from None
         except (OSError, ValueError) as e:
             raise MoeError(f"cannot read {folder / MODEL_SET_FILE}: {e}") from None
-        return cls(**{k: (folder / v if k != "task" else v) for k, v in raw.items()})
+        return cls(**{k: (folder / v if k not in ("task", "pretrain") else v) for k, v in raw.items()})
 
 
 def _surgical_calibration_videos(seed: int) -> torch.Tensor:
@@ -62,23 +63,40 @@ def _surgical_calibration_videos(seed: int) -> torch.Tensor:
 
 
 def write_tiny_model_set(
-    out: str | Path, task: str = "tiny-t2v", seed: int = 0, dtype: torch.dtype = torch.float32, overwrite: bool = False
+    out: str | Path,
+    task: str = "tiny-t2v",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+    pretrain_steps: int = 0,
+    progress: bool = False,
 ) -> ModelSet:
-    """Random-initialised tiny DiTs (two experts, different seeds) plus VAE, text encoder and
-    tokenizer; the VAE's latent statistics are calibrated on synthetic surgical clips. An
-    existing `out` is replaced only with `overwrite`, and only when it is a model set."""
+    """Tiny DiTs (two experts, different seeds) plus VAE, text encoder and tokenizer; the VAE's
+    latent statistics are calibrated on synthetic surgical clips. With `pretrain_steps` > 0 both
+    DiTs are then pre-trained on synthetic clips of their own (`moe.wan.tiny_pretrain`, in fp32,
+    then cast to `dtype`), so the stand-in base can draw the instruments as a real pretrained
+    Wan2.2 can; 0 keeps the random weights. An existing `out` is replaced only with `overwrite`,
+    and only when it is a model set."""
     from moe.wan.tiny_components import save_components
+    from moe.wan.tiny_pretrain import PretrainConfig, PretrainSteps
 
     preset = get_preset(task)
     if not preset.tiny:
         raise MoeError(f"{task} is a full-size task; `models tiny` makes only tiny-t2v or tiny-i2v sets")
     out = Path(out)
     checked(Seed, seed, "--seed")
+    pretrain = PretrainConfig(steps=checked(PretrainSteps, pretrain_steps, "--pretrain_steps"), seed=seed)
     with claim_output(out, flag="--out", overwrite=overwrite, is_ours=lambda p: (p / MODEL_SET_FILE).is_file(), folder=True):
-        for name, expert_seed in (("high_noise_model", seed), ("low_noise_model", seed + 1)):
-            model = build_random_transformer(preset, expert_seed, dtype)
-            write_checkpoint(transformer_state_dict(model), out / f"{name}.safetensors", metadata={"lora_moe.task": task})
-        save_components(out, preset, seed, calibration=_surgical_calibration_videos(seed))
+        paths = save_components(out, preset, seed, calibration=_surgical_calibration_videos(seed))
+        experts = {"high_noise": build_random_transformer(preset, seed, torch.float32 if pretrain.steps else dtype),
+                   "low_noise": build_random_transformer(preset, seed + 1, torch.float32 if pretrain.steps else dtype)}
+        record = None
+        if pretrain.steps:
+            record = _pretrain(experts, preset, pretrain, paths, progress)
+        for name, model in experts.items():
+            for p in model.parameters():  # as build_random_transformer casts (a no-op without pre-training)
+                p.data = p.data.to(dtype)
+            write_checkpoint(transformer_state_dict(model), out / f"{name}_model.safetensors", metadata={"lora_moe.task": task})
         files = {
             "task": task,
             "high_noise": "high_noise_model.safetensors",
@@ -87,5 +105,20 @@ def write_tiny_model_set(
             "text_encoder": "text_encoder",
             "tokenizer": "tokenizer",
         }
+        if record is not None:
+            files["pretrain"] = record
         write_json_atomic(out / MODEL_SET_FILE, files)
     return ModelSet.load(out)
+
+
+def _pretrain(experts: dict, preset, cfg, paths: dict[str, Path], progress: bool) -> dict:
+    """Pre-train the DiTs with the components just written, loaded as the latent cache loads
+    them; returns what `model_set.json` records about it."""
+    from moe.wan.component_loaders import load_text_encoder, load_tokenizer, load_vae
+    from moe.wan.tiny_components import tiny_vae_kwargs
+    from moe.wan.tiny_pretrain import PRETRAIN_DATA_SEED, pretrain_experts
+
+    components = (load_vae(paths["vae"], config=tiny_vae_kwargs(preset)), load_text_encoder(paths["text_encoder"]),
+                  load_tokenizer(paths["tokenizer"]))
+    losses = pretrain_experts(experts, preset, cfg, components, progress=progress)
+    return cfg.model_dump(mode="json") | {"data_seed": PRETRAIN_DATA_SEED + cfg.seed, "losses": losses}
