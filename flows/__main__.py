@@ -166,6 +166,12 @@ def _shown(path: Path) -> str:
         return str(path.absolute())
 
 
+def model_uri(entry) -> str:
+    """`models:/NAME@champion` when this version is the champion, else the version itself (a
+    version that failed the gate is no alias's, and a champion may be another version)."""
+    return f"models:/{entry.name}@champion" if "champion" in entry.aliases else f"models:/{entry.name}/{entry.version}"
+
+
 def shell_commands(summary, venv: Path | None = None) -> list[str]:
     """Commands that work in a fresh shell: the venv activated, MLflow's store exported, both UIs."""
     from tasks.artifacts.local import local_path
@@ -186,7 +192,7 @@ def shell_commands(summary, venv: Path | None = None) -> list[str]:
         commands += [f"PREFECT_HOME={prefect_home} prefect server start",
                      f"mlflow ui --backend-store-uri {summary.tracking_uri}"]
     commands += ["lora-moe registry list    # the registered versions, their aliases and gate verdicts",
-                 f"lora-moe generate --model models:/{entry.name}@champion --prompt '...' --save_path sample.mp4"]
+                 f"lora-moe generate --model {model_uri(entry)} --prompt '...' --save_path sample.mp4"]
     return commands
 
 

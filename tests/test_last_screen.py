@@ -83,7 +83,8 @@ def test_commands_work_in_a_fresh_shell(local_root):
     assert commands[1] == f"PREFECT_HOME={local_root / 'prefect'} prefect server start"  # no Makefile here: no `make ui`
     assert commands[2] == "mlflow ui --backend-store-uri sqlite:////x/mlflow.db"
     assert commands[3].startswith("lora-moe registry list")
-    assert commands[4] == "lora-moe generate --model models:/m@champion --prompt '...' --save_path sample.mp4"
+    # v3 failed the gate: it is no champion, so the command names the version itself.
+    assert commands[4] == "lora-moe generate --model models:/m/3 --prompt '...' --save_path sample.mp4"
 
 
 def test_make_ui_only_where_it_opens_this_runs_stores(local_root, monkeypatch):
@@ -94,6 +95,12 @@ def test_make_ui_only_where_it_opens_this_runs_stores(local_root, monkeypatch):
     commands = last_screen(_summary(f"file://{local_root}"))
     assert f"  PREFECT_HOME={local_root / 'elsewhere'} prefect server start" in commands
     assert "  mlflow ui --backend-store-uri sqlite:////x/mlflow.db" in commands
+
+
+def test_the_champion_is_named_by_its_alias(local_root):
+    summary = _summary(f"file://{local_root}")
+    summary.registered.aliases.append("champion")
+    assert "  lora-moe generate --model models:/m@champion --prompt '...' --save_path sample.mp4" in last_screen(summary)
 
 
 def test_a_cached_rerun_says_nothing_is_new(local_root):

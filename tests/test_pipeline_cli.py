@@ -72,7 +72,7 @@ def test_local_run_from_the_command_line(cli_env, tiny_workspace, tmp_path):
     assert f"  export MLFLOW_TRACKING_URI=sqlite:///{root / 'mlflow.db'}" in lines
     assert f"PREFECT_HOME={cli_env['PREFECT_HOME']} prefect server start" in done.stdout
     assert f"mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}" in done.stdout
-    assert "  lora-moe generate --model models:/wan22-surgical-lora-moe@champion --prompt '...' --save_path sample.mp4" in lines
+    assert "  lora-moe generate --model models:/wan22-surgical-lora-moe/1 --prompt '...' --save_path sample.mp4" in lines
     assert (root / "mlflow.db").is_file() and (root / "prefect-results").is_dir()
     assert os.path.isfile(os.path.join(cli_env["PREFECT_HOME"], "prefect.db"))  # what `prefect server start` shows
     run_dirs = list((root / "runs").iterdir())
