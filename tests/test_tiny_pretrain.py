@@ -125,3 +125,21 @@ def test_i2v_pretraining_runs(tmp_path):
     losses = pretrain_dit(build_random_transformer(preset, 0), data, preset, PretrainConfig(steps=2, batch_size=2),
                           sigma_ranges(preset)["high_noise"], seed=0)
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_the_pretraining_clips_are_the_synthetic_set_through_a_dimmer_camera(components, monkeypatch):
+    """`brightness` scales the rendered pixels before encoding (the domain gap stage 1 adapts);
+    1.0 encodes the synthetic clips exactly as rendered."""
+    from moe.wan import encoding
+
+    preset, (vae, te, tok) = components
+    seen = []
+    real_encode = encoding.encode_video
+    monkeypatch.setattr(encoding, "encode_video", lambda v, pixels: seen.append(pixels.clone()) or real_encode(v, pixels))
+    dim = synthetic_clips(PretrainConfig(clips=2, seed=5), preset, vae, te, tok)
+    plain = synthetic_clips(PretrainConfig(clips=2, seed=5, brightness=1.0), preset, vae, te, tok)
+    (d0, d1), (p0, p1) = seen[:2], seen[2:]
+    assert PretrainConfig().brightness == 0.92
+    expected = torch.clamp(torch.round(p0.float() * 0.92), 0, 255)  # the same clip, scaled and rounded
+    assert torch.equal(d0.float(), expected) and torch.equal(d1.float(), torch.clamp(torch.round(p1.float() * 0.92), 0, 255))
+    assert not torch.equal(dim["latents"], plain["latents"]) and torch.equal(dim["text_embeds"], plain["text_embeds"])
