@@ -18,12 +18,12 @@ evaluation: the metrics extra not installed, no --manifest, fewer than two clips
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from moe.devices import one_cpu_thread
 from moe.errors import MoeError
 from moe.eval.report import (
     ClassifierRecord,
@@ -75,21 +75,6 @@ def scale_of(task: str, clips: int, frames: int, size) -> tuple[str, str]:
     return "protocol", f"{clips} generated clips per variant of {frames} frames at {w}x{h}."
 
 
-@contextlib.contextmanager
-def _one_thread(device: str):
-    """The bootstrap's many small float64 products run fastest on one CPU thread (with two busy
-    threads they spin: 10 s instead of 0.3 s for 200 resamples of 4 clips)."""
-    if not str(device).startswith("cpu"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def distribution_scores(cfg, real: list[np.ndarray], generated: dict[str, list[np.ndarray]]
                         ) -> tuple[dict[str, dict[str, DistributionMetric]], int | None, str | None]:
     """FVD/KVD/FID/KID of every variant's clips against `real` (uint8 [F, H, W, 3] each);
@@ -109,7 +94,7 @@ def distribution_scores(cfg, real: list[np.ndarray], generated: dict[str, list[n
     out = {}
     for name, clips in generated.items():
         features = video_features(list(clips), where=f"{name} clips", **options)
-        with _one_thread(cfg.device):
+        with one_cpu_thread(cfg.device):  # the bootstrap's many small float64 products
             scores = distribution_metrics(real_features, features, seed=cfg.seed, bootstrap=cfg.metric_bootstrap,
                                           device=cfg.device, metrics=metrics)
         out[name] = {m: DistributionMetric(

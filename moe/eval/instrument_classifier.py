@@ -58,6 +58,7 @@ from moe.atomic import atomic_file
 from moe.data.cover_crop import fit_frames
 from moe.data.manifest import EXPERT_CLASSES, ClipRecord, LabelMap, read_manifest
 from moe.data.video import read_video
+from moe.devices import one_cpu_thread
 from moe.errors import MoeError, key_set_problems
 
 CLASSIFIER_FORMAT = "lora-moe-instrument-classifier/1"
@@ -255,12 +256,8 @@ def fit_classifier(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = InstrumentClassifier(classes, size, width)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_cpu_thread():
         loss = _train(model, frames, targets, epochs, batch_size, learning_rate, seed)
-    finally:
-        torch.set_num_threads(threads)
     return model.eval(), loss
 
 

@@ -20,14 +20,13 @@ generators, so one seed gives bit-identical weights on one machine and thread co
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from moe.config_types import PretrainSteps
+from moe.devices import one_cpu_thread
 from moe.progress import progress as progress_bar
 from moe.train.flow_matching import per_sample_loss, sample_sigmas
 from moe.train.validation import dit_inputs, run_dit, stable_seed
@@ -133,19 +132,6 @@ def flow_matching_loss(model, data: dict, preset, sigma_range: tuple[float, floa
     return total / sigmas_per_clip
 
 
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """One torch CPU thread for the duration: the tiny models' many small ops run about as fast
-    on one thread as on two idle ones, and 10-15x slower on two threads of a busy 2-core machine
-    (they spin); the caller's setting is restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def pretrain_experts(experts: dict, preset, cfg: PretrainConfig, components, progress: bool = False) -> dict:
     """Pre-train `experts` ({"high_noise": DiT, "low_noise": DiT}, on the CPU) in place on the
     synthetic set encoded with `components` = (vae, text_encoder, tokenizer), on one thread;
@@ -155,7 +141,7 @@ def pretrain_experts(experts: dict, preset, cfg: PretrainConfig, components, pro
     vae, text_encoder, tokenizer = components
     ranges = sigma_ranges(preset)
     record = {}
-    with one_thread():
+    with one_cpu_thread():
         data = synthetic_clips(cfg, preset, vae, text_encoder, tokenizer)
         for i, (name, model) in enumerate(experts.items()):
             losses = pretrain_dit(model, data, preset, cfg, ranges[name], seed=cfg.seed * 2 + i, desc=f"pretrain {name}",
