@@ -74,8 +74,9 @@ def test_the_summary_leads_with_the_gate_and_the_report_is_an_artifact(s3_pipeli
     first_section = text.split("\n## ", 2)[1]
     assert first_section.startswith(f"Promotion gate: {'PASSED' if summary.gate['passed'] else 'FAILED'}")
     for check in summary.gate["checks"]:
-        row = next(line for line in first_section.splitlines() if line.startswith(f"| `{check['name']}`"))
-        assert f"{check['threshold']:.4g}" in row and ("pass" if check["passed"] else "**FAIL**") in row
+        row = next(line for line in first_section.splitlines() if f"| `{check['name']}`" in line)
+        cells = [cell.strip() for cell in row.strip("|").split("|")]  # result, value, threshold first
+        assert cells[0] == ("pass" if check["passed"] else "**FAIL**") and cells[2] == f"{check['threshold']:.4g}"
     assert summary.report_url and f"[Eval report]({summary.report_url})" in first_section
     assert "/artifacts/eval/report.md?workflowType=machine_learning" in summary.report_url  # MLflow's training view
     report = artifacts["eval-report"].data
