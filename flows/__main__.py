@@ -93,6 +93,11 @@ def _headline_value(metrics: dict[str, float], name: str, kind: str) -> str:
 
 def headline_lines(metrics: dict[str, float], gate: dict) -> list[str]:
     """The headline numbers and the gate's checks, value against threshold."""
+    from moe.progress import format_number
+
+    def _number(value) -> str:
+        return "n/a" if value is None else format_number(float(value))
+
     rows = [(words, _headline_value(metrics, name, kind)) for name, words, kind in HEADLINE if name in metrics]
     width = max((len(words) for words, _ in rows), default=0)
     lines = [f"  {words.ljust(width)}  {value}" for words, value in rows]
@@ -104,10 +109,6 @@ def headline_lines(metrics: dict[str, float], gate: dict) -> list[str]:
                   for c in checks]
         lines += [f"    skip  {s['name']}: {s['reason']}" for s in gate.get("skipped", [])]
     return lines
-
-
-def _number(value) -> str:
-    return "n/a" if value is None else f"{value:.4g}"
 
 
 def link_latest_eval(summary) -> Path | None:

@@ -34,8 +34,8 @@ def models_tiny(
     overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
-    """Write a tiny Wan2.2 model set (high/low-noise DiTs, VAE, text encoder, tokenizer), its DiTs
-    briefly pre-trained on synthetic surgical clips (random with --pretrain_steps 0)."""
+    """Write a tiny Wan2.2 model set (high/low-noise DiTs, VAE, text encoder, tokenizer): random DiTs,
+    or DiTs pre-trained on synthetic surgical clips with --pretrain_steps N (the demo's: 1000)."""
     from moe.wan.model_set import write_tiny_model_set
 
     ms = write_tiny_model_set(out, task, seed, overwrite=overwrite, pretrain_steps=pretrain_steps, progress=not quiet)

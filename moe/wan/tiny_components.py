@@ -113,6 +113,19 @@ def build_tiny_vae(preset: WanPreset, seed: int = 0, calibration: torch.Tensor |
     return vae
 
 
+def _main_path_only(name: str, m: torch.nn.Module) -> bool:
+    """Leave a Wan VAE block only its main path: residual and attention branches zeroed
+    (identity blocks), channel-changing shortcuts identities. True when `m` was one of them."""
+    if name.endswith(("conv2", "attentions.0.proj")):
+        m.weight.zero_()
+        m.bias.zero_()
+        return True
+    if name.endswith("conv_shortcut") and hasattr(m, "weight"):
+        _identity_channels(m, lambda w, c: w[c, c].fill_(1.0))
+        return True
+    return False
+
+
 @torch.no_grad()
 def _content_preserving_encoder(vae: AutoencoderKLWan, seed: int) -> None:
     """Encoder = per-latent-cell average of 8 features of the frames (RGB, a constant, luminance
@@ -121,12 +134,9 @@ def _content_preserving_encoder(vae: AutoencoderKLWan, seed: int) -> None:
     identities, spatial downsamplers average 2x2, temporal ones average frame pairs."""
     enc = vae.encoder
     for name, m in enc.named_modules():
-        if name.endswith(("conv2", "attentions.0.proj")):
-            m.weight.zero_()
-            m.bias.zero_()
-        elif name.endswith("conv_shortcut") and hasattr(m, "weight"):
-            _identity_channels(m, lambda w, c: w[c, c].fill_(1.0))
-        elif name.endswith("resample.1") and isinstance(m, torch.nn.Conv2d):  # 3x3 stride 2 after (0,1,0,1) pad
+        if _main_path_only(name, m):
+            continue
+        if name.endswith("resample.1") and isinstance(m, torch.nn.Conv2d):  # 3x3 stride 2 after (0,1,0,1) pad
             _identity_channels(m, lambda w, c: w[c, c, 0:2, 0:2].fill_(0.25))
         elif name.endswith("time_conv"):  # (3,1,1) stride 2: average the two newest frames of each triple
             _identity_channels(m, lambda w, c: w[c, c, 1:3].fill_(0.5))
@@ -218,11 +228,7 @@ def _inverting_decoder(vae: AutoencoderKLWan) -> None:
     lin, const, hinge_coef = coef[0], coef[1], coef[2:]
 
     for name, m in dec.named_modules():
-        if name.endswith(("conv2", "attentions.0.proj")):
-            m.weight.zero_()
-            m.bias.zero_()
-        elif name.endswith("conv_shortcut") and hasattr(m, "weight"):
-            _identity_channels(m, lambda w, c: w[c, c].fill_(1.0))
+        _main_path_only(name, m)
     _identity_channels(vae.post_quant_conv, lambda w, c: w[c, c].fill_(1.0))
 
     # conv_in (centre tap, current frame): 0 = u_3, 1-3 = the linear part of 3 u_rgb,
