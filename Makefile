@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine (Python 3.11):
 #   make demo   creates .venv, installs, and runs the pipeline flow on the embedded tiny default
-#   make test   creates .venv, installs, and runs the test suite
+#   make test   creates .venv, installs, checks the code with ruff and runs the test suite
 #   make ui     opens the Prefect and MLflow UIs on the demo's stores
 #   make stack  the server stack without docker (Prefect, MLflow, S3 on moto, a worker); Ctrl-C stops it
 PYTHON ?= python3.11
@@ -8,7 +8,7 @@ VENV   ?= .venv
 OUT    ?= outputs/demo
 BIN    := $(VENV)/bin
 
-.PHONY: demo ui workflow test bench stack install clean
+.PHONY: demo ui workflow lint test bench stack install clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +39,12 @@ workflow: install
 stack: install
 	HF_HUB_OFFLINE=1 $(BIN)/python deploy/stack.py up --dir $(abspath outputs/stack)
 
-test: install
+# ruff's linter and formatter (settings in pyproject.toml): `ruff format .` fixes what the second complains of.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 bench: install

@@ -5,7 +5,7 @@ and one table at the end; nothing is asserted.
 a. Bytes of one frozen A14B expert, fp8 / bf16 (scales included): exactly, for the full 40-block
    expert, from a meta-device model with the package's own layout (`cast_keeping_fp32_modules`
    + `convert_to_fp8`: fp32 modules, fp64 rotary tables, bf16 biases, fp32 row scales all
-   counted); and measured (`moe.wan.expert.resident_bytes`) on a real 2-block real-width bf16
+   counted); and measured (`moe.dit.expert.resident_bytes`) on a real 2-block real-width bf16
    checkpoint loaded as bf16, fp8 and fp8_scaled, checked against the same computation.
    Target <= 0.51x.
 b. Peak host RSS while `load_transformer` reads a real-width bf16 checkpoint (4 blocks by default)
@@ -43,10 +43,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moe.config.presets import PRESETS, WanPreset
+from moe.dit.expert import resident_bytes
 from moe.wan.checkpoint import cast_keeping_fp32_modules, expected_shapes, load_transformer, write_checkpoint
-from moe.wan.expert import resident_bytes
 from moe.wan.fp8 import FP8_DTYPE, FP8_MAX, Fp8Linear, convert_to_fp8, dequantize_weight, quantize_weight
-from moe.wan.presets import PRESETS, WanPreset
 
 ROWS: list[tuple[str, str, str, str]] = []  # (figure, value, target, met)
 
@@ -141,7 +141,7 @@ def status():
     return out
 import torch
 from moe.wan.checkpoint import expected_shapes, load_transformer
-from moe.wan.presets import PRESETS
+from moe.config.presets import PRESETS
 path, layers, fp8 = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 base = PRESETS["t2v-A14B"]
 preset = base.model_copy(update={"task": "bench", "dit": base.dit.model_copy(update={"num_layers": layers})})
@@ -159,7 +159,7 @@ kept = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list
 # The loader's transient for the largest block weight, measured alone (in these files the
 # non-block tensors come last and their size hides it in the peak above): read it as the
 # loader does and, with fp8, quantise it, keeping only the result.
-from moe.safetensors_file import iter_tensors, read_header
+from moe.files.safetensors_file import iter_tensors, read_header
 from moe.wan.fp8 import quantize_weight
 header = read_header(path)
 name = max((k for k in header.tensors if k.startswith("blocks.") and k.endswith(".weight")), key=lambda k: header.tensors[k].nbytes)
@@ -394,8 +394,8 @@ def part_c(tokens: int, text_tokens: int) -> None:
 
 def tiny_workspace(root: Path, clips: int, frames: int, size: int):
     from moe.data.cache import build_cache
-    from moe.data.synth import synthesize_dataset
-    from moe.wan.model_set import write_tiny_model_set
+    from moe.tiny.model_set import write_tiny_model_set
+    from moe.tiny.synth import synthesize_dataset
 
     models = write_tiny_model_set(root / "models", "tiny-t2v", seed=0)
     manifest = synthesize_dataset(root / "data", clips=clips, frames=frames, size=(size, size), seed=0)
@@ -416,10 +416,10 @@ def same_tensors(a: Path, b: Path) -> bool:
 
 
 def parts_de(root: Path, epochs: int, clips: int, frames: int, size: int, stage2: bool, parts: str) -> None:
-    from moe.train.config import Stage1Config, Stage2Config
+    from moe.config.train import Stage1Config, Stage2Config
+    from moe.tiny.workflow import merge_both_experts
     from moe.train.stage1 import train_stage1
     from moe.train.stage2 import train_stage2
-    from moe.workflow import merge_both_experts
 
     t0 = time.perf_counter()
     models, cache = tiny_workspace(root / "ws", clips, frames, size)

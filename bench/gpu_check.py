@@ -15,7 +15,7 @@
    (`Stage2Module`: LoRA-MoE, router, gates), each with gradient checkpointing, bf16 autocast,
    AdamW and gradient clipping as the training loop does, for: bf16, fp8, fp8_scaled, fp8 +
    `--blocks_to_swap` 10/20/30, and both fp8 experts resident (the step runs on the high-noise
-   one); eager, then compiled (`moe.wan.compile.compile_blocks`, when it exists; stage 1 only
+   one); eager, then compiled (`moe.dit.compile.compile_blocks`, when it exists; stage 1 only
    unless `--compile-stage2`) for bf16, fp8_scaled and fp8_scaled + swap 20, as time allows.
    Per row and stage: s/step (one step, after a warm-up step of a 1-block model), model FLOP
    utilisation (the FLOP count is printed; dense bf16 peak 989 TFLOP/s for an H100 SXM), peak
@@ -42,17 +42,17 @@ from pathlib import Path
 
 import torch
 
+from moe.config.instruments import INSTRUMENT_CLASSES
+from moe.config.presets import get_preset
+from moe.dit.dual_dit import GiB, should_offload
 from moe.lora.inject import build_adapters, inject_lora
-from moe.lora_moe.experts import EXPERTS
 from moe.lora_moe.gates import TimestepGate
 from moe.lora_moe.layer import LoRAMoEAdapter, LoRAMoELinear
 from moe.lora_moe.model import inject_lora_moe
 from moe.lora_moe.router import top_k_gates
 from moe.lora_moe.routing import RoutingState
-from moe.profiling import saved_activation_bytes
-from moe.train.dual_dit import GiB, should_offload
+from moe.runtime.profiling import saved_activation_bytes
 from moe.wan.checkpoint import cast_keeping_fp32_modules
-from moe.wan.presets import get_preset
 
 A14B_EXPERT_BYTES = 28.6e9
 STAGE1_TARGETS = {"blocks.0.self_attn.q": 8, "blocks.0.self_attn.k": 4, "blocks.0.self_attn.v": 4,
@@ -110,11 +110,11 @@ def variants(device, heads: int):
     inject_lora(lora, adapters)
     moe = one_block_model(device, heads)
     state = RoutingState()
-    moe_adapters = inject_lora_moe(moe, STAGE1_TARGETS, 1.0, EXPERTS, state).to(device)
+    moe_adapters = inject_lora_moe(moe, STAGE1_TARGETS, 1.0, INSTRUMENT_CLASSES, state).to(device)
     for a in moe_adapters.values():
         torch.nn.init.normal_(a.lora_up, std=1e-3)
     sigma = torch.tensor([0.5], device=device)
-    gate = TimestepGate(len(EXPERTS)).to(device)
+    gate = TimestepGate(len(INSTRUMENT_CLASSES)).to(device)
     state.set(top_k_gates(torch.tensor([[0.5, 0.3, 0.15, 0.05]], device=device), 2), sigma, gate(sigma).detach())
     return {"plain": plain, "stage1 LoRA": lora, "LoRA-MoE": moe}
 
@@ -245,7 +245,7 @@ TEXT_TOKENS = 512
 def toy_preset():
     """t2v-A14B's layout (head dim 128, text 4096) at a toy size for the CPU run: 8 blocks (the
     stage-1 targets' attention blocks are the last 8), 2 heads (dim 256), ffn 512."""
-    from moe.wan.presets import PRESETS
+    from moe.config.presets import PRESETS
 
     base = PRESETS["t2v-A14B"]
     preset = base.model_copy(update={"task": "t2v-A14B-toy", "dit": base.dit.model_copy(
@@ -280,7 +280,7 @@ def block_forward_flops(dit, tokens: int, text_tokens: int) -> float:
 
 
 def adapted_blocks(num_layers: int) -> list[int]:
-    from moe.lora.targets import TargetSpec
+    from moe.config.targets import TargetSpec
 
     return sorted({int(m.split(".")[1]) for m in TargetSpec.from_flags().resolve(num_layers)})
 
@@ -364,7 +364,7 @@ class ExpertRows:
     """The rows of part 4, sharing one preset, input and time budget."""
 
     def __init__(self, device, preset, latent, text_tokens: int, budget_s: float, started: float, cpu_compile_backend=None):
-        from moe.train.config import Stage1Config, Stage2Config
+        from moe.config.train import Stage1Config, Stage2Config
 
         self.device, self.preset, self.dit = device, preset, preset.dit
         self.latent, self.text_tokens = latent, text_tokens
@@ -397,10 +397,10 @@ class ExpertRows:
     def warm_up(self) -> None:
         """A stage-1 step of a 1-block model first (CUDA context, cuBLAS/cuDNN handles, attention
         kernels at this token count, AdamW), so the first row does not pay for them."""
-        from moe.train.config import Stage1Config
-        from moe.train.dual_dit import DualDiT
+        from moe.config.presets import PRESETS
+        from moe.config.train import Stage1Config
+        from moe.dit.dual_dit import DualDiT
         from moe.train.stage1 import Stage1Module
-        from moe.wan.presets import PRESETS
 
         one = self.preset.model_copy(update={"task": f"{self.preset.task}-1-block",
                                              "dit": self.dit.model_copy(update={"num_layers": 1})})
@@ -427,12 +427,12 @@ class ExpertRows:
         cuda = self.device.type == "cuda"
         dits = models = None
         try:
-            from moe.lora_moe.experts import EXPERTS
-            from moe.train.dual_dit import DualDiT
+            from moe.config.instruments import INSTRUMENT_CLASSES
+            from moe.dit.block_swap import enable_block_swap
+            from moe.dit.dual_dit import DualDiT
+            from moe.dit.expert import resident_bytes
             from moe.train.stage1 import Stage1Module
             from moe.train.stage2 import Stage2Module
-            from moe.wan.block_swap import enable_block_swap
-            from moe.wan.expert import resident_bytes
 
             if cuda:
                 torch.cuda.empty_cache()
@@ -447,7 +447,7 @@ class ExpertRows:
             resident = sum(resident_bytes(m) for m in models)
             build_s = time.monotonic() - t0
             if compiled:
-                from moe.wan.compile import compile_blocks
+                from moe.dit.compile import compile_blocks
 
                 for m in models:
                     compile_blocks(m, backend=self.backend)
@@ -458,7 +458,7 @@ class ExpertRows:
                 else:
                     for m in models:
                         strip_adapters(m)
-                    module = Stage2Module(self.cfg2, dits, {}, EXPERTS).to(self.device)
+                    module = Stage2Module(self.cfg2, dits, {}, INSTRUMENT_CLASSES).to(self.device)
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
                 copies_before = sum(m.block_swap.transfers for m in models if getattr(m, "block_swap", None) is not None)
@@ -534,13 +534,13 @@ def expert_rows(device, args, started: float) -> None:
     for name, fp8, swap, both in options:
         rows.run(name, fp8, swap, both)
     try:
-        import moe.wan.compile  # noqa: F401
+        import moe.dit.compile  # noqa: F401
 
         have_compile = True
     except ImportError:
         have_compile = False
     if args.no_compile or not have_compile:
-        print(f"   compiled rows: not run ({'--no-compile' if args.no_compile else 'moe.wan.compile does not exist'})")
+        print(f"   compiled rows: not run ({'--no-compile' if args.no_compile else 'moe.dit.compile does not exist'})")
     else:
         compiled = [("bf16", "none", 0), ("fp8_scaled", "fp8_scaled", 0), (f"fp8_scaled + swap {swaps[1]}", "fp8_scaled", swaps[1])]
         # Stage 1 only unless asked: a compiled row compiles a graph per block variant (no
@@ -552,11 +552,11 @@ def expert_rows(device, args, started: float) -> None:
 
 
 def training_row() -> None:
+    from moe.config.train import Stage1Config
     from moe.data.cache import build_cache
-    from moe.data.synth import synthesize_dataset
-    from moe.train.config import Stage1Config
+    from moe.tiny.model_set import write_tiny_model_set
+    from moe.tiny.synth import synthesize_dataset
     from moe.train.stage1 import train_stage1
-    from moe.wan.model_set import write_tiny_model_set
 
     root = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     models = write_tiny_model_set(root / "models", "tiny-t2v", seed=0)

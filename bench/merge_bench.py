@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
+from moe.config.targets import TargetSpec
+from moe.files.safetensors_file import TensorInfo, encode_header
 from moe.lora.file import LoRAModuleWeights, write_lora_file
-from moe.lora.targets import TargetSpec
-from moe.safetensors_file import TensorInfo, encode_header
 
 DIM, FFN, TEXT, FREQ = 5120, 13824, 4096, 256
 

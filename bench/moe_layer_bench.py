@@ -9,7 +9,7 @@ intermediate, to show that the fused layer never forms an [E, tokens, out] tenso
 what the per-expert loop adds.
 
 bf16 (issue 10): a bf16 base Linear with fp32 adapter weights, without and with bf16 autocast.
-Bytes saved for backward (`moe.profiling`: distinct storages, parameters excluded) of the fused
+Bytes saved for backward (`moe.runtime.profiling`: distinct storages, parameters excluded) of the fused
 layer against the minimum any LoRA keeps (the input x, which dA needs; the frozen base Linear
 itself keeps none), target <= 1.10x; also the old unfused path (an fp32 copy of x per layer),
 and the issue's own measure (parameters included) for comparison. Time vs the bf16 base Linear,
@@ -33,7 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from moe.lora_moe.layer import LoRAMoEAdapter, LoRAMoELinear
 from moe.lora_moe.router import top_k_gates
 from moe.lora_moe.routing import RoutingState
-from moe.profiling import saved_activation_bytes
+from moe.runtime.profiling import saved_activation_bytes
 
 
 class LiveTensorBytes(TorchDispatchMode):

@@ -50,7 +50,7 @@ def bench_pipeline(root: Path, small: bool) -> None:
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.pipeline import lora_moe_pipeline
-    from tasks.tracking import mlflow_client
+    from tasks.registry.tracking import mlflow_client
 
     params = {"artifact_root": str(root / "artifacts"), **(SMALL if small else {})}
     with prefect_test_harness(server_startup_timeout=120):

@@ -16,14 +16,14 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from moe.config.presets import get_preset
+from moe.config.train import Stage1Config
 from moe.data.cache import build_cache
 from moe.data.cache_index import CacheIndex
-from moe.data.synth import synthesize_dataset
-from moe.train.config import Stage1Config
-from moe.train.dual_dit import GiB, DualDiT
+from moe.dit.dual_dit import DualDiT, GiB
+from moe.tiny.model_set import write_tiny_model_set
+from moe.tiny.synth import synthesize_dataset
 from moe.train.epoch_plan import plan_epoch
-from moe.wan.model_set import write_tiny_model_set
-from moe.wan.presets import get_preset
 
 
 def replay(dits: DualDiT, cfg: Stage1Config, entries: list, epochs: int, reorder: bool = True) -> tuple[int, int, int]:

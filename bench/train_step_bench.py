@@ -6,7 +6,7 @@ Contenders, timed on the same inputs, each on its own copy of the model:
   stage1    our vanilla LoRA (`Stage1Module`, reference targets)
   peft      peft's LoRA with the same targets and ranks (diffusers' `add_adapter`)
   stage2    our LoRA-MoE (`Stage2Module`: 4 experts, router, timestep gates, routing losses)
-  stage1_compiled, stage2_compiled   the same with `--compile` (`moe.wan.compile`, inductor);
+  stage1_compiled, stage2_compiled   the same with `--compile` (`moe.dit.compile`, inductor);
             their first step compiles (minutes on a small CPU, seconds once inductor's cache
             in /tmp/torchinductor_$USER is warm) and is timed apart
 Targets: stage1 no slower than peft; stage2 at most 1.15x stage1; compiled / eager printed.
@@ -30,16 +30,16 @@ from pathlib import Path
 
 import torch
 
-from moe.lora.targets import TargetSpec
-from moe.train.config import Stage1Config, Stage2Config
-from moe.train.dual_dit import DualDiT
+from moe.config import presets
+from moe.config.presets import DiTConfig
+from moe.config.targets import TargetSpec
+from moe.config.train import Stage1Config, Stage2Config
+from moe.dit.compile import compile_blocks
+from moe.dit.dual_dit import DualDiT
 from moe.train.stage1 import Stage1Module
 from moe.train.stage2 import Stage2Module
-from moe.wan import presets
 from moe.wan.checkpoint import build_random_transformer
-from moe.wan.compile import compile_blocks
 from moe.wan.keys import module_to_diffusers
-from moe.wan.presets import DiTConfig
 
 
 def register_bench_preset(dim: int, layers: int) -> str:

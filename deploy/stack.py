@@ -8,7 +8,7 @@
     deploy    `prefect deploy --all --prefect-file deploy/prefect.yaml` (manual, nightly-retrain)
     worker    `prefect worker start --pool lora-moe-process`: runs each flow run as a process here
 
-    python deploy/stack.py up [--dir outputs/stack] [--no-ui]     (`make stack`; Ctrl-C stops it all)
+    python deploy/stack.py up [--dir outputs/stack] [--no_ui]     (`make stack`; Ctrl-C stops it all)
     python deploy/stack.py ui [--dir outputs/demo]                (`make ui`: the two UIs on a local run)
 
 `ui` opens what a local run wrote (`make demo`, `python -m flows run`): the Prefect server on the
@@ -421,8 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="Start everything and keep it running until Ctrl-C.")
     up.add_argument("--dir", type=Path, default=ROOT / "outputs" / "stack", help="Stack folder (databases, logs, cache).")
-    up.add_argument("--no-ui", action="store_true", help="Start Prefect without its UI.")
-    up.add_argument("--no-scheduler", action="store_true",
+    up.add_argument("--no_ui", "--no-ui", action="store_true", help="Start Prefect without its UI.")
+    up.add_argument("--no_scheduler", "--no-scheduler", action="store_true",
                     help="Start Prefect without its scheduler: nightly-retrain makes no runs of its own.")
     ui = sub.add_parser("ui", help="Open the Prefect and MLflow UIs on a local run's stores until Ctrl-C.")
     ui.add_argument("--dir", type=Path, default=ROOT / "outputs" / "demo", help="The run's artifact root (make demo's).")

@@ -93,7 +93,7 @@ def _headline_value(metrics: dict[str, float], name: str, kind: str) -> str:
 
 def headline_lines(metrics: dict[str, float], gate: dict) -> list[str]:
     """The headline numbers and the gate's checks, value against threshold."""
-    from moe.progress import format_number
+    from moe.runtime.progress import format_number
 
     def _number(value) -> str:
         return "n/a" if value is None else format_number(float(value))
@@ -251,10 +251,10 @@ def run(
     """Run the pipeline once and print what it registered."""
     from prefect.exceptions import ParameterTypeError
 
-    from flows.params import ModelInputs
-    from flows.pipeline import check_models, lora_moe_pipeline, signature_problem
+    from flows.params import ModelInputs, check_models
+    from flows.pipeline import lora_moe_pipeline, signature_problem
     from moe.errors import MoeError
-    from tasks.launcher import StageFailed
+    from tasks.stages.launcher import StageFailed
 
     values = pipeline_parameters(params, assignments, preset=preset, artifact_root=artifact_root, force=force)
     if (problem := signature_problem(values)) is not None:

@@ -10,7 +10,7 @@ it when the pipeline emits `lora-moe.champion.promoted` (the version comes from 
     README.md, export.json                     which file goes where; the source version and hashes
 
 The flow process never imports torch: every file is written by a `lora-moe` command
-(`convert-lora`, `export-expert`) run as a child through `tasks.launcher`, as the pipeline's
+(`convert-lora`, `export-expert`) run as a child through `tasks.stages.launcher`, as the pipeline's
 stages are. Inputs are the version's bundle (its LoRA-MoE file, checked against the sha256 the
 version recorded) and the stage-1 LoRA its bundle names (fetched and verified by sha256). The
 export folder is stored under ARTIFACT_ROOT/exports/MODEL/vVERSION/FLOW_RUN_ID/ and the version
@@ -32,14 +32,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from pydantic import BaseModel, Field
 
+from moe.config.instruments import INSTRUMENT_CLASSES
 from moe.errors import MoeError
-from moe.lora_moe.experts import EXPERTS
 from tasks.artifacts.refs import ArtifactRef
-from tasks.tracking import DEFAULT_MODEL_NAME
+from tasks.registry.tracking import DEFAULT_MODEL_NAME
 
 FLOW_NAME = "export-champion"
 Form = Literal["default", "musubi", "peft"]
-Expert = Literal[tuple(EXPERTS)]  # type: ignore[valid-type]
+Expert = Literal[tuple(INSTRUMENT_CLASSES)]  # type: ignore[valid-type]
 SUFFIX = {"default": "", "musubi": "_musubi", "peft": "_peft"}
 
 
@@ -102,10 +102,10 @@ def export_loras(model: str, version: str, tracking_uri: str, forms: list[str], 
     `work/export` by `lora-moe` commands. Returns (folder, bundle.json, task)."""
     from tasks.artifacts.download_cache import DownloadCache
     from tasks.artifacts.s3 import S3Options
-    from tasks.launcher import run_command, stage_command
-    from tasks.model_bundle import verified_lora_moe
-    from tasks.registry import download_bundle, get_version, lora_moe_sha256, read_bundle
-    from tasks.tracking import mlflow_client
+    from tasks.registry.bundle import verified_lora_moe
+    from tasks.registry.tracking import mlflow_client
+    from tasks.registry.versions import download_bundle, get_version, lora_moe_sha256, read_bundle
+    from tasks.stages.launcher import run_command, stage_command
 
     logger = get_run_logger()
     client = mlflow_client(tracking_uri)
@@ -179,9 +179,8 @@ def export_champion(
     """
     from tasks.artifacts.local import local_path
     from tasks.artifacts.store import open_store
+    from tasks.registry.tracking import default_mlflow_request_limits
     from tasks.trust import check_run
-
-    from tasks.tracking import default_mlflow_request_limits
 
     default_mlflow_request_limits()  # a dead tracking server fails the run in minutes, not hours
     logger = get_run_logger()
@@ -196,11 +195,11 @@ def export_champion(
     work = scratch / "exports" / str(run.id)
     work.mkdir(parents=True, exist_ok=True)
     try:
-        out, bundle, task_name = export_loras(model, version, uri, list(dict.fromkeys(forms)), list(experts or EXPERTS),
+        out, bundle, task_name = export_loras(model, version, uri, list(dict.fromkeys(forms)), list(experts or INSTRUMENT_CLASSES),
                                               bake_sigma, work, scratch / "downloads", timeout_minutes * 60)
-        from moe.hashing import sha256_file
-        from tasks.registry import get_version
-        from tasks.tracking import mlflow_client
+        from moe.files.hashing import sha256_file
+        from tasks.registry.tracking import mlflow_client
+        from tasks.registry.versions import get_version
 
         number = str(get_version(mlflow_client(uri), model, version).version)
         files = {str(p.relative_to(out)): sha256_file(p) for p in sorted(out.rglob("*.safetensors"))}

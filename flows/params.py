@@ -2,10 +2,10 @@
 validated form with descriptions and defaults).
 
 The training and eval settings are generated from the commands' own configs
-(`moe.train.config`, `moe.eval.config`): every option of `Stage1Config` / `Stage2Config` /
+(`moe.config.train`, `moe.config.eval`): every option of `Stage1Config` / `Stage2Config` /
 `EvalConfig` except the paths and runtime switches the tasks fill in; the promotion gate is
-`moe.eval.gate.PromotionGate` itself. A setting left empty takes the preset's value: the tiny
-presets use exactly what `lora-moe workflow run` uses (`moe.workflow`), the real ones the
+`moe.config.gate.PromotionGate` itself. A setting left empty takes the preset's value: the tiny
+presets use exactly what `lora-moe workflow run` uses (`moe.tiny.workflow`), the real ones the
 config defaults. The resolved settings go to the child as a YAML `--config` file (the gate as
 `--gate FILE`), so the CLI, config files and the UI all spell an option the same way.
 
@@ -20,19 +20,22 @@ from __future__ import annotations
 
 import re
 import types
+from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_serializer, model_validator
 
-from moe.config_types import MAX_FRAMES, MAX_SIDE, SEED_MAX, PretrainSteps, Seed
+from flows import surfaces
+from moe.config.eval import EvalConfig
+from moe.config.gate import PromotionGate as EvalGate
+from moe.config.numbers import MAX_FRAMES, MAX_SIDE, SEED_MAX, PretrainSteps, Seed
+from moe.config.presets import PRESETS
+from moe.config.train import TARGET_FLAGS, Stage1Config, Stage2Config
+from moe.config.workflow import TINY_PRESETS, TINY_PRETRAIN_STEPS, WorkflowConfig, eval_options, stage1_options, stage2_options
 from moe.errors import MoeError
-from moe.eval.config import EvalConfig
-from moe.eval.gate import PromotionGate as EvalGate
-from moe.train.config import TARGET_FLAGS, Stage1Config, Stage2Config
-from moe.wan.presets import PRESETS
-from moe.workflow import TINY_PRESETS, TINY_PRETRAIN_STEPS, WorkflowConfig, eval_options, stage1_options, stage2_options
 from tasks.artifacts.s3 import S3Options
-from tasks.tracking import TrackingSettings
+from tasks.registry.tracking import TrackingSettings
+from tasks.trust import check_run
 
 Preset = Literal["tiny", "tiny-t2v", "tiny-i2v", "t2v-A14B", "i2v-A14B", "ti2v-5B"]
 assert set(Preset.__args__) == set(TINY_PRESETS) | set(PRESETS)
@@ -154,7 +157,7 @@ def settings_model(config: type[BaseModel], name: str, exclude: frozenset[str], 
 
 
 class PromotionGate(EvalGate):
-    """Thresholds a model must meet to be promoted (`moe.eval.gate.PromotionGate`, with every
+    """Thresholds a model must meet to be promoted (`moe.config.gate.PromotionGate`, with every
     threshold finite and within -1..1: they are fractions, 0.01 = 1%)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra=_drop_null_defaults)
@@ -310,6 +313,120 @@ class StorageSettings(BaseModel):
     )
 
 
+class RunPlan(BaseModel):
+    """Everything a run resolves before its first stage: where its outputs and MLflow runs go,
+    and the options each stage runs with (a setting left empty takes the preset's value)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    preset: str
+    task: str  # the model task (tiny-t2v, t2v-A14B ...)
+    tiny: bool
+    root_uri: str  # the artifact store's root
+    local_root: Path | None  # the same as a folder, None for S3
+    work_dir: Path
+    tracking_uri: str
+    data: dict[str, Any]
+    stage1: dict[str, Any]
+    stage2: dict[str, Any]  # stage 1's targets and ranks included
+    eval: dict[str, Any]
+    gate: dict[str, Any]
+    resources: Resources
+    settings: dict[str, Any]  # every setting with where it came from (`surfaces.settings_markdown`)
+
+
+def plan_run(run, environ: dict[str, str], preset: str, artifact_root: str | None, models: ModelInputs, data: DataSettings,
+             stage1: BaseModel, merge: MergeSettings, stage2: BaseModel, evaluation: BaseModel, gate: PromotionGate,
+             tracking: TrackingSettings, storage: StorageSettings, resources: Resources) -> RunPlan:
+    """The flow's parameters resolved against the worker's environment, after the checks that
+    come before any server is contacted (the models a preset needs, the trust boundary)."""
+    from prefect import get_run_logger
+
+    from tasks.artifacts.store import open_store
+
+    task, tiny = TINY_PRESETS.get(preset, preset), preset in TINY_PRESETS
+    check_models(preset, models)
+    form_root, artifact_root = artifact_root, artifact_root or environ.get("LORA_MOE_ARTIFACT_ROOT") or "outputs/pipeline"
+    check_trust(run, form_root, artifact_root, models, data, {"stage1": stage1, "stage2": stage2}, tracking, storage, environ)
+    resources = resources.resolved(tiny, environ)
+    local = _local_root(artifact_root)
+    work_dir = Path(storage.work_dir or environ.get("LORA_MOE_WORK_DIR") or (
+        local / "work" if local else Path.home() / ".cache" / "lora-moe"))
+    given_tracking_uri = tracking.tracking_uri or environ.get("MLFLOW_TRACKING_URI")  # the parameter, else the worker's
+    tracking_uri = given_tracking_uri or f"sqlite:///{(local or work_dir) / 'mlflow.db'}"
+    if local is None and given_tracking_uri is None:
+        get_run_logger().warning(f"no tracking URI for an S3 artifact root: MLflow runs go to {tracking_uri} on this machine only")
+    stage1_cfg = resolve_settings(stage1, tiny, TINY_STAGE1)
+    stage2_cfg = {k: v for k, v in stage1_cfg.items() if k in TARGET_FLAGS} | resolve_settings(stage2, tiny, TINY_STAGE2)
+    data_cfg = data.resolved(tiny)
+    eval_cfg = resolve_settings(evaluation, tiny, TINY_EVAL)
+    return RunPlan(
+        preset=preset, task=task, tiny=tiny, root_uri=open_store(artifact_root, storage.s3).root_uri, local_root=local,
+        work_dir=work_dir, tracking_uri=tracking_uri, data=data_cfg, stage1=stage1_cfg, stage2=stage2_cfg, eval=eval_cfg,
+        gate=gate.model_dump(mode="json"), resources=resources,
+        settings=effective_settings(tiny, data, data_cfg, stage1, stage1_cfg, merge, stage2, stage2_cfg, evaluation, eval_cfg,
+                                    gate, resources),
+    )
+
+
+def _local_root(uri: str) -> Path | None:
+    if uri.startswith("s3://"):
+        return None
+    from tasks.artifacts.local import local_path
+
+    return local_path(uri)
+
+
+def check_models(preset: str, models: ModelInputs) -> None:
+    """Either every base model URI the preset needs, or none with a tiny preset."""
+    task, tiny = TINY_PRESETS.get(preset, preset), preset in TINY_PRESETS
+    given = models.given()
+    if not given:
+        if not tiny:
+            raise MoeError(f"preset {task} needs the base model URIs (models.dit, models.dit_high_noise, models.vae, "
+                           "models.text_encoder, models.tokenizer); only the tiny presets make their own")
+        return
+    needed = {"dit", "vae", "text_encoder", "tokenizer"} | ({"dit_high_noise"} if PRESETS[task].boundary is not None else set())
+    missing = sorted(needed - set(given))
+    if missing:
+        raise MoeError(f"models: {', '.join(missing)} not given; pass every base model URI or none (tiny presets only)")
+
+
+def check_trust(run, form_root: str | None, artifact_root: str, models: ModelInputs, data: DataSettings,
+                stage_settings: dict[str, BaseModel], tracking: TrackingSettings, storage: StorageSettings,
+                environ: dict[str, str]) -> None:
+    """The worker's trust boundary (`tasks.trust`): a deployment run's form cannot redirect the
+    worker's credentials or read its files, and every URI lies inside the worker's allow-lists."""
+    inputs = {f"models.{k}": v for k, v in models.given().items()} | ({"data.manifest": data.manifest} if data.manifest else {})
+    inputs |= {f"{name}.sample_prompts": prompts for name, settings in stage_settings.items()
+               if (prompts := getattr(settings, "sample_prompts", None))}
+    form_outputs = frozenset({"artifact_root"} if form_root else set()) | ({"storage.work_dir"} if storage.work_dir else set())
+    check_run(environ, deployment_run=run.deployment_id is not None, artifact_root=artifact_root,
+              tracking_uri=tracking.tracking_uri, s3_endpoint=storage.s3.endpoint_url, s3_profile=storage.s3.profile,
+              work_dir=storage.work_dir, inputs=inputs, form_outputs=form_outputs)
+
+
+def effective_settings(tiny: bool, data: DataSettings, data_cfg: dict, stage1: BaseModel, stage1_cfg: dict,
+              merge: MergeSettings, stage2: BaseModel, stage2_cfg: dict, evaluation: BaseModel, eval_cfg: dict,
+              gate: PromotionGate, resources: Resources) -> dict[str, dict[str, tuple[Any, str]]]:
+    """Every setting of the run as its stage will use it, with where it came from (`surfaces`)."""
+    def preset(values: dict) -> frozenset[str]:
+        return frozenset(values) if tiny else frozenset()
+
+    data_resolved = {"manifest": "(none: synthetic clips)"} | data.model_dump(mode="json", exclude_none=True) | data_cfg
+    return {
+        "data": surfaces.effective_settings(data, None, data_resolved, preset({"size", "frames", "dtype", "embed_dtype"})),
+        "stage1": surfaces.effective_settings(stage1, Stage1Config, stage1_cfg, preset(TINY_STAGE1)),
+        "merge": surfaces.effective_settings(merge, None, merge.model_dump(mode="json")),
+        "stage2": surfaces.effective_settings(stage2, Stage2Config, stage2_cfg, preset(TINY_STAGE2),
+                                              inherited=frozenset(TARGET_FLAGS)),
+        "eval": surfaces.effective_settings(evaluation, EvalConfig, eval_cfg, preset(TINY_EVAL)),
+        "gate": surfaces.effective_settings(gate, None, gate.model_dump(mode="json")),
+        "resources": {f"{stage}.{field}": (value, "resolved") for stage in type(resources).model_fields
+                      for field, value in getattr(resources, stage).model_dump(mode="json").items()},
+    }
+
+
 STAGE_ORDER: tuple[tuple[str, ...], ...] = (
     ("tiny-models", "synth-data"), ("prepare-data",), ("stage1-train",), ("merge-low", "merge-high"),
     ("stage2-train",), ("eval",), ("register",),
@@ -327,7 +444,7 @@ def forced_stages(force: str | None) -> set[str]:
 
 
 __all__ = [
-    "DataSettings", "EvalSettings", "MergeSettings", "ModelInputs", "Preset", "PromotionGate", "Resources", "S3Options",
-    "Stage1Settings", "Stage2Settings", "StageName", "StorageSettings", "TrackingSettings", "forced_stages",
-    "resolve_settings",
+    "DataSettings", "EvalSettings", "MergeSettings", "ModelInputs", "Preset", "PromotionGate", "Resources", "RunPlan", "S3Options",
+    "Stage1Settings", "Stage2Settings", "StageName", "StorageSettings", "TrackingSettings", "check_models", "forced_stages",
+    "plan_run", "resolve_settings",
 ]

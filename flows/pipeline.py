@@ -10,18 +10,20 @@ nothing. `stage2_from_champion` starts stage 2 from the champion's merged DiTs i
 training stage 1 and merging again (`champion-stage1`; the README weighs the trade-off).
 
 Stages hand each other refs (URI + sha256) through the artifact store; each stage is cached on
-its inputs' hashes, its config and the package version (`tasks.caching`), so a re-run skips
+its inputs' hashes, its config and the package version (`tasks.stages.caching`), so a re-run skips
 what did not change and a failed run resumes at the failed stage. One MLflow parent run per
 flow run, a nested run per stage that ran, one registry version per run that registered (with a
 model card; a Prefect event when `champion` moves to it). What a person sees of a run in the
 Prefect UI (name, tags, settings, summary, report) is `flows.surfaces`. The flow process never
-imports torch: every stage is a child process (`tasks.launcher`).
+imports torch: every stage is a child process (`tasks.stages.launcher`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +34,6 @@ from pydantic import BaseModel
 
 from flows import surfaces
 from flows.params import (
-    TINY_EVAL,
-    TINY_STAGE1,
-    TINY_STAGE2,
     DataSettings,
     EvalSettings,
     MergeSettings,
@@ -42,6 +41,7 @@ from flows.params import (
     Preset,
     PromotionGate,
     Resources,
+    RunPlan,
     Stage1Settings,
     Stage2Settings,
     StageName,
@@ -49,23 +49,11 @@ from flows.params import (
     StorageSettings,
     TrackingSettings,
     forced_stages,
-    resolve_settings,
+    plan_run,
 )
-from moe.errors import MoeError
-from moe.eval.config import EvalConfig
-from moe.train.config import TARGET_FLAGS, Stage1Config, Stage2Config
-from moe.wan.presets import PRESETS
-from moe.workflow import TINY_PRESETS
-from tasks import stages
 from tasks.artifacts.refs import ArtifactRef
 from tasks.artifacts.s3 import endpoint_url
-from tasks.artifacts.store import open_store
-from tasks.caching import StoreResultStorage
-from tasks.launcher import terminate_all
-from tasks.registry import RegistryEntry
-from tasks.stage import StageContext
-from tasks.trust import check_run
-from tasks.tracking import (
+from tasks.registry.tracking import (
     StageRun,
     TrackingContext,
     artifact_url,
@@ -76,6 +64,11 @@ from tasks.tracking import (
     pin_mlflow_s3_endpoint,
     start_pipeline_run,
 )
+from tasks.registry.versions import RegistryEntry
+from tasks.stages import prefect_tasks as stages
+from tasks.stages.caching import StoreResultStorage
+from tasks.stages.launcher import terminate_all
+from tasks.stages.runner import StageContext
 
 FLOW_NAME = "lora-moe-pipeline"
 
@@ -108,42 +101,6 @@ class PipelineSummary(BaseModel):
     @property
     def cached(self) -> list[str]:
         return [s.name for s in self.stages if s.state == "Cached"]
-
-
-def _local_root(uri: str) -> Path | None:
-    if uri.startswith("s3://"):
-        return None
-    from tasks.artifacts.local import local_path
-
-    return local_path(uri)
-
-
-def check_models(preset: str, models: ModelInputs) -> None:
-    """Either every base model URI the preset needs, or none with a tiny preset."""
-    task, tiny = TINY_PRESETS.get(preset, preset), preset in TINY_PRESETS
-    given = models.given()
-    if not given:
-        if not tiny:
-            raise MoeError(f"preset {task} needs the base model URIs (models.dit, models.dit_high_noise, models.vae, "
-                           "models.text_encoder, models.tokenizer); only the tiny presets make their own")
-        return
-    needed = {"dit", "vae", "text_encoder", "tokenizer"} | ({"dit_high_noise"} if PRESETS[task].boundary is not None else set())
-    missing = sorted(needed - set(given))
-    if missing:
-        raise MoeError(f"models: {', '.join(missing)} not given; pass every base model URI or none (tiny presets only)")
-
-
-def check_trust(run, form_root: str | None, artifact_root: str, models: ModelInputs, data: DataSettings,
-                stage_settings: dict[str, BaseModel], tracking: TrackingSettings, storage: StorageSettings) -> None:
-    """The worker's trust boundary (`tasks.trust`): a deployment run's form cannot redirect the
-    worker's credentials or read its files, and every URI lies inside the worker's allow-lists."""
-    inputs = {f"models.{k}": v for k, v in models.given().items()} | ({"data.manifest": data.manifest} if data.manifest else {})
-    inputs |= {f"{name}.sample_prompts": prompts for name, settings in stage_settings.items()
-               if (prompts := getattr(settings, "sample_prompts", None))}
-    form_outputs = frozenset({"artifact_root"} if form_root else set()) | ({"storage.work_dir"} if storage.work_dir else set())
-    check_run(dict(os.environ), deployment_run=run.deployment_id is not None, artifact_root=artifact_root,
-              tracking_uri=tracking.tracking_uri, s3_endpoint=storage.s3.endpoint_url, s3_profile=storage.s3.profile,
-              work_dir=storage.work_dir, inputs=inputs, form_outputs=form_outputs)
 
 
 def signature_problem(parameters: dict[str, Any]) -> str | None:
@@ -261,119 +218,103 @@ def lora_moe_pipeline(
         stage2_from_champion: Start stage 2 from the champion's merged DiTs (skipping stage 1 and the merges)
             when there is a champion trained on the same base DiTs. Faster, but stage 1 never sees the new clips.
     """
-    logger = get_run_logger()
     run = FlowRunContext.get().flow_run
-    task_name = TINY_PRESETS.get(preset, preset)
-    tiny = preset in TINY_PRESETS
-    check_models(preset, models)
-    form_root, artifact_root = artifact_root, artifact_root or os.environ.get("LORA_MOE_ARTIFACT_ROOT") or "outputs/pipeline"
-    check_trust(run, form_root, artifact_root, models, data, {"stage1": stage1, "stage2": stage2}, tracking,
-                storage)  # before any server is contacted
-    resources = resources.resolved(tiny, dict(os.environ))
-    local = _local_root(artifact_root)
-    root_uri = open_store(artifact_root, storage.s3).root_uri
-    work_dir = Path(storage.work_dir or os.environ.get("LORA_MOE_WORK_DIR") or (
-        local / "work" if local else Path.home() / ".cache" / "lora-moe"))
-    given_tracking_uri = tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")  # the parameter, else the worker's
-    tracking_uri = given_tracking_uri or f"sqlite:///{(local or work_dir) / 'mlflow.db'}"
-    if local is None and given_tracking_uri is None:
-        logger.warning(f"no tracking URI for an S3 artifact root: MLflow runs go to {tracking_uri} on this machine only")
+    plan = plan_run(run, dict(os.environ), preset, artifact_root, models, data, stage1, merge, stage2, evaluation, gate,
+                    tracking, storage, resources)
+    options = {"force": force or "", "only_new_data": only_new_data, "stage2_from_champion": stage2_from_champion}
+    with tracked_run(plan, run, tracking, storage, force, options) as (ctx, call):
+        given = models.given()
+        inputs = call(stages.resolve_inputs, plan.task, given, data.manifest) if given or data.manifest else stages.InputRefs()
+        dataset = inputs.dataset or call(stages.synth_data, data.synthetic_clips, plan.data["frames"], plan.data["size"],
+                                         data.synthetic_seed, data.val_fraction).dataset
+        if only_new_data and not (check := call(stages.check_new_data, tracking.registered_model, dataset)).new:
+            return _skipped(ctx, call, check, tracking.registered_model, plan.root_uri)
+        model_refs = inputs.models or call(stages.tiny_models, plan.task, models.tiny_seed, models.tiny_pretrain_steps).models
+        prepared = call(stages.prepare_data, dataset, model_refs, plan.data, resources=plan.resources.prepare_data)
+        surfaces.tag_flow_run(f"data:{prepared.data_fingerprint[:12]}")
+        training_data = clip_datasets(dataset, prepared.cache, "training")
+        log_datasets(plan.tracking_uri, ctx.parent_run_id, training_data)
+        previous = call(stages.champion_stage1, tracking.registered_model, model_refs) if stage2_from_champion else None
+        merged = from_champion(previous) if previous else train_stage1_and_merge(call, plan, model_refs, prepared.cache, merge)
+        s2 = call(stages.stage2_train, plan.task, merged.low, merged.high, prepared.cache, plan.stage2, models=model_refs,
+                  resources=plan.resources.stage2)
+        for run_id in merged.training_run_ids + [s2.mlflow_run_id]:  # the training runs' "Datasets"
+            log_datasets(plan.tracking_uri, run_id, training_data)
+        ev = call(stages.evaluate, model_refs, merged.low, merged.high, s2.weights, prepared.cache, dataset, plan.eval,
+                  plan.gate, resources=plan.resources.eval)
+        artifacts = {f"base_{k}": v for k, v in model_refs.refs().items()} | {
+            "latent_cache": prepared.cache, "vanilla_lora": merged.vanilla, "merged_low_noise": merged.low,
+            "lora_moe": s2.weights, "eval_report": ev.report} | ({"merged_high_noise": merged.high} if merged.high else {})
+        producers = merged.producers | {"lora_moe": s2.mlflow_run_id, "eval_report": ev.mlflow_run_id}  # lineage
+        reg = call(stages.register, tracking.registered_model, plan.task, artifacts, ev, prepared.data_fingerprint,
+                   merged.from_version, dataset=dataset, producers=producers)
+        return finish_run(plan, ctx, call, reg.entry, ev, merged, s2, artifacts, prepared.data_fingerprint, training_data,
+                          storage)
 
-    stage1_cfg = resolve_settings(stage1, tiny, TINY_STAGE1)
-    stage2_cfg = {k: v for k, v in stage1_cfg.items() if k in TARGET_FLAGS} | resolve_settings(stage2, tiny, TINY_STAGE2)
-    data_cfg = data.resolved(tiny)
-    eval_cfg = resolve_settings(evaluation, tiny, TINY_EVAL)
-    gate_cfg = gate.model_dump(mode="json")
-    settings = _settings(tiny, data, data_cfg, stage1, stage1_cfg, merge, stage2, stage2_cfg, evaluation, eval_cfg, gate, resources)
-    surfaces.tag_flow_run(f"task:{task_name}", f"preset:{preset}")
-    create_markdown_artifact(surfaces.settings_markdown(f"{FLOW_NAME} ({task_name})", settings), key=surfaces.SETTINGS_KEY,
+
+class MergedDiTs(BaseModel):
+    """What stage 2 starts from: this run's stage 1 and merges, or a champion's."""
+
+    vanilla: ArtifactRef
+    low: ArtifactRef
+    high: ArtifactRef | None
+    stage1_metrics: dict[str, Any] = {}
+    training_run_ids: list[str] = []  # the MLflow runs that trained on this run's clips
+    producers: dict[str, str] = {}  # artifact -> the MLflow run that made it
+    from_version: str | None = None  # the champion whose merged DiTs these are
+
+
+def train_stage1_and_merge(call: _Runner, plan: RunPlan, model_refs, cache: ArtifactRef, merge: MergeSettings) -> MergedDiTs:
+    """Stage 1, then its LoRA merged into both experts at once (merge-low || merge-high)."""
+    s1 = call(stages.stage1_train, model_refs, cache, plan.stage1, resources=plan.resources.stage1)
+    merges = [call.submit(task, plan.task, dit, s1.weights, merge.lora_multiplier, name, resources=plan.resources.merge)
+              for task, dit, name in ((stages.merge_low, model_refs.dit, "merged_low_noise"),
+                                      (stages.merge_high, model_refs.dit_high_noise, "merged_high_noise"))
+              if dit is not None]
+    low, *high = [call.result(future) for future in merges]
+    producers = {"vanilla_lora": s1.mlflow_run_id, "merged_low_noise": low.mlflow_run_id}
+    return MergedDiTs(vanilla=s1.weights, low=low.merged, high=high[0].merged if high else None, stage1_metrics=s1.metrics,
+                      training_run_ids=[s1.mlflow_run_id],
+                      producers=producers | ({"merged_high_noise": high[0].mlflow_run_id} if high else {}))
+
+
+def from_champion(previous) -> MergedDiTs:
+    get_run_logger().info(f"stage 2 starts from champion v{previous.version}'s merged DiTs (stage 1 and merges reused)")
+    return MergedDiTs(vanilla=previous.vanilla_lora, low=previous.merged_low_noise, high=previous.merged_high_noise,
+                      from_version=previous.version)
+
+
+@contextlib.contextmanager
+def tracked_run(plan: RunPlan, run, tracking: TrackingSettings, storage: StorageSettings, force: str | None,
+                options: dict[str, Any]) -> Iterator[tuple[TrackingContext, _Runner]]:
+    """The run's surroundings: its tags and settings artifact, the parent MLflow run (with a
+    bound on MLflow's retries, so a dead tracking server fails the run in minutes), the stage
+    runner; at the end, a failed parent run on an error and no stage command left running."""
+    logger = get_run_logger()
+    surfaces.tag_flow_run(f"task:{plan.task}", f"preset:{plan.preset}")
+    create_markdown_artifact(surfaces.settings_markdown(f"{FLOW_NAME} ({plan.task})", plan.settings), key=surfaces.SETTINGS_KEY,
                              description="The settings every stage runs with, and where each came from")
-
-    unbound_requests = bound_mlflow_requests(tracking)  # a dead tracking server fails the run in minutes
+    unbound_requests = bound_mlflow_requests(tracking)
     try:
         mlflow_ctx = start_pipeline_run(
-            tracking, tracking_uri, f"{root_uri}/mlflow-artifacts",
-            tags={"prefect.flow_run_id": str(run.id), "prefect.flow_run_name": run.name, "preset": preset,
-                  "artifact_root": root_uri, "mlflow.source.name": "flows.pipeline:lora_moe_pipeline",
+            tracking, plan.tracking_uri, f"{plan.root_uri}/mlflow-artifacts",
+            tags={"prefect.flow_run_id": str(run.id), "prefect.flow_run_name": run.name, "preset": plan.preset,
+                  "artifact_root": plan.root_uri, "mlflow.source.name": "flows.pipeline:lora_moe_pipeline",
                   "mlflow.source.type": "JOB"},
-            params={"preset": preset, **surfaces.plain_settings({k: v for k, v in settings.items() if k != "resources"}),
-                    "force": force or "", "only_new_data": only_new_data, "stage2_from_champion": stage2_from_champion},
-            ui_url=tracking.resolved_ui_url(tracking_uri, dict(os.environ)), flow_run_ended=_flow_run_ended,
+            params={"preset": plan.preset, **surfaces.plain_settings({k: v for k, v in plan.settings.items() if k != "resources"}),
+                    **options},
+            ui_url=tracking.resolved_ui_url(plan.tracking_uri, dict(os.environ)), flow_run_ended=_flow_run_ended,
         )
     except BaseException:
         unbound_requests()
         raise
-    logger.info(f"MLflow run {mlflow_ctx.run_url(mlflow_ctx.parent_run_id)} ({tracking_uri})")
-    ctx = StageContext(artifact_root=root_uri, s3=storage.s3, work_dir=str(work_dir), run_prefix=f"runs/{run.id}",
+    logger.info(f"MLflow run {mlflow_ctx.run_url(mlflow_ctx.parent_run_id)} ({plan.tracking_uri})")
+    ctx = StageContext(artifact_root=plan.root_uri, s3=storage.s3, work_dir=str(plan.work_dir), run_prefix=f"runs/{run.id}",
                        tracking=mlflow_ctx, flow_run_id=str(run.id))
-    call = _Runner(ctx, StoreResultStorage.saved(root_uri, storage.s3), forced_stages(force))
-    unpin_endpoint = pin_mlflow_s3_endpoint(endpoint_url(storage.s3) if local is None else None)
+    call = _Runner(ctx, StoreResultStorage.saved(plan.root_uri, storage.s3), forced_stages(force))
+    unpin_endpoint = pin_mlflow_s3_endpoint(endpoint_url(storage.s3) if plan.local_root is None else None)
     try:
-        inputs = stages.InputRefs()
-        if models.given() or data.manifest:
-            inputs = call(stages.resolve_inputs, task_name, models.given(), data.manifest)
-        dataset = inputs.dataset or call(stages.synth_data, data.synthetic_clips, data_cfg["frames"], data_cfg["size"],
-                                         data.synthetic_seed, data.val_fraction).dataset
-        if only_new_data:  # before any training stage
-            check = call(stages.check_new_data, tracking.registered_model, dataset)
-            if not check.new:
-                return _skipped(mlflow_ctx, call, check, tracking.registered_model, root_uri)
-        model_refs = inputs.models or call(stages.tiny_models, task_name, models.tiny_seed, models.tiny_pretrain_steps).models
-        prepared = call(stages.prepare_data, dataset, model_refs, data_cfg, resources=resources.prepare_data)
-        surfaces.tag_flow_run(f"data:{prepared.data_fingerprint[:12]}")
-        training_data = clip_datasets(dataset, prepared.cache, "training")
-        log_datasets(tracking_uri, mlflow_ctx.parent_run_id, training_data)
-        previous = call(stages.champion_stage1, tracking.registered_model, model_refs) if stage2_from_champion else None
-        if stage2_from_champion and previous is None:
-            logger.warning(f"stage2_from_champion: {tracking.registered_model} has no champion yet, so stage 1 trains")
-        if previous is None:
-            s1 = call(stages.stage1_train, model_refs, prepared.cache, stage1_cfg, resources=resources.stage1)
-            merges = [call.submit(task, task_name, dit, s1.weights, merge.lora_multiplier, name, resources=resources.merge)
-                      for task, dit, name in ((stages.merge_low, model_refs.dit, "merged_low_noise"),
-                                              (stages.merge_high, model_refs.dit_high_noise, "merged_high_noise"))
-                      if dit is not None]
-            low, *high = [call.result(future) for future in merges]
-            vanilla, merged_low, merged_high = s1.weights, low.merged, high[0].merged if high else None
-            stage1_metrics = s1.metrics
-        else:
-            logger.info(f"stage 2 starts from champion v{previous.version}'s merged DiTs (stage 1 and merges reused)")
-            vanilla, merged_low, merged_high = previous.vanilla_lora, previous.merged_low_noise, previous.merged_high_noise
-            stage1_metrics = {}
-        s2 = call(stages.stage2_train, task_name, merged_low, merged_high, prepared.cache, stage2_cfg,
-                  models=model_refs, resources=resources.stage2)
-        for trained in ([s1] if previous is None else []) + [s2]:  # the training runs' "Datasets"
-            log_datasets(tracking_uri, trained.mlflow_run_id, training_data)
-        ev = call(stages.evaluate, model_refs, merged_low, merged_high, s2.weights, prepared.cache, dataset, eval_cfg,
-                  gate_cfg, resources=resources.eval)
-        artifacts = {f"base_{k}": v for k, v in model_refs.refs().items()} | {
-            "latent_cache": prepared.cache, "vanilla_lora": vanilla, "merged_low_noise": merged_low,
-            "lora_moe": s2.weights, "eval_report": ev.report,
-        } | ({"merged_high_noise": merged_high} if merged_high else {})
-        based_on = previous.version if previous else None
-        producers = {"lora_moe": s2.mlflow_run_id, "eval_report": ev.mlflow_run_id}  # who made what (lineage)
-        if previous is None:
-            producers |= {"vanilla_lora": s1.mlflow_run_id, "merged_low_noise": low.mlflow_run_id}
-            producers |= {"merged_high_noise": high[0].mlflow_run_id} if high else {}
-        reg = call(stages.register, tracking.registered_model, task_name, artifacts, ev, prepared.data_fingerprint, based_on,
-                   dataset=dataset, producers=producers)
-        report_dir = _log_report(mlflow_ctx, ev.report, work_dir, storage)
-        metrics = ev.metrics | {f"stage1/{k}": v for k, v in stage1_metrics.items() if isinstance(v, (int, float))} | {
-            f"stage2/{k}": v for k, v in s2.metrics.items() if isinstance(v, (int, float))}
-        summary = PipelineSummary(
-            flow_run_id=str(run.id), artifact_root=root_uri, tracking_uri=tracking_uri, task=task_name,
-            mlflow_run_url=mlflow_ctx.run_url(mlflow_ctx.parent_run_id),
-            registry_url=_version_url(mlflow_ctx, reg.entry), registered=reg.entry,
-            data_fingerprint=prepared.data_fingerprint, stages=call.reports, artifacts=artifacts,
-            metrics={k: float(v) for k, v in metrics.items()}, gate=ev.gate, stage1_from_version=based_on,
-            report_url=mlflow_ctx.artifact_page_url(mlflow_ctx.parent_run_id, f"{surfaces.REPORT_PREFIX}/report.md"),
-        )
-        new_version = "register" not in summary.cached
-        _finish_parent_run(mlflow_ctx, summary, ev.metrics, training_data[0] if new_version else None)
-        _publish(summary, mlflow_ctx, report_dir)
-        entry = summary.registered
-        surfaces.tag_flow_run(f"registered:v{entry.version}", f"gate:{'passed' if ev.gate.get('passed') else 'failed'}",
-                              *(["champion"] if entry.champion_moved and new_version else []))
-        return summary
+        yield mlflow_ctx, call
     except BaseException:
         _end_quietly(mlflow_ctx, "FAILED")
         raise
@@ -383,6 +324,28 @@ def lora_moe_pipeline(
         stopped = terminate_all()
         if stopped:
             logger.warning(f"stopped stage commands still running: {', '.join(stopped)}")
+
+
+def finish_run(plan: RunPlan, ctx: TrackingContext, call: _Runner, entry: RegistryEntry, ev, merged: MergedDiTs, s2,
+               artifacts: dict[str, ArtifactRef], data_fingerprint: str, training_data, storage: StorageSettings) -> PipelineSummary:
+    """The run's summary, written to the parent MLflow run and as the Prefect artifacts."""
+    report_dir = _log_report(ctx, ev.report, plan.work_dir, storage)
+    metrics = ev.metrics | {f"stage1/{k}": v for k, v in merged.stage1_metrics.items() if isinstance(v, (int, float))} | {
+        f"stage2/{k}": v for k, v in s2.metrics.items() if isinstance(v, (int, float))}
+    run = FlowRunContext.get().flow_run
+    summary = PipelineSummary(
+        flow_run_id=str(run.id), artifact_root=plan.root_uri, tracking_uri=plan.tracking_uri, task=plan.task,
+        mlflow_run_url=ctx.run_url(ctx.parent_run_id), registry_url=_version_url(ctx, entry), registered=entry,
+        data_fingerprint=data_fingerprint, stages=call.reports, artifacts=artifacts,
+        metrics={k: float(v) for k, v in metrics.items()}, gate=ev.gate, stage1_from_version=merged.from_version,
+        report_url=ctx.artifact_page_url(ctx.parent_run_id, f"{surfaces.REPORT_PREFIX}/report.md"),
+    )
+    new_version = "register" not in summary.cached
+    _finish_parent_run(ctx, summary, ev.metrics, training_data[0] if new_version else None)
+    _publish(summary, ctx, report_dir)
+    surfaces.tag_flow_run(f"registered:v{entry.version}", f"gate:{'passed' if ev.gate.get('passed') else 'failed'}",
+                          *(["champion"] if entry.champion_moved and new_version else []))
+    return summary
 
 
 def _flow_run_ended(flow_run_id: str) -> bool | None:
@@ -429,27 +392,6 @@ def _skipped(ctx: TrackingContext, call: _Runner, check: stages.NewDataCheck, mo
     surfaces.tag_flow_run(f"data:{check.data_fingerprint[:12]}", "skipped")
     end_run(ctx, ctx.parent_run_id, "FINISHED")
     return summary
-
-
-def _settings(tiny: bool, data: DataSettings, data_cfg: dict, stage1: BaseModel, stage1_cfg: dict,
-              merge: MergeSettings, stage2: BaseModel, stage2_cfg: dict, evaluation: BaseModel, eval_cfg: dict,
-              gate: PromotionGate, resources: Resources) -> dict[str, dict[str, tuple[Any, str]]]:
-    """Every setting of the run as its stage will use it, with where it came from (`surfaces`)."""
-    def preset(values: dict) -> frozenset[str]:
-        return frozenset(values) if tiny else frozenset()
-
-    data_resolved = {"manifest": "(none: synthetic clips)"} | data.model_dump(mode="json", exclude_none=True) | data_cfg
-    return {
-        "data": surfaces.effective_settings(data, None, data_resolved, preset({"size", "frames", "dtype", "embed_dtype"})),
-        "stage1": surfaces.effective_settings(stage1, Stage1Config, stage1_cfg, preset(TINY_STAGE1)),
-        "merge": surfaces.effective_settings(merge, None, merge.model_dump(mode="json")),
-        "stage2": surfaces.effective_settings(stage2, Stage2Config, stage2_cfg, preset(TINY_STAGE2),
-                                              inherited=frozenset(TARGET_FLAGS)),
-        "eval": surfaces.effective_settings(evaluation, EvalConfig, eval_cfg, preset(TINY_EVAL)),
-        "gate": surfaces.effective_settings(gate, None, gate.model_dump(mode="json")),
-        "resources": {f"{stage}.{field}": (value, "resolved") for stage in type(resources).model_fields
-                      for field, value in getattr(resources, stage).model_dump(mode="json").items()},
-    }
 
 
 def _log_report(ctx: TrackingContext, report: ArtifactRef, work_dir: Path, storage: StorageSettings) -> Path | None:

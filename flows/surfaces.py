@@ -40,7 +40,7 @@ def run_name() -> str:
     from prefect.context import FlowRunContext
     from prefect.utilities.names import generate_slug
 
-    from moe.workflow import TINY_PRESETS
+    from moe.config.workflow import TINY_PRESETS
 
     context = FlowRunContext.get()
     parameters = dict(context.parameters or {}) if context is not None else {}
@@ -137,7 +137,7 @@ def rewrite_links(markdown: str, url_of) -> str:
 
 def gate_lines(gate: dict[str, Any], report_url: str | None) -> list[str]:
     """The gate verdict and its checks, value against threshold (markdown)."""
-    from tasks.model_card import gate_table
+    from tasks.registry.card import gate_table
 
     if not gate:
         return []

@@ -33,7 +33,7 @@ def key_set_problems(expected: dict[str, tuple], got: dict[str, tuple], limit: i
 
 # The exit code of a training command stopped by SIGTERM after saving a resumable state: 128 +
 # SIGTERM, what a shell reports for a process the signal ended. Not 2, so an orchestrator
-# (tasks.launcher, Prefect's retries) retries it, and the retry resumes.
+# (tasks.stages.launcher, Prefect's retries) retries it, and the retry resumes.
 EXIT_STOPPED = 143
 
 

@@ -21,111 +21,36 @@ from __future__ import annotations
 import contextlib
 import warnings
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from moe.config_types import DTYPE_ALIASES, Frames, Seed, Side
-from moe.devices import resolve_device
+from moe.config.generate import INPUT_FIELDS, GenerateConfig
+from moe.config.instruments import expert_index
+from moe.config.numbers import DTYPE_ALIASES
+from moe.config.presets import get_preset
 from moe.errors import MoeError
-from moe.file_kind import require_kind
-from moe.lora_moe.experts import expert_index
+from moe.files.output_paths import claim_output
 from moe.lora_moe.routing import GateSmoother, RoutingState, compute_gates
-from moe.output_paths import claim_output
-from moe.progress import phase, quiet_third_party_output
+from moe.runtime.devices import resolve_device
+from moe.runtime.progress import phase, quiet_third_party_output
 from moe.wan.checkpoint import check_checkpoint_task
-from moe.wan.runtime_options import DiTRuntimeOptions
-from moe.wan.presets import get_preset
+from moe.wan.file_kind import require_kind
 
 
-class GenerateConfig(DiTRuntimeOptions):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # no nan/inf in any float option
+def with_model_files(cfg: GenerateConfig, log=None) -> GenerateConfig:
+    """`cfg` with `--model`'s files filled in (fetched and verified by its resolver);
+    `log` gets one line naming the version resolved and the download cache."""
+    from moe.model_uri import ResolvedModel, resolve_model_uri
 
-    task: str = "tiny-t2v"
-    model: str | None = Field(
-        None, description="A registered model, models:/NAME@ALIAS or models:/NAME/VERSION: its DiTs, LoRA-MoE and "
-        "components are fetched (sha256 verified) instead of --dit/--lora_moe_weights/--model_set.",
-    )
-    dit: Path | None = Field(None, description="Low-noise DiT (base for --lora_weight, merged for --lora_moe_weights).")
-    dit_high_noise: Path | None = Field(None, description="High-noise DiT (A14B tasks).")
-    lora_weight: Path | None = Field(None, description="Stage 1: a vanilla LoRA applied to both DiTs.")
-    lora_multiplier: float = 1.0
-    lora_moe_weights: Path | None = Field(None, description="Stage 2: a LoRA-MoE file.")
-    instrument_hint: str | None = Field(None, description="Force one expert (scissors, hook, suction, other).")
-    alpha_expert: float = Field(1.0, description="Strength of the expert mixture.")
-    alpha_base: float | None = Field(None, description="Accepted and ignored: there is no base_lora.")
-    routing_beta: float = Field(0.5, ge=0, lt=1, description="Gate smoothing across sampling steps.")
-    model_set: Path | None = Field(None, description="Folder with vae/, text_encoder/, tokenizer/.")
-    vae: Path | None = None
-    text_encoder: Path | None = None
-    tokenizer: Path | None = None
-    prompt: str = Field(description="What to generate.")
-    negative_prompt: str = ""
-    image: Path | None = Field(None, description="First frame (I2V tasks).")
-    video_size: tuple[Side, Side] = Field((64, 64), description="WIDTHxHEIGHT (multiples of 16).")
-    video_length: Frames = Field(17, description="Frames, 4k+1.")
-    infer_steps: int = Field(20, ge=1, le=1000)
-    guidance_scale: float | None = Field(None, ge=0, le=100, description="CFG for the low-noise DiT (default: the task's).")
-    guidance_scale_high_noise: float | None = Field(None, ge=0, le=100, description="CFG for the high-noise DiT.")
-    flow_shift: float | None = Field(None, gt=0, le=100, description="Sampling shift (default: the task's).")
-    seed: Seed = 0
-    fps: float = Field(16.0, gt=0, le=240)
-    device: str = "cpu"
-    dtype: Literal["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"] = Field("float32", description="float32, bfloat16 or float16.")
-    save_path: Path = Field(description="Output MP4.")
-    overwrite: bool = Field(False, description="Replace an existing MP4 that lora-moe wrote at --save_path.")
-
-    @field_validator("task")
-    @classmethod
-    def _known_task(cls, v: str) -> str:
-        get_preset(v)  # MoeError is a ValueError: pydantic reports it as --task's problem
-        return v
-
-    @field_validator("video_size", mode="before")
-    @classmethod
-    def _parse_size(cls, v):
-        """Accept `WxH` as well as `W,H` (a 1-tuple when it comes from the comma-splitting CLI)."""
-        if isinstance(v, (tuple, list)) and len(v) == 1:
-            v = v[0]
-        if isinstance(v, str):
-            v = v.lower().replace("x", ",").split(",")
-        return v
-
-    @model_validator(mode="after")
-    def _one_adapter(self) -> GenerateConfig:
-        if self.model is not None:
-            given = [f"--{name}" for name in _MODEL_FIELDS if getattr(self, name) is not None]
-            if given:
-                raise ValueError(f"--model supplies the DiTs, the LoRA-MoE and the components: drop {', '.join(given)}")
-            return self
-        if self.dit is None:
-            raise ValueError("pass --dit (and --dit_high_noise) with an adapter, or a registered model as --model models:/NAME@ALIAS")
-        if self.lora_weight is not None and self.lora_moe_weights is not None:
-            raise ValueError("pass either --lora_weight (stage 1) or --lora_moe_weights (stage 2), not both")
-        if self.instrument_hint is not None and self.lora_moe_weights is None:
-            raise ValueError("--instrument_hint needs --lora_moe_weights")
-        return self
-
-    def with_model_files(self, log=None) -> GenerateConfig:
-        """This config with `--model`'s files filled in (fetched and verified by its resolver);
-        `log` gets one line naming the version resolved and the download cache."""
-        from moe.model_uri import ResolvedModel, resolve_model_uri
-
-        if self.model is None:
-            return self
-        resolved = resolve_model_uri(self.model)
-        if log is not None:
-            log(resolved.report(self.model))
-        if "task" in self.model_fields_set and self.task != resolved.task:
-            raise MoeError(f"--model {self.model} ({resolved.source}) is a {resolved.task} model, not --task {self.task}")
-        return self.model_copy(update=resolved.model_dump(include=set(ResolvedModel.model_fields) & set(type(self).model_fields)))
-
-
-# The fields that name files generation reads: --save_path may be none of them.
-_INPUT_FIELDS = ("dit", "dit_high_noise", "lora_weight", "lora_moe_weights", "model_set", "vae", "text_encoder", "tokenizer", "image")
-_MODEL_FIELDS = ("dit", "dit_high_noise", "lora_weight", "lora_moe_weights", "model_set", "vae", "text_encoder", "tokenizer")  # --model's
+    if cfg.model is None:
+        return cfg
+    resolved = resolve_model_uri(cfg.model)
+    if log is not None:
+        log(resolved.report(cfg.model))
+    if "task" in cfg.model_fields_set and cfg.task != resolved.task:
+        raise MoeError(f"--model {cfg.model} ({resolved.source}) is a {resolved.task} model, not --task {cfg.task}")
+    return cfg.model_copy(update=resolved.model_dump(include=set(ResolvedModel.model_fields) & set(type(cfg).model_fields)))
 
 
 class MoERouting:
@@ -317,7 +242,7 @@ def generate_video(cfg: GenerateConfig, log=None):
 
     @contextlib.contextmanager
     def claimed(cfg):
-        inputs = {f"--{name}": getattr(cfg, name) for name in _INPUT_FIELDS}
+        inputs = {f"--{name}": getattr(cfg, name) for name in INPUT_FIELDS}
         with claim_output(cfg.save_path, flag="--save_path", inputs=inputs, overwrite=cfg.overwrite, is_ours=written_by_lora_moe):
             if cfg.save_path.suffix.lower() != ".mp4":
                 raise MoeError(f"--save_path {cfg.save_path} must end in .mp4 (the video is written as H.264 MP4)")
@@ -326,7 +251,7 @@ def generate_video(cfg: GenerateConfig, log=None):
     if cfg.model is not None:
         with claimed(cfg):  # refused now, not after the fetch
             pass
-    cfg = cfg.with_model_files(log)  # --model: fetched and verified before anything is written
+    cfg = with_model_files(cfg, log)  # --model: fetched and verified before anything is written
     preset = get_preset(cfg.task)
     _check_inputs(cfg, preset)
     with claimed(cfg):
@@ -345,8 +270,8 @@ def _check_complete(cfg: GenerateConfig, preset) -> None:
 
 def _generate(cfg: GenerateConfig, preset, log=None):
     from moe.data.video import write_video
+    from moe.dit.expert import load_expert
     from moe.wan.encoding import encode_prompts
-    from moe.wan.expert import load_expert
 
     dtype = getattr(torch, DTYPE_ALIASES[cfg.dtype])
     runtime = dict(compile=cfg.compile, compile_mode=cfg.compile_mode, attention_backend=cfg.attention_backend)

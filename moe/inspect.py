@@ -1,6 +1,6 @@
 """`lora-moe inspect`: a few lines saying what a file or checkpoint folder is and holds.
 
-The kind comes from `moe.file_kind` (headers only); the details from the readers of each format.
+The kind comes from `moe.wan.file_kind` (headers only); the details from the readers of each format.
 """
 
 from __future__ import annotations
@@ -8,16 +8,16 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from moe.atomic import temporary_target
+from moe.config.targets import describe_modules
 from moe.errors import MoeError
-from moe.file_kind import KIND_NAMES, classify
+from moe.files.atomic import temporary_target
+from moe.files.output_paths import leftovers_report
 from moe.lora.convert import describe_support
 from moe.lora.file import read_lora_file
 from moe.lora.peft_header import HEADER_KEY
-from moe.lora.targets import describe_modules
 from moe.lora_moe.file import read_lora_moe_file
-from moe.output_paths import leftovers_report
 from moe.wan.checkpoint import guess_dit_config, resolve_checkpoint
+from moe.wan.file_kind import KIND_NAMES, classify
 
 
 def inspect_report(path: str | Path) -> str:

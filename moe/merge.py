@@ -39,18 +39,18 @@ import torch
 from pydantic import BaseModel
 
 from moe import __version__
-from moe.atomic import atomic_dir, atomic_file
-from moe.config_types import FiniteFloat, checked
+from moe.config.numbers import FiniteFloat, checked
+from moe.config.presets import get_preset
 from moe.errors import MoeError
-from moe.file_kind import MERGED_FROM_KEY, require_kind, written_as
-from moe.hashing import sha256_file
+from moe.files.atomic import atomic_dir, atomic_file
+from moe.files.hashing import sha256_file
+from moe.files.output_paths import claim_output
+from moe.files.safetensors_file import DTYPES, FLOAT_DTYPES, SafetensorsHeader, encode_header, readinto_exact, resolve_files
 from moe.lora.file import LoRAFile, LoRAModuleWeights, read_lora_file
-from moe.output_paths import claim_output
-from moe.progress import progress as progress_bar
-from moe.safetensors_file import DTYPES, FLOAT_DTYPES, SafetensorsHeader, encode_header, readinto_exact, resolve_files
+from moe.runtime.progress import progress as progress_bar
 from moe.wan.checkpoint import CheckpointLayout, check_checkpoint_task, resolve_checkpoint
+from moe.wan.file_kind import MERGED_FROM_KEY, require_kind, written_as
 from moe.wan.fp8 import FP8_MAX, SCALE_WEIGHT_SUFFIX, SCALED_FP8_MARKER, scale_key_for
-from moe.wan.presets import get_preset
 
 COPY_CHUNK_BYTES = 8 << 20
 # Rows of a target weight merged at once: an 8 MB fp32 working block (a whole A14B FFN weight

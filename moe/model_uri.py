@@ -22,7 +22,7 @@ RESOLVER_GROUP = "lora_moe.model_uri_resolvers"
 
 class ResolvedModel(BaseModel):
     """A registered model's `lora-moe generate` inputs as local paths, by option name (what a
-    resolver returns; tasks.model_bundle builds it)."""
+    resolver returns; tasks.registry.bundle builds it)."""
 
     task: str
     dit: Path

@@ -24,10 +24,10 @@ from pipeline_fixtures import (  # noqa: F401
     s3_pipeline,
 )
 
+from moe.config.presets import get_preset
+from moe.config.targets import TargetSpec
 from moe.lora.file import LoRAModuleWeights, write_lora_file
-from moe.lora.targets import TargetSpec
 from moe.wan.checkpoint import build_random_transformer, transformer_state_dict
-from moe.wan.presets import get_preset
 
 
 def run_cli(capsys, argv) -> tuple[int, str, str]:
@@ -77,8 +77,8 @@ def tiny_workspace(tmp_path_factory):
     """A tiny-t2v model set, a synthetic data set (24 clips, 17 frames, 64x64) and its latent
     cache, built once per test session."""
     from moe.data.cache import build_cache
-    from moe.data.synth import synthesize_dataset
-    from moe.wan.model_set import write_tiny_model_set
+    from moe.tiny.model_set import write_tiny_model_set
+    from moe.tiny.synth import synthesize_dataset
 
     root = tmp_path_factory.mktemp("workspace")
     models = write_tiny_model_set(root / "models", "tiny-t2v", seed=0)
@@ -90,9 +90,9 @@ def tiny_workspace(tmp_path_factory):
 @pytest.fixture(scope="session")
 def merged_workspace(tiny_workspace):
     """`tiny_workspace` plus a short stage-1 LoRA merged into both experts."""
-    from moe.train.config import Stage1Config
+    from moe.config.train import Stage1Config
+    from moe.tiny.workflow import merge_both_experts
     from moe.train.stage1 import train_stage1
-    from moe.workflow import merge_both_experts
 
     root, models = tiny_workspace["root"], tiny_workspace["models"]
     train_stage1(
@@ -110,7 +110,7 @@ def merged_workspace(tiny_workspace):
 @pytest.fixture(scope="session")
 def stage2_run(merged_workspace):
     """A short stage-2 run on the merged workspace (for file, inference and export tests)."""
-    from moe.train.config import Stage2Config
+    from moe.config.train import Stage2Config
     from moe.train.stage2 import train_stage2
 
     out = merged_workspace["root"] / "stage2"
@@ -138,10 +138,10 @@ def demo_run(tmp_path_factory):
     return out
 
 
-# Another process holding `moe.output_lock` on a target: a live run, for the lock tests.
+# Another process holding `moe.files.output_lock` on a target: a live run, for the lock tests.
 _HOLD_LOCK = """
 import sys, time
-from moe.output_lock import output_lock
+from moe.files.output_lock import output_lock
 with output_lock(sys.argv[1], "--out"):
     print("held", flush=True)
     time.sleep(120)

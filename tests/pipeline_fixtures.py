@@ -198,8 +198,8 @@ def registrar(mlflow_uri: str, tmp_path: Path, name: str):
     bundle, inside a `register` stage run of a fresh pipeline run, with `loss` as the primary metric."""
     import json
 
-    from tasks.registry import metric_tag, register_bundle
-    from tasks.tracking import TrackingSettings, mlflow_client, stage_run, start_pipeline_run
+    from tasks.registry.tracking import TrackingSettings, mlflow_client, stage_run, start_pipeline_run
+    from tasks.registry.versions import metric_tag, register_bundle
 
     ctx = start_pipeline_run(TrackingSettings(experiment=name), mlflow_uri, str(tmp_path / "artifacts"),
                              {"prefect.flow_run_id": "test", "prefect.flow_run_name": "test"}, {"stage1": {"lr": 0.1}})

@@ -1,4 +1,4 @@
-"""Block swap (`moe.wan.block_swap`): the hook logic, proven on the CPU.
+"""Block swap (`moe.dit.block_swap`): the hook logic, proven on the CPU.
 
 `park="host"` on the CPU is the production code path with a no-op copy (bit-identical to no
 swap); `park="meta"` makes a parked block unusable (zero-size placeholders) and every fetch a real
@@ -15,12 +15,12 @@ import pytest
 import torch
 from torch.utils.checkpoint import set_checkpoint_early_stop
 
+from moe.config.presets import get_preset
+from moe.dit.block_swap import BlockSwap, enable_block_swap
 from moe.errors import MoeError
 from moe.lora.inject import build_adapters, inject_lora
-from moe.wan.block_swap import BlockSwap, enable_block_swap
 from moe.wan.checkpoint import build_random_transformer
 from moe.wan.fp8 import FP8_DTYPE, Fp8Linear, convert_to_fp8
-from moe.wan.presets import get_preset
 
 BLOCKS = 8  # tiny-t2v
 SUBMODULES = ("self_attn.q", "self_attn.v", "cross_attn.k", "ffn.0")

@@ -17,9 +17,10 @@ from moe.data.cover_crop import fit_frames
 from moe.data.dataset import CachedClipDataset, collate_clips, load_clip
 from moe.data.manifest import ClipRecord, read_manifest, write_manifest
 from moe.data.roi import roi_mask
-from moe.data.synth import synthesize_dataset
 from moe.data.video import read_video, write_video
 from moe.errors import MoeError
+from moe.tiny.model_set import write_tiny_model_set
+from moe.tiny.synth import synthesize_dataset
 from moe.wan.component_loaders import load_text_encoder, load_tokenizer, load_vae
 from moe.wan.encoding import (
     encode_prompts,
@@ -27,7 +28,6 @@ from moe.wan.encoding import (
     i2v_condition,
     i2v_first_frame_mask,
 )
-from moe.wan.model_set import write_tiny_model_set
 
 SIZE = (64, 64)
 FRAMES = 9  # -> 3 latent frames of 8x8 cells

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from moe.config.presets import get_preset
 from moe.errors import MoeError
 from moe.wan.checkpoint import (
     load_transformer,
@@ -14,7 +15,6 @@ from moe.wan.checkpoint import (
     write_checkpoint,
 )
 from moe.wan.keys import COMFY_PREFIX, KeyFormat
-from moe.wan.presets import get_preset
 
 FORMATS = [
     KeyFormat(style="original"),

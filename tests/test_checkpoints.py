@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from moe.config.train import Stage1Config, Stage2Config
 from moe.errors import EXIT_STOPPED
-from moe.train.config import Stage1Config, Stage2Config
 from moe.train.stage1 import Stage1Module, train_stage1
 from moe.train.stage2 import train_stage2
 from moe.train.state_names import latest_state, resumable_states, state_name
@@ -165,15 +165,15 @@ def test_sigterm_saves_a_state_and_the_resumed_run_ends_exactly(straight1, tiny_
 def test_a_retried_training_stage_resumes_from_the_newest_state(tmp_path):
     """The pipeline's training stage passes --resume when its work folder holds a state, epoch's
     or step's, naming the newest by optimizer step (not the largest number in the name)."""
-    from tasks.stages import resume_flags
+    from tasks.stages.prefect_tasks import start_options
 
     out = tmp_path / "out"
     out.mkdir()
-    assert resume_flags(out) == (["--overwrite"], None)
+    assert start_options(out) == ({"overwrite": True}, None)
     (out / "state-nonfinite-step-3").mkdir()  # not resumable
-    assert resume_flags(out) == (["--overwrite"], None)
+    assert start_options(out) == ({"overwrite": True}, None)
     for name in ("state-epoch-1", "state-epoch-1-step-00000007", "state-epoch-0-step-00000003"):
         (out / name).mkdir()
-    assert resume_flags(out) == (["--resume"], out / "state-epoch-1-step-00000007")
+    assert start_options(out) == ({"resume": True}, out / "state-epoch-1-step-00000007")
     (out / "state-epoch-2").mkdir()  # step 10, say: newer than step 7 of the second epoch
-    assert resume_flags(out) == (["--resume"], out / "state-epoch-2")
+    assert start_options(out) == ({"resume": True}, out / "state-epoch-2")

@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 from conftest import random_lora, run_cli
 
+from moe.config.targets import TargetSpec
 from moe.lora.file import write_lora_file
-from moe.lora.targets import TargetSpec
 
 
 def _lora_moe_file(path: Path, preset) -> Path:
-    from moe.lora_moe.experts import EXPERTS
+    from moe.config.instruments import INSTRUMENT_CLASSES
     from moe.lora_moe.file import write_lora_moe_file
     from moe.lora_moe.gates import TimestepGate
     from moe.lora_moe.model import inject_lora_moe
@@ -34,17 +34,17 @@ def _lora_moe_file(path: Path, preset) -> Path:
     from moe.wan.checkpoint import build_random_transformer
 
     model = build_random_transformer(preset, seed=0)
-    adapters = inject_lora_moe(model, TargetSpec().resolve(preset.dit.num_layers), 1.0, EXPERTS, RoutingState())
-    return write_lora_moe_file(path, adapters, Router(RouterConfig.for_preset(preset)), TimestepGate(len(EXPERTS)),
-                               experts=EXPERTS, targets=TargetSpec(), task=preset.task,
+    adapters = inject_lora_moe(model, TargetSpec().resolve(preset.dit.num_layers), 1.0, INSTRUMENT_CLASSES, RoutingState())
+    return write_lora_moe_file(path, adapters, Router(RouterConfig.for_preset(preset)), TimestepGate(len(INSTRUMENT_CLASSES)),
+                               experts=INSTRUMENT_CLASSES, targets=TargetSpec(), task=preset.task,
                                merged_dits={"high_noise": "a" * 64, "low_noise": "b" * 64})
 
 
 @pytest.fixture(scope="module")
 def w(tmp_path_factory, tiny_state, tiny_preset):
     """Good inputs (a tiny model set, a LoRA, a LoRA-MoE, a 2-clip manifest) and bad ones."""
-    from moe.data.synth import synthesize_dataset
-    from moe.wan.model_set import write_tiny_model_set
+    from moe.tiny.model_set import write_tiny_model_set
+    from moe.tiny.synth import synthesize_dataset
 
     root = tmp_path_factory.mktemp("bad_inputs")
     models = write_tiny_model_set(root / "models", "tiny-t2v", seed=0)

@@ -53,7 +53,7 @@ USAGE_ERRORS = [
      "Error: No such option: --lora_multiplyer (Possible options: --lora_multiplier)"),
     (["stage1", "--network_dimm", "4"], "Error: No such option: --network_dimm (Possible options: --network_alpha, --network_dim)"),
     (["generate", "--lora_multiplyer", "1"], "(Possible options: --lora_multiplier)"),
-    (["merge", "--dit", "a.safetensors"], "Error: Missing option '--lora_weight'."),
+    (["merge", "--dit", "a.safetensors"], "--lora_weight is required"),
     (["data", "synth", "--clips", "abc", "--out", "x"], "Error: Invalid value for '--clips': Input should be a valid integer"),
     (["stage1", "--network_dim", "abc"], "Error: Invalid value for '--network_dim': Input should be a valid integer"),
     (["stage1", "--lr_scheduler", "foo"], "Error: Invalid value for '--lr_scheduler'"),

@@ -1,4 +1,4 @@
-"""`--compile` (`moe.wan.compile`: regional torch.compile, one block's forward at a time) and
+"""`--compile` (`moe.dit.compile`: regional torch.compile, one block's forward at a time) and
 `--attention_backend` (`moe.wan.attention`), on the CPU.
 
 Most checks compile with the `aot_eager` backend: dynamo traces each block and AOTAutograd
@@ -23,18 +23,18 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-import moe.wan.compile as compile_mod
+import moe.dit.compile as compile_mod
+from moe.config.presets import get_preset
+from moe.config.runtime_options import AttentionBackend, CompileMode
+from moe.dit.block_swap import enable_block_swap
+from moe.dit.compile import COMPILE_MODES, compile_blocks, is_compiled, uncompile_blocks
 from moe.errors import MoeError
 from moe.lora.inject import build_adapters, inject_lora
 from moe.lora_moe.model import inject_lora_moe
 from moe.lora_moe.routing import RoutingState
 from moe.wan.attention import BACKENDS, attention_backend_of, check_attention_backend, set_attention_backend
-from moe.wan.block_swap import enable_block_swap
 from moe.wan.checkpoint import build_random_transformer
-from moe.wan.compile import COMPILE_MODES, compile_blocks, is_compiled, uncompile_blocks
 from moe.wan.fp8 import convert_to_fp8
-from moe.wan.presets import get_preset
-from moe.wan.runtime_options import AttentionBackend, CompileMode
 
 SUBMODULES = ("self_attn.q", "self_attn.v", "cross_attn.k", "ffn.0")
 EXACT = dict(rtol=1e-5, atol=1e-6)  # aot_eager: the same ops as eager
@@ -187,13 +187,13 @@ def test_stage1_compiled_run_matches_eager(tiny_workspace, tmp_path, monkeypatch
     eager run ends."""
     from safetensors.torch import load_file
 
-    from moe.train.config import Stage1Config
+    from moe.config.train import Stage1Config
     from moe.train.stage1 import train_stage1
 
     monkeypatch.setattr(compile_mod, "DEFAULT_BACKEND", "aot_eager")
     calls = []
     real = compile_mod.compile_blocks
-    monkeypatch.setattr("moe.wan.expert.compile_blocks", lambda m, mode: calls.append(real(m, mode, dynamic=False)))
+    monkeypatch.setattr("moe.dit.expert.compile_blocks", lambda m, mode: calls.append(real(m, mode, dynamic=False)))
 
     def cfg(out, **kw):
         return Stage1Config(task="tiny-t2v", dit=tiny_workspace["models"].low_noise, dit_high_noise=tiny_workspace["models"].high_noise,
@@ -228,7 +228,7 @@ def test_backend_names_are_diffusers():
 def test_native_by_default_and_native_kernels_agree(tiny_workspace, monkeypatch):
     """`load_expert` points every attention layer at `native` (PyTorch SDPA); the math and
     flash SDPA kernels give the same result on the CPU."""
-    from moe.wan.expert import load_expert
+    from moe.dit.expert import load_expert
 
     models = tiny_workspace["models"]
     model = load_expert(models.low_noise, get_preset("tiny-t2v"), None, "cpu")
@@ -251,9 +251,9 @@ def test_native_by_default_and_native_kernels_agree(tiny_workspace, monkeypatch)
 
 
 def test_backend_refusals(tiny_workspace, tmp_path):
-    from moe.train.config import Stage1Config
+    from moe.config.train import Stage1Config
+    from moe.dit.expert import load_expert
     from moe.train.stage1 import train_stage1
-    from moe.wan.expert import load_expert
 
     with pytest.raises(MoeError, match=r"^--attention_backend flash needs flash-attn>=2.6.3 \(pip install flash-attn"):
         check_attention_backend("flash", device="cuda")

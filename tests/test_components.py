@@ -14,9 +14,10 @@ from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers  # 
 from diffusers.pipelines.wan.pipeline_wan import WanPipeline  # noqa: E402
 from diffusers.pipelines.wan.pipeline_wan_i2v import WanImageToVideoPipeline  # noqa: E402
 
+from moe.config.presets import get_preset  # noqa: E402
 from moe.errors import MoeError  # noqa: E402
-from moe.wan import component_keys, component_loaders, encoding, tiny_components  # noqa: E402
-from moe.wan.presets import get_preset  # noqa: E402
+from moe.tiny import components as tiny_components  # noqa: E402
+from moe.wan import component_keys, component_loaders, encoding  # noqa: E402
 
 PRESET = get_preset("tiny-i2v")
 CAPTION_WORDS = (
@@ -214,7 +215,7 @@ def test_umt5_xxl_config_is_inferred_from_shapes():
 
 def test_vae_original_pth_round_trip(tmp_path, video):
     # diffusers' converter only knows the released layout (num_res_blocks 2): a narrow VAE of it
-    config = dict(tiny_components.tiny_vae_kwargs(PRESET), num_res_blocks=2)
+    config = dict(component_loaders.tiny_vae_kwargs(PRESET), num_res_blocks=2)
     reference = AutoencoderKLWan(**config).eval()
     original = component_keys.wan_vae_to_original_keys(reference.state_dict())
     assert "decoder.upsamples.4.shortcut.weight" in original and "encoder.conv1.weight" in original
@@ -232,7 +233,7 @@ def test_vae_original_pth_round_trip(tmp_path, video):
     with pytest.raises(MoeError, match="shape mismatches"):  # tiny weights against the real config
         component_loaders.load_vae(pth)
     with pytest.raises(MoeError, match="num_res_blocks=2"):
-        component_loaders.load_vae(pth, config=tiny_components.tiny_vae_kwargs(PRESET))
+        component_loaders.load_vae(pth, config=component_loaders.tiny_vae_kwargs(PRESET))
     del original["decoder.head.2.bias"]
     torch.save(original, pth)
     with pytest.raises(MoeError, match="missing keys: decoder.conv_out.bias"):

@@ -14,7 +14,7 @@ OPEN_STORE = """
 import sys, time
 start = float(sys.argv[2])
 import mlflow  # imported before the common start, so that the creations overlap
-from tasks.tracking import mlflow_client
+from tasks.registry.tracking import mlflow_client
 time.sleep(max(0.0, start - time.time()))
 client = mlflow_client(sys.argv[1])
 client.create_experiment(f"e-{sys.argv[3]}")

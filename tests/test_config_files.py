@@ -27,12 +27,15 @@ import yaml
 # exactly as `lora-moe COMMAND --config FILE` loads it, wherever the configs themselves live.
 from moe.cli import _register_commands
 from moe.cli.app import app
+from moe.cli.cache import CacheConfig
+from moe.cli.checkpoints import MergeConfig
 from moe.cli.config_command import build_config, read_config_file
 from moe.cli.eval import EvalConfig
 from moe.cli.training import GenerateConfig, Stage1Config, Stage2Config
 
 # The commands that take --config, and the config class each one validates its options with.
-CONFIG_CLASSES = {"stage1": Stage1Config, "stage2": Stage2Config, "eval": EvalConfig, "generate": GenerateConfig}
+CONFIG_CLASSES = {"stage1": Stage1Config, "stage2": Stage2Config, "eval": EvalConfig, "generate": GenerateConfig,
+                  "cache": CacheConfig, "merge": MergeConfig}
 # The files the stage-1 and stage-2 commands write into their --output_dir.
 VANILLA_LORA_FILE = "vanilla_lora.safetensors"
 LORA_MOE_FILE = "lora_moe_stage2.safetensors"
@@ -217,7 +220,7 @@ def test_a14b_stages_hand_each_other_their_outputs(cli):
     cache, stage1, stage2, evaluation, generate = (_a14b(n, cli) for n in ("cache", "stage1", "stage2", "eval", "generate"))
     low, high = _a14b("merge-low", cli), _a14b("merge-high", cli)
     assert {c["task"] for c in (cache, stage1, stage2, evaluation, generate, low, high)} == {"i2v-A14B"}
-    assert Path(stage1["dataset"]) == Path(stage2["dataset"]) == Path(evaluation["dataset"]) == Path(cache["out"])
+    assert Path(stage1["dataset"]) == Path(stage2["dataset"]) == Path(evaluation["dataset"]) == Path(cache["output_dir"])
     for merge, base in ((low, stage1["dit"]), (high, stage1["dit_high_noise"])):
         assert Path(merge["dit"]) == Path(base)
         assert Path(merge["lora_weight"]) == Path(stage1["output_dir"]) / VANILLA_LORA_FILE

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from moe.safetensors_file import read_header
+from moe.files.safetensors_file import read_header
 from moe.train.train_state import TRAINABLE_FILE
 from moe.wan.checkpoint import read_checkpoint, write_checkpoint
 

@@ -246,7 +246,7 @@ def test_split_keeps_one_source_on_each_side_and_checks_fraction():
 
 def test_data_check_command_reports_every_bad_clip(tmp_path, capsys):
     from moe.cli import main
-    from moe.data.synth import synthesize_dataset
+    from moe.tiny.synth import synthesize_dataset
 
     manifest = synthesize_dataset(tmp_path / "d", clips=3, frames=9, size=(32, 32), seed=0)
     with pytest.raises(SystemExit) as ok:

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from moe.data.manifest import EXPERT_CLASSES, check_videos, read_manifest
-from moe.data.synth import plan_dataset, render_clip, synthesize_dataset
+from moe.config.instruments import INSTRUMENT_CLASSES
+from moe.data.manifest import check_videos, read_manifest
 from moe.data.video import read_video
 from moe.errors import MoeError
+from moe.tiny.synth import plan_dataset, render_clip, synthesize_dataset
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def test_same_seed_gives_identical_files_and_other_seed_differs(dataset, tmp_pat
 
 def test_classes_are_balanced_and_captions_name_them(dataset):
     records = read_manifest(dataset)
-    assert Counter(r.instruments[0] for r in records) == {name: 4 for name in EXPERT_CLASSES}
+    assert Counter(r.instruments[0] for r in records) == {name: 4 for name in INSTRUMENT_CLASSES}
     words = {"scissors": "scissors", "hook": "hook", "suction": "suction", "other": "grasper"}
     for record in records:
         assert 1 <= len(record.instruments) <= 2
@@ -53,7 +54,7 @@ def test_classes_are_balanced_and_captions_name_them(dataset):
         for label in record.instruments:
             assert words[label] in record.caption
     primaries = Counter(p.labels[0] for p in plan_dataset(10, 5, (32, 32), seed=1))
-    assert set(primaries) == set(EXPERT_CLASSES)
+    assert set(primaries) == set(INSTRUMENT_CLASSES)
     assert max(primaries.values()) - min(primaries.values()) <= 1
 
 

@@ -6,8 +6,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
 from moe.lora.file import read_lora_file
 from moe.lora.inject import adapters_from_weights, inject_lora
+from moe.tiny.components import build_tiny_text_encoder, build_tiny_vae
 from moe.wan.checkpoint import build_random_transformer
-from moe.wan.tiny_components import build_tiny_text_encoder, build_tiny_vae
 
 
 @pytest.mark.parametrize("multiplier", [1.0, 0.6])

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import run_cli
 
-from moe.wan.presets import PRESETS
+from moe.config.presets import PRESETS
 
 
 def _cli(capsys, argv):

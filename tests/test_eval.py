@@ -15,16 +15,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from moe.cli import main
+from moe.config.presets import get_preset
 from moe.data.cache_index import CacheIndex
 from moe.data.dataset import load_clip
 from moe.data.video import probe_video, read_video
+from moe.dit.validation import fixed_noise
 from moe.eval import EvalConfig, EvalReport, PromotionGate, evaluate
 from moe.eval.metrics import Bootstrap
-from moe.safetensors_file import read_header
-from moe.train.validation import fixed_noise
+from moe.files.safetensors_file import read_header
 from moe.wan.checkpoint import load_transformer
 from moe.wan.keys import module_to_diffusers
-from moe.wan.presets import get_preset
 
 SPECIFIC = ("scissors", "hook", "suction")
 
@@ -370,7 +370,7 @@ def test_bootstrap_intervals():
 
 
 def test_gate_and_report_import_no_torch():
-    code = "import sys, moe.eval, moe.eval.gate, moe.eval.report, moe.eval.config; assert 'torch' not in sys.modules"
+    code = "import sys, moe.eval, moe.config.gate, moe.eval.report, moe.config.eval; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
@@ -379,19 +379,19 @@ def test_image_to_video_eval_runs_end_to_end(tmp_path):
     first-frame latent, samples are conditioned on the real clip's first frame."""
     from conftest import random_lora
 
+    from moe.config.instruments import INSTRUMENT_CLASSES
+    from moe.config.targets import TargetSpec
     from moe.data.cache import build_cache
-    from moe.data.synth import synthesize_dataset
-    from moe.hashing import sha256_file
+    from moe.files.hashing import sha256_file
     from moe.lora.file import write_lora_file
-    from moe.lora.targets import TargetSpec
-    from moe.lora_moe.experts import EXPERTS
     from moe.lora_moe.file import write_lora_moe_file
     from moe.lora_moe.gates import TimestepGate
     from moe.lora_moe.model import build_moe_adapters
     from moe.lora_moe.router import Router, RouterConfig
+    from moe.tiny.model_set import write_tiny_model_set
+    from moe.tiny.synth import synthesize_dataset
+    from moe.tiny.workflow import merge_both_experts
     from moe.wan.checkpoint import transformer_state_dict
-    from moe.wan.model_set import write_tiny_model_set
-    from moe.workflow import merge_both_experts
 
     preset, spec = get_preset("tiny-i2v"), TargetSpec()
     models = write_tiny_model_set(tmp_path / "models", "tiny-i2v", seed=0)
@@ -403,11 +403,11 @@ def test_image_to_video_eval_runs_end_to_end(tmp_path):
     merged = tmp_path / "merged_low.safetensors", tmp_path / "merged_high.safetensors"
     merge_both_experts(models.low_noise, models.high_noise, lora, *merged)
     torch.manual_seed(0)
-    adapters = build_moe_adapters(low, modules, spec.alpha, len(EXPERTS))
+    adapters = build_moe_adapters(low, modules, spec.alpha, len(INSTRUMENT_CLASSES))
     for a in adapters.values():
         torch.nn.init.normal_(a.lora_up, std=0.05)
     router = Router(RouterConfig.for_preset(preset))
-    moe = write_lora_moe_file(tmp_path / "moe.safetensors", adapters, router, TimestepGate(len(EXPERTS)), experts=EXPERTS,
+    moe = write_lora_moe_file(tmp_path / "moe.safetensors", adapters, router, TimestepGate(len(INSTRUMENT_CLASSES)), experts=INSTRUMENT_CLASSES,
                               targets=spec, task="tiny-i2v",
                               merged_dits={"low": sha256_file(merged[0]), "high": sha256_file(merged[1])})
     report = evaluate(EvalConfig(

@@ -92,13 +92,13 @@ def test_the_report_leads_with_the_numbers_and_pictures(generated):
 
 
 def test_the_classifier_is_kept_and_loads(generated):
+    from moe.config.instruments import INSTRUMENT_CLASSES
     from moe.eval.instrument_classifier import classify_clips, load_classifier
-    from moe.lora_moe.experts import EXPERTS
 
     out, report = generated
     c = report.generation.classifier
     assert c.weights == "classifier/instrument_classifier.safetensors" and (out / c.sidecar).is_file()
-    model = load_classifier(out / c.weights, EXPERTS)
+    model = load_classifier(out / c.weights, INSTRUMENT_CLASSES)
     assert model.summary.train_clips == c.train_clips > 0 and model.summary.held_out.overall == c.held_out_presence_accuracy
     assert classify_clips(model, [np.zeros((3, 64, 64, 3), np.uint8)]).shape == (1, 4)
     assert f"]({c.weights})" in (out / "report.md").read_text()
@@ -164,7 +164,7 @@ def test_the_same_seed_gives_the_same_numbers(generated, stage2_run, tmp_path):
 
 
 def test_the_demo_generates_one_prompt_per_instrument_class(demo_run):
-    """The tiny workflow's eval (`moe.workflow.eval_options`): each hint once, every variant
+    """The tiny workflow's eval (`moe.tiny.workflow.eval_options`): each hint once, every variant
     measured, the sample prompts' clips shared with the metric prompts (full contact-sheet rows)."""
     report = EvalReport.read(demo_run / "eval" / "eval_report.json")
     g = report.generation

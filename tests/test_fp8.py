@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
+from moe.config.presets import get_preset
 from moe.lora.layer import LoRAAdapter, LoRALinear
 from moe.lora_moe.layer import LoRAMoEAdapter, LoRAMoELinear
 from moe.lora_moe.routing import RoutingState
 from moe.wan.checkpoint import build_random_transformer, load_transformer, transformer_state_dict, write_checkpoint
-from moe.wan.presets import get_preset
 from moe.wan.fp8 import (
     FP8_DTYPE,
     Fp8Linear,
@@ -223,9 +223,9 @@ def test_fp8_checkpoints_load_as_fp8_or_dequantised(tiny_file, tiny_preset, tmp_
 def test_fp8_checkpoint_passes_the_task_check_and_a_wrong_task_is_named(tiny_file, tmp_path):
     from fp8_files import write_fp8_checkpoint
 
+    from moe.config.presets import get_preset
     from moe.errors import MoeError
     from moe.wan.checkpoint import check_checkpoint_task
-    from moe.wan.presets import get_preset
 
     model, _ = tiny_file
     path = write_fp8_checkpoint(transformer_state_dict(model), tmp_path / "dit.safetensors", "comfy_scaled", scale_input=True)
@@ -239,9 +239,9 @@ def test_fp8_checkpoint_passes_the_task_check_and_a_wrong_task_is_named(tiny_fil
 
 
 def test_auto_placement_keeps_both_fp8_a14b_experts_on_an_80gb_card():
-    from moe.train.dual_dit import GiB, should_offload
-    from moe.wan.expert import expert_bytes
-    from moe.wan.presets import get_preset
+    from moe.config.presets import get_preset
+    from moe.dit.dual_dit import GiB, should_offload
+    from moe.dit.expert import expert_bytes
 
     a14b = get_preset("t2v-A14B")
     bf16, fp8 = expert_bytes(a14b), expert_bytes(a14b, fp8="fp8_scaled")
@@ -252,8 +252,8 @@ def test_auto_placement_keeps_both_fp8_a14b_experts_on_an_80gb_card():
 
 
 def test_memory_plan_names_storage_placement_and_swaps(tiny_workspace):
-    from moe.train.dual_dit import DualDiT
-    from moe.wan.expert import resident_bytes, swapped_bytes
+    from moe.dit.dual_dit import DualDiT
+    from moe.dit.expert import resident_bytes, swapped_bytes
 
     models, preset = tiny_workspace["models"], get_preset("tiny-t2v")
     plain = DualDiT.load(preset, models.low_noise, models.high_noise, preset.boundary, None, "cpu", "never")
@@ -272,8 +272,8 @@ def test_memory_plan_names_storage_placement_and_swaps(tiny_workspace):
 
 
 def test_blocks_to_swap_beyond_the_model_is_one_line(tiny_workspace):
+    from moe.dit.dual_dit import DualDiT
     from moe.errors import MoeError
-    from moe.train.dual_dit import DualDiT
 
     models, preset = tiny_workspace["models"], get_preset("tiny-t2v")
     with pytest.raises(MoeError, match=r"--blocks_to_swap 9: the model has 8 blocks"):

@@ -123,10 +123,10 @@ def merged_pair(tiny_workspace, tiny_state, tmp_path_factory):
     """Both experts with a random stage-1 LoRA merged in (stage 2's input; no stage-1 training)."""
     from conftest import random_lora
 
+    from moe.config.presets import get_preset
+    from moe.config.targets import TargetSpec
     from moe.lora.file import write_lora_file
-    from moe.lora.targets import TargetSpec
-    from moe.wan.presets import get_preset
-    from moe.workflow import merge_both_experts
+    from moe.tiny.workflow import merge_both_experts
 
     root = tmp_path_factory.mktemp("fsdp-merged")
     spec = TargetSpec()
@@ -159,14 +159,14 @@ def fsdp_check() -> None:
     from accelerate import Accelerator
     from torch import nn
 
+    from moe.config.presets import get_preset
+    from moe.config.targets import TargetSpec
+    from moe.dit.dual_dit import DualDiT
+    from moe.dit.validation import run_dit
     from moe.lora.inject import build_adapters, inject_lora
-    from moe.lora.targets import TargetSpec
-    from moe.train.dual_dit import DualDiT
     from moe.train.fsdp import shard_fraction, shard_frozen_dits
-    from moe.train.validation import run_dit
     from moe.wan.checkpoint import build_random_transformer
     from moe.wan.fp8 import convert_to_fp8
-    from moe.wan.presets import get_preset
 
     accelerator = Accelerator(cpu=True)
     rank = accelerator.process_index
@@ -234,7 +234,7 @@ def test_sharded_forward_and_backward_match_one_process(stage1_runs):
 def test_refusals(tiny_workspace, tmp_path, monkeypatch, capsys):
     from conftest import run_cli
 
-    from moe.train.config import Stage1Config
+    from moe.config.train import Stage1Config
 
     models = tiny_workspace["models"]
     base = dict(dit=models.low_noise, dit_high_noise=models.high_noise, dataset=tiny_workspace["cache"],

@@ -5,14 +5,15 @@ import pytest
 import torch
 
 from moe.cli import main
-from moe.errors import MoeError
+from moe.config.generate import GenerateConfig
+from moe.config.presets import get_preset
 from moe.data.video import probe_video, read_video
-from moe.inference import GenerateConfig, generate_video
+from moe.errors import MoeError
+from moe.inference import generate_video
 from moe.lora_moe.file import read_lora_moe_file
 from moe.lora_moe.model import build_moe_adapters, inject_lora_moe
 from moe.lora_moe.routing import RoutingState, compute_gates
 from moe.wan.checkpoint import load_transformer
-from moe.wan.presets import get_preset
 
 
 def _gen(ws, tmp_path, name, **kw):
@@ -140,7 +141,7 @@ def test_unknown_hint_and_missing_image(stage2_run, tmp_path, capsys):
 def test_i2v_generation_from_an_image(tmp_path):
     from PIL import Image
 
-    from moe.wan.model_set import write_tiny_model_set
+    from moe.tiny.model_set import write_tiny_model_set
 
     models = write_tiny_model_set(tmp_path / "i2v", "tiny-i2v", seed=0)
     image = tmp_path / "first.png"

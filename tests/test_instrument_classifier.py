@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from moe.data.manifest import EXPERT_CLASSES, read_manifest
-from moe.data.synth import synthesize_dataset
+from moe.config.instruments import INSTRUMENT_CLASSES
+from moe.data.manifest import read_manifest
 from moe.errors import MoeError
 from moe.eval.instrument_classifier import (
     CLASSIFIER_FORMAT,
@@ -28,6 +28,7 @@ from moe.eval.instrument_classifier import (
     sidecar_path,
     train_classifier,
 )
+from moe.tiny.synth import synthesize_dataset
 
 SIZE = (64, 64)
 
@@ -73,7 +74,7 @@ def test_real_clips_of_a_class_are_read_as_that_class(trained, held_out):
     probs = classify_clips(trained, [clips[i] for i in single])
     acc = instrument_accuracy(probs, [records[i].instruments[0] for i in single])
     confusion = np.asarray(acc.confusion)
-    for k, name in enumerate(EXPERT_CLASSES):
+    for k, name in enumerate(INSTRUMENT_CLASSES):
         assert confusion[k].sum() > 0, f"no single-instrument val clip of {name}"
         others = np.delete(confusion[k], k)
         assert confusion[k, k] > others.max(), (name, acc.confusion)
@@ -96,7 +97,7 @@ def test_save_load_round_trip(trained, held_out, tmp_path):
     _, clips = held_out
     path = save_classifier(trained, tmp_path / "eval" / "instrument_classifier.safetensors")
     info = json.loads(sidecar_path(path).read_text())
-    assert info["format"] == CLASSIFIER_FORMAT and info["classes"] == list(EXPERT_CLASSES)
+    assert info["format"] == CLASSIFIER_FORMAT and info["classes"] == list(INSTRUMENT_CLASSES)
     assert info["size"] == [64, 64] and "[-1, 1]" in info["normalisation"] and info["seed"] == 0
     assert info["training"]["held_out"]["overall"] == trained.summary.held_out.overall
     assert sorted(p.name for p in path.parent.iterdir()) == ["instrument_classifier.json", "instrument_classifier.safetensors"]
@@ -127,7 +128,7 @@ def test_accuracy_and_confusion_on_a_hand_computed_example():
     ], dtype=np.float32)
     acc = instrument_accuracy(probs, ["scissors", "scissors", "hook", "suction", ["hook", "suction"]])
     assert acc == InstrumentAccuracy(
-        classes=list(EXPERT_CLASSES),
+        classes=list(INSTRUMENT_CLASSES),
         per_class={"scissors": 0.5, "hook": 0.5, "suction": 1.0, "other": None},
         overall=4 / 6,
         per_class_top1={"scissors": 0.5, "hook": 0.0, "suction": 1.0, "other": None},

@@ -3,8 +3,9 @@
 import pytest
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
+from moe.config.presets import PRESETS
+from moe.config.targets import TargetSpec, check_same_targets
 from moe.errors import MoeError
-from moe.lora.targets import TargetSpec, check_same_targets
 from moe.wan.checkpoint import expected_shapes
 from moe.wan.keys import (
     KeyFormat,
@@ -13,7 +14,6 @@ from moe.wan.keys import (
     module_to_diffusers,
     original_to_diffusers,
 )
-from moe.wan.presets import PRESETS
 
 
 def test_original_to_diffusers_agrees_with_diffusers_converter(tiny_state):

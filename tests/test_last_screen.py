@@ -12,7 +12,7 @@ import pytest
 from flows.__main__ import LATEST_EVAL, last_screen
 from flows.pipeline import PipelineSummary, StageReport
 from tasks.artifacts.refs import ArtifactRef
-from tasks.registry import RegistryEntry
+from tasks.registry.versions import RegistryEntry
 
 METRICS = {
     "stage1_overall_improvement_over_base": 0.1704, "stage1_overall_improvement_over_base_ci_low": 0.1616,

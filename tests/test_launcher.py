@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tasks.launcher import StageFailed, run_command, stage_command
+from tasks.stages.launcher import StageFailed, run_command, stage_command
 
 
 def _python(code: str) -> list[str]:

@@ -14,9 +14,9 @@ from conftest import LockHolder, run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from moe.atomic import temporaries_of
-from moe.file_kind import classify
-from moe.output_lock import lock_path
+from moe.files.atomic import temporaries_of
+from moe.files.output_lock import lock_path
+from moe.wan.file_kind import classify
 
 # A merge that kills itself (SIGKILL: no cleanup runs) after writing its first chunk.
 KILLED_MERGE = """

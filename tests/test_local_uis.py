@@ -35,7 +35,7 @@ def _free(port: int) -> bool:
 
 
 def test_make_ui_opens_both_uis_on_a_local_runs_stores(mlflow_uri, tmp_path):
-    from tasks.tracking import mlflow_client
+    from tasks.registry.tracking import mlflow_client
 
     run_dir = Path(mlflow_uri.removeprefix("sqlite:///")).parent
     experiment = f"ui-{tmp_path.name}"

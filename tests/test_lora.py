@@ -5,6 +5,7 @@ import torch
 from conftest import random_lora
 from safetensors.torch import load_file, save_file
 
+from moe.config.targets import TargetSpec
 from moe.errors import MoeError
 from moe.lora.file import parse_lora_state, read_lora_file, write_lora_file
 from moe.lora.inject import (
@@ -13,7 +14,6 @@ from moe.lora.inject import (
     inject_lora,
     set_adapters_enabled,
 )
-from moe.lora.targets import TargetSpec
 from moe.wan.checkpoint import build_random_transformer
 from moe.wan.keys import module_to_diffusers
 

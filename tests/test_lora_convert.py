@@ -13,12 +13,12 @@ from conftest import random_lora
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from moe.config.targets import TargetSpec
 from moe.errors import MoeError
-from moe.hashing import sha256_file
+from moe.files.hashing import sha256_file
 from moe.lora.convert import CONVERTED_FROM_KEY, convert_lora_file, musubi_copy_path
 from moe.lora.file import LoRAModuleWeights, read_lora_file, write_lora_file
 from moe.lora.peft_header import HEADER_KEY
-from moe.lora.targets import TargetSpec
 
 MIXED = {"blocks.6.self_attn.q": 8, "blocks.6.self_attn.k": 4, "blocks.7.ffn.0": 4, "blocks.7.cross_attn.v": 2}
 
@@ -116,7 +116,7 @@ def test_convert_refuses_a_lora_moe_file_naming_export_expert(tmp_path, tiny_pre
 
 
 def _random_lora_moe_file(tmp_path, preset):
-    from moe.lora_moe.experts import EXPERTS
+    from moe.config.instruments import INSTRUMENT_CLASSES
     from moe.lora_moe.file import write_lora_moe_file
     from moe.lora_moe.gates import TimestepGate
     from moe.lora_moe.model import inject_lora_moe
@@ -125,15 +125,15 @@ def _random_lora_moe_file(tmp_path, preset):
     from moe.wan.checkpoint import build_random_transformer
 
     model = build_random_transformer(preset, seed=0)
-    adapters = inject_lora_moe(model, TargetSpec().resolve(preset.dit.num_layers), 1.0, EXPERTS, RoutingState())
+    adapters = inject_lora_moe(model, TargetSpec().resolve(preset.dit.num_layers), 1.0, INSTRUMENT_CLASSES, RoutingState())
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in adapters.named_parameters():
             if "lora_up" in name:
                 p.normal_(0, 0.1)
     return write_lora_moe_file(
-        tmp_path / "moe.safetensors", adapters, Router(RouterConfig.for_preset(preset)), TimestepGate(len(EXPERTS)),
-        experts=EXPERTS, targets=TargetSpec(), task=preset.task, merged_dits={"high_noise": "a" * 64, "low_noise": "b" * 64},
+        tmp_path / "moe.safetensors", adapters, Router(RouterConfig.for_preset(preset)), TimestepGate(len(INSTRUMENT_CLASSES)),
+        experts=INSTRUMENT_CLASSES, targets=TargetSpec(), task=preset.task, merged_dits={"high_noise": "a" * 64, "low_noise": "b" * 64},
     )
 
 
@@ -152,7 +152,7 @@ def test_export_expert_writes_a_musubi_copy_on_request(tmp_path, tiny_preset):
 
 
 def test_stage1_writes_a_musubi_copy_on_request(tiny_workspace, tmp_path):
-    from moe.train.config import Stage1Config
+    from moe.config.train import Stage1Config
     from moe.train.stage1 import train_stage1
 
     ws, out = tiny_workspace, tmp_path / "s1"

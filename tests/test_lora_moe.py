@@ -8,12 +8,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from moe.config.instruments import INSTRUMENT_CLASSES, expert_index
+from moe.config.presets import get_preset
+from moe.config.targets import TargetSpec
 from moe.errors import MoeError
-from moe.file_kind import classify
 from moe.lora.file import read_lora_file
 from moe.lora.inject import adapters_from_weights, inject_lora, set_adapters_enabled
-from moe.lora.targets import TargetSpec
-from moe.lora_moe.experts import EXPERTS, expert_index
 from moe.lora_moe.file import export_expert, read_lora_moe_file, write_lora_moe_file
 from moe.lora_moe.gates import TimestepGate
 from moe.lora_moe.layer import LoRAMoEAdapter, LoRAMoELinear
@@ -29,9 +29,9 @@ from moe.lora_moe.routing import (
     teacher_forcing_rho,
 )
 from moe.wan.checkpoint import build_random_transformer
-from moe.wan.presets import get_preset
+from moe.wan.file_kind import classify
 
-E = len(EXPERTS)
+E = len(INSTRUMENT_CLASSES)
 
 
 def _randomise(module: nn.Module, seed: int, std: float = 0.1) -> None:
@@ -271,8 +271,8 @@ def test_two_dits_share_one_set_of_experts(tiny_preset):
     x, text = _tiny_inputs()
     with torch.no_grad():
         base_out = high(x, torch.tensor([950.0, 900.0]), text).sample
-    adapters = inject_lora_moe(high, modules, 1.0, EXPERTS, state)
-    assert inject_lora_moe(low, modules, 1.0, EXPERTS, state, adapters=adapters) is adapters
+    adapters = inject_lora_moe(high, modules, 1.0, INSTRUMENT_CLASSES, state)
+    assert inject_lora_moe(low, modules, 1.0, INSTRUMENT_CLASSES, state, adapters=adapters) is adapters
     assert high.blocks[7].attn1.to_q.adapter is low.blocks[7].attn1.to_q.adapter
     assert high.blocks[7].attn1.to_q.adapter.lora_down.shape == (E * 8, 32)
     trainable = {id(p) for m in (high, low) for p in m.parameters() if p.requires_grad}
@@ -282,15 +282,15 @@ def test_two_dits_share_one_set_of_experts(tiny_preset):
         torch.testing.assert_close(high(x, torch.tensor([950.0, 900.0]), text).sample, base_out, rtol=0, atol=0)
     with pytest.raises(MoeError, match="target spec mismatch"):
         other = build_random_transformer(tiny_preset, seed=2)
-        inject_lora_moe(other, {"blocks.7.self_attn.q": 8}, 1.0, EXPERTS, state, adapters=adapters)
+        inject_lora_moe(other, {"blocks.7.self_attn.q": 8}, 1.0, INSTRUMENT_CLASSES, state, adapters=adapters)
     with pytest.raises(MoeError, match="already has a LoRAMoELinear"):
-        inject_lora_moe(low, modules, 1.0, EXPERTS, state, adapters=adapters)
+        inject_lora_moe(low, modules, 1.0, INSTRUMENT_CLASSES, state, adapters=adapters)
 
 
 def _trained_moe(tiny_preset, seed=0):
     model = build_random_transformer(tiny_preset, seed=0)
     state = RoutingState()
-    adapters = inject_lora_moe(model, TargetSpec().resolve(tiny_preset.dit.num_layers), 1.0, EXPERTS, state)
+    adapters = inject_lora_moe(model, TargetSpec().resolve(tiny_preset.dit.num_layers), 1.0, INSTRUMENT_CLASSES, state)
     router, gate = Router(RouterConfig.for_preset(tiny_preset)), TimestepGate(E)
     _randomise(adapters, seed)
     _randomise(router, seed + 1)
@@ -305,7 +305,7 @@ META = dict(targets=TargetSpec(), task="tiny-t2v", merged_dits={"high_noise": "a
 
 def test_file_round_trip(tmp_path, tiny_preset):
     model, state, adapters, router, gate = _trained_moe(tiny_preset)
-    path = write_lora_moe_file(tmp_path / "moe.safetensors", adapters, router, gate, experts=EXPERTS, **META)
+    path = write_lora_moe_file(tmp_path / "moe.safetensors", adapters, router, gate, experts=INSTRUMENT_CLASSES, **META)
     assert classify(path).kind == "lora-moe"
     raw = load_file(path)
     a = adapters["blocks/7/self_attn/q"]
@@ -325,7 +325,7 @@ def test_file_round_trip(tmp_path, tiny_preset):
         "lora_moe.task": "tiny-t2v",
         "lora_moe.merged_dits": f'{{"high_noise": "{"ab" * 32}", "low_noise": "{"cd" * 32}"}}',
     }
-    assert moe.experts == EXPERTS and moe.ranks() == TargetSpec().resolve(8) and moe.targets == TargetSpec()
+    assert moe.experts == INSTRUMENT_CLASSES and moe.ranks() == TargetSpec().resolve(8) and moe.targets == TargetSpec()
     assert moe.router_config == router.config and moe.merged_dits == META["merged_dits"]
 
     fresh = build_random_transformer(tiny_preset, seed=0)
@@ -342,7 +342,7 @@ def test_file_round_trip(tmp_path, tiny_preset):
 
 def test_exported_expert_equals_the_hinted_moe(tmp_path, tiny_preset):
     moe_model, state, adapters, router, gate = _trained_moe(tiny_preset)
-    path = write_lora_moe_file(tmp_path / "moe.safetensors", adapters, router, gate, experts=EXPERTS, **META)
+    path = write_lora_moe_file(tmp_path / "moe.safetensors", adapters, router, gate, experts=INSTRUMENT_CLASSES, **META)
     sigma_ref, alpha_expert = 0.4, 0.8
     out = export_expert(path, "hook", tmp_path / "hook.safetensors", sigma_ref, alpha_expert)
     lora = read_lora_file(out)
@@ -382,7 +382,7 @@ def test_wrong_files_fail_with_one_clear_line(tmp_path, tiny_lora_file, tiny_sta
         read_lora_moe_file(dit)
 
     _, _, adapters, router, gate = _trained_moe(tiny_preset)
-    path = write_lora_moe_file(tmp_path / "moe.safetensors", adapters, router, gate, experts=EXPERTS, **META)
+    path = write_lora_moe_file(tmp_path / "moe.safetensors", adapters, router, gate, experts=INSTRUMENT_CLASSES, **META)
     raw, meta = load_file(path), read_lora_moe_file(path).metadata
     del raw["lora_moe.blocks.6.self_attn.k.experts.suction.lora_up.weight"]
     broken = tmp_path / "broken.safetensors"

@@ -11,10 +11,10 @@ from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 from lora_tool_rules import comfyui_patches, musubi_merge_patches, musubi_network_modules
 from safetensors.torch import load_file
 
+from moe.config.targets import LINEAR_SUBMODULES, TargetSpec
 from moe.lora.convert import tool_support
 from moe.lora.file import LoRAModuleWeights, read_lora_file, write_lora_file
 from moe.lora.inject import adapters_from_weights, inject_lora
-from moe.lora.targets import LINEAR_SUBMODULES, TargetSpec
 from moe.wan.checkpoint import build_random_transformer
 
 FORMS = ("default", "musubi", "peft")

@@ -9,11 +9,12 @@ import torch
 from safetensors.torch import load_file
 
 from moe.cli import main
-from moe.eval.config import EvalConfig
+from moe.config.eval import EvalConfig
+from moe.config.generate import GenerateConfig
+from moe.config.train import Stage1Config, Stage2Config
 from moe.eval.run import evaluate
-from moe.inference import GenerateConfig, generate_video
+from moe.inference import generate_video
 from moe.lora.file import read_lora_file
-from moe.train.config import Stage1Config, Stage2Config
 from moe.train.stage1 import train_stage1
 from moe.train.stage2 import train_stage2
 

@@ -10,11 +10,11 @@ from conftest import random_lora
 from safetensors.torch import save_file
 
 from moe.cli import main
-from moe.hashing import sha256_file
+from moe.config.targets import TargetSpec
+from moe.files.hashing import sha256_file
+from moe.files.safetensors_file import read_header
 from moe.lora.file import write_lora_file
-from moe.lora.targets import TargetSpec
 from moe.merge import merge_lora_into_checkpoint
-from moe.safetensors_file import read_header
 from moe.wan.checkpoint import read_checkpoint, resolve_checkpoint, write_checkpoint
 from moe.wan.keys import COMFY_PREFIX, KeyFormat
 

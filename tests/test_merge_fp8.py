@@ -23,13 +23,13 @@ from safetensors.torch import load_file, save_file
 
 import moe.merge as merge_mod
 from moe.cli import main
+from moe.config.targets import TargetSpec
 from moe.errors import MoeError
-from moe.file_kind import classify
-from moe.hashing import sha256_file
+from moe.files.hashing import sha256_file
 from moe.lora.file import write_lora_file
-from moe.lora.targets import TargetSpec
 from moe.merge import merge_lora_into_checkpoint
 from moe.wan.checkpoint import read_checkpoint, resolve_checkpoint, write_checkpoint
+from moe.wan.file_kind import classify
 from moe.wan.fp8 import FP8_DTYPE, FP8_MAX, SCALED_FP8_MARKER, scale_key_for
 from moe.wan.keys import COMFY_PREFIX, KeyFormat
 

@@ -19,7 +19,7 @@ from moe.lora_moe.gates import TimestepGate
 from moe.lora_moe.layer import LoRAMoEAdapter, LoRAMoELinear
 from moe.lora_moe.router import Router, RouterConfig
 from moe.lora_moe.routing import RoutingState
-from moe.profiling import saved_activation_bytes
+from moe.runtime.profiling import saved_activation_bytes
 
 E, RANK = 4, 8
 

@@ -15,7 +15,7 @@ from processes import is_running
 
 FLOW = """
 import sys
-from tasks.launcher import run_command
+from tasks.stages.launcher import run_command
 code = "import os, time; print('child', os.getpid(), flush=True); time.sleep(60)"
 run_command([sys.executable, "-c", code], "stage1-train", lambda line: print(line, flush=True), timeout_s=120)
 """
@@ -48,7 +48,7 @@ def test_a_stage_command_dies_with_its_flow_process():
 def test_mlflow_runs_left_running_by_a_dead_flow_are_closed_by_the_next_run(mlflow_uri):
     import socket
 
-    from tasks.tracking import TrackingSettings, mlflow_client, process_owner, start_pipeline_run
+    from tasks.registry.tracking import TrackingSettings, mlflow_client, process_owner, start_pipeline_run
 
     settings = TrackingSettings(experiment="abandoned-runs")
     first = start_pipeline_run(settings, mlflow_uri, "file:///tmp/unused", tags={"prefect.flow_run_id": "f-live"}, params={})

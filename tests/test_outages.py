@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tasks.tracking import TrackingSettings, TrackingUnavailable, bound_mlflow_requests, start_pipeline_run
+from tasks.registry.tracking import TrackingSettings, TrackingUnavailable, bound_mlflow_requests, start_pipeline_run
 
 
 def _closed_port() -> int:

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import LockHolder, run_cli
 
+from moe.config.train import Stage1Config
 from moe.errors import MoeError
-from moe.output_lock import lock_path, output_lock, read_owner
-from moe.train.config import Stage1Config
+from moe.files.output_lock import lock_path, output_lock, read_owner
 from moe.train.run_dir import claim_run_dir, is_main_process
 
 

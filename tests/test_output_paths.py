@@ -12,8 +12,8 @@ import pytest
 from conftest import run_cli
 
 from moe.errors import MoeError
-from moe.hashing import sha256_tree
-from moe.output_paths import check_not_an_input
+from moe.files.hashing import sha256_tree
+from moe.files.output_paths import check_not_an_input
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +188,7 @@ def test_overwrite_replaces_our_own_file(ws, tmp_path, capsys, command):
 
 
 def _synth_with_note(tmp: Path) -> Path:
-    from moe.data.synth import synthesize_dataset
+    from moe.tiny.synth import synthesize_dataset
 
     synthesize_dataset(tmp / "d", clips=2, frames=5, size=(32, 32), seed=3)
     (tmp / "d" / "notes.txt").write_text("keep me")

@@ -15,12 +15,12 @@ import pytest
 from pipeline_fixtures import CuttableRelay
 
 import moe
-from tasks import launcher
+from tasks.artifacts.interface import StoreError
 from tasks.artifacts.refs import FOLDER_MANIFEST
-from tasks.artifacts.store import StoreError
-from tasks.launcher import StageFailed
-from tasks.registry import BUNDLE_PATH
-from tasks.tracking import mlflow_client
+from tasks.registry.tracking import mlflow_client
+from tasks.registry.versions import BUNDLE_PATH
+from tasks.stages import launcher
+from tasks.stages.launcher import StageFailed
 
 # In the order they run: the clips first, whose fingerprint `only_new_data` checks before anything else.
 STAGES = ["synth-data", "tiny-models", "prepare-data", "stage1-train", "merge-low", "merge-high", "stage2-train",

@@ -10,8 +10,8 @@ from pydantic import ValidationError
 from flows.params import (
     EVAL_RUNTIME_FIELDS,
     RUNTIME_FIELDS,
-    TINY_STAGE1,
     TINY_EVAL,
+    TINY_STAGE1,
     TINY_STAGE2,
     DataSettings,
     EvalSettings,
@@ -20,9 +20,9 @@ from flows.params import (
     forced_stages,
     resolve_settings,
 )
-from moe.eval.config import EvalConfig
-from moe.train.config import TARGET_FLAGS, Stage1Config, Stage2Config
-from moe.workflow import WorkflowConfig, eval_options, stage1_options
+from moe.config.eval import EvalConfig
+from moe.config.train import TARGET_FLAGS, Stage1Config, Stage2Config
+from moe.config.workflow import WorkflowConfig, eval_options, stage1_options
 
 
 def test_no_torch_on_the_flow_side():

@@ -6,9 +6,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from pipeline_fixtures import registrar
-from tasks.registry import BUNDLE_PATH, CANDIDATE, CHAMPION, metric_tag
+
+from tasks.registry.versions import BUNDLE_PATH, CANDIDATE, CHAMPION, metric_tag
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tasks.launcher import run_command, stage_command
+from tasks.stages.launcher import run_command, stage_command
 
 
 def test_training_child_writes_a_machine_readable_log(tiny_workspace, tmp_path):
@@ -27,7 +27,7 @@ def test_training_child_writes_a_machine_readable_log(tiny_workspace, tmp_path):
     # the epoch's mean step loss (summed in float32 on the device; the steps are logged as float64)
     assert epochs[0]["loss"] == pytest.approx(sum(r["train/loss"] for r in steps[:per_epoch]) / per_epoch, rel=1e-6)
     assert {"train/lr", "train/grad_norm", "train/sigma"} <= set(steps[0])
-    # A log file gets a line after the first step, at each tenth of the way and at the end (moe/progress.py),
+    # A log file gets a line after the first step, at each tenth of the way and at the end (moe/runtime/progress.py),
     # not one per step.
     assert sum("stage1:" in line for line in lines) <= 12 < start["total_steps"], lines
 

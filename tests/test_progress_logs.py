@@ -1,4 +1,4 @@
-"""Logs people can read (issue 21 part 2): in a log (the Prefect UI through tasks.launcher, a
+"""Logs people can read (issue 21 part 2): in a log (the Prefect UI through tasks.stages.launcher, a
 worker's log file) progress is a short line every tenth of the way or every 30 s with the rate
 and the time left, not a line per redraw; on a terminal it is tqdm as before. Long phases say
 what they do; numbers have 4 significant digits; a third-party warning that every T2V run
@@ -16,9 +16,9 @@ import textwrap
 import pytest
 from tqdm import tqdm
 
-from moe import progress as progress_module
-from moe.progress import LogProgress, format_number, metrics_line, phase, progress
-from tasks.launcher import run_command
+from moe.runtime import progress as progress_module
+from moe.runtime.progress import LogProgress, format_number, metrics_line, phase, progress
+from tasks.stages.launcher import run_command
 
 
 class FakeClock:
@@ -145,7 +145,7 @@ def test_the_torchvision_warning_is_dropped_on_its_own_logger_only():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     before = subprocess.run([sys.executable, "-c", touch], capture_output=True, text=True, env=env)
     assert "requires torchvision (not installed)" in before.stderr  # the noise this test is about
-    after = subprocess.run([sys.executable, "-c", "from moe.progress import quiet_third_party_output; "
+    after = subprocess.run([sys.executable, "-c", "from moe.runtime.progress import quiet_third_party_output; "
                             f"quiet_third_party_output(); {touch}; {other}"], capture_output=True, text=True, env=env)
     assert after.returncode == 0, after.stderr
     assert "torchvision" not in after.stderr and "other" in after.stderr  # that message only, not the logger
@@ -160,7 +160,7 @@ def _installed(name: str) -> bool:
 def test_a_tiny_generate_run_logs_phases_and_no_noise(tiny_lora_file, tmp_path):
     """The real command, its output a pipe (as under the launcher): phase lines with durations, no
     torchvision warning, no Hugging Face bars, no carriage returns."""
-    from moe.wan.model_set import write_tiny_model_set
+    from moe.tiny.model_set import write_tiny_model_set
 
     models = write_tiny_model_set(tmp_path / "models", "tiny-t2v", seed=0)
     lora, _ = tiny_lora_file

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from pipeline_fixtures import registrar
-from tasks.registry import PROMOTED_EVENT, promotion_event, resource_id
-from tasks.tracking import mlflow_client
+
+from tasks.registry.tracking import mlflow_client
+from tasks.registry.versions import PROMOTED_EVENT, promotion_event, resource_id
 
 ROOT = Path(__file__).resolve().parent.parent
 GATE = {"passed": True, "primary_metric": "loss", "primary_value": 0.9, "higher_is_better": False,
@@ -126,7 +126,7 @@ def test_export_champion_writes_each_form_with_a_readme(s3_pipeline, s3_endpoint
     """The export flow on the pipeline's version (by number, as the trigger passes it), one expert
     to keep it short: the stage-1 LoRA and the expert in the default and musubi forms."""
     from flows.export import export_champion
-    from moe.hashing import sha256_file
+    from moe.files.hashing import sha256_file
     from tasks.artifacts.local import local_path
 
     entry = s3_pipeline["summary"].registered

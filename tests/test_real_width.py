@@ -17,14 +17,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from moe.config import presets
+from moe.config.train import Stage1Config, Stage2Config
 from moe.data.cache_index import INDEX_FILE, CacheIndex
 from moe.lora.file import read_lora_file
 from moe.lora_moe.file import read_lora_moe_file
 from moe.merge import merge_lora_into_checkpoint
-from moe.train.config import Stage1Config, Stage2Config
 from moe.train.stage1 import train_stage1
 from moe.train.stage2 import train_stage2
-from moe.wan import presets
 from moe.wan.checkpoint import expected_shapes, resolve_checkpoint
 from moe.wan.keys import COMFY_PREFIX, KeyFormat
 

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
+from moe.config.generate import GenerateConfig
 from moe.data.video import read_video, written_by_lora_moe
-from moe.inference import GenerateConfig, generate_video
+from moe.inference import generate_video
 from tasks.artifacts.local import LocalStore, local_path
-from tasks.registry import CANDIDATE, CHAMPION, metric_tag, register_bundle, write_bundle
-from tasks.tracking import TrackingSettings, mlflow_client, ref_tags, stage_run, start_pipeline_run
+from tasks.registry.tracking import TrackingSettings, mlflow_client, ref_tags, stage_run, start_pipeline_run
+from tasks.registry.versions import CANDIDATE, CHAMPION, metric_tag, register_bundle, write_bundle
 
 PROMPT = "laparoscopic view, a hook cauterizing tissue"
 SMALL_VIDEO = ["--video_size", "32x32", "--video_length", "5", "--infer_steps", "2", "--seed", "3"]

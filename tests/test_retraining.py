@@ -8,8 +8,8 @@ import json
 import pytest
 from test_pipeline import _run, task_runs
 
-from tasks.registry import CHAMPION, current_version
-from tasks.tracking import mlflow_client
+from tasks.registry.tracking import mlflow_client
+from tasks.registry.versions import CHAMPION, current_version
 
 TRAINING = {"prepare-data", "stage1-train", "merge-low", "merge-high", "stage2-train", "eval", "register"}
 

@@ -120,7 +120,7 @@ def _s3(st):
 
 def _upload_clips(st, folder: Path) -> None:
     """The clips of a lab's bucket: the synthetic set, uploaded as files under a prefix."""
-    from moe.data.synth import synthesize_dataset
+    from moe.tiny.synth import synthesize_dataset
 
     manifest = synthesize_dataset(folder, clips=8, frames=9, size=(32, 32), seed=0)
     s3 = _s3(st)

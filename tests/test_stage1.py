@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moe.cli import main
+from moe.config.targets import TargetSpec
+from moe.config.train import Stage1Config
 from moe.errors import MoeError
 from moe.lora.file import read_lora_file
-from moe.lora.targets import TargetSpec
-from moe.train.config import Stage1Config
 from moe.train.loop import load_dits, make_accelerator, open_dataset, run_training
 from moe.train.stage1 import Stage1Module, train_stage1
 
@@ -79,7 +79,7 @@ def test_sigma_picks_the_expert(tiny_workspace, tmp_path, train_dit):
     for name, dit in module.dits.models.items():
         dit.register_forward_pre_hook(lambda m, args, kw, name=name: seen[name].extend(kw["timestep"].tolist()), with_kwargs=True)
     module.evaluate = lambda items, cfg: {}  # only the training steps matter here
-    run_training(cfg, module, accelerator, "stage1")
+    run_training(cfg, module, accelerator, open_dataset(cfg), "stage1")
     boundary_t = cfg.preset.boundary * 1000
     assert all(t >= boundary_t for t in seen["high"]) and all(t < boundary_t for t in seen["low"])
     if train_dit == "both":
@@ -172,10 +172,10 @@ def test_gradient_accumulation_counts_optimizer_steps(tiny_workspace, tmp_path):
 
 def test_roi_weighting_is_on_by_default(tiny_workspace, tmp_path):
     """SPEC section 6: lambda_roi 4 in both stages (stage 1 used to default to 1, i.e. off)."""
+    from moe.config.train import Stage2Config
     from moe.data.cache_index import CacheIndex
     from moe.data.dataset import CachedClipDataset, collate_clips
-    from moe.train.config import Stage2Config
-    from moe.train.flow_matching import per_sample_loss, roi_weights
+    from moe.dit.flow_matching import per_sample_loss, roi_weights
 
     cfg = _cfg(tiny_workspace, tmp_path)
     assert cfg.roi_weight == 4.0 == Stage2Config.model_fields["roi_weight"].default

@@ -7,11 +7,12 @@ import sys
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from moe.config.presets import get_preset
+from moe.config.targets import TargetSpec
+from moe.config.train import Stage2Config
 from moe.errors import MoeError
-from moe.hashing import sha256_file
-from moe.lora.targets import TargetSpec
+from moe.files.hashing import sha256_file
 from moe.lora_moe.file import read_lora_moe_file
-from moe.train.config import Stage2Config
 from moe.train.loop import check_dits
 from moe.train.stage2 import check_stage2_inputs, train_stage2
 from moe.wan.checkpoint import (
@@ -19,7 +20,6 @@ from moe.wan.checkpoint import (
     transformer_state_dict,
     write_checkpoint,
 )
-from moe.wan.presets import get_preset
 
 
 def _cfg(ws, out, **kw):
@@ -161,8 +161,8 @@ def test_experts_are_matched_to_labels_by_name(merged_workspace, tmp_path):
     (dict(expert_names=("scissor", "hook", "suction", "other")), r"missing: scissors; not a label class: scissor"),
 ])
 def test_expert_options_are_checked_against_the_cache_first(merged_workspace, tmp_path, monkeypatch, flags, message):
-    import moe.train.stage2 as stage2
+    import moe.train.recipe as recipe
 
-    monkeypatch.setattr(stage2, "load_dits", lambda *a, **k: pytest.fail("a DiT was loaded"))
+    monkeypatch.setattr(recipe, "load_dits", lambda *a, **k: pytest.fail("a DiT was loaded"))
     with pytest.raises(MoeError, match=message):
         train_stage2(_cfg(merged_workspace, tmp_path, **flags))

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from processes import is_running
 
-from tasks.stage_lock import StageBusy, StageLock
+from tasks.stages.lock import StageBusy, StageLock
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 HOLDER = """
 import sys, threading, time
 from pathlib import Path
-from tasks.launcher import run_command
-from tasks.stage_lock import StageLock
+from tasks.stages.launcher import run_command
+from tasks.stages.lock import StageLock
 lock = StageLock(Path(sys.argv[1]), {"flow_run_id": "f-first"})
 lock.acquire(None, print)
 code = ("import os, signal, sys, time\\n"
@@ -133,10 +133,10 @@ def test_two_flow_runs_of_one_stage_compute_it_once(prefect_api, mlflow_uri, tmp
     from prefect.context import FlowRunContext
 
     from tasks.artifacts.s3 import S3Options
-    from tasks.caching import StoreResultStorage, stage_cache_key
-    from tasks.stage import StageContext, open_stage
-    from tasks.stages import _retry_unless_bad_input
-    from tasks.tracking import TrackingContext, mlflow_client
+    from tasks.registry.tracking import TrackingContext, mlflow_client
+    from tasks.stages.caching import StoreResultStorage, stage_cache_key
+    from tasks.stages.prefect_tasks import _retry_unless_bad_input
+    from tasks.stages.runner import StageContext, open_stage
 
     client = mlflow_client(mlflow_uri)
     experiment = client.create_experiment(f"stage-lock-{tmp_path.name}")

@@ -9,11 +9,12 @@ import time
 import boto3
 import pytest
 
-from moe.hashing import sha256_tree
+from moe.files.hashing import sha256_tree
 from tasks.artifacts.download_cache import DownloadCache
+from tasks.artifacts.interface import StoreError
 from tasks.artifacts.refs import FOLDER_MANIFEST
 from tasks.artifacts.s3 import S3Options
-from tasks.artifacts.store import StoreError, open_store
+from tasks.artifacts.store import open_store
 
 
 def _folder(root):

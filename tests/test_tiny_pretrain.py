@@ -1,4 +1,4 @@
-"""The tiny base DiTs' pre-training (`moe.wan.tiny_pretrain`, `models tiny --pretrain_steps`)."""
+"""The tiny base DiTs' pre-training (`moe.tiny.pretrain`, `models tiny --pretrain_steps`)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ import torch
 from conftest import run_cli
 from safetensors.torch import load_file
 
-from moe.wan.checkpoint import build_random_transformer, transformer_state_dict
-from moe.wan.model_set import write_tiny_model_set
-from moe.wan.presets import get_preset
-from moe.wan.tiny_pretrain import (
+from moe.config.presets import get_preset
+from moe.tiny.model_set import write_tiny_model_set
+from moe.tiny.pretrain import (
     PretrainConfig,
     flow_matching_loss,
     pretrain_dit,
     sigma_ranges,
     synthetic_clips,
 )
+from moe.wan.checkpoint import build_random_transformer, transformer_state_dict
 
 STEPS = 60
 CLIPS = 8
@@ -36,8 +36,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def components():
-    from moe.wan.model_set import _surgical_calibration_videos
-    from moe.wan.tiny_components import build_tiny_text_encoder, build_tiny_vae
+    from moe.tiny.components import build_tiny_text_encoder, build_tiny_vae
+    from moe.tiny.model_set import _surgical_calibration_videos
 
     preset = get_preset("tiny-t2v")
     text_encoder, tokenizer = build_tiny_text_encoder(preset, 0)
@@ -115,8 +115,8 @@ def test_models_tiny_pretrain_steps_option(tmp_path, capsys):
 
 def test_i2v_pretraining_runs(tmp_path):
     """The I2V experts train with the cache's first-frame conditioning concatenated."""
-    from moe.wan.model_set import _surgical_calibration_videos
-    from moe.wan.tiny_components import build_tiny_text_encoder, build_tiny_vae
+    from moe.tiny.components import build_tiny_text_encoder, build_tiny_vae
+    from moe.tiny.model_set import _surgical_calibration_videos
 
     preset = get_preset("tiny-i2v")
     te, tok = build_tiny_text_encoder(preset, 0)

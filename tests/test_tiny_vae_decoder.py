@@ -11,10 +11,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from diffusers import AutoencoderKLWan  # noqa: E402
 
-from moe.data.synth import plan_dataset, render_clip  # noqa: E402
+from moe.config.presets import get_preset  # noqa: E402
 from moe.errors import MoeError  # noqa: E402
-from moe.wan import component_loaders, tiny_components  # noqa: E402
-from moe.wan.presets import get_preset  # noqa: E402
+from moe.tiny import components as tiny_components  # noqa: E402
+from moe.tiny.synth import plan_dataset, render_clip  # noqa: E402
+from moe.wan import component_loaders  # noqa: E402
 from moe.wan.reconstruction import reconstruct, reconstruction_psnr  # noqa: E402
 
 PRESET = get_preset("tiny-t2v")
@@ -35,7 +36,7 @@ def _clips(n: int, seed: int, frames: int = 17, size: tuple[int, int] = (64, 64)
 
 def _old_code_path(seed: int) -> AutoencoderKLWan:
     """build_tiny_vae as it was before the decoder: same encoder and statistics, random decoder."""
-    vae = tiny_components._seeded(seed, lambda: AutoencoderKLWan(**tiny_components.tiny_vae_kwargs(PRESET))).eval()
+    vae = tiny_components._seeded(seed, lambda: AutoencoderKLWan(**component_loaders.tiny_vae_kwargs(PRESET))).eval()
     tiny_components._content_preserving_encoder(vae, seed)
     tiny_components._calibrate_latent_stats(vae, tiny_components._smooth_colour_videos(seed))
     return vae

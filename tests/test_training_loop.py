@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from moe.config.train import Stage1Config, Stage2Config
+from moe.dit.dual_dit import GiB, should_offload
 from moe.errors import MoeError
-from moe.train.config import Stage1Config, Stage2Config
-from moe.train.dual_dit import GiB, should_offload
 from moe.train.epoch_plan import plan_epoch
-from moe.train.loop import build_optimizer, load_dits, make_accelerator, run_training
+from moe.train.loop import build_optimizer, load_dits, make_accelerator, open_dataset, run_training
 from moe.train.stage1 import Stage1Module, train_stage1
 from moe.train.stage2 import Stage2Module
 
@@ -135,7 +135,7 @@ def test_nonfinite_gradient_with_a_finite_loss_stops_before_the_weights_change(t
     lora_up.register_hook(poison_third_backward)
     with pytest.raises(MoeError, match=r"gradient norm became nan \(the loss was finite\) at epoch 1, step 3 \(sigma "
                                        r"[0-9.]+, clips synth_\d+\); the last good state is saved to .*state-nonfinite-step-2"):
-        run_training(cfg, module, accelerator, "stage1")
+        run_training(cfg, module, accelerator, open_dataset(cfg), "stage1")
     saved = load_file(tmp_path / "state-nonfinite-step-2" / "trainable.safetensors")
     assert all(torch.isfinite(t).all() for t in saved.values())
     assert all(torch.isfinite(p).all() for p in module.parameters())  # the poisoned step never ran

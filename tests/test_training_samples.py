@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from moe.config.train import Stage1Config, Stage2Config
 from moe.errors import MoeError
-from moe.train.config import Stage1Config, Stage2Config
 from moe.train.sampling import (
     SampleSchedule,
     check_sampling,
@@ -193,8 +192,8 @@ def small(tmp_path_factory):
     """Its own tiny-t2v model set and a 5-clip cache of 5 frames at 32x32 (4 training clips: 4 steps
     per epoch; 1 held out), smaller and faster than the session's `tiny_workspace`."""
     from moe.data.cache import build_cache
-    from moe.data.synth import synthesize_dataset
-    from moe.wan.model_set import write_tiny_model_set
+    from moe.tiny.model_set import write_tiny_model_set
+    from moe.tiny.synth import synthesize_dataset
 
     root = tmp_path_factory.mktemp("samples")
     models = write_tiny_model_set(root / "models", "tiny-t2v", seed=0)
@@ -282,8 +281,8 @@ def test_gif_is_scaled_down_for_tensorboard():
 
 
 def test_stage2_samples_with_a_hint(small, stage1_runs, monkeypatch):
+    from moe.tiny.workflow import merge_both_experts
     from moe.train.stage2 import Stage2Module, train_stage2
-    from moe.workflow import merge_both_experts
 
     root, models = stage1_runs, small.models
     low, high = root / "merged_low.safetensors", root / "merged_high.safetensors"
@@ -327,8 +326,8 @@ def test_train_task_logs_samples_and_a_markdown_artifact(stage1_runs, prefect_ap
     from prefect import flow, get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from tasks.stages import _log_samples
-    from tasks.tracking import StageRun, TrackingContext, mlflow_client
+    from tasks.registry.tracking import StageRun, TrackingContext, mlflow_client
+    from tasks.stages.prefect_tasks import _log_samples
 
     client = mlflow_client(mlflow_uri)
     experiment = client.create_experiment(f"samples-{stage1_runs.name}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, code_version, mlflow_client
+from tasks.registry.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, code_version, mlflow_client
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -174,7 +174,7 @@ def test_the_registered_version_has_a_run_a_dozen_tags_and_a_model_card(s3_pipel
 
 def test_data_licence_and_weak_experts():
     from tasks.artifacts.refs import ArtifactRef, DatasetRef
-    from tasks.model_card import DataCard, weak_experts
+    from tasks.registry.card import DataCard, weak_experts
 
     def ref(uri, producer="input"):
         return ArtifactRef(uri=uri, sha256="ab" * 32, size=1, kind="clip", producer=producer)
@@ -223,7 +223,7 @@ def test_registry_show_reads_the_refs_from_artifacts_json(s3_pipeline, s3_endpoi
 
 def test_the_card_lists_the_generated_clip_numbers_when_measured():
     from tasks.artifacts.refs import ArtifactRef, DatasetRef
-    from tasks.model_card import DataCard, ModelCard
+    from tasks.registry.card import DataCard, ModelCard
 
     data = DataCard.of(DatasetRef(manifest=ArtifactRef(uri="file:///r/manifest.jsonl", sha256="ab" * 32, size=1,
                                                        kind="clip", producer="synth-data@run"), files={}))

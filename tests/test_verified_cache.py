@@ -15,7 +15,7 @@ from prefect.serializers import JSONSerializer
 from tasks.artifacts.download_cache import DownloadCache
 from tasks.artifacts.s3 import S3Options
 from tasks.artifacts.store import open_store
-from tasks.caching import StoreResultStorage
+from tasks.stages.caching import StoreResultStorage
 
 
 def _rewrite_in_place(path, data: bytes, keep_mtime: bool = True) -> None:

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from moe.cli import main
-from moe.file_kind import classify
+from moe.wan.file_kind import classify
 
 
 @pytest.fixture(scope="module")

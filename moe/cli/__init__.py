@@ -16,11 +16,10 @@ import sys
 import typer
 from pydantic import ValidationError
 
-from moe.atomic import write_error
 from moe.cli.app import app
-from moe.config_types import validation_message
+from moe.config.numbers import validation_message
 from moe.errors import EXIT_STOPPED, MoeError, TrainingStopped
-
+from moe.files.atomic import write_error
 
 PLUGIN_GROUP = "lora_moe.cli"  # entry points: NAME = "module:typer_app", added as `lora-moe NAME ...`
 
@@ -97,7 +96,7 @@ _READ_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCE
 def main(argv: list[str] | None = None) -> None:
     """Entry point: typer runs in standalone mode (so `--help` exits 0 and usage errors are
     click's own, exit 2); user errors become one line on stderr and exit code 2."""
-    from moe.progress import quiet_third_party_output
+    from moe.runtime.progress import quiet_third_party_output
 
     _register_commands()
     _show_warnings()

@@ -8,61 +8,43 @@ from typing import Annotated, Literal
 import typer
 
 from moe.cli.app import app
-from moe.cli.options import OVERWRITE_HELP, TASK, CheckedCommand, number
-from moe.config_types import FiniteFloat, Fraction, PretrainSteps, Seed
+from moe.cli.config_command import config_command
+from moe.cli.options import CheckedCommand, number
+from moe.config.file_names import OVERWRITE_HELP
+from moe.config.merge import MergeConfig
+from moe.config.numbers import FiniteFloat, Fraction
+from moe.config.tiny import TinyModelsConfig
 from moe.errors import MoeError
-from moe.workflow import TINY_PRETRAIN_STEPS
 
 models_app = typer.Typer(help="Make model sets.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
 
-@models_app.command("tiny", cls=CheckedCommand)
-def models_tiny(
-    out: Annotated[Path, typer.Option("--out", help="Folder to write the model set into.")],
-    task: Annotated[str, typer.Option("--task", help="tiny-t2v or tiny-i2v.", **TASK)] = "tiny-t2v",
-    seed: Annotated[int, typer.Option("--seed", **number(Seed))] = 0,
-    pretrain_steps: Annotated[
-        int,
-        typer.Option(
-            "--pretrain_steps",
-            help=f"Pre-train both DiTs this many steps on synthetic clips of their own, as a real base is pretrained "
-            f"(the demo uses {TINY_PRETRAIN_STEPS}: about 3 min on 2 cores; 0: random weights, for fast tests).",
-            **number(PretrainSteps),
-        ),
-    ] = 0,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
-) -> None:
-    """Write a tiny Wan2.2 model set (high/low-noise DiTs, VAE, text encoder, tokenizer): random DiTs,
-    or DiTs pre-trained on synthetic surgical clips with --pretrain_steps N (the demo's: 1000)."""
-    from moe.wan.model_set import write_tiny_model_set
+def _run_models_tiny(cfg: TinyModelsConfig) -> None:
+    from moe.tiny.model_set import write_tiny_model_set
 
-    ms = write_tiny_model_set(out, task, seed, overwrite=overwrite, pretrain_steps=pretrain_steps, progress=not quiet)
-    typer.echo(f"wrote tiny {ms.task} model set to {out}")
+    ms = write_tiny_model_set(cfg.output_dir, cfg.task, cfg.seed, overwrite=cfg.overwrite, pretrain_steps=cfg.pretrain_steps,
+                              progress=not cfg.quiet)
+    typer.echo(f"wrote tiny {ms.task} model set to {cfg.output_dir}")
 
 
-@app.command("merge", cls=CheckedCommand)
-def merge(
-    dit: Annotated[Path, typer.Option("--dit", help="Base DiT: file, sharded folder, index json or shard.")],
-    lora_weight: Annotated[Path, typer.Option("--lora_weight", help="Vanilla LoRA (stage-1 output).")],
-    save_merged_model: Annotated[
-        Path, typer.Option("--save_merged_model", help="Output file (a folder for sharded input).")
-    ],
-    lora_multiplier: Annotated[float, typer.Option("--lora_multiplier", **number(FiniteFloat))] = 1.0,
-    task: Annotated[str | None, typer.Option("--task", help="Validate the DiT against this task.", **TASK)] = None,
-    force: Annotated[bool, typer.Option("--force", help="Merge even if this LoRA is already merged in.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
-) -> None:
-    """Merge a vanilla LoRA into one DiT checkpoint, streaming, keeping its format."""
+config_command(models_app, "tiny", TinyModelsConfig, _run_models_tiny,
+               help="Write a tiny Wan2.2 model set (high/low-noise DiTs, VAE, text encoder, tokenizer): random DiTs, or "
+               "DiTs pre-trained on synthetic surgical clips with --pretrain_steps N (the demo's: 1000).")
+
+
+def _run_merge(cfg: MergeConfig) -> None:
     from moe.merge import merge_lora_into_checkpoint
 
     result = merge_lora_into_checkpoint(
-        dit, lora_weight, save_merged_model, lora_multiplier, task=task, force=force, progress=not quiet,
-        overwrite=overwrite,
+        cfg.dit, cfg.lora_weight, cfg.save_merged_model, cfg.lora_multiplier, task=cfg.task, force=cfg.force,
+        progress=not cfg.quiet, overwrite=cfg.overwrite,
     )
-    typer.echo(f"merged {result.merged_modules} modules x{lora_multiplier} into {result.output}")
+    typer.echo(f"merged {result.merged_modules} modules x{cfg.lora_multiplier} into {result.output}")
+
+
+config_command(app, "merge", MergeConfig, _run_merge,
+               help="Merge a vanilla LoRA into one DiT checkpoint, streaming, keeping its format.")
 
 
 @app.command("inspect", cls=CheckedCommand)

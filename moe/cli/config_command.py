@@ -25,7 +25,7 @@ import typer
 from pydantic import BaseModel
 
 from moe.cli.options import check_path_option
-from moe.train.config import build_config, read_config_file
+from moe.config.loader import build_config, read_config_file
 
 # Options whose file a config's validator reads (the eval gate's thresholds).
 READ_WHILE_VALIDATING = ("gate",)
@@ -65,7 +65,15 @@ def shown_default(name: str, value) -> str | None:
     return str(value)
 
 
+def _former_names(name: str, field) -> tuple[str, ...]:
+    """The other names a field accepts (`validation_alias=AliasChoices(name, "out")`): a former
+    spelling that still works, in a file and as a flag."""
+    choices = getattr(field.validation_alias, "choices", ())
+    return tuple(c for c in choices if isinstance(c, str) and c != name)
+
+
 def _parameter(name: str, field, aliases: tuple[str, ...]) -> inspect.Parameter:
+    aliases = (*aliases, *_former_names(name, field))
     ann = _unwrap_optional(field.annotation)
     required = field.is_required()
     default = None if required else field.get_default(call_default_factory=True)

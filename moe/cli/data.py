@@ -8,8 +8,11 @@ from pathlib import Path
 import typer
 
 from moe.cli.app import app
-from moe.cli.options import OVERWRITE_HELP, CheckedCommand, number
-from moe.config_types import MAX_SIDE, Count, Fraction, Frames, PositiveFloat, Seed
+from moe.cli.config_command import config_command
+from moe.cli.options import CheckedCommand, number
+from moe.config.file_names import OVERWRITE_HELP
+from moe.config.numbers import MAX_SIDE, Fraction, Frames, PositiveFloat, Seed
+from moe.config.tiny import SynthConfig
 from moe.data.manifest import LabelMap, read_manifest, summarize
 from moe.errors import MoeError
 
@@ -38,40 +41,22 @@ def _report(manifest: Path) -> None:
     typer.echo(summarize(read_manifest(manifest)))
 
 
-@data_app.command("synth", cls=CheckedCommand)
-def synth(
-    out: Path = typer.Option(..., "--out", help="Output folder (videos/ and manifest.jsonl)."),
-    clips: int = typer.Option(16, "--clips", help="Number of clips; classes are balanced.", **number(Count)),
-    frames: int = typer.Option(17, "--frames", help="Frames per clip (Wan likes 4k+1).", **number(Frames)),
-    size: str = typer.Option("64x64", "--size", help="Frame size WIDTHxHEIGHT, both even."),
-    seed: int = typer.Option(0, "--seed", help="Same seed, same clips (byte for byte).", **number(Seed)),
-    fps: float = typer.Option(16.0, "--fps", help="Frame rate written into the MP4s.", **number(PositiveFloat)),
-    val_fraction: float = typer.Option(
-        0.2, "--val_fraction", help="Share of clips in val.", **number(Fraction)
-    ),
-    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
-) -> None:
-    """Write a procedural surgical-like clip set with exact tip boxes and captions."""
-    from moe.data.synth import synthesize_dataset
+def _run_synth(cfg: SynthConfig) -> None:
+    from moe.tiny.synth import synthesize_dataset
 
-    manifest = synthesize_dataset(
-        out,
-        clips=clips,
-        frames=frames,
-        size=parse_size(size),
-        seed=seed,
-        fps=fps,
-        val_fraction=val_fraction,
-        progress=True,
-        overwrite=overwrite,
-    )
+    manifest = synthesize_dataset(cfg.output_dir, clips=cfg.clips, frames=cfg.frames, size=cfg.size, seed=cfg.seed, fps=cfg.fps,
+                                  val_fraction=cfg.val_fraction, progress=True, overwrite=cfg.overwrite)
     _report(manifest)
+
+
+config_command(data_app, "synth", SynthConfig, _run_synth,
+               help="Write a procedural surgical-like clip set with exact tip boxes and captions.")
 
 
 @data_app.command("cholec80", cls=CheckedCommand)
 def cholec80(
     root: Path = typer.Option(..., "--root", help="Cholec80 folder (videos/, tool_annotations/)."),
-    out: Path = typer.Option(..., "--out", help="Output folder (clips/ and manifest.jsonl)."),
+    output_dir: Path = typer.Option(..., "--output_dir", "--out", help="Output folder (clips/ and manifest.jsonl)."),
     frames_per_clip: int = typer.Option(81, "--frames_per_clip", **number(Frames)),
     clip_seconds: float | None = typer.Option(
         None, "--clip_seconds", help="Source seconds per clip (default: frames / 16).",
@@ -104,7 +89,7 @@ def cholec80(
 
     manifest = import_cholec80(
         root,
-        out,
+        output_dir,
         clip_seconds=clip_seconds,
         frames_per_clip=frames_per_clip,
         stride_seconds=stride_seconds,

@@ -1,6 +1,6 @@
 """`lora-moe eval` (base vs stage 1 vs stage 2, a report and a promotion gate) and
 `lora-moe eval multiplier-sweep` (held-out loss per stage-1 merge strength), with options from
-`moe.eval.config`. The exit code is 0 whether the gate passes or not: the verdict is in the report."""
+`moe.config.eval`. The exit code is 0 whether the gate passes or not: the verdict is in the report."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import typer
 
 from moe.cli.app import app
 from moe.cli.config_command import config_command
-from moe.eval.config import EvalConfig, SweepConfig
+from moe.config.eval import EvalConfig, SweepConfig
 
 
 def _run_eval(cfg: EvalConfig) -> None:

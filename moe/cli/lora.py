@@ -8,7 +8,8 @@ from typing import Annotated, Literal
 import typer
 
 from moe.cli.app import app
-from moe.cli.options import OVERWRITE_HELP, CheckedCommand
+from moe.cli.options import CheckedCommand
+from moe.config.file_names import OVERWRITE_HELP
 
 
 @app.command("convert-lora", cls=CheckedCommand)

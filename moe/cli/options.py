@@ -8,14 +8,12 @@ from typing import Any
 import typer
 from typer.core import TyperCommand
 
-from moe.config_types import check_number, is_whole_number
-
-OVERWRITE_HELP = "Replace an existing output, but only one that this command wrote (never an input)."
+from moe.config.numbers import check_number, is_whole_number
 
 
 def number(annotation: Any) -> dict:
     """`typer.Option` keyword arguments that validate a number as `annotation` (a type from
-    `moe.config_types`): a bad value is a usage error naming the option and the allowed range,
+    `moe.config.numbers`): a bad value is a usage error naming the option and the allowed range,
     e.g. `Invalid value for '--lora_multiplier': must be a finite number, got nan`."""
 
     def parse(value):
@@ -28,7 +26,7 @@ def number(annotation: Any) -> dict:
 
 
 def _parse_task(value: str) -> str:
-    from moe.wan.presets import get_preset
+    from moe.config.presets import get_preset
 
     try:
         get_preset(value)
@@ -41,7 +39,7 @@ def _parse_task(value: str) -> str:
 TASK = {"parser": _parse_task, "metavar": "TASK"}
 
 
-# What each path option names, by its parameter name, for `check_path` (moe.input_paths): an
+# What each path option names, by its parameter name, for `check_path` (moe.files.input_paths): an
 # input must exist and be readable; an output is checked for what no writer can use (a pipe, a
 # path through a file), and `claim_output` decides later what may be replaced; `inspect` also
 # reports on a path that is gone (the temporaries an interrupted write left).
@@ -57,7 +55,7 @@ PATH_OPTIONS = OUTPUT_PATHS | MAYBE_MISSING_PATHS | INPUT_PATHS
 
 def check_path_option(name: str, value, flag: str | None = None) -> None:
     """The shared check of one path option's value (nothing for other options or no value)."""
-    from moe.input_paths import check_path
+    from moe.files.input_paths import check_path
 
     if name in PATH_OPTIONS and isinstance(value, (str, os.PathLike)):
         check_path(value, flag or f"--{name}", must_exist=name in INPUT_PATHS)

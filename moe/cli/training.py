@@ -6,8 +6,8 @@ import typer
 
 from moe.cli.app import app
 from moe.cli.config_command import config_command
-from moe.inference import GenerateConfig
-from moe.train.config import Stage1Config, Stage2Config
+from moe.config.generate import GenerateConfig
+from moe.config.train import Stage1Config, Stage2Config
 
 
 def _run_stage1(cfg: Stage1Config) -> None:

@@ -8,9 +8,10 @@ from typing import Annotated
 import typer
 
 from moe.cli.app import app
-from moe.cli.options import OVERWRITE_HELP, CheckedCommand, number
-from moe.config_types import PretrainSteps, Seed
-from moe.workflow import TINY_PRETRAIN_STEPS
+from moe.cli.options import CheckedCommand, number
+from moe.config.file_names import OVERWRITE_HELP
+from moe.config.numbers import PretrainSteps, Seed
+from moe.config.workflow import TINY_PRETRAIN_STEPS
 
 workflow_app = typer.Typer(help="Run the whole workflow.", no_args_is_help=True)
 app.add_typer(workflow_app, name="workflow")
@@ -30,9 +31,10 @@ def workflow_run(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Tiny model set -> synthetic data -> cache -> stage 1 -> merge both experts -> stage 2 -> eval."""
-    from moe.progress import format_number
-    from moe.train.config import build_config
-    from moe.workflow import WorkflowConfig, run_workflow
+    from moe.config.loader import build_config
+    from moe.config.workflow import WorkflowConfig
+    from moe.runtime.progress import format_number
+    from moe.tiny.workflow import run_workflow
 
     options = dict(output_dir=output_dir, preset=preset, until=until, seed=seed, pretrain_steps=pretrain_steps,
                    overwrite=overwrite, progress=not quiet)

@@ -1,1 +1,1 @@
-"""Data: clip manifests, the synthetic surgical set, the Cholec80 importer and the latent cache."""
+"""Data: clip manifests, the Cholec80 importer, video files, ROI masks and the latent cache."""

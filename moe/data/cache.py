@@ -6,7 +6,7 @@
         text_embeds    [L, d]                 UMT5 embeddings, padding zeroed (float32 or bf16)
         text_mask      int64 [L]              1 = valid token
         roi            float32 [T, h, w]      tip-box / mask coverage of each latent cell
-        labels         float32 [4]            multi-hot over EXPERT_CLASSES
+        labels         float32 [4]            multi-hot over INSTRUMENT_CLASSES
         i2v_condition  float32 [20, T, h, w]  I2V tasks only: mask 4 + first-frame latent 16
 
 Frames are resized (keeping aspect) to cover the bucket `size` and centre-cropped; the first
@@ -34,8 +34,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from moe.atomic import atomic_file
-from moe.config_types import MAX_FRAMES, MAX_SIDE
+from moe.config.numbers import MAX_FRAMES, MAX_SIDE
+from moe.config.presets import WanPreset, get_preset
 from moe.data.cache_index import (
     CACHE_FORMAT,
     CLIPS_DIR,
@@ -46,7 +46,7 @@ from moe.data.cache_index import (
 )
 from moe.data.cover_crop import fit_frames
 from moe.data.manifest import (
-    EXPERT_CLASSES,
+    INSTRUMENT_CLASSES,
     ClipRecord,
     LabelMap,
     read_manifest,
@@ -54,12 +54,12 @@ from moe.data.manifest import (
 )
 from moe.data.roi import roi_mask
 from moe.data.video import read_video
-from moe.devices import resolve_device
 from moe.errors import MoeError
-from moe.hashing import sha256_file, sha256_tree
-from moe.output_paths import claim_output
-from moe.progress import progress as progress_bar
-from moe.wan.presets import WanPreset, get_preset
+from moe.files.atomic import atomic_file
+from moe.files.hashing import sha256_file, sha256_tree
+from moe.files.output_paths import claim_output
+from moe.runtime.devices import resolve_device
+from moe.runtime.progress import progress as progress_bar
 
 # ---------------------------------------------------------------------------------------------
 # Building
@@ -150,7 +150,7 @@ def build_cache(
     inputs = {"--manifest": manifest, "--model_set": model_set, "--vae": paths.vae, "--text_encoder": paths.text_encoder,
               "--tokenizer": paths.tokenizer}
     claim = claim_output(
-        out_dir, flag="--out", inputs=inputs, overwrite=overwrite, is_ours=CacheIndex.holds_cache, reuse=True, folder=True
+        out_dir, flag="--output_dir", inputs=inputs, overwrite=overwrite, is_ours=CacheIndex.holds_cache, reuse=True, folder=True
     )
     with claim:
         previous = CacheIndex._read(out_dir)
@@ -182,7 +182,7 @@ def build_cache(
         ids = {entry.id for entry in entries}
         report.dropped = [entry.id for entry in previous.clips if entry.id not in ids] if previous else []
         index = CacheIndex(
-            task=task, settings=settings, clips=entries, label_classes=EXPERT_CLASSES, root=out_dir, report=report
+            task=task, settings=settings, clips=entries, label_classes=INSTRUMENT_CLASSES, root=out_dir, report=report
         )
         index.save()
         _remove_stale_clips(out_dir, {entry.file for entry in entries})
@@ -283,12 +283,7 @@ class _ClipEncoder:
     @cached_property
     def models(self) -> tuple:
         """(vae, text_encoder, tokenizer), on the device."""
-        from moe.wan.component_loaders import (
-            load_text_encoder,
-            load_tokenizer,
-            load_vae,
-        )
-        from moe.wan.tiny_components import tiny_vae_kwargs
+        from moe.wan.component_loaders import load_text_encoder, load_tokenizer, load_vae, tiny_vae_kwargs
 
         config = tiny_vae_kwargs(self.preset) if self.preset.tiny else None
         vae = load_vae(self.paths.vae, self.dtype, config=config)
@@ -364,12 +359,12 @@ def _check_components(preset: WanPreset, vae, text_encoder, paths: _ComponentPat
 
 
 def multi_hot(instruments: Iterable[str]) -> torch.Tensor:
-    """float32 [len(EXPERT_CLASSES)]: 1 for each expert class present (labels already mapped)."""
+    """float32 [len(INSTRUMENT_CLASSES)]: 1 for each expert class present (labels already mapped)."""
     present = set(instruments)
-    unknown = present - set(EXPERT_CLASSES)
+    unknown = present - set(INSTRUMENT_CLASSES)
     if unknown:
-        raise MoeError(f"instrument labels {sorted(unknown)} are not expert classes {list(EXPERT_CLASSES)}")
-    return torch.tensor([float(name in present) for name in EXPERT_CLASSES])
+        raise MoeError(f"instrument labels {sorted(unknown)} are not expert classes {list(INSTRUMENT_CLASSES)}")
+    return torch.tensor([float(name in present) for name in INSTRUMENT_CLASSES])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,10 +13,10 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from moe.atomic import write_json_atomic
+from moe.config.instruments import INSTRUMENT_CLASSES
 from moe.errors import MoeError
-from moe.lora_moe.experts import EXPERTS
-from moe.safetensors_file import read_header
+from moe.files.atomic import write_json_atomic
+from moe.files.safetensors_file import read_header
 
 CACHE_FORMAT = "lora-moe-cache/1"
 INDEX_FILE = "index.json"
@@ -67,7 +67,7 @@ class CacheIndex(BaseModel):
     clips: list[CacheEntry]
     # The classes the clips' `labels` vectors are multi-hot over, in their column order (indexes
     # written before this field existed used the canonical expert classes).
-    label_classes: tuple[str, ...] = EXPERTS
+    label_classes: tuple[str, ...] = INSTRUMENT_CLASSES
     root: Path = Field(exclude=True)
     report: BuildReport | None = Field(default=None, exclude=True)
 

@@ -33,8 +33,8 @@ from moe.data.manifest import (
 )
 from moe.data.video import iter_frames, probe_video, write_video
 from moe.errors import MoeError
-from moe.output_paths import claim_output
-from moe.progress import progress as progress_bar
+from moe.files.output_paths import claim_output
+from moe.runtime.progress import progress as progress_bar
 
 WAN_FPS = 16.0
 
@@ -263,7 +263,7 @@ def import_cholec80(
     if not records:
         raise MoeError(f"the selected videos are all shorter than one clip ({clip_seconds:g} s)")
 
-    claim = claim_output(out_dir, flag="--out", inputs={"--root": root}, overwrite=overwrite, is_ours=written_dataset, folder=True)
+    claim = claim_output(out_dir, flag="--output_dir", inputs={"--root": root}, overwrite=overwrite, is_ours=written_dataset, folder=True)
     with claim, progress_bar(total=len(records), desc="cholec80 clips", unit="clip", disable=not progress) as bar:
         for video, cuts in plans:
             _cut_video(video, cuts, out_dir, timing.fps, size, bar)

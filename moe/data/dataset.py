@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from moe.data.cache_index import INDEX_FILE, CacheEntry, CacheIndex
 from moe.errors import MoeError
-from moe.safetensors_file import read_header
+from moe.files.safetensors_file import read_header
 
 
 def load_clip(index: CacheIndex, clip: str | CacheEntry) -> dict[str, torch.Tensor]:

@@ -29,10 +29,10 @@ from pydantic import (
     model_validator,
 )
 
-from moe.atomic import atomic_file
+from moe.config.instruments import INSTRUMENT_CLASSES
 from moe.data.video import count_frames, probe_video, written_by_lora_moe
 from moe.errors import MoeError
-from moe.lora_moe.experts import EXPERTS as EXPERT_CLASSES  # the canonical labels
+from moe.files.atomic import atomic_file
 
 CHOLEC80_LABELS: dict[str, str] = {
     "Scissors": "scissors",
@@ -118,9 +118,9 @@ class LabelMap(BaseModel):
         normalised: dict[str, str] = {}
         for raw, target in mapping.items():
             key, value = raw.strip().lower(), target.strip().lower()
-            if value not in EXPERT_CLASSES:
+            if value not in INSTRUMENT_CLASSES:
                 raise ValueError(
-                    f"label {raw!r} maps to {target!r}, which is not one of {list(EXPERT_CLASSES)}"
+                    f"label {raw!r} maps to {target!r}, which is not one of {list(INSTRUMENT_CLASSES)}"
                 )
             if normalised.get(key, value) != value:
                 raise ValueError(f"label {raw!r} is mapped twice, to {normalised[key]!r} and {value!r}")
@@ -145,14 +145,14 @@ class LabelMap(BaseModel):
             raise MoeError(f"label map {path}: {_describe(e)}") from None
 
     def known_labels(self) -> list[str]:
-        return sorted(set(self.mapping) | set(EXPERT_CLASSES))
+        return sorted(set(self.mapping) | set(INSTRUMENT_CLASSES))
 
     def canonical(self, label: str, context: str) -> str:
         """The expert class of `label`; `context` (e.g. "clip 'a'") names where it came from."""
         key = label.strip().lower()
         if key in self.mapping:
             return self.mapping[key]
-        if key in EXPERT_CLASSES:
+        if key in INSTRUMENT_CLASSES:
             return key
         raise MoeError(
             f"{context}: unknown instrument label {label!r}; known labels: "
@@ -339,5 +339,5 @@ def summarize(records: Iterable[ClipRecord]) -> str:
     split_text = ", ".join(
         f"{splits[name]} {name}" for name in ("train", "val", "unassigned") if splits[name]
     )
-    class_text = ", ".join(f"{name} {classes[name]}" for name in EXPERT_CLASSES)
+    class_text = ", ".join(f"{name} {classes[name]}" for name in INSTRUMENT_CLASSES)
     return f"{len(records)} clips ({split_text}); clips per instrument: {class_text}"

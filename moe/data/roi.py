@@ -5,7 +5,7 @@ The union of a frame's tip boxes (and mask-video pixels) is mapped through the c
 area that the union covers (area average per frame); the per-frame maps are reduced with max over
 Wan's causal VAE groups (latent frame 0 <- pixel frame 0, latent frame t >= 1 <- pixel frames
 4t-3 .. 4t). Training turns the mask m into loss weights `1 + (lambda_roi - 1) m`
-(`moe.train.flow_matching.roi_weights`).
+(`moe.dit.flow_matching.roi_weights`).
 """
 
 from __future__ import annotations

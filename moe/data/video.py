@@ -16,8 +16,8 @@ from pathlib import Path
 import av
 import numpy as np
 
-from moe.atomic import atomic_file
 from moe.errors import MoeError
+from moe.files.atomic import atomic_file
 
 # The errors PyAV raises for unreadable input; av's FileNotFoundError etc. derive from both.
 _AV_ERRORS = (av.error.FFmpegError, OSError, EOFError)

@@ -1,7 +1,6 @@
 """Evaluation (SPEC section 8): base vs stage 1 vs stage 2 on held-out clips, a report people
 read, plots, sample videos, numbers on generated clips and a promotion gate (`lora-moe eval`).
 
-    config.py    EvalConfig, SweepConfig (torch-free)      gate.py     PromotionGate (torch-free)
     inputs.py    every input checked before anything runs  variants.py the model variants
     metrics.py   losses by region/class/sigma, bootstrap    routing.py  routing quality
     report.py    EvalReport, report.md (torch-free)         plots.py    matplotlib PNGs
@@ -10,13 +9,14 @@ read, plots, sample videos, numbers on generated clips and a promotion gate (`lo
     run.py       evaluate(EvalConfig) -> EvalReport
     video_metrics/ (FVD/KVD/FID/KID), instrument_classifier.py (which instruments a clip shows)
 
+Its options (EvalConfig, SweepConfig) and the promotion gate are in `moe.config` (torch-free).
 Importing `moe.eval` is cheap: torch, diffusers and matplotlib load only when a function runs.
 """
 
 from __future__ import annotations
 
-from moe.eval.config import EvalConfig, SweepConfig
-from moe.eval.gate import PromotionGate
+from moe.config.eval import EvalConfig, SweepConfig
+from moe.config.gate import PromotionGate
 from moe.eval.report import EvalReport
 
 __all__ = ["EvalConfig", "EvalReport", "PromotionGate", "SweepConfig", "evaluate", "multiplier_sweep"]

@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moe.devices import one_cpu_thread
 from moe.errors import MoeError
 from moe.eval.report import (
     ClassifierRecord,
@@ -35,6 +34,7 @@ from moe.eval.report import (
     Reconstruction,
 )
 from moe.eval.samples import ClipGenerator, Prompt
+from moe.runtime.devices import one_cpu_thread
 
 CLASSIFIER_DIR = "classifier"
 CLASSIFIER_FILE = f"{CLASSIFIER_DIR}/instrument_classifier.safetensors"

@@ -10,15 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from moe.config.eval import EvalConfig, HeldOutConfig
 from moe.errors import MoeError, list_names
-from moe.eval.config import EvalConfig, HeldOutConfig
 from moe.eval.report import InputFile
-from moe.file_kind import MERGED_FROM_KEY, classify, require_kind
+from moe.wan.file_kind import MERGED_FROM_KEY, classify, require_kind
 
 if TYPE_CHECKING:
     from moe.data.cache_index import CacheEntry, CacheIndex
     from moe.lora_moe.file import LoRAMoEFile
-from moe.hashing import sha256_file, sha256_tree
+from moe.files.hashing import sha256_file, sha256_tree
 
 
 @dataclass
@@ -58,10 +58,10 @@ def load_items(clips: HeldOutClips) -> list[dict]:
 
 
 def claim_eval_output(out: Path, overwrite: bool, inputs: dict[str, Path | None], marker: str):
-    """The output folder for the whole evaluation (`moe.output_paths.claim_output`): never an
+    """The output folder for the whole evaluation (`moe.files.output_paths.claim_output`): never an
     input, an existing one replaced only with --overwrite and only when it holds our `marker`
     file, locked for the run."""
-    from moe.output_paths import claim_output
+    from moe.files.output_paths import claim_output
 
     return claim_output(out, flag="--output_dir", inputs=inputs, overwrite=overwrite, folder=True,
                         is_ours=lambda p: (p / marker).is_file())
@@ -149,9 +149,9 @@ def _base_dits(cfg: EvalConfig, preset) -> dict[str, str]:
 
 
 def check_eval_inputs(cfg: EvalConfig) -> CheckedInputs:
+    from moe.config.presets import get_preset
     from moe.data.cache import resolve_component_paths
     from moe.lora_moe.file import read_lora_moe_file
-    from moe.wan.presets import get_preset
 
     moe_file = read_lora_moe_file(cfg.lora_moe_weights)
     if cfg.task is not None and cfg.task != moe_file.task:

@@ -17,7 +17,7 @@ aspect so the frame covers the size, then centre crop) and fed as float RGB in [
 
 Model. A 4x4 stride-4 "patch" convolution, a 3x3 and a stride-2 3x3 convolution and a 1x1
 convolution (ReLU after each), then global max and average pooling and one linear layer to one
-logit per class (`EXPERT_CLASSES` order); about 30k weights. Global max pooling suits presence:
+logit per class (`INSTRUMENT_CLASSES` order); about 30k weights. Global max pooling suits presence:
 "is any part of the frame a gold blade". Trained per frame with multi-label BCE against the
 clip's classes (every frame of a clip carries the clip's label), Adam with a one-cycle schedule,
 random horizontal and vertical flips; a clip's prediction averages its frame logits, then a
@@ -54,12 +54,13 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import nn
 
-from moe.atomic import atomic_file
+from moe.config.instruments import INSTRUMENT_CLASSES
 from moe.data.cover_crop import fit_frames
-from moe.data.manifest import EXPERT_CLASSES, ClipRecord, LabelMap, read_manifest
+from moe.data.manifest import ClipRecord, LabelMap, read_manifest
 from moe.data.video import read_video
-from moe.devices import one_cpu_thread
 from moe.errors import MoeError, key_set_problems
+from moe.files.atomic import atomic_file
+from moe.runtime.devices import one_cpu_thread
 
 CLASSIFIER_FORMAT = "lora-moe-instrument-classifier/1"
 DEFAULT_SIZE = (64, 64)  # (width, height)
@@ -145,7 +146,7 @@ class TrainingSummary(BaseModel):
 class InstrumentClassifier(nn.Module):
     """frames [N, 3, H, W] in [-1, 1] -> presence logits [N, len(classes)]."""
 
-    def __init__(self, classes: Sequence[str] = EXPERT_CLASSES, size: tuple[int, int] = DEFAULT_SIZE, width: int = 16):
+    def __init__(self, classes: Sequence[str] = INSTRUMENT_CLASSES, size: tuple[int, int] = DEFAULT_SIZE, width: int = 16):
         super().__init__()
         self.classes = tuple(classes)
         self.size = (int(size[0]), int(size[1]))
@@ -175,7 +176,7 @@ class InstrumentClassifier(nn.Module):
 # Data.
 
 
-def presence_labels(instruments: Sequence[str], classes: Sequence[str] = EXPERT_CLASSES) -> torch.Tensor:
+def presence_labels(instruments: Sequence[str], classes: Sequence[str] = INSTRUMENT_CLASSES) -> torch.Tensor:
     """A clip's expert classes (as `read_manifest` returns them) -> multi-hot float [len(classes)].
     Raw labels (e.g. Cholec80 tool names) go through `LabelMap.map_labels` first."""
     target = torch.zeros(len(classes))
@@ -234,7 +235,7 @@ def fit_classifier(
     clips: Sequence[torch.Tensor],
     labels: torch.Tensor,
     *,
-    classes: Sequence[str] = EXPERT_CLASSES,
+    classes: Sequence[str] = INSTRUMENT_CLASSES,
     size: tuple[int, int] = DEFAULT_SIZE,
     epochs: int = 25,
     batch_size: int = 32,
@@ -298,7 +299,7 @@ def train_classifier(
     learning_rate: float = 1e-2,
     seed: int = 0,
     label_map: LabelMap | None = None,
-    classes: Sequence[str] = EXPERT_CLASSES,
+    classes: Sequence[str] = INSTRUMENT_CLASSES,
 ) -> InstrumentClassifier:
     """Train on the manifest's "train" clips and measure on its "val" clips (both real videos,
     read at `size` = (W, H), the first `max_frames` frames, `frames_per_clip` evenly spaced ones
@@ -345,7 +346,7 @@ def _check_probs(probs, classes: Sequence[str]) -> np.ndarray:
     return probs
 
 
-def presence_accuracy(probs, labels, classes: Sequence[str] = EXPERT_CLASSES,
+def presence_accuracy(probs, labels, classes: Sequence[str] = INSTRUMENT_CLASSES,
                       threshold: float = THRESHOLD) -> PresenceAccuracy:
     """Multi-label presence accuracy of probabilities [N, C] against multi-hot labels [N, C]."""
     probs, labels = _check_probs(probs, classes), np.asarray(labels) > 0.5
@@ -370,7 +371,7 @@ def presence_accuracy(probs, labels, classes: Sequence[str] = EXPERT_CLASSES,
     )
 
 
-def instrument_accuracy(probs, asked: Sequence[str | Sequence[str]], classes: Sequence[str] = EXPERT_CLASSES,
+def instrument_accuracy(probs, asked: Sequence[str | Sequence[str]], classes: Sequence[str] = INSTRUMENT_CLASSES,
                         threshold: float = THRESHOLD) -> InstrumentAccuracy:
     """How often clips show what they were asked for.
 
@@ -488,7 +489,7 @@ def save_classifier(model: InstrumentClassifier, path: str | Path) -> Path:
     return path
 
 
-def load_classifier(path: str | Path, classes: Sequence[str] = EXPERT_CLASSES) -> InstrumentClassifier:
+def load_classifier(path: str | Path, classes: Sequence[str] = INSTRUMENT_CLASSES) -> InstrumentClassifier:
     """Read a classifier written by `save_classifier` (in eval mode). Refuses, in one line, a
     classes list other than `classes`, a file of another format, or weights whose sha256 is not
     the sidecar's."""

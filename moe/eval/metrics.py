@@ -1,6 +1,6 @@
 """Held-out loss statistics: per variant, region, class and sigma, with bootstrap intervals.
 
-The raw numbers come from `moe.train.validation.measure` (a `Measurement`: per variant the loss
+The raw numbers come from `moe.dit.validation.measure` (a `Measurement`: per variant the loss
 of every (clip, sigma) pair in three regions). A clip's value is its mean over the sigma grid;
 an estimate is the mean over clips with a percentile bootstrap over clips. One fixed set of
 resamples serves every estimate, so intervals of differences and ratios are paired.
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from moe.dit.validation import Measurement
 from moe.eval.report import REGIONS, Estimate, Improvement, KnockoutReport, RegionLosses, VariantReport
-from moe.train.validation import Measurement
 
 
 def _mean(values: np.ndarray) -> float | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from moe.eval.gate import GateVerdict
+from moe.config.gate import GateVerdict
 
 REPORT_FORMAT = "lora-moe-eval/1"
 
@@ -40,7 +40,7 @@ class RegionLosses(BaseModel):
     background: Estimate
 
 
-REGIONS = tuple(RegionLosses.model_fields)  # the order of moe.train.validation.REGIONS
+REGIONS = tuple(RegionLosses.model_fields)  # the order of moe.dit.validation.REGIONS
 
 
 class VariantReport(BaseModel):

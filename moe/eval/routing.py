@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from moe.dit.validation import Measurement
 from moe.eval.metrics import Bootstrap
 from moe.eval.report import RoutingReport
 from moe.lora_moe.gates import timestep_weight
 from moe.lora_moe.losses import LoadBalance, routing_entropy
-from moe.train.validation import Measurement
 
 GATE_CURVE_POINTS = 101
 

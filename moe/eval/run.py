@@ -20,11 +20,11 @@ from __future__ import annotations
 import math
 
 from moe import __version__
-from moe.atomic import atomic_dir
-from moe.eval.config import EvalConfig
+from moe.config.eval import EvalConfig
+from moe.config.file_names import EVAL_REPORT_FILE
 from moe.eval.report import Estimate, EvalReport, render_markdown
-from moe.file_names import EVAL_REPORT_FILE
-from moe.progress import phase
+from moe.files.atomic import atomic_dir
+from moe.runtime.progress import phase
 
 IMPROVEMENT_PAIRS = [("base", "stage1"), ("stage1", "stage2_learned"), ("stage1", "stage2_hint")]
 CONTACT_SHEET = "samples/contact_sheet.png"
@@ -119,6 +119,7 @@ def evaluate(cfg: EvalConfig) -> EvalReport:
 
 
 def _evaluate(cfg: EvalConfig) -> EvalReport:
+    from moe.config.presets import get_preset
     from moe.eval.generated import generated_metrics, measure_generated, missing_reasons
     from moe.eval.inputs import check_eval_inputs, load_items
     from moe.eval.metrics import (
@@ -132,7 +133,6 @@ def _evaluate(cfg: EvalConfig) -> EvalReport:
     from moe.eval.routing import routing_report
     from moe.eval.samples import ClipGenerator, plan_prompts, write_samples
     from moe.eval.variants import MAIN_VARIANTS, held_out_teacher, measure_variants
-    from moe.wan.presets import get_preset
 
     checked = check_eval_inputs(cfg)
     preset = get_preset(checked.task)

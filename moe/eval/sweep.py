@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from moe.config.eval import SweepConfig
 from moe.errors import MoeError
-from moe.eval.config import SweepConfig
 from moe.eval.report import Estimate, InputFile
 
 SWEEP_FILE = "multiplier_sweep.json"
@@ -50,11 +50,11 @@ class SweepResult(BaseModel):
 
 
 def _check_inputs(cfg: SweepConfig):
-    from moe.file_kind import classify, require_kind
-    from moe.hashing import sha256_file, sha256_tree
+    from moe.config.presets import get_preset
+    from moe.files.hashing import sha256_file, sha256_tree
     from moe.lora.file import read_lora_file
     from moe.wan.checkpoint import check_checkpoint_task
-    from moe.wan.presets import get_preset
+    from moe.wan.file_kind import classify, require_kind
 
     lora = read_lora_file(cfg.lora_weight)
     recorded = lora.metadata.get("lora_moe.task")
@@ -93,14 +93,14 @@ def multiplier_sweep(cfg: SweepConfig) -> SweepResult:
 def _sweep(cfg: SweepConfig) -> SweepResult:
     import torch
 
-    from moe.atomic import atomic_dir
+    from moe.dit.validation import Measurement, dit_variant, measure
     from moe.eval.inputs import held_out_clips, load_items
     from moe.eval.metrics import Bootstrap
     from moe.eval.variants import load_dits
-    from moe.hashing import sha256_tree
+    from moe.files.atomic import atomic_dir
+    from moe.files.hashing import sha256_tree
     from moe.lora.inject import get_linear
     from moe.merge import merged_weight
-    from moe.train.validation import Measurement, dit_variant, measure
 
     task, preset, lora, hashes = _check_inputs(cfg)
     clips = held_out_clips(cfg, task)

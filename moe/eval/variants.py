@@ -1,5 +1,5 @@
 """The model variants `lora-moe eval` compares, each on the same held-out clips, sigmas and noise
-(`moe.train.validation.measure`):
+(`moe.dit.validation.measure`):
 
     base                 the base DiTs (when --dit / --dit_high_noise are given)
     stage1               the merged DiTs: base + stage-1 LoRA, folded in
@@ -21,10 +21,10 @@ import gc
 import numpy as np
 import torch
 
+from moe.dit.dual_dit import DualDiT
+from moe.dit.routed_dit import RoutedDiT
+from moe.dit.validation import Measurement, dit_variant, measure
 from moe.lora_moe.model import attach_lora_moe_file
-from moe.train.dual_dit import DualDiT
-from moe.train.routed_dit import RoutedDiT
-from moe.train.validation import Measurement, dit_variant, measure
 
 MAIN_VARIANTS = {
     "base": "base DiTs",
@@ -37,11 +37,11 @@ MAIN_VARIANTS = {
 def held_out_teacher(items: list[dict], experts: tuple[str, ...]) -> np.ndarray:
     """The teacher distribution [N, E] of the held-out clips, as `measure` computes it (known
     before any DiT is loaded, so the generated clips' prompts can be picked first)."""
-    from moe.lora_moe.experts import EXPERTS
+    from moe.config.instruments import INSTRUMENT_CLASSES
     from moe.lora_moe.routing import labels_by_name, teacher_distribution
 
     labels = torch.stack([item["labels"] for item in items]).float()
-    return teacher_distribution(labels_by_name(labels, EXPERTS, experts), experts).numpy()
+    return teacher_distribution(labels_by_name(labels, INSTRUMENT_CLASSES, experts), experts).numpy()
 
 
 def load_dits(cfg, preset, low, high) -> DualDiT:

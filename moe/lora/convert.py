@@ -33,8 +33,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from moe.file_kind import written_as
-from moe.hashing import sha256_file
+from moe.files.hashing import sha256_file
+from moe.files.output_paths import claim_output
 from moe.lora.file import (
     DERIVED_METADATA,
     LoraForm,
@@ -42,7 +42,7 @@ from moe.lora.file import (
     read_lora_file,
     write_lora_file,
 )
-from moe.output_paths import claim_output
+from moe.wan.file_kind import written_as
 
 TOOLS = ("diffusers", "ComfyUI", "musubi-tuner")
 CONVERTED_FROM_KEY = "lora_moe.converted_from"

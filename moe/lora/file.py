@@ -27,12 +27,12 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
 
-from moe.atomic import atomic_file
+from moe.config.targets import LINEAR_SUBMODULES, TargetSpec
 from moe.errors import MoeError
-from moe.file_kind import require_kind
+from moe.files.atomic import atomic_file
+from moe.files.safetensors_file import require_finite
 from moe.lora.peft_header import COMPONENT_PREFIX, HEADER_KEY, PeftLoraHeader
-from moe.lora.targets import LINEAR_SUBMODULES, TargetSpec
-from moe.safetensors_file import require_finite
+from moe.wan.file_kind import require_kind
 from moe.wan.keys import module_to_diffusers, module_to_original
 
 VANILLA_FORMAT = "vanilla-lora/1"

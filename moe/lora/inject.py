@@ -5,6 +5,7 @@ diffusers' attribute paths comes from `moe.wan.keys`."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -27,15 +28,18 @@ def get_linear(model: nn.Module, module: str) -> nn.Linear:
     return layer
 
 
-def build_adapters(model: nn.Module, modules: dict[str, int], alpha: float) -> nn.ModuleDict:
-    """Fresh adapters for `modules` (name -> rank), sized from the model's Linear layers.
+def build_adapters(model: nn.Module, modules: dict[str, int], alpha: float, adapter_type: type[nn.Module] = LoRAAdapter,
+                   **adapter_options) -> nn.ModuleDict:
+    """Fresh adapters for `modules` (name -> rank), sized from the model's Linear layers:
+    `adapter_type(in_features, out_features, rank, alpha, **adapter_options)` each (a stage-1
+    `LoRAAdapter`, or stage 2's `LoRAMoEAdapter` with `num_experts`).
 
     ModuleDict keys cannot hold dots, so they use `/` in place of `.`; see `adapter_items`.
     """
     adapters = nn.ModuleDict()
     for module, rank in modules.items():
         linear = get_linear(model, module)
-        adapters[module.replace(".", "/")] = LoRAAdapter(linear.in_features, linear.out_features, rank, alpha)
+        adapters[module.replace(".", "/")] = adapter_type(linear.in_features, linear.out_features, rank, alpha, **adapter_options)
     return adapters
 
 
@@ -75,20 +79,25 @@ def replace_module(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
     return old
 
 
-def inject_lora(model: nn.Module, adapters: nn.ModuleDict, multiplier: float = 1.0) -> dict[str, LoRALinear]:
-    """Wrap each target Linear of `model` in a `LoRALinear` using the given (possibly shared)
-    adapters. The model's own parameters are frozen. Returns module name -> layer."""
+def inject_adapters(model: nn.Module, adapters: nn.ModuleDict, wrap: Callable[[nn.Linear, nn.Module], AdaptedLinear]) -> dict[str, AdaptedLinear]:
+    """The one injection loop (peft's pattern) of both stages: each target Linear of `model`
+    becomes `wrap(linear, adapter)` with its (possibly shared) adapter; the model's own
+    parameters are frozen. Returns module name -> layer."""
     model.requires_grad_(False)
     layers = {}
     for module, adapter in adapter_items(adapters):
         current = model.get_submodule(module_to_diffusers(module))
-        if not isinstance(current, nn.Linear):
-            raise MoeError(f"{module} already has a {type(current).__name__}; adapter layers do not stack")
-        layer = LoRALinear(get_linear(model, module), adapter, multiplier)
-        replace_module(model, module_to_diffusers(module), layer)
-        layers[module] = layer
+        if isinstance(current, AdaptedLinear):
+            raise MoeError(f"{module} already has a {type(current).__name__}; adapter layers do not stack (stage 2 runs on "
+                           "a merged DiT, with no LoRA layer of its own)")
+        layers[module] = wrap(get_linear(model, module), adapter)
+        replace_module(model, module_to_diffusers(module), layers[module])
     return layers
 
+
+def inject_lora(model: nn.Module, adapters: nn.ModuleDict, multiplier: float = 1.0) -> dict[str, LoRALinear]:
+    """Stage 1: each target Linear wrapped in a `LoRALinear` with the given adapters."""
+    return inject_adapters(model, adapters, lambda linear, adapter: LoRALinear(linear, adapter, multiplier))
 
 
 def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:

@@ -28,18 +28,18 @@ from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from moe.atomic import atomic_file
-from moe.config_types import FiniteFloat, Fraction, checked
+from moe.config.instruments import expert_index
+from moe.config.numbers import FiniteFloat, Fraction, checked
+from moe.config.targets import TargetSpec, check_same_targets
 from moe.errors import MoeError
-from moe.file_kind import require_kind, written_as
+from moe.files.atomic import atomic_file
+from moe.files.output_paths import claim_output
+from moe.files.safetensors_file import require_finite
 from moe.lora.file import LoRAModuleWeights, SaveFormat, write_lora_file
 from moe.lora.inject import adapter_items
-from moe.lora.targets import TargetSpec, check_same_targets
-from moe.lora_moe.experts import expert_index
 from moe.lora_moe.gates import TimestepGate, timestep_weight
 from moe.lora_moe.router import Router, RouterConfig
-from moe.output_paths import claim_output
-from moe.safetensors_file import require_finite
+from moe.wan.file_kind import require_kind, written_as
 
 LORA_MOE_FORMAT = "lora-moe/1"
 _EXPERT_KEY = re.compile(r"lora_moe\.(?P<module>.+)\.experts\.(?P<expert>[^.]+)\.(?P<part>lora_down|lora_up)\.weight")

@@ -13,28 +13,19 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from moe.config.targets import check_same_targets
 from moe.errors import MoeError
-from moe.lora.inject import adapter_items, get_linear, replace_module
-from moe.lora.layer import LoRALinear
-from moe.lora.targets import check_same_targets
+from moe.lora.inject import adapter_items, build_adapters, inject_adapters
 from moe.lora_moe.file import LoRAMoEFile
 from moe.lora_moe.gates import TimestepGate
 from moe.lora_moe.layer import LoRAMoEAdapter, LoRAMoELinear
 from moe.lora_moe.router import Router
 from moe.lora_moe.routing import RoutingState
-from moe.wan.keys import module_to_diffusers
 
 
 def build_moe_adapters(model: nn.Module, modules: dict[str, int], alpha: float, num_experts: int) -> nn.ModuleDict:
-    """Fresh adapters for `modules` (name -> rank), sized from the model's Linear layers.
-    Keys use `/` for `.` (ModuleDict keys cannot hold dots); `adapter_items` undoes it."""
-    adapters = nn.ModuleDict()
-    for module, rank in modules.items():
-        linear = get_linear(model, module)
-        adapters[module.replace(".", "/")] = LoRAMoEAdapter(
-            linear.in_features, linear.out_features, rank, alpha, num_experts
-        )
-    return adapters
+    """Fresh LoRA-MoE adapters for `modules` (name -> rank), sized from the model's Linear layers."""
+    return build_adapters(model, modules, alpha, LoRAMoEAdapter, num_experts=num_experts)
 
 
 def inject_lora_moe(
@@ -55,15 +46,7 @@ def inject_lora_moe(
     wrong = sorted({a.num_experts for _, a in items} - {len(experts)})
     if wrong:
         raise MoeError(f"the shared adapters have {wrong[0]} experts, expected {len(experts)} ({', '.join(experts)})")
-    model.requires_grad_(False)
-    for module, adapter in items:
-        current = model.get_submodule(module_to_diffusers(module))
-        if isinstance(current, (LoRAMoELinear, LoRALinear)):
-            raise MoeError(
-                f"{module} already has a {type(current).__name__}; stage 2 runs on a merged DiT "
-                "without other LoRA layers"
-            )
-        replace_module(model, module_to_diffusers(module), LoRAMoELinear(get_linear(model, module), adapter, state))
+    inject_adapters(model, adapters, lambda linear, adapter: LoRAMoELinear(linear, adapter, state))
     return adapters
 
 

@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from moe.lora_moe.experts import EXPERTS
+from moe.config.instruments import INSTRUMENT_CLASSES
 
 
 class RouterConfig(BaseModel):
@@ -26,7 +26,7 @@ class RouterConfig(BaseModel):
     sigma_dim: int = Field(32, gt=0)  # even: half cos, half sin
     image_channels: int = Field(0, ge=0)  # first-frame latent channels for I2V (16); 0 for T2V
     hidden: int = Field(64, gt=0)
-    num_experts: int = Field(len(EXPERTS), gt=0)
+    num_experts: int = Field(len(INSTRUMENT_CLASSES), gt=0)
     top_k: int = Field(2, gt=0)
 
     @model_validator(mode="after")
@@ -43,7 +43,7 @@ class RouterConfig(BaseModel):
 
     @classmethod
     def for_preset(cls, preset, **kwargs) -> RouterConfig:
-        """Sizes from a `moe.wan.presets.WanPreset`: I2V uses the conditioning's latent channels
+        """Sizes from a `moe.config.presets.WanPreset`: I2V uses the conditioning's latent channels
         (z_dim = the DiT's out_channels, i.e. without the 4 mask channels)."""
         image_channels = preset.dit.out_channels if preset.i2v else 0
         return cls(text_dim=preset.dit.text_dim, image_channels=image_channels, **kwargs)

@@ -17,14 +17,14 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 
+from moe.config.instruments import FALLBACK_EXPERT, INSTRUMENT_CLASSES, expert_index
 from moe.errors import MoeError
-from moe.lora_moe.experts import EXPERTS, FALLBACK_EXPERT, expert_index
 from moe.lora_moe.router import top_k_gates
 
 RoutingMode = Literal["learned", "teacher", "uniform", "hint"]
 
 
-def multi_hot(labels: Sequence[Sequence[str]], experts: tuple[str, ...] = EXPERTS) -> torch.Tensor:
+def multi_hot(labels: Sequence[Sequence[str]], experts: tuple[str, ...] = INSTRUMENT_CLASSES) -> torch.Tensor:
     """Per-clip expert labels (e.g. `[["hook"], ["scissors", "other"]]`) -> multi-hot [B, E]."""
     out = torch.zeros(len(labels), len(experts))
     for i, names in enumerate(labels):
@@ -43,7 +43,7 @@ def labels_by_name(labels: torch.Tensor, label_classes: Sequence[str], experts: 
     return labels[:, [classes.index(e) for e in experts]]
 
 
-def teacher_distribution(labels: torch.Tensor, experts: tuple[str, ...] = EXPERTS) -> torch.Tensor:
+def teacher_distribution(labels: torch.Tensor, experts: tuple[str, ...] = INSTRUMENT_CLASSES) -> torch.Tensor:
     """Multi-hot labels [B, E] -> teacher q [B, E]: uniform over the specific instruments present;
     one-hot `other` only when no specific instrument is present (a labelled `other` next to a
     specific instrument gets 0)."""
@@ -69,7 +69,7 @@ def compute_gates(
     hint_index: int | torch.Tensor | None = None,
     top_k: int = 2,
     batch_size: int | None = None,
-    num_experts: int = len(EXPERTS),
+    num_experts: int = len(INSTRUMENT_CLASSES),
 ) -> torch.Tensor:
     """Gates g [B, E] for a routing mode (see the module docstring). B and E come from
     router_probs or q when given, else from batch_size and num_experts."""

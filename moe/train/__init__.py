@@ -1,2 +1,3 @@
-"""Training: configs, flow matching, the dual-DiT holder, one shared training loop, and the
-stage-1 and stage-2 modules that plug into it (SPEC section 6)."""
+"""Training (SPEC section 6): one shared training loop and the stage-1 and stage-2 modules
+that plug into it. The configs are in `moe.config.train`; the DiT pieces that evaluation also
+uses (the dual holder, flow matching, the held-out measurement) are in `moe.dit`."""

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from moe.train.config import TrainConfig
-from moe.train.flow_matching import sample_sigmas
-from moe.train.validation import stable_seed
+from moe.config.train import TrainConfig
+from moe.dit.flow_matching import sample_sigmas
+from moe.dit.validation import stable_seed
 
 
 @dataclass(frozen=True)

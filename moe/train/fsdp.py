@@ -32,8 +32,8 @@ import warnings
 import torch
 from torch import nn
 
+from moe.dit.expert import format_bytes, local_shard
 from moe.errors import MoeError
-from moe.wan.expert import format_bytes, local_shard
 
 
 def check_fsdp(cfg, num_processes: int | None = None) -> None:

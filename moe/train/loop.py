@@ -31,14 +31,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moe.atomic import remove_path, write_json_atomic
+from moe.config.file_names import METRICS_FILE, TRAIN_LOG_FILE
+from moe.config.train import TrainConfig
 from moe.data.cache_index import CacheIndex
 from moe.data.dataset import CachedClipDataset, collate_clips
+from moe.dit.dual_dit import DualDiT, Expert, GiB
 from moe.errors import MoeError, TrainingStopped
-from moe.file_names import METRICS_FILE, TRAIN_LOG_FILE
-from moe.progress import progress as progress_bar
-from moe.train.config import TrainConfig
-from moe.train.dual_dit import DualDiT, Expert, GiB
+from moe.files.atomic import remove_path, write_json_atomic
+from moe.runtime.progress import progress as progress_bar
 from moe.train.epoch_plan import MicroBatch, epoch_batches, noise_generator, plan_epoch, positions_per_epoch
 from moe.train.state_names import latest_state, resumable_states, state_name
 from moe.train.train_state import load_training_state, read_generator_state, save_training_state
@@ -295,158 +295,183 @@ class _Checkpoints:
             )
 
 
-def run_training(cfg: TrainConfig, module: TrainingModule, accelerator, run_name: str, sampler=None) -> dict:
-    """Train `module` on the cache at `cfg.dataset`; returns the metrics written to metrics.json.
-    `sampler` (`moe.train.sampling.TrainingSampler`): samples at its schedule's points."""
-    out = cfg.output_dir
-    index = open_dataset(cfg)
-    dataset = CachedClipDataset(index, split="train")
-    by_id = {e.id: i for i, e in enumerate(dataset.entries)}
+def run_training(cfg: TrainConfig, module: TrainingModule, accelerator, index: CacheIndex, run_name: str,
+                 sampler=None) -> dict:
+    """Train `module` on the cache `index` (`cfg.dataset`, opened once by the stage's recipe);
+    returns the metrics written to metrics.json. `sampler` (`moe.train.sampling.TrainingSampler`):
+    samples at its schedule's points. Read top to bottom: setup, one epoch at a time, finish."""
+    loop = TrainingLoop(cfg, module, accelerator, index, run_name, sampler)
+    with _stopping_on_sigterm(loop.checkpoints.stop, accelerator, loop.bar, loop.log):
+        if sampler is not None:
+            sampler.at_start(loop.inner, loop.progress, loop.log)
+        for epoch in range(loop.progress.epoch, cfg.max_train_epochs):
+            loop.train_epoch(epoch)
+    return loop.finish()
 
-    optimizer, groups = build_optimizer(cfg, module)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    # Each process sees its own share of the batches; one optimizer step per accumulation window.
-    batches = len(epoch_batches(dataset.entries, cfg.batch_size, torch.Generator()))
-    steps_per_epoch = math.ceil(positions_per_epoch(batches, accelerator.num_processes) / cfg.gradient_accumulation_steps)
-    total_steps = steps_per_epoch * cfg.max_train_epochs
-    scheduler = _scheduler(cfg, optimizer, total_steps)
-    if cfg.fsdp:  # the frozen DiTs' blocks sharded over the processes; the adapters stay whole (DDP)
-        from moe.train.fsdp import shard_frozen_dits
 
-        accelerator.print(shard_frozen_dits(module.dits, module, accelerator))
-    module, optimizer = accelerator.prepare(module, optimizer)
-    inner: TrainingModule = accelerator.unwrap_model(module)
-    progress = TrainProgress(accelerator.num_processes)
-    run = _Run(accelerator, module, optimizer, scheduler, progress, groups, out)
+class TrainingLoop:
+    """One run of the training loop: `__init__` sets it up (optimizer, schedule, accelerate,
+    a resumed state, logs), `train_epoch` runs one epoch, `finish` measures and writes metrics."""
 
-    skip, noise_state = 0, None  # a resume mid-epoch: micro-batches of the epoch done, this process's noise stream
-    if cfg.resume:
-        state = latest_state(out)
+    def __init__(self, cfg: TrainConfig, module: TrainingModule, accelerator, index: CacheIndex, run_name: str, sampler=None):
+        self.cfg, self.accelerator, self.index, self.run_name, self.sampler = cfg, accelerator, index, run_name, sampler
+        out = self.out = cfg.output_dir
+        self.dataset = dataset = CachedClipDataset(index, split="train")
+        self.by_id = {e.id: i for i, e in enumerate(dataset.entries)}
+
+        optimizer, groups = build_optimizer(cfg, module)
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        # Each process sees its own share of the batches; one optimizer step per accumulation window.
+        batches = len(epoch_batches(dataset.entries, cfg.batch_size, torch.Generator()))
+        steps_per_epoch = math.ceil(positions_per_epoch(batches, accelerator.num_processes) / cfg.gradient_accumulation_steps)
+        self.total_steps = total_steps = steps_per_epoch * cfg.max_train_epochs
+        scheduler = _scheduler(cfg, optimizer, total_steps)
+        if cfg.fsdp:  # the frozen DiTs' blocks sharded over the processes; the adapters stay whole (DDP)
+            from moe.train.fsdp import shard_frozen_dits
+
+            accelerator.print(shard_frozen_dits(module.dits, module, accelerator))
+        module, optimizer = accelerator.prepare(module, optimizer)
+        self.module, self.optimizer, self.scheduler = module, optimizer, scheduler
+        self.inner: TrainingModule = accelerator.unwrap_model(module)
+        progress = self.progress = TrainProgress(accelerator.num_processes)
+        self.run = _Run(accelerator, module, optimizer, scheduler, progress, groups, out)
+
+        # A resume mid-epoch: micro-batches of the epoch done, this process's noise stream.
+        self.skip, self.noise_state = 0, None
+        if cfg.resume:
+            self._resume(groups)
+        if accelerator.is_main_process:
+            write_json_atomic(out / f"{run_name}_config.json", json.loads(cfg.model_dump_json()))
+        accelerator.init_trackers(run_name)
+        accelerator.print(self.inner.dits.memory_plan())
+
+        self.bar = progress_bar(  # tqdm on a terminal, a line every 10% / 30 s in a log
+            total=total_steps, initial=progress.step, desc=run_name, unit="step",
+            disable=not (cfg.progress and accelerator.is_local_main_process),
+            mininterval=0.1 if sys.stderr.isatty() else 10.0,  # a log file gets a line every 10 s
+        )
+        self.started, self.swaps_before = time.monotonic(), self.inner.dits.swaps
+        self.log = TrainLog(out / TRAIN_LOG_FILE, accelerator.is_main_process)
+        self.log.write("start", run=run_name, step=progress.step, epoch=progress.epoch, batch=progress.batch,
+                       total_steps=total_steps, max_epochs=cfg.max_train_epochs)
+        self.checkpoints = _Checkpoints(cfg, self.run, self.log, _StopRequest())
+
+    def _resume(self, groups) -> None:
+        cfg, accelerator, progress = self.cfg, self.accelerator, self.progress
+        state = latest_state(self.out)
         if state is None:
-            raise MoeError(f"--resume: no state-epoch-N checkpoint (nor state-epoch-N-step-S) in {out}; start without --resume")
-        progress.load_state_dict(load_training_state(state, accelerator, module, optimizer, scheduler, groups))
-        skip = progress.batch
-        if skip and progress.processes == accelerator.num_processes:
-            noise_state = read_generator_state(state, accelerator.process_index, "noise")
-            if noise_state is None:
+            raise MoeError(f"--resume: no state-epoch-N checkpoint (nor state-epoch-N-step-S) in {self.out}; start without --resume")
+        progress.load_state_dict(load_training_state(state, accelerator, self.module, self.optimizer, self.scheduler, groups))
+        self.skip = progress.batch
+        if self.skip and progress.processes == accelerator.num_processes:
+            self.noise_state = read_generator_state(state, accelerator.process_index, "noise")
+            if self.noise_state is None:
                 raise MoeError(f"{state} was saved mid-epoch without process {accelerator.process_index}'s noise "
                                "generator: it cannot continue exactly; delete it to resume from the state before")
-        elif skip:  # another number of processes (warned): the same share of the epoch, in whole windows
+        elif self.skip:  # another number of processes (warned): the same share of the epoch, in whole windows
             accum = cfg.gradient_accumulation_steps
-            skip = skip * progress.processes // accelerator.num_processes // accum * accum
+            self.skip = self.skip * progress.processes // accelerator.num_processes // accum * accum
         progress.processes = accelerator.num_processes
         where = f", {progress.batch} micro-batches into epoch {progress.epoch + 1}" if progress.batch else ""
         accelerator.print(f"resumed from {state.name} (epoch {progress.epoch}, step {progress.step}{where})")
-    if accelerator.is_main_process:
-        write_json_atomic(out / f"{run_name}_config.json", json.loads(cfg.model_dump_json()))
-    accelerator.init_trackers(run_name)
-    accelerator.print(inner.dits.memory_plan())
 
-    bar = progress_bar(  # tqdm on a terminal, a line every 10% / 30 s in a log
-        total=total_steps, initial=progress.step, desc=run_name, unit="step",
-        disable=not (cfg.progress and accelerator.is_local_main_process),
-        mininterval=0.1 if sys.stderr.isatty() else 10.0,  # a log file gets a line every 10 s
-    )
-    started, swaps_before = time.monotonic(), inner.dits.swaps
-    log = TrainLog(out / TRAIN_LOG_FILE, accelerator.is_main_process)
-    log.write("start", run=run_name, step=progress.step, epoch=progress.epoch, batch=progress.batch,
-              total_steps=total_steps, max_epochs=cfg.max_train_epochs)
-    checkpoints = _Checkpoints(cfg, run, log, _StopRequest())
-    with _stopping_on_sigterm(checkpoints.stop, accelerator, bar, log):
+    def train_epoch(self, epoch: int) -> None:
+        cfg, accelerator, module, inner, progress = self.cfg, self.accelerator, self.module, self.inner, self.progress
+        optimizer, scheduler, run, bar, log, sampler = self.optimizer, self.scheduler, self.run, self.bar, self.log, self.sampler
+        module.train()
+        epoch_loss = torch.tensor(progress.epoch_loss, device=accelerator.device)  # 0 unless resumed mid-epoch
+        epoch_steps = progress.epoch_steps
+        plan, end_expert = plan_epoch(self.dataset.entries, cfg, epoch, accelerator.num_processes,
+                                      accelerator.process_index, inner.dits.expert_for, progress.expert)
+        noise_g = run.noise_g = noise_generator(cfg, epoch, accelerator.process_index)
+        if self.noise_state is not None:  # resumed mid-epoch: where this process's noise stream stood
+            noise_g.set_state(self.noise_state)
+            self.noise_state = None
+        window: list[MicroBatch] = []
+        # Gradient accumulation by hand, one window of --gradient_accumulation_steps micro-batches
+        # per optimizer step; an epoch's last, shorter window still ends in a step, so no gradient
+        # leaks into the next epoch (accelerate's `accumulate` needs its own dataloader).
+        for i, mb in enumerate(plan):
+            if i < self.skip:  # done before the state this run resumed from (whole windows)
+                continue
+            if mb.first:
+                inner.on_step(progress.step, self.total_steps)
+                window = []
+            window.append(mb)
+            batch = _to_device(collate_clips([self.dataset[self.by_id[e.id]] for e in mb.entries]), accelerator.device)
+            sigma = torch.full((len(mb.entries),), mb.sigma, device=accelerator.device)
+            noise = torch.randn(batch["latents"].shape, generator=noise_g).to(accelerator.device)
+            with contextlib.nullcontext() if mb.last else accelerator.no_sync(module):
+                parts = module(batch, sigma, noise, mb.expert)
+                loss = parts["loss"]
+                if not _all_finite(accelerator, loss):
+                    run.stop(f"the loss became {loss.item()}", epoch, window)
+                accelerator.backward(loss / mb.window_size)
+            if not mb.last:
+                continue
+            grad_norm = accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
+            if not _all_finite(accelerator, grad_norm):  # a finite loss can still give inf/NaN gradients
+                run.stop(f"the gradient norm became {float(grad_norm)} (the loss was finite)", epoch, window)
+            optimizer.step()
+            if not optimizer.step_was_skipped:  # fp16 loss scaling skips overflowing steps
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.step, progress.batch = progress.step + 1, i + 1
+            epoch_loss, epoch_steps = epoch_loss + loss.detach().float(), epoch_steps + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch + 1, refresh=False)  # drawn at the bar's interval
+            if progress.step % cfg.log_every_n_steps == 0:
+                logs = {f"train/{k}": float(v.detach()) for k, v in parts.items()}
+                logs |= {"train/lr": scheduler.get_last_lr()[0], "train/sigma": mb.sigma,
+                         f"train/loss_{mb.expert}_noise": float(loss.detach()), "train/grad_norm": float(grad_norm),
+                         "train/dit_swaps": inner.dits.swaps}
+                accelerator.log(logs, step=progress.step)
+                log.write("step", step=progress.step, total_steps=self.total_steps, epoch=epoch + 1, **logs)
+            if i + 1 < len(plan):  # the epoch's last step is handled after its end, below
+                if sampler is not None:  # before the step's state is saved: --resume continues after it
+                    sampler.after_step(inner, progress, log)
+                self.checkpoints.at_step_boundary(epoch_loss, epoch_steps)
+        self.skip = 0
+        progress.epoch, progress.expert, progress.batch = epoch + 1, end_expert, 0
+        progress.epoch_loss, progress.epoch_steps = 0.0, 0
         if sampler is not None:
-            sampler.at_start(inner, progress, log)
-        for epoch in range(progress.epoch, cfg.max_train_epochs):
-            module.train()
-            epoch_loss = torch.tensor(progress.epoch_loss, device=accelerator.device)  # 0 unless resumed mid-epoch
-            epoch_steps = progress.epoch_steps
-            plan, end_expert = plan_epoch(dataset.entries, cfg, epoch, accelerator.num_processes,
-                                          accelerator.process_index, inner.dits.expert_for, progress.expert)
-            noise_g = run.noise_g = noise_generator(cfg, epoch, accelerator.process_index)
-            if noise_state is not None:  # resumed mid-epoch: where this process's noise stream stood
-                noise_g.set_state(noise_state)
-                noise_state = None
-            window: list[MicroBatch] = []
-            # Gradient accumulation by hand, one window of --gradient_accumulation_steps micro-batches
-            # per optimizer step; an epoch's last, shorter window still ends in a step, so no gradient
-            # leaks into the next epoch (accelerate's `accumulate` needs its own dataloader).
-            for i, mb in enumerate(plan):
-                if i < skip:  # done before the state this run resumed from (whole windows)
-                    continue
-                if mb.first:
-                    inner.on_step(progress.step, total_steps)
-                    window = []
-                window.append(mb)
-                batch = _to_device(collate_clips([dataset[by_id[e.id]] for e in mb.entries]), accelerator.device)
-                sigma = torch.full((len(mb.entries),), mb.sigma, device=accelerator.device)
-                noise = torch.randn(batch["latents"].shape, generator=noise_g).to(accelerator.device)
-                with contextlib.nullcontext() if mb.last else accelerator.no_sync(module):
-                    parts = module(batch, sigma, noise, mb.expert)
-                    loss = parts["loss"]
-                    if not _all_finite(accelerator, loss):
-                        run.stop(f"the loss became {loss.item()}", epoch, window)
-                    accelerator.backward(loss / mb.window_size)
-                if not mb.last:
-                    continue
-                grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                if not _all_finite(accelerator, grad_norm):  # a finite loss can still give inf/NaN gradients
-                    run.stop(f"the gradient norm became {float(grad_norm)} (the loss was finite)", epoch, window)
-                optimizer.step()
-                if not optimizer.step_was_skipped:  # fp16 loss scaling skips overflowing steps
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                progress.step, progress.batch = progress.step + 1, i + 1
-                epoch_loss, epoch_steps = epoch_loss + loss.detach().float(), epoch_steps + 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch + 1, refresh=False)  # drawn at the bar's interval
-                if progress.step % cfg.log_every_n_steps == 0:
-                    logs = {f"train/{k}": float(v.detach()) for k, v in parts.items()}
-                    logs |= {"train/lr": scheduler.get_last_lr()[0], "train/sigma": mb.sigma,
-                             f"train/loss_{mb.expert}_noise": float(loss.detach()), "train/grad_norm": float(grad_norm),
-                             "train/dit_swaps": inner.dits.swaps}
-                    accelerator.log(logs, step=progress.step)
-                    log.write("step", step=progress.step, total_steps=total_steps, epoch=epoch + 1, **logs)
-                if i + 1 < len(plan):  # the epoch's last step is handled after its end, below
-                    if sampler is not None:  # before the step's state is saved: --resume continues after it
-                        sampler.after_step(inner, progress, log)
-                    checkpoints.at_step_boundary(epoch_loss, epoch_steps)
-            skip = 0
-            progress.epoch, progress.expert, progress.batch = epoch + 1, end_expert, 0
-            progress.epoch_loss, progress.epoch_steps = 0.0, 0
-            if sampler is not None:
-                sampler.after_step(inner, progress, log, epoch_end=True)
-            saved = progress.epoch % cfg.save_every_n_epochs == 0 or progress.epoch == cfg.max_train_epochs
-            if saved:
-                _save_checkpoint(run, progress.epoch)
-                checkpoints.saved(out / state_name(progress.epoch))
-            log.write("epoch", epoch=progress.epoch, max_epochs=cfg.max_train_epochs, step=progress.step,
-                      total_steps=total_steps, loss=float(epoch_loss) / max(epoch_steps, 1), saved_state=saved)
-            checkpoints.at_step_boundary(epoch_loss.new_zeros(()), 0, out / state_name(progress.epoch) if saved else None)
-    bar.close()
-    log.close()
+            sampler.after_step(inner, progress, log, epoch_end=True)
+        saved = progress.epoch % cfg.save_every_n_epochs == 0 or progress.epoch == cfg.max_train_epochs
+        if saved:
+            _save_checkpoint(run, progress.epoch)
+            self.checkpoints.saved(self.out / state_name(progress.epoch))
+        log.write("epoch", epoch=progress.epoch, max_epochs=cfg.max_train_epochs, step=progress.step,
+                  total_steps=self.total_steps, loss=float(epoch_loss) / max(epoch_steps, 1), saved_state=saved)
+        self.checkpoints.at_step_boundary(epoch_loss.new_zeros(()), 0, self.out / state_name(progress.epoch) if saved else None)
 
-    accelerator.wait_for_everyone()
-    train_swaps = inner.dits.swaps - swaps_before
-    metrics: dict = {}
-    if accelerator.is_main_process or cfg.fsdp:  # --fsdp: every process joins each sharded DiT forward
-        val = CachedClipDataset(index, split="val")
-        items = [val[i] for i in range(len(val))] or [dataset[i] for i in range(min(4, len(dataset)))]
-        module.eval()
-        metrics = inner.evaluate(items, cfg) | {
-            "train_steps": progress.step,
-            "epochs": progress.epoch,
-            "val_clips": len(val),
-            "train_seconds_this_run": round(time.monotonic() - started, 1),
-            "dit_swaps_this_run": train_swaps,  # in training (evaluation runs sigma by sigma)
-            "dit_offload": inner.dits.offload,
-        }
-        if accelerator.is_main_process:
-            write_json_atomic(out / METRICS_FILE, metrics)
-            accelerator.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=progress.step)
-    # end_training destroys the process group; every process does it together, once the main
-    # one has evaluated (torch's documented shutdown: not while a peer is still working).
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return metrics if accelerator.is_main_process else {}
+    def finish(self) -> dict:
+        """The held-out measurement and metrics.json (main process; every process with --fsdp)."""
+        cfg, accelerator, inner, progress = self.cfg, self.accelerator, self.inner, self.progress
+        self.bar.close()
+        self.log.close()
+        accelerator.wait_for_everyone()
+        train_swaps = inner.dits.swaps - self.swaps_before
+        metrics: dict = {}
+        if accelerator.is_main_process or cfg.fsdp:  # --fsdp: every process joins each sharded DiT forward
+            val = CachedClipDataset(self.index, split="val")
+            items = [val[i] for i in range(len(val))] or [self.dataset[i] for i in range(min(4, len(self.dataset)))]
+            self.module.eval()
+            metrics = inner.evaluate(items, cfg) | {
+                "train_steps": progress.step,
+                "epochs": progress.epoch,
+                "val_clips": len(val),
+                "train_seconds_this_run": round(time.monotonic() - self.started, 1),
+                "dit_swaps_this_run": train_swaps,  # in training (evaluation runs sigma by sigma)
+                "dit_offload": inner.dits.offload,
+            }
+            if accelerator.is_main_process:
+                write_json_atomic(self.out / METRICS_FILE, metrics)
+                accelerator.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=progress.step)
+        # end_training destroys the process group; every process does it together, once the main
+        # one has evaluated (torch's documented shutdown: not while a peer is still working).
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return metrics if accelerator.is_main_process else {}
 
 
 @contextlib.contextmanager

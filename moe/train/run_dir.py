@@ -1,4 +1,4 @@
-"""A training run's output folder, claimed for the whole run (`moe.output_paths`).
+"""A training run's output folder, claimed for the whole run (`moe.files.output_paths`).
 
 An existing run folder is continued with `--resume`, replaced with `--overwrite` (which removes
 only the files a run of this stage writes, so a resumed run never picks up a stale state) or
@@ -14,12 +14,12 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from moe.atomic import remove_path
+from moe.config.file_names import METRICS_FILE, TRAIN_LOG_FILE
+from moe.config.train import TrainConfig
 from moe.errors import MoeError
-from moe.file_names import METRICS_FILE, TRAIN_LOG_FILE
-from moe.output_paths import claim_output
-from moe.safetensors_file import read_header
-from moe.train.config import TrainConfig
+from moe.files.atomic import remove_path
+from moe.files.output_paths import claim_output
+from moe.files.safetensors_file import read_header
 from moe.train.state_names import latest_state
 
 # What a run writes into its folder besides the weights file (see `moe.train.loop`);

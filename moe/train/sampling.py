@@ -76,7 +76,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from moe.config_types import MAX_FRAMES, MAX_SIDE, SEED_MAX, check_number
+from moe.config.numbers import MAX_FRAMES, MAX_SIDE, SEED_MAX, check_number
 from moe.errors import MoeError
 
 SAMPLES_DIR = "samples"

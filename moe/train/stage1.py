@@ -14,24 +14,17 @@ from pathlib import Path
 
 import torch
 
-from moe.file_names import VANILLA_LORA_FILE
+from moe.config.file_names import VANILLA_LORA_FILE
+from moe.config.train import Stage1Config
+from moe.dit.dual_dit import DualDiT, Expert
+from moe.dit.flow_matching import per_sample_loss, roi_weights
+from moe.dit.validation import dit_inputs, dit_variant, measure, run_dit
 from moe.lora.convert import write_musubi_copy
 from moe.lora.file import LoRAModuleWeights, write_lora_file
 from moe.lora.inject import adapter_items, build_adapters, inject_lora
-from moe.train.config import Stage1Config
-from moe.train.dual_dit import DualDiT, Expert
-from moe.train.flow_matching import per_sample_loss, roi_weights
-from moe.train.loop import (
-    TrainingModule,
-    check_dits,
-    load_dits,
-    make_accelerator,
-    open_dataset,
-    run_training,
-)
-from moe.train.run_dir import claim_run_dir
-from moe.train.sampling import TrainingSampler, check_sampling
-from moe.train.validation import dit_inputs, dit_variant, measure, run_dit
+from moe.train.loop import TrainingModule
+from moe.train.recipe import StageRecipe, run_stage
+from moe.train.sampling import check_sampling
 
 
 class Stage1Module(TrainingModule):
@@ -76,19 +69,21 @@ class Stage1Module(TrainingModule):
         }
 
 
+class Stage1Recipe(StageRecipe):
+    name, weights_file = "stage1", VANILLA_LORA_FILE
+
+    def check_dataset(self, cfg: Stage1Config, index) -> list:
+        return check_sampling(cfg, index.settings.size, index.settings.frames)
+
+    def build_module(self, cfg: Stage1Config, dits: DualDiT, index) -> Stage1Module:
+        return Stage1Module(cfg, dits)
+
+    def save(self, cfg: Stage1Config, module: Stage1Module) -> None:
+        module.save_weights(cfg.output_dir / VANILLA_LORA_FILE)
+        if cfg.musubi_copy:
+            write_musubi_copy(cfg.output_dir / VANILLA_LORA_FILE, overwrite=True)  # inside our run folder
+
+
 def train_stage1(cfg: Stage1Config) -> dict:
     """Train the stage-1 LoRA; writes `vanilla_lora.safetensors` into `cfg.output_dir`."""
-    check_dits(cfg)
-    index = open_dataset(cfg)
-    prompts = check_sampling(cfg, index.settings.size, index.settings.frames)  # --sample_prompts, before any loading
-    with claim_run_dir(cfg, "stage1", VANILLA_LORA_FILE):
-        accelerator = make_accelerator(cfg)
-        sampler = TrainingSampler.prepare(cfg, accelerator, prompts)  # prompt embeddings, before the DiTs load
-        torch.manual_seed(cfg.seed)  # adapter initialisation
-        module = Stage1Module(cfg, load_dits(cfg, accelerator))
-        metrics = run_training(cfg, module, accelerator, run_name="stage1", sampler=sampler)
-        if accelerator.is_main_process:
-            module.save_weights(cfg.output_dir / VANILLA_LORA_FILE)
-            if cfg.musubi_copy:
-                write_musubi_copy(cfg.output_dir / VANILLA_LORA_FILE, overwrite=True)  # inside our run folder
-    return metrics
+    return run_stage(cfg, Stage1Recipe())

@@ -17,12 +17,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from moe.config.file_names import LORA_MOE_FILE
+from moe.config.instruments import INSTRUMENT_CLASSES
+from moe.config.targets import check_same_targets
+from moe.config.train import Stage2Config
+from moe.dit.dual_dit import DualDiT
+from moe.dit.flow_matching import per_sample_loss, roi_weights
+from moe.dit.routed_dit import RoutedDiT, stage2_metrics
 from moe.errors import MoeError
-from moe.file_kind import classify, require_kind
-from moe.file_names import LORA_MOE_FILE
-from moe.hashing import sha256_tree
-from moe.lora.targets import check_same_targets
-from moe.lora_moe.experts import EXPERTS
+from moe.files.hashing import sha256_tree
 from moe.lora_moe.file import write_lora_moe_file
 from moe.lora_moe.gates import TimestepGate
 from moe.lora_moe.losses import LoadBalance, routing_entropy, teacher_kl
@@ -35,20 +38,10 @@ from moe.lora_moe.routing import (
     teacher_distribution,
     teacher_forcing_rho,
 )
-from moe.train.config import Stage2Config
-from moe.train.dual_dit import DualDiT
-from moe.train.flow_matching import per_sample_loss, roi_weights
-from moe.train.loop import (
-    TrainingModule,
-    check_dits,
-    load_dits,
-    make_accelerator,
-    open_dataset,
-    run_training,
-)
-from moe.train.routed_dit import RoutedDiT, stage2_metrics
-from moe.train.run_dir import claim_run_dir
-from moe.train.sampling import TrainingSampler, check_sampling
+from moe.train.loop import TrainingModule
+from moe.train.recipe import StageRecipe, run_stage
+from moe.train.sampling import check_sampling
+from moe.wan.file_kind import classify, require_kind
 
 BASE_LORA_REFUSAL = (
     "--use_base_lora is not supported: stage-1 knowledge lives in the merged DiTs, not in a base_lora. "
@@ -106,7 +99,7 @@ def check_experts(cfg: Stage2Config, label_classes: tuple[str, ...]) -> None:
 
 
 class Stage2Module(TrainingModule):
-    def __init__(self, cfg: Stage2Config, dits: DualDiT, merged_dits: dict[str, str], label_classes: tuple[str, ...] = EXPERTS):
+    def __init__(self, cfg: Stage2Config, dits: DualDiT, merged_dits: dict[str, str], label_classes: tuple[str, ...] = INSTRUMENT_CLASSES):
         super().__init__()
         self.cfg = cfg
         self.dits = dits
@@ -181,7 +174,8 @@ class Stage2Module(TrainingModule):
         what generation with this run's file would do (`unhinted_routing`)."""
         from types import SimpleNamespace
 
-        from moe.inference import GenerateConfig, MoERouting
+        from moe.config.generate import GenerateConfig
+        from moe.inference import MoERouting
 
         live = SimpleNamespace(router_config=self.router.config, inference_routing=lambda source=None: unhinted_routing(self.cfg))
         index = self.experts.index(hint) if hint is not None else None
@@ -207,26 +201,27 @@ def unhinted_routing(cfg: Stage2Config) -> str | None:
     return "uniform" if cfg.routing_mode == "uniform" else None
 
 
+class Stage2Recipe(StageRecipe):
+    name, weights_file = "stage2", LORA_MOE_FILE
+
+    def check_inputs(self, cfg: Stage2Config) -> None:
+        self.merged = check_stage2_inputs(cfg)  # the merged DiTs' provenance, recorded in the file
+
+    def check_dataset(self, cfg: Stage2Config, index) -> list:
+        check_experts(cfg, index.label_classes)
+        return check_sampling(cfg, index.settings.size, index.settings.frames, tuple(cfg.expert_names), unhinted_routing(cfg))
+
+    def build_module(self, cfg: Stage2Config, dits: DualDiT, index) -> Stage2Module:
+        return Stage2Module(cfg, dits, self.merged, index.label_classes)
+
+
 def train_stage2(cfg: Stage2Config) -> dict:
     """Train experts + router + gates; writes `lora_moe_stage2.safetensors` into `cfg.output_dir`."""
-    merged = check_stage2_inputs(cfg)
-    check_dits(cfg)
-    index = open_dataset(cfg)
-    check_experts(cfg, index.label_classes)
-    prompts = check_sampling(cfg, index.settings.size, index.settings.frames, tuple(cfg.expert_names), unhinted_routing(cfg))
-    with claim_run_dir(cfg, "stage2", LORA_MOE_FILE):
-        accelerator = make_accelerator(cfg)
-        sampler = TrainingSampler.prepare(cfg, accelerator, prompts)  # prompt embeddings, before the DiTs load
-        torch.manual_seed(cfg.seed)
-        module = Stage2Module(cfg, load_dits(cfg, accelerator), merged, index.label_classes)
-        metrics = run_training(cfg, module, accelerator, run_name="stage2", sampler=sampler)
-        if accelerator.is_main_process:
-            module.save_weights(cfg.output_dir / LORA_MOE_FILE)
-    return metrics
+    return run_stage(cfg, Stage2Recipe())
 
 
 def stage2_summary(metrics: dict) -> str:
-    from moe.progress import metrics_line  # `name value, ...` with 4 significant digits, not a JSON dump
+    from moe.runtime.progress import metrics_line  # `name value, ...` with 4 significant digits, not a JSON dump
 
     return metrics_line({k: metrics[k] for k in ("routing_accuracy", "roi_loss_correct_hint", "roi_loss_wrong_hint",
                                                  "val_loss_stage1", "val_loss_stage2") if k in metrics})

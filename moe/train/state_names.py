@@ -9,7 +9,7 @@ optimizer step): `state-epoch-1` < `state-epoch-1-step-00000012` < `state-epoch-
 the one `--resume` continues from. `state-nonfinite-step-N/` (the last good state before a NaN)
 is not among them: it is kept for inspection and resumed from only by renaming it.
 
-No torch here: the pipeline's flow process reads these names too (`tasks.stage.saved_states`).
+No torch here: the pipeline's flow process reads these names too (`tasks.stages.runner.saved_states`).
 """
 
 from __future__ import annotations

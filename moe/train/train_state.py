@@ -16,7 +16,7 @@ only tensors (safetensors) and plain values (JSON):
     rng-{k}.json             process k's Python and NumPy generator states
 
 Nothing else in the folder is read (a planted `*.pkl` is never opened). The main process writes
-the folder atomically (`moe.atomic.atomic_dir`), with every process's RNG state gathered to it.
+the folder atomically (`moe.files.atomic.atomic_dir`), with every process's RNG state gathered to it.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from moe.atomic import atomic_dir
 from moe.errors import MoeError
+from moe.files.atomic import atomic_dir
 
 STATE_FORMAT = "lora-moe-train-state/1"
 STATE_FILE = "state.json"

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moe.config.runtime_options import AttentionBackend  # noqa: F401 - the option's type, re-exported
 from moe.errors import MoeError
-from moe.wan.runtime_options import AttentionBackend  # noqa: F401 - the option's type, re-exported
 
 DEFAULT_BACKEND = "native"
 

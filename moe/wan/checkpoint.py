@@ -21,10 +21,11 @@ from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from moe.atomic import atomic_dir, atomic_file
+from moe.config.presets import PRESETS, DiTConfig, WanPreset
 from moe.errors import MoeError, key_set_problems
-from moe.file_kind import describe_kind
-from moe.safetensors_file import DTYPES, SafetensorsHeader, iter_tensors, read_header, resolve_files
+from moe.files.atomic import atomic_dir, atomic_file
+from moe.files.safetensors_file import DTYPES, SafetensorsHeader, iter_tensors, read_header, resolve_files
+from moe.wan.file_kind import describe_kind
 from moe.wan.fp8 import (
     FP8_DTYPE,
     SCALE_WEIGHT_SUFFIX,
@@ -37,7 +38,6 @@ from moe.wan.fp8 import (
     quantize_weight,
 )
 from moe.wan.keys import KeyFormat, detect_key_format, diffusers_to_original
-from moe.wan.presets import PRESETS, DiTConfig, WanPreset
 
 DEFAULT_SHARD_STEM = "diffusion_pytorch_model"
 

@@ -27,6 +27,7 @@ from transformers import (
     UMT5EncoderModel,
 )
 
+from moe.config.presets import WanPreset
 from moe.errors import MoeError, key_set_problems, list_names
 from moe.wan.component_keys import original_to_umt5_keys
 
@@ -248,3 +249,20 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as e:
         raise MoeError(f"cannot load the tokenizer from {folder}: {e}") from None
+
+
+def tiny_vae_kwargs(preset: WanPreset) -> dict:
+    """`AutoencoderKLWan` kwargs of a tiny preset: the Wan2.1 layout (temporal downsampling in
+    the last two stages, so 4x8x8 compression) at a small width. `moe.tiny.components.build_tiny_vae` calibrates
+    latents_mean/std for its content-preserving encoder."""
+    cfg = preset.vae
+    return dict(
+        base_dim=cfg.base_dim,
+        z_dim=cfg.z_dim,
+        dim_mult=list(cfg.dim_mult),
+        num_res_blocks=cfg.num_res_blocks,
+        attn_scales=[],
+        temperal_downsample=[False, True, True],
+        scale_factor_temporal=cfg.temporal_compression,
+        scale_factor_spatial=cfg.spatial_compression,
+    )

@@ -19,27 +19,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from moe.config.presets import BLOCK_MODULES
+
 KeyStyle = Literal["original", "diffusers"]
 COMFY_PREFIX = "model.diffusion_model."
 
-# Sub-modules of a block: original name -> diffusers name.
-BLOCK_MODULES: dict[str, str] = {
-    "self_attn.q": "attn1.to_q",
-    "self_attn.k": "attn1.to_k",
-    "self_attn.v": "attn1.to_v",
-    "self_attn.o": "attn1.to_out.0",
-    "self_attn.norm_q": "attn1.norm_q",
-    "self_attn.norm_k": "attn1.norm_k",
-    "cross_attn.q": "attn2.to_q",
-    "cross_attn.k": "attn2.to_k",
-    "cross_attn.v": "attn2.to_v",
-    "cross_attn.o": "attn2.to_out.0",
-    "cross_attn.norm_q": "attn2.norm_q",
-    "cross_attn.norm_k": "attn2.norm_k",
-    "norm3": "norm2",  # the affine cross-attention norm
-    "ffn.0": "ffn.net.0.proj",
-    "ffn.2": "ffn.net.2",
-}
 # Parameters that sit directly on a block: original -> diffusers.
 BLOCK_PARAMS: dict[str, str] = {"modulation": "scale_shift_table"}
 

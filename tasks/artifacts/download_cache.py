@@ -31,11 +31,12 @@ import shutil
 import uuid
 from pathlib import Path
 
-from moe.atomic import write_json_atomic
-from moe.hashing import sha256_tree
+from moe.files.atomic import write_json_atomic
+from moe.files.hashing import sha256_tree
+from tasks.artifacts.interface import StoreError
 from tasks.artifacts.local import copy_hashing, make_read_only, rehash_limit
 from tasks.artifacts.refs import ArtifactRef
-from tasks.artifacts.store import StoreError, store_for_uri
+from tasks.artifacts.store import store_for_uri
 
 RECORD = ".verified.json"  # hidden: never taken for the entry's file
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """A local folder as an artifact store (the embedded default): `file:///path` or a plain path.
 
 Files are copied in with their sha256 computed in the same pass, renamed into place
-(`moe.atomic`), so a crash never leaves a half-written artifact under its final name, and made
+(`moe.files.atomic`), so a crash never leaves a half-written artifact under its final name, and made
 read-only. Reading never shares an inode with the store (a hard link would let an in-place change
 to a stored file change every cached copy, and the reverse): it clones the file where the
 filesystem can (a reflink: copy-on-write, so neither side sees the other's changes) and copies
@@ -17,10 +17,10 @@ import stat
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from moe.atomic import atomic_file
-from moe.hashing import CHUNK_BYTES, sha256_file, sha256_tree
+from moe.files.atomic import atomic_file
+from moe.files.hashing import CHUNK_BYTES, sha256_file, sha256_tree
+from tasks.artifacts.interface import ArtifactStore, ObjectInfo, StoreError, Transferred
 from tasks.artifacts.refs import ArtifactRef
-from tasks.artifacts.store import ArtifactStore, ObjectInfo, StoreError, Transferred
 
 FICLONE = 0x40049409  # Linux ioctl: make `dst` share `src`'s extents copy-on-write (btrfs, XFS ...)
 READ_ONLY = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH

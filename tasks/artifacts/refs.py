@@ -2,7 +2,7 @@
 
 A ref names stored bytes by URI and pins them by sha256; whoever fetches it verifies the hash.
 A folder (a sharded checkpoint, a component folder, a latent cache) is stored as its files plus
-a small manifest (`FolderManifest`); its sha256 is `moe.hashing.sha256_tree` of the folder, so a
+a small manifest (`FolderManifest`); its sha256 is `moe.files.hashing.sha256_tree` of the folder, so a
 ref can be checked against a local copy with the project's own hashing.
 """
 
@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from moe.hashing import tree_digest
+from moe.files.hashing import tree_digest
 
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 FOLDER_MANIFEST = ".lora-moe-folder.json"  # hidden: sha256_tree skips it, so it never hashes itself

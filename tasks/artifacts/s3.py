@@ -27,8 +27,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from moe.hashing import sha256_file
-from tasks.artifacts.store import ArtifactStore, ObjectInfo, StoreError, Transferred
+from moe.files.hashing import sha256_file
+from tasks.artifacts.interface import ArtifactStore, ObjectInfo, StoreError, Transferred
 
 MIB = 1 << 20
 

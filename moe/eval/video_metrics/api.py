@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moe.atomic import atomic_file
 from moe.errors import MoeError
 from moe.eval.video_metrics.i3d import MIN_FRAMES
 from moe.eval.video_metrics.preprocess import as_clips, i3d_input, inception_input
 from moe.eval.video_metrics.stats import KID_SUBSET_SIZE, KID_SUBSETS, bootstrap_interval, frechet_distance, polynomial_mmd2
 from moe.eval.video_metrics.weights import I3D_WEIGHTS, INCEPTION_WEIGHTS
+from moe.files.atomic import atomic_file
 
 METRICS = ("fvd", "kvd", "fid", "kid")
 MIN_CLIPS = 2
@@ -157,7 +157,7 @@ def _full_fp32(device: torch.device):
 def _device(device) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from moe.devices import resolve_device
+    from moe.runtime.devices import resolve_device
 
     return resolve_device(device, "device")
 
