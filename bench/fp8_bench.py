@@ -103,8 +103,12 @@ def part_a(root: Path) -> None:
     for mode in ("fp8", "fp8_scaled"):
         r = computed[mode] / computed["none"]
         print(f"   A14B 40 blocks, computed: {mode:10s} {computed[mode] / 1e9:.3f} GB / bf16 {computed['none'] / 1e9:.3f} GB = {r:.4f}x")
-        row(f"a. A14B expert bytes {mode} / bf16 (computed, 40 blocks)",
-            f"{computed[mode] / 1e9:.3f} / {computed['none'] / 1e9:.3f} GB = {r:.4f}x", "<= 0.51x", r <= 0.51)
+        row(
+            f"a. A14B expert bytes {mode} / bf16 (computed, 40 blocks)",
+            f"{computed[mode] / 1e9:.3f} / {computed['none'] / 1e9:.3f} GB = {r:.4f}x",
+            "<= 0.51x",
+            r <= 0.51,
+        )
 
     two = a14b_with(2)
     path = root / "a14b_2_blocks_bf16.safetensors"
@@ -118,12 +122,17 @@ def part_a(root: Path) -> None:
         measured[mode] = resident_bytes(model)
         del model
         expected = layout_bytes(two, mode)
-        print(f"   2 blocks, loaded {mode:10s}: {measured[mode] / 1e9:.4f} GB ({time.perf_counter() - t0:.1f} s); "
-              f"computed {expected / 1e9:.4f} GB: {'equal' if expected == measured[mode] else 'DIFFERENT'}")
+        print(
+            f"   2 blocks, loaded {mode:10s}: {measured[mode] / 1e9:.4f} GB ({time.perf_counter() - t0:.1f} s); "
+            f"computed {expected / 1e9:.4f} GB: {'equal' if expected == measured[mode] else 'DIFFERENT'}"
+        )
     for mode in ("fp8", "fp8_scaled"):
         r = measured[mode] / measured["none"]
-        row(f"a. 2-block real-width expert {mode} / bf16 (measured)", f"{r:.4f}x (= computed: "
-            f"{'yes' if measured[mode] == layout_bytes(two, mode) else 'no'})", "")
+        row(
+            f"a. 2-block real-width expert {mode} / bf16 (measured)",
+            f"{r:.4f}x (= computed: {'yes' if measured[mode] == layout_bytes(two, mode) else 'no'})",
+            "",
+        )
     path.unlink()
 
 
@@ -191,8 +200,10 @@ def part_b(root: Path, blocks: int) -> None:
     path = root / f"a14b_{blocks}_blocks_bf16.safetensors"
     t0 = time.perf_counter()
     size = write_real_width_checkpoint(preset, path, seed=1)
-    print(f"\nb. peak host RSS while loading a {blocks}-block real-width bf16 file ({size / 1e9:.2f} GB, written in "
-          f"{time.perf_counter() - t0:.0f} s), fresh process each")
+    print(
+        f"\nb. peak host RSS while loading a {blocks}-block real-width bf16 file ({size / 1e9:.2f} GB, written in "
+        f"{time.perf_counter() - t0:.0f} s), fresh process each"
+    )
     targets = {"none": 1.15, "fp8": 0.6}
     for mode in ("none", "fp8", "fp8_scaled"):
         t0 = time.perf_counter()
@@ -203,22 +214,31 @@ def part_b(root: Path, blocks: int) -> None:
         big = m["largest"]
         transient = big["peak"] - big["kept"] if m["reset"] else 0  # beyond what the model keeps of that tensor
         r = peak / size
-        print(f"   load_transformer(fp8={mode!r}): peak +{peak / 1e9:.3f} GB = {r:.3f}x the file; after the load +{held / 1e9:.3f} GB; "
-              f"the model keeps {m['kept'] / 1e9:.3f} GB ({m['kept'] / size:.3f}x); peak - kept = {excess / 1e6:.0f} MB "
-              f"({excess / size:.3f}x){'' if m['reset'] else ' (VmHWM not reset: includes the imports)'}; {time.perf_counter() - t0:.0f} s")
-        print(f"      largest block weight alone ({big['name']}, {big['read'] / 1e6:.0f} MB in the file): peak +{big['peak'] / 1e6:.0f} MB, "
-              f"keeps {big['kept'] / 1e6:.0f} MB: transient {transient / 1e6:.0f} MB (hidden above: the file's last "
-              "tensors are the non-block ones, kept as read)")
-        row(f"b. peak RSS / file, load {'bf16' if mode == 'none' else mode} ({blocks} blocks, {size / 1e9:.2f} GB)",
+        print(
+            f"   load_transformer(fp8={mode!r}): peak +{peak / 1e9:.3f} GB = {r:.3f}x the file; after the load +{held / 1e9:.3f} GB; "
+            f"the model keeps {m['kept'] / 1e9:.3f} GB ({m['kept'] / size:.3f}x); peak - kept = {excess / 1e6:.0f} MB "
+            f"({excess / size:.3f}x){'' if m['reset'] else ' (VmHWM not reset: includes the imports)'}; {time.perf_counter() - t0:.0f} s"
+        )
+        print(
+            f"      largest block weight alone ({big['name']}, {big['read'] / 1e6:.0f} MB in the file): peak +{big['peak'] / 1e6:.0f} MB, "
+            f"keeps {big['kept'] / 1e6:.0f} MB: transient {transient / 1e6:.0f} MB (hidden above: the file's last "
+            "tensors are the non-block ones, kept as read)"
+        )
+        row(
+            f"b. peak RSS / file, load {'bf16' if mode == 'none' else mode} ({blocks} blocks, {size / 1e9:.2f} GB)",
             f"{r:.3f}x (model keeps {m['kept'] / size:.3f}x; one tensor's transient {transient / 1e6:.0f} MB)",
-            f"<= {targets[mode]}x" if mode in targets else "", r <= targets[mode] if mode in targets else None)
+            f"<= {targets[mode]}x" if mode in targets else "",
+            r <= targets[mode] if mode in targets else None,
+        )
         if mode == "fp8":  # the same overhead on the full A14B file
             full_file = layout_bytes(PRESETS["t2v-A14B"], "none")  # ~ a bf16 A14B file (+59 MB of fp32 modules)
             full_kept = layout_bytes(PRESETS["t2v-A14B"], "fp8")
             worst = max(excess, transient)  # the largest block weight read last
             est = (full_kept + worst) / full_file
-            print(f"   on a 40-block A14B bf16 file, with that transient at the end: ({full_kept / 1e9:.2f} GB kept + "
-                  f"{worst / 1e9:.2f} GB) / {full_file / 1e9:.2f} GB = {est:.3f}x (estimate)")
+            print(
+                f"   on a 40-block A14B bf16 file, with that transient at the end: ({full_kept / 1e9:.2f} GB kept + "
+                f"{worst / 1e9:.2f} GB) / {full_file / 1e9:.2f} GB = {est:.3f}x (estimate)"
+            )
             row("b. same, fp8, a 40-block A14B file (kept + transient)", f"{est:.3f}x (estimate)", "<= 0.6x", est <= 0.6)
     path.unlink()
 
@@ -330,7 +350,9 @@ def weight_forms(seed: int = 0) -> None:
     cases = {
         "gaussian, std 0.035": lambda: torch.randn(n, n, generator=g) * 0.035,
         "gaussian, std 0.004 (a small-weight layer)": lambda: torch.randn(n, n, generator=g) * 0.004,
-        "row scales over ~3 decades (lognormal, sigma 2)": lambda: torch.randn(n, n, generator=g) * 0.035 * torch.exp(2 * torch.randn(n, 1, generator=g)),
+        "row scales over ~3 decades (lognormal, sigma 2)": lambda: (
+            torch.randn(n, n, generator=g) * 0.035 * torch.exp(2 * torch.randn(n, 1, generator=g))
+        ),
         "std 0.035, 0.01% of elements x1000": outliers,
     }
     print("   one [5120, 5120] bf16 weight, fp8 weight error over the tensor (worst row):")
@@ -355,8 +377,10 @@ def part_c(tokens: int, text_tokens: int) -> None:
     t0 = time.perf_counter()
     master = realistic_block()
     x, text, temb, rope = block_inputs(tokens, text_tokens)
-    print(f"\nc. one real-width block (dim 5120, 40 heads, ffn 13824), {x.shape[1]} tokens, {text_tokens} text tokens; "
-          "Linear std 0.02-0.05 per layer, lognormal row spread, 0.1% outlier rows x10; fp8 variants compute in bf16")
+    print(
+        f"\nc. one real-width block (dim 5120, 40 heads, ffn 13824), {x.shape[1]} tokens, {text_tokens} text tokens; "
+        "Linear std 0.02-0.05 per layer, lognormal row spread, 0.1% outlier rows x10; fp8 variants compute in bf16"
+    )
     with torch.no_grad():
         ref_block = copy.deepcopy(master).double()
         ref = ref_block(x.double(), text.double(), temb.double(), rope)
@@ -377,12 +401,17 @@ def part_c(tokens: int, text_tokens: int) -> None:
             y = run(block)
             upd = y.double() - x64
             errs = (_rel(y, y16), _rel(upd, upd16), _rel(y, ref), _rel(upd, upd_ref), weight_error(bf16, block))
-            print(f"   {label:33s} vs bf16: output {errs[0]:.2e}, update {errs[1]:.2e};  vs float64: output {errs[2]:.2e}, "
-                  f"update {errs[3]:.2e};  weights {errs[4]:.2e}")
+            print(
+                f"   {label:33s} vs bf16: output {errs[0]:.2e}, update {errs[1]:.2e};  vs float64: output {errs[2]:.2e}, "
+                f"update {errs[3]:.2e};  weights {errs[4]:.2e}"
+            )
             target = form == "row"
-            row(f"c. {label} vs bf16 block: output / update (weights)",
+            row(
+                f"c. {label} vs bf16 block: output / update (weights)",
                 f"{errs[0] * 100:.3f}% / {errs[1] * 100:.2f}% ({errs[4] * 100:.2f}%)",
-                "<= 1% (output)" if target else "", errs[0] <= 0.01 if target else None)
+                "<= 1% (output)" if target else "",
+                errs[0] <= 0.01 if target else None,
+            )
             del block
     weight_forms()
     print(f"   ({time.perf_counter() - t0:.0f} s)")
@@ -423,11 +452,23 @@ def parts_de(root: Path, epochs: int, clips: int, frames: int, size: int, stage2
 
     t0 = time.perf_counter()
     models, cache = tiny_workspace(root / "ws", clips, frames, size)
-    print(f"\nd/e. tiny workflow ({clips} clips, {frames} frames, {size}x{size}; built in {time.perf_counter() - t0:.0f} s), "
-          f"stage 1: lr 1e-2, {epochs} epochs, seed 3, --dit_dtype bfloat16 (CPU: no autocast)")
-    common = dict(task="tiny-t2v", dit=models.low_noise, dit_high_noise=models.high_noise, dataset=cache, network_dim=8,
-                  learning_rate=1e-2, max_train_epochs=epochs, save_every_n_epochs=epochs, progress=False, seed=3,
-                  dit_dtype="bfloat16")
+    print(
+        f"\nd/e. tiny workflow ({clips} clips, {frames} frames, {size}x{size}; built in {time.perf_counter() - t0:.0f} s), "
+        f"stage 1: lr 1e-2, {epochs} epochs, seed 3, --dit_dtype bfloat16 (CPU: no autocast)"
+    )
+    common = dict(
+        task="tiny-t2v",
+        dit=models.low_noise,
+        dit_high_noise=models.high_noise,
+        dataset=cache,
+        network_dim=8,
+        learning_rate=1e-2,
+        max_train_epochs=epochs,
+        save_every_n_epochs=epochs,
+        progress=False,
+        seed=3,
+        dit_dtype="bfloat16",
+    )
     runs = {"bf16": {}}
     if "d" in parts:
         runs["fp8_base"] = {"fp8_base": True}
@@ -439,40 +480,69 @@ def parts_de(root: Path, epochs: int, clips: int, frames: int, size: int, stage2
         metrics[name] = train_stage1(Stage1Config(output_dir=root / "s1" / name.replace(" ", "_").replace(",", ""), **common, **extra))
         seconds[name] = time.perf_counter() - t0
         m = metrics[name]
-        print(f"   stage 1 {name:22s}: held-out loss {m['val_loss_base']:.4f} -> {m['val_loss_final']:.4f} "
-              f"({m['train_steps']} steps, {seconds[name]:.0f} s)")
+        print(
+            f"   stage 1 {name:22s}: held-out loss {m['val_loss_base']:.4f} -> {m['val_loss_final']:.4f} "
+            f"({m['train_steps']} steps, {seconds[name]:.0f} s)"
+        )
     base = metrics["bf16"]["val_loss_final"]
     if "d" in parts:
         r = metrics["fp8_base"]["val_loss_final"] / base
         print(f"   fp8_base / bf16 held-out loss: {r:.4f}")
-        row(f"d. tiny stage 1 ({epochs} ep.) held-out loss fp8_base / bf16",
+        row(
+            f"d. tiny stage 1 ({epochs} ep.) held-out loss fp8_base / bf16",
             f"{metrics['fp8_base']['val_loss_final']:.4f} / {base:.4f} = {r:.4f} (base {metrics['bf16']['val_loss_base']:.3f})",
-            "within 2%", abs(r - 1) <= 0.02)
+            "within 2%",
+            abs(r - 1) <= 0.02,
+        )
     if "e" in parts:
         a, b = root / "s1" / "bf16", root / "s1" / "bf16_blocks_to_swap_4"
         same_steps = step_losses(a) == step_losses(b)
         same_val = metrics["bf16"]["val_loss_final"] == metrics["bf16, blocks_to_swap 4"]["val_loss_final"]
         same_lora = same_tensors(a / "vanilla_lora.safetensors", b / "vanilla_lora.safetensors")
-        print(f"   blocks_to_swap 4 vs 0: {len(step_losses(a))} step losses identical {same_steps}, held-out loss identical "
-              f"{same_val}, LoRA tensors identical {same_lora}")
-        row("e. tiny stage 1, blocks_to_swap 4 vs 0 (CPU)", f"step losses {'=' if same_steps else '!='}, held-out loss "
-            f"{'=' if same_val else '!='}, LoRA {'=' if same_lora else '!='} (bit for bit)", "bit-identical",
-            same_steps and same_val and same_lora)
+        print(
+            f"   blocks_to_swap 4 vs 0: {len(step_losses(a))} step losses identical {same_steps}, held-out loss identical "
+            f"{same_val}, LoRA tensors identical {same_lora}"
+        )
+        row(
+            "e. tiny stage 1, blocks_to_swap 4 vs 0 (CPU)",
+            f"step losses {'=' if same_steps else '!='}, held-out loss {'=' if same_val else '!='}, LoRA {'=' if same_lora else '!='} (bit for bit)",
+            "bit-identical",
+            same_steps and same_val and same_lora,
+        )
     if stage2 and "d" in parts:
         low, high = root / "merged_low.safetensors", root / "merged_high.safetensors"
         merge_both_experts(models.low_noise, models.high_noise, root / "s1" / "bf16" / "vanilla_lora.safetensors", low, high)
         s2 = {}
         for name, extra in (("bf16", {}), ("fp8_base", {"fp8_base": True})):
             t0 = time.perf_counter()
-            s2[name] = train_stage2(Stage2Config(
-                task="tiny-t2v", dit=low, dit_high_noise=high, dataset=cache, output_dir=root / "s2" / name, network_dim=8,
-                learning_rate=1e-2, max_train_epochs=max(epochs // 4, 2), save_every_n_epochs=max(epochs // 4, 2),
-                progress=False, seed=3, dit_dtype="bfloat16", **extra))
-            print(f"   stage 2 {name:9s}: held-out loss stage1 {s2[name]['val_loss_stage1']:.4f} -> stage2 "
-                  f"{s2[name]['val_loss_stage2']:.4f} ({time.perf_counter() - t0:.0f} s)")
+            s2[name] = train_stage2(
+                Stage2Config(
+                    task="tiny-t2v",
+                    dit=low,
+                    dit_high_noise=high,
+                    dataset=cache,
+                    output_dir=root / "s2" / name,
+                    network_dim=8,
+                    learning_rate=1e-2,
+                    max_train_epochs=max(epochs // 4, 2),
+                    save_every_n_epochs=max(epochs // 4, 2),
+                    progress=False,
+                    seed=3,
+                    dit_dtype="bfloat16",
+                    **extra,
+                )
+            )
+            print(
+                f"   stage 2 {name:9s}: held-out loss stage1 {s2[name]['val_loss_stage1']:.4f} -> stage2 "
+                f"{s2[name]['val_loss_stage2']:.4f} ({time.perf_counter() - t0:.0f} s)"
+            )
         r = s2["fp8_base"]["val_loss_stage2"] / s2["bf16"]["val_loss_stage2"]
-        row(f"d. tiny stage 2 ({max(epochs // 4, 2)} ep.) held-out loss fp8_base / bf16",
-            f"{s2['fp8_base']['val_loss_stage2']:.4f} / {s2['bf16']['val_loss_stage2']:.4f} = {r:.4f}", "within 2%", abs(r - 1) <= 0.02)
+        row(
+            f"d. tiny stage 2 ({max(epochs // 4, 2)} ep.) held-out loss fp8_base / bf16",
+            f"{s2['fp8_base']['val_loss_stage2']:.4f} / {s2['bf16']['val_loss_stage2']:.4f} = {r:.4f}",
+            "within 2%",
+            abs(r - 1) <= 0.02,
+        )
 
 
 def main() -> None:
@@ -492,17 +562,23 @@ def main() -> None:
     started = time.perf_counter()
     times = {}
     try:
-        for part, fn in (("a", lambda: part_a(root)), ("b", lambda: part_b(root, args.rss_blocks)),
-                         ("c", lambda: part_c(args.tokens, args.text_tokens)),
-                         ("de", lambda: parts_de(root, args.epochs, args.clips, args.frames, args.size, args.stage2, args.parts))):
+        for part, fn in (
+            ("a", lambda: part_a(root)),
+            ("b", lambda: part_b(root, args.rss_blocks)),
+            ("c", lambda: part_c(args.tokens, args.text_tokens)),
+            ("de", lambda: parts_de(root, args.epochs, args.clips, args.frames, args.size, args.stage2, args.parts)),
+        ):
             if any(p in args.parts for p in part):
                 t0 = time.perf_counter()
                 fn()
                 times[part] = time.perf_counter() - t0
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print(f"\nfp8 bench, {time.strftime('%Y-%m-%d')}, CPU ({os.cpu_count()} cores), torch {torch.__version__}; "
-          + ", ".join(f"part {k} {v:.0f} s" for k, v in times.items()) + f"; total {time.perf_counter() - started:.0f} s")
+    print(
+        f"\nfp8 bench, {time.strftime('%Y-%m-%d')}, CPU ({os.cpu_count()} cores), torch {torch.__version__}; "
+        + ", ".join(f"part {k} {v:.0f} s" for k, v in times.items())
+        + f"; total {time.perf_counter() - started:.0f} s"
+    )
     widths = [max(len(r[i]) for r in ROWS + [("figure", "value", "target", "met")]) for i in range(4)]
     for r in [("figure", "value", "target", "met"), tuple("-" * w for w in widths)] + ROWS:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())

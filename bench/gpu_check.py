@@ -55,8 +55,7 @@ from moe.runtime.profiling import saved_activation_bytes
 from moe.wan.checkpoint import cast_keeping_fp32_modules
 
 A14B_EXPERT_BYTES = 28.6e9
-STAGE1_TARGETS = {"blocks.0.self_attn.q": 8, "blocks.0.self_attn.k": 4, "blocks.0.self_attn.v": 4,
-                  "blocks.0.self_attn.o": 4, "blocks.0.ffn.0": 4}
+STAGE1_TARGETS = {"blocks.0.self_attn.q": 8, "blocks.0.self_attn.k": 4, "blocks.0.self_attn.v": 4, "blocks.0.self_attn.o": 4, "blocks.0.ffn.0": 4}
 
 
 def one_block_model(device, heads: int = 40):
@@ -160,10 +159,13 @@ def block_rows(device, repeats: int, tokens: int, heads: int) -> None:
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     for name in models:
-        print(f"   {name:12s} {med[name] * 1e3:8.1f} ms  {med[name] / med['plain']:.3f}x plain  "
-              f"peak +{peaks[name] / 2**30:6.2f} GiB  {n / med[name]:,.0f} tokens/s")
-    print(f"   LoRA-MoE / plain {med['LoRA-MoE'] / med['plain']:.3f}x (target <= 1.03); "
-          f"stage-1 LoRA / plain {med['stage1 LoRA'] / med['plain']:.3f}x")
+        print(
+            f"   {name:12s} {med[name] * 1e3:8.1f} ms  {med[name] / med['plain']:.3f}x plain  "
+            f"peak +{peaks[name] / 2**30:6.2f} GiB  {n / med[name]:,.0f} tokens/s"
+        )
+    print(
+        f"   LoRA-MoE / plain {med['LoRA-MoE'] / med['plain']:.3f}x (target <= 1.03); stage-1 LoRA / plain {med['stage1 LoRA'] / med['plain']:.3f}x"
+    )
     saved = {}
     for name, model in models.items():
         params = list(model.parameters())
@@ -173,8 +175,10 @@ def block_rows(device, repeats: int, tokens: int, heads: int) -> None:
         del out
         if cuda:
             torch.cuda.empty_cache()
-    print("   saved for backward without checkpointing (parameters excluded): "
-          + ", ".join(f"{k} {v / 2**30:.2f} GiB ({v / saved['plain']:.3f}x)" for k, v in saved.items()))
+    print(
+        "   saved for backward without checkpointing (parameters excluded): "
+        + ", ".join(f"{k} {v / 2**30:.2f} GiB ({v / saved['plain']:.3f}x)" for k, v in saved.items())
+    )
     del models, inputs
     if cuda:
         torch.cuda.empty_cache()
@@ -203,8 +207,10 @@ def numerics_row(device, width: int = 5120, tokens: int = 4096) -> None:
         base.bias.zero_()
         update = layer(x.detach()).double()
     ratio = float((update * update_ref).sum() / update_ref.square().sum())
-    print(f"\n2. fused bf16 layer [{width}, {width}], {tokens} tokens, on {device.type} vs float64: relative error {rel:.2e} (bf16 base alone {base_rel:.2e}); "
-          f"update scale ratio {ratio:.5f} (1 = the fp32 gate mix is kept)")
+    print(
+        f"\n2. fused bf16 layer [{width}, {width}], {tokens} tokens, on {device.type} vs float64: relative error {rel:.2e} (bf16 base alone {base_rel:.2e}); "
+        f"update scale ratio {ratio:.5f} (1 = the fp32 gate mix is kept)"
+    )
 
 
 def bandwidth_row() -> None:
@@ -223,15 +229,18 @@ def bandwidth_row() -> None:
     free, total = torch.cuda.mem_get_info()
     a14b = get_preset("t2v-A14B")
     fp8_bytes = layout_bytes(a14b.dit, "fp8_scaled")
-    print(f"\n3. host -> device, one block's weights ({nbytes / 1e9:.2f} GB): pinned {rows['pinned'] / 1e9:.1f} GB/s, "
-          f"pageable {rows['pageable'] / 1e9:.1f} GB/s; one A14B expert swap from pinned memory: bf16 (28.6 GB) "
-          f"~{A14B_EXPERT_BYTES / rows['pinned']:.1f} s, fp8 ({fp8_bytes / 1e9:.1f} GB) ~{fp8_bytes / rows['pinned']:.1f} s; "
-          f"one fp8 block (0.35 GB, what --blocks_to_swap moves per block) ~{0.351e9 / rows['pinned'] * 1e3:.0f} ms")
+    print(
+        f"\n3. host -> device, one block's weights ({nbytes / 1e9:.2f} GB): pinned {rows['pinned'] / 1e9:.1f} GB/s, "
+        f"pageable {rows['pageable'] / 1e9:.1f} GB/s; one A14B expert swap from pinned memory: bf16 (28.6 GB) "
+        f"~{A14B_EXPERT_BYTES / rows['pinned']:.1f} s, fp8 ({fp8_bytes / 1e9:.1f} GB) ~{fp8_bytes / rows['pinned']:.1f} s; "
+        f"one fp8 block (0.35 GB, what --blocks_to_swap moves per block) ~{0.351e9 / rows['pinned'] * 1e3:.0f} ms"
+    )
     for name, need in (("bf16", int(2 * A14B_EXPERT_BYTES)), ("fp8_scaled", 2 * fp8_bytes)):
         offload = should_offload("auto", device, need, free, 32 * GiB)
-        print(f"   free {free / GiB:.1f} of {total / GiB:.1f} GiB: --offload_inactive_dit auto with {name} experts would "
-              f"{'offload' if offload else 'keep both A14B experts resident'} ({need / 1e9:.1f} GB + 32 GiB headroom)")
-
+        print(
+            f"   free {free / GiB:.1f} of {total / GiB:.1f} GiB: --offload_inactive_dit auto with {name} experts would "
+            f"{'offload' if offload else 'keep both A14B experts resident'} ({need / 1e9:.1f} GB + 32 GiB headroom)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,8 +257,9 @@ def toy_preset():
     from moe.config.presets import PRESETS
 
     base = PRESETS["t2v-A14B"]
-    preset = base.model_copy(update={"task": "t2v-A14B-toy", "dit": base.dit.model_copy(
-        update={"num_layers": 8, "num_attention_heads": 2, "ffn_dim": 512})})
+    preset = base.model_copy(
+        update={"task": "t2v-A14B-toy", "dit": base.dit.model_copy(update={"num_layers": 8, "num_attention_heads": 2, "ffn_dim": 512})}
+    )
     PRESETS[preset.task] = preset
     return preset
 
@@ -373,8 +383,7 @@ class ExpertRows:
         self.backend = cpu_compile_backend
         self.batch = expert_batch(self.dit, latent, text_tokens, device)
         tmp = Path(tempfile.gettempdir()) / "gpu_check_unused"  # the configs need paths; nothing is read or written
-        common = dict(task=preset.task, dit=tmp / "unused", dataset=tmp / "unused", output_dir=tmp,
-                      gradient_checkpointing=True, progress=False)
+        common = dict(task=preset.task, dit=tmp / "unused", dataset=tmp / "unused", output_dir=tmp, gradient_checkpointing=True, progress=False)
         self.cfg1, self.cfg2 = Stage1Config(**common), Stage2Config(**common)
         layers = self.dit.num_layers
         adapted = adapted_blocks(layers)
@@ -384,10 +393,12 @@ class ExpertRows:
         # checkpointing is not counted. Stage 2 adapts the same blocks (router: negligible).
         first = min(adapted)
         self.flops = f * (layers + 2 * (layers - first))
-        self.flop_note = (f"one block forward {f / 1e12:.2f} TFLOP at {self.tokens:,} tokens + {text_tokens} text tokens; "
-                          f"a step = forward of blocks 0-{layers - 1} + backward (2x forward) of blocks {first}-{layers - 1} "
-                          f"= {layers + 2 * (layers - first)} block forwards = {self.flops / 1e15:.3f} PFLOP "
-                          "(checkpoint recomputation not counted)")
+        self.flop_note = (
+            f"one block forward {f / 1e12:.2f} TFLOP at {self.tokens:,} tokens + {text_tokens} text tokens; "
+            f"a step = forward of blocks 0-{layers - 1} + backward (2x forward) of blocks {first}-{layers - 1} "
+            f"= {layers + 2 * (layers - first)} block forwards = {self.flops / 1e15:.3f} PFLOP "
+            "(checkpoint recomputation not counted)"
+        )
         self.results: list[tuple] = []
         self.last_row_s = {"eager": 0.0, "compiled": 0.0}
 
@@ -402,8 +413,7 @@ class ExpertRows:
         from moe.dit.dual_dit import DualDiT
         from moe.train.stage1 import Stage1Module
 
-        one = self.preset.model_copy(update={"task": f"{self.preset.task}-1-block",
-                                             "dit": self.dit.model_copy(update={"num_layers": 1})})
+        one = self.preset.model_copy(update={"task": f"{self.preset.task}-1-block", "dit": self.dit.model_copy(update={"num_layers": 1})})
         PRESETS[one.task] = one
         model = build_expert(one.dit, self.device, "none", seed=0)
         dits = DualDiT(model, None, None, self.device)
@@ -415,8 +425,9 @@ class ExpertRows:
         del module, dits, model
         gc.collect()
 
-    def run(self, name: str, fp8: str, swap: int = 0, both: bool = False, compiled: bool = False,
-            stages: tuple[str, ...] = ("stage 1", "stage 2")) -> None:
+    def run(
+        self, name: str, fp8: str, swap: int = 0, both: bool = False, compiled: bool = False, stages: tuple[str, ...] = ("stage 1", "stage 2")
+    ) -> None:
         kind = "compiled" if compiled else "eager"
         need = self.last_row_s[kind] * 1.3 if self.last_row_s[kind] else (150.0 if compiled else 60.0)
         if self.device.type == "cuda" and self.elapsed() + need > self.budget_s:
@@ -473,12 +484,27 @@ class ExpertRows:
                 peak = torch.cuda.max_memory_allocated() if cuda else None
                 compile_s = times[0] - times[1] if compiled else None
                 transfers = sum(m.block_swap.transfers for m in models if getattr(m, "block_swap", None) is not None) - copies_before
-                self.results.append((name, kind, stage, step, self.flops / step / H100_BF16_PEAK, peak, compile_s,
-                                     resident, transfers, all(map(lambda v: v == v and abs(v) != float("inf"), losses))))
-                print(f"   {name:22s} {kind:8s} {stage}: {step:7.2f} s/step  MFU {self.flops / step / H100_BF16_PEAK:6.1%}  "
-                      f"peak {'-' if peak is None else f'{peak / GiB:6.2f} GiB'}  resident {resident / GiB:.2f} GiB"
-                      + (f"  compile {compile_s:.0f} s" if compiled else "") + (f"  block copies {transfers}" if swap else "")
-                      + f"  loss {losses[-1]:.4f}  (built in {build_s:.1f} s)")
+                self.results.append(
+                    (
+                        name,
+                        kind,
+                        stage,
+                        step,
+                        self.flops / step / H100_BF16_PEAK,
+                        peak,
+                        compile_s,
+                        resident,
+                        transfers,
+                        all(map(lambda v: v == v and abs(v) != float("inf"), losses)),
+                    )
+                )
+                print(
+                    f"   {name:22s} {kind:8s} {stage}: {step:7.2f} s/step  MFU {self.flops / step / H100_BF16_PEAK:6.1%}  "
+                    f"peak {'-' if peak is None else f'{peak / GiB:6.2f} GiB'}  resident {resident / GiB:.2f} GiB"
+                    + (f"  compile {compile_s:.0f} s" if compiled else "")
+                    + (f"  block copies {transfers}" if swap else "")
+                    + f"  loss {losses[-1]:.4f}  (built in {build_s:.1f} s)"
+                )
                 del module
                 gc.collect()
         except torch.OutOfMemoryError as e:
@@ -499,8 +525,10 @@ class ExpertRows:
             self.last_row_s[kind] = time.monotonic() - t_row
 
     def table(self, device_name: str) -> None:
-        print(f"\n4. A14B expert steps on {device_name}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: "
-              f"{self.dit.num_layers} blocks, dim {self.dit.dim}, {self.tokens:,} tokens; MFU against 989 TFLOP/s (dense bf16, H100 SXM)")
+        print(
+            f"\n4. A14B expert steps on {device_name}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: "
+            f"{self.dit.num_layers} blocks, dim {self.dit.dim}, {self.tokens:,} tokens; MFU against 989 TFLOP/s (dense bf16, H100 SXM)"
+        )
         print(f"   FLOP count: {self.flop_note}")
         head = ("option", "mode", "stage", "s/step", "MFU", "peak GiB", "resident GiB", "compile s", "block copies", "finite")
         rows = []
@@ -509,9 +537,20 @@ class ExpertRows:
                 rows.append((r[0], r[1], r[2], "", "", "", "", "", "", ""))
                 continue
             name, kind, stage, step, mfu, peak, compile_s, resident, transfers, finite = r
-            rows.append((name, kind, stage, f"{step:.2f}", f"{mfu:.1%}", "-" if peak is None else f"{peak / GiB:.2f}",
-                         f"{resident / GiB:.2f}", "" if compile_s is None else f"{compile_s:.0f}", str(transfers) if transfers else "",
-                         "yes" if finite else "NO"))
+            rows.append(
+                (
+                    name,
+                    kind,
+                    stage,
+                    f"{step:.2f}",
+                    f"{mfu:.1%}",
+                    "-" if peak is None else f"{peak / GiB:.2f}",
+                    f"{resident / GiB:.2f}",
+                    "" if compile_s is None else f"{compile_s:.0f}",
+                    str(transfers) if transfers else "",
+                    "yes" if finite else "NO",
+                )
+            )
         widths = [max(len(str(x[i])) for x in rows + [head]) for i in range(len(head))]
         for r in [head] + rows:
             print("   " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -522,15 +561,21 @@ def expert_rows(device, args, started: float) -> None:
     preset = get_preset("t2v-A14B") if cuda else toy_preset()
     latent = A14B_LATENT if cuda else (1, 4, 8)
     text_tokens = TEXT_TOKENS if cuda else 16
-    rows = ExpertRows(device, preset, latent, text_tokens, args.budget_s, started,
-                      cpu_compile_backend=None if cuda else "aot_eager")
-    print(f"\n4. A14B experts at full depth ({preset.dit.num_layers} blocks, dim {preset.dit.dim}), "
-          f"{rows.tokens:,} tokens: one stage-1 and one stage-2 step per option (table at the end)")
+    rows = ExpertRows(device, preset, latent, text_tokens, args.budget_s, started, cpu_compile_backend=None if cuda else "aot_eager")
+    print(
+        f"\n4. A14B experts at full depth ({preset.dit.num_layers} blocks, dim {preset.dit.dim}), "
+        f"{rows.tokens:,} tokens: one stage-1 and one stage-2 step per option (table at the end)"
+    )
     print(f"   FLOP count: {rows.flop_note}")
     rows.warm_up()
     swaps = [n * preset.dit.num_layers // 40 for n in (10, 20, 30)]  # 10/20/30 of 40 (2/4/6 of the toy's 8)
-    options = [("bf16", "none", 0, False), ("fp8", "fp8", 0, False), ("fp8_scaled", "fp8_scaled", 0, False),
-               *[(f"fp8 + swap {n}", "fp8", n, False) for n in swaps], ("2 fp8 experts resident", "fp8", 0, True)]
+    options = [
+        ("bf16", "none", 0, False),
+        ("fp8", "fp8", 0, False),
+        ("fp8_scaled", "fp8_scaled", 0, False),
+        *[(f"fp8 + swap {n}", "fp8", n, False) for n in swaps],
+        ("2 fp8 experts resident", "fp8", 0, True),
+    ]
     for name, fp8, swap, both in options:
         rows.run(name, fp8, swap, both)
     try:
@@ -564,12 +609,22 @@ def training_row() -> None:
     build_cache(manifest, root / "cache", "tiny-t2v", model_set=root / "models", size=(64, 64), frames=17, progress=False)
     print("\n5. tiny two-expert stage 1 on the GPU (bf16 by default), accumulation 4:")
     for policy in ("always", "never"):
-        cfg = Stage1Config(dit=models.low_noise, dit_high_noise=models.high_noise, dataset=root / "cache",
-                           output_dir=root / policy, max_train_epochs=2, gradient_accumulation_steps=4,
-                           learning_rate=1e-2, offload_inactive_dit=policy, progress=False)
+        cfg = Stage1Config(
+            dit=models.low_noise,
+            dit_high_noise=models.high_noise,
+            dataset=root / "cache",
+            output_dir=root / policy,
+            max_train_epochs=2,
+            gradient_accumulation_steps=4,
+            learning_rate=1e-2,
+            offload_inactive_dit=policy,
+            progress=False,
+        )
         m = train_stage1(cfg)
-        print(f"   {policy:6s}: {m['train_steps']} steps, {m['dit_swaps_this_run']} swaps, offload {m['dit_offload']}, "
-              f"held-out loss {m['val_loss_base']:.3f} -> {m['val_loss_final']:.3f}, {m['train_seconds_this_run']} s")
+        print(
+            f"   {policy:6s}: {m['train_steps']} steps, {m['dit_swaps_this_run']} swaps, offload {m['dit_offload']}, "
+            f"held-out loss {m['val_loss_base']:.3f} -> {m['val_loss_final']:.3f}, {m['train_seconds_this_run']} s"
+        )
 
 
 def main() -> None:
@@ -579,8 +634,12 @@ def main() -> None:
     ap.add_argument("--skip-train", action="store_true", help="skip part 5 (the tiny training run)")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled rows of part 4")
     ap.add_argument("--skip-block", action="store_true", help="skip parts 1-3")
-    ap.add_argument("--budget-s", type=float, default=400.0,
-                    help="part 4 starts no row expected to end after this many seconds (GPU; the script then ends within ~8 min)")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=400.0,
+        help="part 4 starts no row expected to end after this many seconds (GPU; the script then ends within ~8 min)",
+    )
     ap.add_argument("--compile-stage2", action="store_true", help="compiled rows: also a stage-2 step (more compile time)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--heads", type=int, default=40, help="fewer heads (and a proportional ffn) for a smoke run")

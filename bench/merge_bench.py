@@ -165,11 +165,22 @@ def main() -> None:
             cp_times.append(timed(["sh", "-c", f"cp '{ckpt}' '{copy}' && sync '{copy}'"]))
             copy.unlink()
             startups.append(
-                timed(lora_moe + ["merge", "--quiet", "--dit", str(tiny), "--lora_weight", str(tiny_lora), "--save_merged_model", str(work / "t.safetensors"), "--overwrite"])
+                timed(
+                    lora_moe
+                    + [
+                        "merge",
+                        "--quiet",
+                        "--dit",
+                        str(tiny),
+                        "--lora_weight",
+                        str(tiny_lora),
+                        "--save_merged_model",
+                        str(work / "t.safetensors"),
+                        "--overwrite",
+                    ]
+                )
             )
-            wall, peak = run_polled(
-                lora_moe + ["merge", "--quiet", "--dit", str(ckpt), "--lora_weight", str(lora), "--save_merged_model", str(out)]
-            )
+            wall, peak = run_polled(lora_moe + ["merge", "--quiet", "--dit", str(ckpt), "--lora_weight", str(lora), "--save_merged_model", str(out)])
             merge_times.append(wall)
             peaks.append(peak)
             out.unlink()

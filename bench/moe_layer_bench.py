@@ -147,11 +147,15 @@ def bf16_rows(dim: int, tokens: int, experts: int, repeats: int) -> None:
         minimum = x.numel() * x.element_size()  # x itself: what dL/dA needs
         print(f"  {'with' if autocast else 'without'} autocast:")
         for name in layers:
-            print(f"    {name:8s} {med[name] * 1e3:8.2f} ms ({med[name] / med['base']:.3f}x base)  saved for backward "
-                  f"{saved[name] / 2**20:6.2f} MiB without parameters, {with_params[name] / 2**20:6.2f} MiB with")
-        print(f"    fused saves {(saved['fused'] - saved['base']) / minimum:.3f}x the input x (target <= 1.10; "
-              f"unfused {(saved['unfused'] - saved['base']) / minimum:.3f}x); fused / bf16 base time "
-              f"{med['fused'] / med['base']:.3f}x (target <= 1.15)")
+            print(
+                f"    {name:8s} {med[name] * 1e3:8.2f} ms ({med[name] / med['base']:.3f}x base)  saved for backward "
+                f"{saved[name] / 2**20:6.2f} MiB without parameters, {with_params[name] / 2**20:6.2f} MiB with"
+            )
+        print(
+            f"    fused saves {(saved['fused'] - saved['base']) / minimum:.3f}x the input x (target <= 1.10; "
+            f"unfused {(saved['unfused'] - saved['base']) / minimum:.3f}x); fused / bf16 base time "
+            f"{med['fused'] / med['base']:.3f}x (target <= 1.15)"
+        )
 
 
 def main() -> None:
@@ -175,11 +179,15 @@ def main() -> None:
         print(f"\nrank {rank}:")
         for name in layers:
             peak, largest = memory[name]
-            print(f"  {name:5s} {med[name] * 1e3:8.2f} ms  ({med[name] / med['base']:.3f}x base)  "
-                  f"peak {peak / 2**20:7.1f} MiB, largest tensor {largest / 2**20:6.1f} MiB")
+            print(
+                f"  {name:5s} {med[name] * 1e3:8.2f} ms  ({med[name] / med['base']:.3f}x base)  "
+                f"peak {peak / 2**20:7.1f} MiB, largest tensor {largest / 2**20:6.1f} MiB"
+            )
         print(f"  fused / base: {med['fused'] / med['base']:.3f}x (target <= 1.10)")
-        print(f"  added over base: fused {added_fused * 1e3:.2f} ms vs loop {added_loop * 1e3:.2f} ms "
-              f"= {added_fused / added_loop:.2f} of the loop's (target <= 0.25)")
+        print(
+            f"  added over base: fused {added_fused * 1e3:.2f} ms vs loop {added_loop * 1e3:.2f} ms "
+            f"= {added_fused / added_loop:.2f} of the loop's (target <= 0.25)"
+        )
         print(f"  an [E, tokens, out] tensor would be {args.experts * args.tokens * args.dim * 4 / 2**20:.1f} MiB")
     bf16_rows(args.dim, args.tokens, args.experts, args.repeats)
 

@@ -29,8 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SMALL = {"data": {"synthetic_clips": 8, "frames": 9, "size": "32x32"}, "stage1": {"max_train_epochs": 1},
-         "stage2": {"max_train_epochs": 1}}
+SMALL = {"data": {"synthetic_clips": 8, "frames": 9, "size": "32x32"}, "stage1": {"max_train_epochs": 1}, "stage2": {"max_train_epochs": 1}}
 
 
 def covered(intervals: list[tuple[float, float]]) -> float:
@@ -62,18 +61,28 @@ def bench_pipeline(root: Path, small: bool) -> None:
         wall = time.monotonic() - started + store_s
         commands = covered([(s.started, s.ended) for s in first.stages if s.command_s is not None])
         overhead = wall - commands
-        print(f"tiny pipeline ({'small' if small else 'make demo'} settings): flow {wall:.1f} s, stage commands "
-              f"{commands:.1f} s (sum {sum(s.command_s or 0 for s in first.stages):.1f} s; merges overlap)")
-        print(f"  orchestration overhead {overhead:.1f} s = {100 * overhead / wall:.1f}% of the flow "
-              f"(of which MLflow store creation {store_s:.1f} s, first run on a new store only)   target <= 10%")
+        print(
+            f"tiny pipeline ({'small' if small else 'make demo'} settings): flow {wall:.1f} s, stage commands "
+            f"{commands:.1f} s (sum {sum(s.command_s or 0 for s in first.stages):.1f} s; merges overlap)"
+        )
+        print(
+            f"  orchestration overhead {overhead:.1f} s = {100 * overhead / wall:.1f}% of the flow "
+            f"(of which MLflow store creation {store_s:.1f} s, first run on a new store only)   target <= 10%"
+        )
         for stage in first.stages:
-            print(f"    {stage.name:14s} {stage.state:9s} command {stage.command_s or 0:6.1f} s   "
-                  f"task {stage.ended - stage.started:6.1f} s")
-        headline = ("stage1_overall_improvement_over_base", "stage2_learned_roi_improvement_over_stage1",
-                    "routing_top1_accuracy", "hint_correct_vs_wrong_roi_margin")
-        print("  eval: " + ", ".join(f"{k} {first.metrics[k]:.4f}" for k in headline if k in first.metrics)
-              + f"; gate {'passed' if first.gate['passed'] else 'failed'}; registered v{first.registered.version} "
-              f"{first.registered.aliases}")
+            print(f"    {stage.name:14s} {stage.state:9s} command {stage.command_s or 0:6.1f} s   task {stage.ended - stage.started:6.1f} s")
+        headline = (
+            "stage1_overall_improvement_over_base",
+            "stage2_learned_roi_improvement_over_stage1",
+            "routing_top1_accuracy",
+            "hint_correct_vs_wrong_roi_margin",
+        )
+        print(
+            "  eval: "
+            + ", ".join(f"{k} {first.metrics[k]:.4f}" for k in headline if k in first.metrics)
+            + f"; gate {'passed' if first.gate['passed'] else 'failed'}; registered v{first.registered.version} "
+            f"{first.registered.aliases}"
+        )
         started = time.monotonic()
         again = lora_moe_pipeline(**params)
         rerun = time.monotonic() - started
@@ -95,9 +104,11 @@ def bench_s3(root: Path, size_gib: float, repeats: int) -> None:
 
     port = _free_port()
     env = os.environ | {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
-    code = ("import logging, time; from moto.server import ThreadedMotoServer; "
-            "logging.getLogger('werkzeug').setLevel(logging.ERROR); "
-            f"s = ThreadedMotoServer(ip_address='127.0.0.1', port={port}, verbose=False); s.start(); time.sleep(1e9)")
+    code = (
+        "import logging, time; from moto.server import ThreadedMotoServer; "
+        "logging.getLogger('werkzeug').setLevel(logging.ERROR); "
+        f"s = ThreadedMotoServer(ip_address='127.0.0.1', port={port}, verbose=False); s.start(); time.sleep(1e9)"
+    )
     server = subprocess.Popen([sys.executable, "-c", code], env=env)
     os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
     endpoint = f"http://127.0.0.1:{port}"
@@ -141,12 +152,17 @@ def bench_s3(root: Path, size_gib: float, repeats: int) -> None:
                 client.delete_object(Bucket="bench", Key=key)
         med = {k: statistics.median(v) for k, v in times.items()}
         gib = size / (1 << 30)
-        print(f"S3 ({gib:.2f} GiB file, {options.multipart_chunk_mib} MiB parts, {options.max_concurrency} in flight, "
-              f"moto at {endpoint}; medians of {repeats}):")
-        print(f"  put + sha256 {med['put']:.2f} s vs upload_file {med['upload_file']:.2f} s = "
-              f"{med['put'] / med['upload_file']:.2f}x   target <= 1.15x")
-        print(f"  get + verify {med['get']:.2f} s vs download_file {med['download_file']:.2f} s = "
-              f"{med['get'] / med['download_file']:.2f}x   target <= 1.15x")
+        print(
+            f"S3 ({gib:.2f} GiB file, {options.multipart_chunk_mib} MiB parts, {options.max_concurrency} in flight, "
+            f"moto at {endpoint}; medians of {repeats}):"
+        )
+        print(
+            f"  put + sha256 {med['put']:.2f} s vs upload_file {med['upload_file']:.2f} s = {med['put'] / med['upload_file']:.2f}x   target <= 1.15x"
+        )
+        print(
+            f"  get + verify {med['get']:.2f} s vs download_file {med['download_file']:.2f} s = "
+            f"{med['get'] / med['download_file']:.2f}x   target <= 1.15x"
+        )
     finally:
         server.terminate()
         server.wait()

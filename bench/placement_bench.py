@@ -51,23 +51,34 @@ def main() -> None:
     build_cache(manifest, root / "cache", "tiny-t2v", model_set=root / "models", size=(32, 32), frames=5, progress=False)
     entries = [c for c in CacheIndex.load(root / "cache").clips if c.split == "train"]
     preset = get_preset("tiny-t2v")
-    print(f"tiny-t2v pair, {len(entries)} training clips, batch 1, shift {args.shift}, boundary {preset.boundary}, "
-          f"{args.epochs} epochs")
+    print(f"tiny-t2v pair, {len(entries)} training clips, batch 1, shift {args.shift}, boundary {preset.boundary}, {args.epochs} epochs")
     policies = [("always", None), ("never", None), ("auto, both fit", 64 * GiB), ("auto, no room", 100_000)]
     for accum in (1, 4, 8):
-        cfg = Stage1Config(dit=models.low_noise, dit_high_noise=models.high_noise, dataset=root / "cache", output_dir=root,
-                           gradient_accumulation_steps=accum, discrete_flow_shift=args.shift, placement_headroom_gib=0)
+        cfg = Stage1Config(
+            dit=models.low_noise,
+            dit_high_noise=models.high_noise,
+            dataset=root / "cache",
+            output_dir=root,
+            gradient_accumulation_steps=accum,
+            discrete_flow_shift=args.shift,
+            placement_headroom_gib=0,
+        )
         print(f"\naccumulation {accum}:")
         for name, free in policies:
-            dits = DualDiT.load(preset, models.low_noise, models.high_noise, preset.boundary, None, "cpu",
-                                "auto" if name.startswith("auto") else name, 0, free)
+            dits = DualDiT.load(
+                preset, models.low_noise, models.high_noise, preset.boundary, None, "cpu", "auto" if name.startswith("auto") else name, 0, free
+            )
             swaps, windows, micro = replay(dits, cfg, entries, args.epochs)
-            print(f"  {name:15s} offload {str(dits.offload):5s} {swaps / args.epochs:6.1f} swaps/epoch, "
-                  f"{swaps / windows:.2f} per window ({windows / args.epochs:.0f} windows, {micro / args.epochs:.0f} micro-batches)")
+            print(
+                f"  {name:15s} offload {str(dits.offload):5s} {swaps / args.epochs:6.1f} swaps/epoch, "
+                f"{swaps / windows:.2f} per window ({windows / args.epochs:.0f} windows, {micro / args.epochs:.0f} micro-batches)"
+            )
         unordered = DualDiT.load(preset, models.low_noise, models.high_noise, preset.boundary, None, "cpu", "always")
         swaps, windows, micro = replay(unordered, cfg, entries, args.epochs, reorder=False)
-        print(f"  {'before (draw order)':15s} offload True  {swaps / args.epochs:6.1f} swaps/epoch, {swaps / windows:.2f} per window, "
-              f"{swaps / micro:.2f} per micro-batch")
+        print(
+            f"  {'before (draw order)':15s} offload True  {swaps / args.epochs:6.1f} swaps/epoch, {swaps / windows:.2f} per window, "
+            f"{swaps / micro:.2f} per micro-batch"
+        )
 
 
 if __name__ == "__main__":

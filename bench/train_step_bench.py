@@ -45,8 +45,16 @@ from moe.wan.keys import module_to_diffusers
 def register_bench_preset(dim: int, layers: int) -> str:
     """A mid-size preset (not a real Wan size) so the stage modules can be built as usual."""
     tiny = presets.PRESETS["tiny-t2v"]
-    dit = DiTConfig(num_layers=layers, num_attention_heads=dim // 64, attention_head_dim=64, ffn_dim=4 * dim,
-                    in_channels=16, out_channels=16, text_dim=32, freq_dim=32)
+    dit = DiTConfig(
+        num_layers=layers,
+        num_attention_heads=dim // 64,
+        attention_head_dim=64,
+        ffn_dim=4 * dim,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=32,
+    )
     presets.PRESETS["bench-mid"] = tiny.model_copy(update={"task": "bench-mid", "dit": dit})
     return "bench-mid"
 
@@ -106,8 +114,7 @@ def main() -> None:
     from peft import LoraConfig
 
     names = {module_to_diffusers(m): r for m, r in ranks.items()}
-    peft_model.add_adapter(LoraConfig(r=4, lora_alpha=1, target_modules=list(names), rank_pattern=names,
-                                      alpha_pattern=dict.fromkeys(names, 1)))
+    peft_model.add_adapter(LoraConfig(r=4, lora_alpha=1, target_modules=list(names), rank_pattern=names, alpha_pattern=dict.fromkeys(names, 1)))
     peft_trainable = [p for p in peft_model.parameters() if p.requires_grad]
 
     def our_step(module):
@@ -137,8 +144,7 @@ def main() -> None:
     stage1, stage2 = stage1_module(), stage2_module()
     steps = {"frozen": frozen_step, "stage1": our_step(stage1), "peft": peft_step, "stage2": our_step(stage2)}
     if not args.no_compile:
-        steps |= {"stage1_compiled": our_step(stage1_module(compiled=True)),
-                  "stage2_compiled": our_step(stage2_module(compiled=True))}
+        steps |= {"stage1_compiled": our_step(stage1_module(compiled=True)), "stage2_compiled": our_step(stage2_module(compiled=True))}
     first: dict[str, float] = {}
     for name, run in steps.items():  # warm-up (the compiled contenders compile here)
         t0 = time.perf_counter()
@@ -148,7 +154,7 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in steps}
     order = list(steps)
     for r in range(args.repeats):
-        for name in order[r % len(order):] + order[: r % len(order)]:
+        for name in order[r % len(order) :] + order[: r % len(order)]:
             t0 = time.perf_counter()
             steps[name]()
             times[name].append(time.perf_counter() - t0)
@@ -164,11 +170,14 @@ def main() -> None:
     print(f"stage2 / stage1: {ratio('stage2', 'stage1')} (target <= 1.15)")
     if not args.no_compile:
         for stage in ("stage1", "stage2"):
-            print(f"{stage} compiled / eager: {ratio(stage + '_compiled', stage)}; "
-                  f"first compiled step (compiling) {first[stage + '_compiled']:.1f} s")
-    print(f"trainable parameters: stage1 {sum(p.numel() for p in stage1.parameters() if p.requires_grad):,}, "
-          f"peft {sum(p.numel() for p in peft_trainable):,}, "
-          f"stage2 {sum(p.numel() for p in stage2.parameters() if p.requires_grad):,}")
+            print(
+                f"{stage} compiled / eager: {ratio(stage + '_compiled', stage)}; first compiled step (compiling) {first[stage + '_compiled']:.1f} s"
+            )
+    print(
+        f"trainable parameters: stage1 {sum(p.numel() for p in stage1.parameters() if p.requires_grad):,}, "
+        f"peft {sum(p.numel() for p in peft_trainable):,}, "
+        f"stage2 {sum(p.numel() for p in stage2.parameters() if p.requires_grad):,}"
+    )
 
 
 if __name__ == "__main__":

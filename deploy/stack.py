@@ -78,8 +78,9 @@ class Service:
     def start(self, logs: Path) -> None:
         self.log = logs / f"{self.name}.log"
         with open(self.log, "ab") as out:
-            self.process = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=self.env, cwd=ROOT, process_group=0)
+            self.process = subprocess.Popen(
+                self.command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env, cwd=ROOT, process_group=0
+            )
 
     def tail(self, lines: int = 15) -> str:
         text = self.log.read_text(errors="replace") if self.log and self.log.is_file() else ""
@@ -115,8 +116,11 @@ class Stack:
         self.stack_id = uuid.uuid4().hex
         self.ports = {name: free_port() for name in ("moto", "mlflow", "prefect")}
         env = {k: v for k, v in self.base_env.items() if not k.startswith(_DROPPED)}
-        env |= {"AWS_ACCESS_KEY_ID": "lora-moe-stack", "AWS_SECRET_ACCESS_KEY": secrets.token_hex(16),  # moto takes any
-                "AWS_DEFAULT_REGION": "us-east-1"}
+        env |= {
+            "AWS_ACCESS_KEY_ID": "lora-moe-stack",
+            "AWS_SECRET_ACCESS_KEY": secrets.token_hex(16),  # moto takes any
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
         self.env = env | {MARKER: self.stack_id, "PYTHONUNBUFFERED": "1"}
 
     # -- addresses -------------------------------------------------------------------------------
@@ -157,19 +161,42 @@ class Stack:
         """moto, MLflow and Prefect, started together; returns when all three answer."""
         py = sys.executable
         servers = [
-            Service("moto", [py, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.ports["moto"])],
-                    f"{self.s3_url}/moto-api/", self.env),
-            Service("mlflow", [py, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.ports["mlflow"]),
-                               "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-                               "--artifacts-destination", f"s3://{MLFLOW_BUCKET}/", "--serve-artifacts"],
-                    f"{self.mlflow_url}/health", self.env | {"MLFLOW_S3_ENDPOINT_URL": self.s3_url}),
-            Service("prefect", [py, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                "--port", str(self.ports["prefect"])],
-                    f"{self.prefect_api}/health",
-                    self.env | {"PREFECT_HOME": str(self.root / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                                "PREFECT_UI_ENABLED": str(self.ui).lower(),
-                                "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": str(self.scheduler).lower(),
-                                "PREFECT_UI_API_URL": self.prefect_api}),
+            Service("moto", [py, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.ports["moto"])], f"{self.s3_url}/moto-api/", self.env),
+            Service(
+                "mlflow",
+                [
+                    py,
+                    "-m",
+                    "mlflow",
+                    "server",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.ports["mlflow"]),
+                    "--workers",
+                    "1",
+                    "--backend-store-uri",
+                    f"sqlite:///{self.root / 'mlflow.db'}",
+                    "--artifacts-destination",
+                    f"s3://{MLFLOW_BUCKET}/",
+                    "--serve-artifacts",
+                ],
+                f"{self.mlflow_url}/health",
+                self.env | {"MLFLOW_S3_ENDPOINT_URL": self.s3_url},
+            ),
+            Service(
+                "prefect",
+                [py, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.ports["prefect"])],
+                f"{self.prefect_api}/health",
+                self.env
+                | {
+                    "PREFECT_HOME": str(self.root / "prefect"),
+                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                    "PREFECT_UI_ENABLED": str(self.ui).lower(),
+                    "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": str(self.scheduler).lower(),
+                    "PREFECT_UI_API_URL": self.prefect_api,
+                },
+            ),
         ]
         for service in servers:
             self.services[service.name] = service
@@ -181,8 +208,13 @@ class Stack:
     def _create_buckets(self) -> None:
         import boto3
 
-        s3 = boto3.client("s3", endpoint_url=self.s3_url, aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=self.s3_url,
+            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+            region_name="us-east-1",
+        )
         for bucket in (ARTIFACT_BUCKET, MLFLOW_BUCKET):
             s3.create_bucket(Bucket=bucket)
 
@@ -198,15 +230,19 @@ class Stack:
     def deploy(self) -> None:
         """The work pools (the documented script) and the deployments of deploy/prefect.yaml."""
         self.run_tool("work-pools", [sys.executable, "deploy/work_pools.py"])
-        self.run_tool("deploy", [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all",
-                                 "--prefect-file", "deploy/prefect.yaml"])
+        self.run_tool("deploy", [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml"])
 
     def start_worker(self, timeout_s: float = 120) -> None:
         """A process worker on the stack's pool; returns when the API lists it as online."""
-        env = self.client_env | {"PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "5",
-                                 "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": self.env.get("OMP_NUM_THREADS", "1")}
-        worker = Service("worker", [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL,
-                                    "--name", f"stack-{self.stack_id[:8]}"], None, env)
+        env = self.client_env | {
+            "PREFECT_WORKER_QUERY_SECONDS": "2",
+            "PREFECT_WORKER_PREFETCH_SECONDS": "5",
+            "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": self.env.get("OMP_NUM_THREADS", "1"),
+        }
+        worker = Service(
+            "worker", [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--name", f"stack-{self.stack_id[:8]}"], None, env
+        )
         self.services["worker"] = worker
         worker.start(self.logs)
         deadline = time.monotonic() + timeout_s
@@ -285,18 +321,30 @@ class Stack:
         self.stop()
 
     def describe(self) -> str:
-        return "\n".join([
-            f"Prefect UI/API   http://127.0.0.1:{self.ports['prefect']}   (PREFECT_API_URL={self.prefect_api})",
-            f"MLflow           {self.mlflow_url}",
-            f"S3 (moto)        {self.s3_url}   buckets {ARTIFACT_BUCKET}, {MLFLOW_BUCKET}",
-            f"work pool        {POOL} (a process worker is running; logs in {self.logs})",
-            "deployments      lora-moe-pipeline/manual, lora-moe-pipeline/nightly-retrain",
-            "",
-            "To use it from another shell:",
-            *(f"  export {k}={v}" for k, v in self.client_env.items()
-              if k in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
-                       "AWS_SECRET_ACCESS_KEY", "LORA_MOE_WORK_DIR")),
-        ])
+        return "\n".join(
+            [
+                f"Prefect UI/API   http://127.0.0.1:{self.ports['prefect']}   (PREFECT_API_URL={self.prefect_api})",
+                f"MLflow           {self.mlflow_url}",
+                f"S3 (moto)        {self.s3_url}   buckets {ARTIFACT_BUCKET}, {MLFLOW_BUCKET}",
+                f"work pool        {POOL} (a process worker is running; logs in {self.logs})",
+                "deployments      lora-moe-pipeline/manual, lora-moe-pipeline/nightly-retrain",
+                "",
+                "To use it from another shell:",
+                *(
+                    f"  export {k}={v}"
+                    for k, v in self.client_env.items()
+                    if k
+                    in (
+                        "PREFECT_API_URL",
+                        "MLFLOW_TRACKING_URI",
+                        "AWS_ENDPOINT_URL_S3",
+                        "AWS_ACCESS_KEY_ID",
+                        "AWS_SECRET_ACCESS_KEY",
+                        "LORA_MOE_WORK_DIR",
+                    )
+                ),
+            ]
+        )
 
 
 RETRY_STATUS = (408, 429, 502, 503)  # what Prefect's own client retries: a busy SQLite server answers 503
@@ -306,8 +354,9 @@ def api_call(url: str, method: str, body: dict | None = None, attempts: int = 6)
     """One JSON REST call, retried with backoff (0.5 s, 1 s, 2 s ...) on the statuses Prefect's
     client retries; any other error status is raised at once (urllib's HTTPError)."""
     for attempt in range(attempts):
-        request = urllib.request.Request(url, method=method, data=None if body is None else json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            url, method=method, data=None if body is None else json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
                 return json.loads(response.read() or b"null")
@@ -363,13 +412,37 @@ def local_uis(run_dir: Path, base_env: dict[str, str] | None = None) -> list[Ser
     api = f"http://127.0.0.1:{prefect}/api"
     py = sys.executable
     return [
-        Service("prefect", [py, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(prefect)],
-                f"{api}/health", env | {"PREFECT_HOME": str(run_dir / "prefect"), "PREFECT_UI_API_URL": api,
-                                        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                                        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"}),
-        Service("mlflow", [py, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(mlflow), "--workers", "1",
-                           "--backend-store-uri", f"sqlite:///{run_dir / 'mlflow.db'}"],
-                f"http://127.0.0.1:{mlflow}/health", env),
+        Service(
+            "prefect",
+            [py, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(prefect)],
+            f"{api}/health",
+            env
+            | {
+                "PREFECT_HOME": str(run_dir / "prefect"),
+                "PREFECT_UI_API_URL": api,
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+            },
+        ),
+        Service(
+            "mlflow",
+            [
+                py,
+                "-m",
+                "mlflow",
+                "ui",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(mlflow),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{run_dir / 'mlflow.db'}",
+            ],
+            f"http://127.0.0.1:{mlflow}/health",
+            env,
+        ),
     ]
 
 
@@ -391,9 +464,11 @@ def serve_uis(run_dir: Path) -> int:
         prefect, mlflow = (service.health_url.removesuffix("/api/health").removesuffix("/health") for service in services)
         print(f"Prefect UI  {prefect}\nMLflow UI   {mlflow}\n(logs in {logs}; Ctrl-C stops both)", flush=True)
         if not mlflow.endswith(f":{MLFLOW_PORT}"):
-            print(f"note: port {MLFLOW_PORT} is taken, so the MLflow links inside the run's reports (images in the "
-                  f"Prefect artifacts) do not reach this MLflow UI; stop what holds port {MLFLOW_PORT} to fix them",
-                  flush=True)
+            print(
+                f"note: port {MLFLOW_PORT} is taken, so the MLflow links inside the run's reports (images in the "
+                f"Prefect artifacts) do not reach this MLflow UI; stop what holds port {MLFLOW_PORT} to fix them",
+                flush=True,
+            )
 
     return run_until_stopped(start, lambda: _terminate([s.process.pid for s in services if s.process], GRACE_S))
 
@@ -422,8 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="Start everything and keep it running until Ctrl-C.")
     up.add_argument("--dir", type=Path, default=ROOT / "outputs" / "stack", help="Stack folder (databases, logs, cache).")
     up.add_argument("--no_ui", "--no-ui", action="store_true", help="Start Prefect without its UI.")
-    up.add_argument("--no_scheduler", "--no-scheduler", action="store_true",
-                    help="Start Prefect without its scheduler: nightly-retrain makes no runs of its own.")
+    up.add_argument(
+        "--no_scheduler", "--no-scheduler", action="store_true", help="Start Prefect without its scheduler: nightly-retrain makes no runs of its own."
+    )
     ui = sub.add_parser("ui", help="Open the Prefect and MLflow UIs on a local run's stores until Ctrl-C.")
     ui.add_argument("--dir", type=Path, default=ROOT / "outputs" / "demo", help="The run's artifact root (make demo's).")
     args = parser.parse_args(argv)
@@ -442,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stack stopped{'; still running: ' + ', '.join(map(str, left)) if left else ''}", flush=True)
 
     return run_until_stopped(start, stop)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -48,8 +48,13 @@ def create_work_pools(kinds: list[str], concurrency: int | None) -> list[str]:
         for kind in kinds:
             name = f"{POOL_PREFIX}-{kind}"
             client.create_work_pool(
-                WorkPoolCreate(name=name, type=kind, base_job_template=base_job_template(kind), concurrency_limit=concurrency,
-                               description=f"wan-lora-moe GPU flow runs ({kind} worker)"),
+                WorkPoolCreate(
+                    name=name,
+                    type=kind,
+                    base_job_template=base_job_template(kind),
+                    concurrency_limit=concurrency,
+                    description=f"wan-lora-moe GPU flow runs ({kind} worker)",
+                ),
                 overwrite=True,
             )
             names.append(name)
@@ -59,14 +64,12 @@ def create_work_pools(kinds: list[str], concurrency: int | None) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pools", nargs="+", choices=KINDS, default=list(KINDS), help="Which pools (default: all).")
-    parser.add_argument("--concurrency", type=int, default=1,
-                        help="Flow runs at once per pool (GPU machines or pods); the rest queue. 0: no limit.")
+    parser.add_argument("--concurrency", type=int, default=1, help="Flow runs at once per pool (GPU machines or pods); the rest queue. 0: no limit.")
     args = parser.parse_args(argv)
     try:
         names = create_work_pools(args.pools, args.concurrency or None)
     except Exception as e:  # an unreachable API, a rejected template: one line
-        print(f"error: cannot create the work pools: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-              file=sys.stderr)
+        print(f"error: cannot create the work pools: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
         return 2
     limit = f"concurrency {args.concurrency}" if args.concurrency else "no concurrency limit"
     print(f"work pools ready ({limit}): {', '.join(names)}")

@@ -22,8 +22,7 @@ import yaml
 from pydantic import BaseModel
 from typer.core import TyperCommand
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Run the lora-moe-pipeline Prefect flow.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Run the lora-moe-pipeline Prefect flow.")
 
 
 @app.callback()
@@ -105,8 +104,7 @@ def headline_lines(metrics: dict[str, float], gate: dict) -> list[str]:
     if gate:
         verdict = "passed" if gate.get("passed") else "FAILED"
         lines.append(f"  promotion gate {verdict}: {sum(bool(c['passed']) for c in checks)}/{len(checks)} checks")
-        lines += [f"    {'pass' if c['passed'] else 'FAIL'}  {c['name']} {_number(c['value'])} >= {_number(c['threshold'])}"
-                  for c in checks]
+        lines += [f"    {'pass' if c['passed'] else 'FAIL'}  {c['name']} {_number(c['value'])} >= {_number(c['threshold'])}" for c in checks]
         lines += [f"    skip  {s['name']}: {s['reason']}" for s in gate.get("skipped", [])]
     return lines
 
@@ -141,13 +139,15 @@ def last_screen(summary, venv: Path | None = None) -> list[str]:
         aliases = ", ".join(entry.aliases) or "no alias"
         lines = [f"nothing new: every stage was cached; {entry.name} v{entry.version} is still {aliases}"]
     else:
-        lines = [f"registered {entry.name} v{entry.version}, aliases: {', '.join(entry.aliases) or 'none'}",
-                 f"  {entry.champion_decision}"]
+        lines = [f"registered {entry.name} v{entry.version}, aliases: {', '.join(entry.aliases) or 'none'}", f"  {entry.champion_decision}"]
     if summary.metrics:
         tiny = summary.task.startswith("tiny")
-        lines += [f"headline ({int(summary.metrics.get('val_clips', 0))} held-out clips"
-                  + ("; tiny models: the numbers show that the pipeline works, not what a real model reaches" if tiny else "")
-                  + "):", *headline_lines(summary.metrics, summary.gate)]
+        lines += [
+            f"headline ({int(summary.metrics.get('val_clips', 0))} held-out clips"
+            + ("; tiny models: the numbers show that the pipeline works, not what a real model reaches" if tiny else "")
+            + "):",
+            *headline_lines(summary.metrics, summary.gate),
+        ]
     report = link_latest_eval(summary)
     if report is not None:
         lines.append(f"report: {_shown(report / 'report.md')}  (samples: {_shown(report / 'samples')})")
@@ -187,13 +187,17 @@ def shell_commands(summary, venv: Path | None = None) -> list[str]:
     prefect_home = Path(os.environ.get("PREFECT_HOME", str(Path.home() / ".prefect"))).absolute()
     if root is not None and prefect_home == root / "prefect" and (Path.cwd() / "Makefile").is_file():
         out = _shown(root)
-        commands.append("make ui" + ("" if out == "outputs/demo" else f" OUT={out}")
-                        + "    # the Prefect and MLflow UIs on this run's stores (4200, 5000 when free)")
+        commands.append(
+            "make ui"
+            + ("" if out == "outputs/demo" else f" OUT={out}")
+            + "    # the Prefect and MLflow UIs on this run's stores (4200, 5000 when free)"
+        )
     elif not os.environ.get("PREFECT_API_URL"):
-        commands += [f"PREFECT_HOME={prefect_home} prefect server start",
-                     f"mlflow ui --backend-store-uri {summary.tracking_uri}"]
-    commands += ["lora-moe registry list    # the registered versions, their aliases and gate verdicts",
-                 f"lora-moe generate --model {model_uri(entry)} --prompt '...' --save_path sample.mp4"]
+        commands += [f"PREFECT_HOME={prefect_home} prefect server start", f"mlflow ui --backend-store-uri {summary.tracking_uri}"]
+    commands += [
+        "lora-moe registry list    # the registered versions, their aliases and gate verdicts",
+        f"lora-moe generate --model {model_uri(entry)} --prompt '...' --save_path sample.mp4",
+    ]
     return commands
 
 
@@ -235,8 +239,9 @@ class _RunCommand(TyperCommand):
     module imports Prefect)."""
 
     def format_help(self, ctx, formatter) -> None:
-        self.epilog = ("--set takes these NAMEs (GROUP.NAME for a group's setting; --params files use the same "
-                       "names, nested):\n\n" + "\n\n".join(set_names()))
+        self.epilog = "--set takes these NAMEs (GROUP.NAME for a group's setting; --params files use the same names, nested):\n\n" + "\n\n".join(
+            set_names()
+        )
         super().format_help(ctx, formatter)
 
 

@@ -41,11 +41,21 @@ Preset = Literal["tiny", "tiny-t2v", "tiny-i2v", "t2v-A14B", "i2v-A14B", "ti2v-5
 assert set(Preset.__args__) == set(TINY_PRESETS) | set(PRESETS)
 
 # Filled in by the tasks (inputs fetched by ref, the work folder, resume after a failure, GPUs).
-RUNTIME_FIELDS = frozenset({"task", "dit", "dit_high_noise", "dataset", "output_dir", "resume", "progress", "cpu",
-                            "model_set", "vae", "text_encoder", "tokenizer"})
+RUNTIME_FIELDS = frozenset(
+    {"task", "dit", "dit_high_noise", "dataset", "output_dir", "resume", "progress", "cpu", "model_set", "vae", "text_encoder", "tokenizer"}
+)
 EVAL_RUNTIME_FIELDS = RUNTIME_FIELDS | {
-    "merged_dit", "merged_dit_high_noise", "lora_moe_weights", "model_set", "vae", "text_encoder", "tokenizer",
-    "manifest", "device", "overwrite", "gate",
+    "merged_dit",
+    "merged_dit_high_noise",
+    "lora_moe_weights",
+    "model_set",
+    "vae",
+    "text_encoder",
+    "tokenizer",
+    "manifest",
+    "device",
+    "overwrite",
+    "gate",
 }
 
 _TINY = WorkflowConfig(output_dir=".")
@@ -58,17 +68,37 @@ TINY_EVAL = eval_options(_TINY)
 # limits that stop a typo (an epoch count of 2**63) before a stage starts. Any other number
 # without a bound gets +-DEFAULT_LIMIT.
 NUMBER_BOUNDS: dict[str, tuple[float | None, float | None]] = {
-    "max_train_epochs": (None, 10_000), "batch_size": (None, 1024), "gradient_accumulation_steps": (None, 1024),
-    "lr_warmup_steps": (None, 10_000_000), "learning_rate": (None, 1.0), "weight_decay": (None, 10.0),
-    "max_grad_norm": (None, 1e6), "network_alpha": (None, 4096.0), "discrete_flow_shift": (None, 100.0),
-    "roi_weight": (None, 100.0), "placement_headroom_gib": (None, 1024.0), "save_every_n_epochs": (None, 10_000),
-    "save_every_n_steps": (None, 100_000_000), "save_every_n_minutes": (None, 7 * 24 * 60),
-    "save_last_n_states": (None, 10_000), "log_every_n_steps": (None, 100_000_000),
-    "lambda_teach": (None, 1000.0), "lambda_ent": (None, 1000.0), "lambda_lb": (None, 1000.0),
-    "alpha_expert": (-100.0, 100.0), "alpha_base": (-100.0, 100.0),
-    "seed": (0, SEED_MAX), "sigmas": (0.0, 1.0), "max_clips": (None, 1_000_000), "bootstrap_samples": (None, 1_000_000),
-    "samples": (None, 1000), "sample_steps": (None, 1000), "sample_frames": (None, MAX_FRAMES),
-    "stage1_undertrained_below": (-1.0, 1.0), "metric_clips": (None, 100_000), "fid_frames": (None, MAX_FRAMES),
+    "max_train_epochs": (None, 10_000),
+    "batch_size": (None, 1024),
+    "gradient_accumulation_steps": (None, 1024),
+    "lr_warmup_steps": (None, 10_000_000),
+    "learning_rate": (None, 1.0),
+    "weight_decay": (None, 10.0),
+    "max_grad_norm": (None, 1e6),
+    "network_alpha": (None, 4096.0),
+    "discrete_flow_shift": (None, 100.0),
+    "roi_weight": (None, 100.0),
+    "placement_headroom_gib": (None, 1024.0),
+    "save_every_n_epochs": (None, 10_000),
+    "save_every_n_steps": (None, 100_000_000),
+    "save_every_n_minutes": (None, 7 * 24 * 60),
+    "save_last_n_states": (None, 10_000),
+    "log_every_n_steps": (None, 100_000_000),
+    "lambda_teach": (None, 1000.0),
+    "lambda_ent": (None, 1000.0),
+    "lambda_lb": (None, 1000.0),
+    "alpha_expert": (-100.0, 100.0),
+    "alpha_base": (-100.0, 100.0),
+    "seed": (0, SEED_MAX),
+    "sigmas": (0.0, 1.0),
+    "max_clips": (None, 1_000_000),
+    "bootstrap_samples": (None, 1_000_000),
+    "samples": (None, 1000),
+    "sample_steps": (None, 1000),
+    "sample_frames": (None, MAX_FRAMES),
+    "stage1_undertrained_below": (-1.0, 1.0),
+    "metric_clips": (None, 100_000),
+    "fid_frames": (None, MAX_FRAMES),
     "metric_bootstrap": (None, 100_000),
 }
 DEFAULT_LIMIT = 1_000_000
@@ -132,7 +162,8 @@ class FormGroup(BaseModel):
             if nulls:
                 raise ValueError(
                     f"{', '.join(nulls)}: null is not a value; leave the field out to take the preset's value "
-                    "(a NaN or Infinity sent as a number arrives as null)")
+                    "(a NaN or Infinity sent as a number arrives as null)"
+                )
         return data
 
     @model_serializer(mode="wrap")
@@ -163,17 +194,24 @@ class PromotionGate(EvalGate):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra=_drop_null_defaults)
 
     min_stage1_improvement_over_base: float = Field(
-        EvalGate.model_fields["min_stage1_improvement_over_base"].default, ge=-1, le=1,
-        description=EvalGate.model_fields["min_stage1_improvement_over_base"].description)
+        EvalGate.model_fields["min_stage1_improvement_over_base"].default,
+        ge=-1,
+        le=1,
+        description=EvalGate.model_fields["min_stage1_improvement_over_base"].description,
+    )
     min_stage2_roi_improvement_over_stage1: float = Field(
-        EvalGate.model_fields["min_stage2_roi_improvement_over_stage1"].default, ge=-1, le=1,
-        description=EvalGate.model_fields["min_stage2_roi_improvement_over_stage1"].description)
+        EvalGate.model_fields["min_stage2_roi_improvement_over_stage1"].default,
+        ge=-1,
+        le=1,
+        description=EvalGate.model_fields["min_stage2_roi_improvement_over_stage1"].description,
+    )
     min_hint_margin: float = Field(
-        EvalGate.model_fields["min_hint_margin"].default, ge=-1, le=1,
-        description=EvalGate.model_fields["min_hint_margin"].description)
+        EvalGate.model_fields["min_hint_margin"].default, ge=-1, le=1, description=EvalGate.model_fields["min_hint_margin"].description
+    )
     # Off unless set: left out of the form's values (never a null, which the form refuses).
     min_hint_accuracy_gain_over_stage1: float = Field(  # type: ignore[assignment]
-        None, ge=-1, le=1, description=EvalGate.model_fields["min_hint_accuracy_gain_over_stage1"].description)
+        None, ge=-1, le=1, description=EvalGate.model_fields["min_hint_accuracy_gain_over_stage1"].description
+    )
 
     @model_serializer(mode="wrap")
     def _without_checks_left_off(self, handler) -> dict[str, Any]:
@@ -181,15 +219,24 @@ class PromotionGate(EvalGate):
 
 
 Stage1Settings = settings_model(
-    Stage1Config, "Stage1Settings", RUNTIME_FIELDS, TINY_STAGE1,
+    Stage1Config,
+    "Stage1Settings",
+    RUNTIME_FIELDS,
+    TINY_STAGE1,
     "Stage-1 (vanilla LoRA) training options: the `lora-moe stage1` flags.",
 )
 Stage2Settings = settings_model(
-    Stage2Config, "Stage2Settings", RUNTIME_FIELDS | set(TARGET_FLAGS), TINY_STAGE2,
+    Stage2Config,
+    "Stage2Settings",
+    RUNTIME_FIELDS | set(TARGET_FLAGS),
+    TINY_STAGE2,
     "Stage-2 (LoRA-MoE) training options: the `lora-moe stage2` flags; the LoRA targets and ranks are stage 1's.",
 )
 EvalSettings = settings_model(
-    EvalConfig, "EvalSettings", EVAL_RUNTIME_FIELDS, TINY_EVAL,
+    EvalConfig,
+    "EvalSettings",
+    EVAL_RUNTIME_FIELDS,
+    TINY_EVAL,
     "`lora-moe eval` options (held-out clips, sigma grid, seed, bootstrap, samples); the gate is its own parameter.",
 )
 Stage1Settings.__module__ = Stage2Settings.__module__ = EvalSettings.__module__ = __name__
@@ -215,7 +262,8 @@ class ModelInputs(BaseModel):
     tiny_pretrain_steps: PretrainSteps = Field(
         TINY_PRETRAIN_STEPS,
         description="Steps each tiny base DiT is pre-trained on synthetic clips of its own, as a real base is "
-        "pretrained (0: random DiTs). Only for the embedded tiny model set.")
+        "pretrained (0: random DiTs). Only for the embedded tiny model set.",
+    )
 
     def given(self) -> dict[str, str]:
         return {k: v for k, v in self.model_dump(exclude={"tiny_seed", "tiny_pretrain_steps"}).items() if v}
@@ -224,15 +272,12 @@ class ModelInputs(BaseModel):
 class DataSettings(FormGroup):
     """The clips and their latent cache (`prepare-data`)."""
 
-    manifest: str = Field(
-        None, description="Clip manifest (JSONL; videos relative to it) by URI. Empty: the synthetic surgical-like set."
-    )
+    manifest: str = Field(None, description="Clip manifest (JSONL; videos relative to it) by URI. Empty: the synthetic surgical-like set.")
     size: str = Field(None, description="Cache bucket WIDTHxHEIGHT. Default 832x480; tiny presets 64x64.")
     frames: int = Field(None, ge=1, le=MAX_FRAMES, description="Frames per clip, 4k+1. Default 81; tiny presets 17.")
     dtype: Literal["float32", "bf16", "fp16"] = Field(None, description="VAE/text-encoder dtype. Default bf16; tiny float32.")
     embed_dtype: Literal["float32", "bf16"] = Field(None, description="Stored text embeddings. Default bf16; tiny float32.")
-    synthetic_clips: int = Field(WorkflowConfig.model_fields["clips"].default, gt=1, le=100_000,
-                                 description="Clips of the synthetic set.")
+    synthetic_clips: int = Field(WorkflowConfig.model_fields["clips"].default, gt=1, le=100_000, description="Clips of the synthetic set.")
     synthetic_seed: Seed = Field(0, description="Seed of the synthetic set.")
     val_fraction: float = Field(0.2, ge=0, lt=1, description="Share of synthetic clips held out for validation.")
 
@@ -258,11 +303,13 @@ class MergeSettings(FormGroup):
 
 class StageResources(FormGroup):
     gpus: int = Field(None, ge=0, le=64, description="GPUs (0: CPU; > 1: accelerate launch). Default: 0 for tiny presets, else 1.")
-    timeout_minutes: float = Field(24 * 60, gt=0, le=30 * 24 * 60,
-                                   description="The stage command is killed (its whole process group) after this.")
+    timeout_minutes: float = Field(24 * 60, gt=0, le=30 * 24 * 60, description="The stage command is killed (its whole process group) after this.")
     retries: int = Field(1, ge=0, le=5, description="Retries after a failure other than bad input; training resumes from its last saved state.")
     stop_grace_s: float = Field(
-        90.0, ge=0, le=3600, description="On a timeout or a cancelled run the stage command gets SIGTERM, then SIGKILL after this "
+        90.0,
+        ge=0,
+        le=3600,
+        description="On a timeout or a cancelled run the stage command gets SIGTERM, then SIGKILL after this "
         "long: a training command saves its state at the next optimizer step (exit code 143) and a retry resumes from it.",
     )
 
@@ -308,7 +355,8 @@ class StorageSettings(BaseModel):
 
     s3: S3Options = S3Options()
     work_dir: str | None = Field(
-        None, description="Worker scratch and download cache. Default: LORA_MOE_WORK_DIR, else ARTIFACT_ROOT/work for a "
+        None,
+        description="Worker scratch and download cache. Default: LORA_MOE_WORK_DIR, else ARTIFACT_ROOT/work for a "
         "local root or ~/.cache/lora-moe for S3.",
     )
 
@@ -335,9 +383,22 @@ class RunPlan(BaseModel):
     settings: dict[str, Any]  # every setting with where it came from (`surfaces.settings_markdown`)
 
 
-def plan_run(run, environ: dict[str, str], preset: str, artifact_root: str | None, models: ModelInputs, data: DataSettings,
-             stage1: BaseModel, merge: MergeSettings, stage2: BaseModel, evaluation: BaseModel, gate: PromotionGate,
-             tracking: TrackingSettings, storage: StorageSettings, resources: Resources) -> RunPlan:
+def plan_run(
+    run,
+    environ: dict[str, str],
+    preset: str,
+    artifact_root: str | None,
+    models: ModelInputs,
+    data: DataSettings,
+    stage1: BaseModel,
+    merge: MergeSettings,
+    stage2: BaseModel,
+    evaluation: BaseModel,
+    gate: PromotionGate,
+    tracking: TrackingSettings,
+    storage: StorageSettings,
+    resources: Resources,
+) -> RunPlan:
     """The flow's parameters resolved against the worker's environment, after the checks that
     come before any server is contacted (the models a preset needs, the trust boundary)."""
     from prefect import get_run_logger
@@ -350,8 +411,7 @@ def plan_run(run, environ: dict[str, str], preset: str, artifact_root: str | Non
     check_trust(run, form_root, artifact_root, models, data, {"stage1": stage1, "stage2": stage2}, tracking, storage, environ)
     resources = resources.resolved(tiny, environ)
     local = _local_root(artifact_root)
-    work_dir = Path(storage.work_dir or environ.get("LORA_MOE_WORK_DIR") or (
-        local / "work" if local else Path.home() / ".cache" / "lora-moe"))
+    work_dir = Path(storage.work_dir or environ.get("LORA_MOE_WORK_DIR") or (local / "work" if local else Path.home() / ".cache" / "lora-moe"))
     given_tracking_uri = tracking.tracking_uri or environ.get("MLFLOW_TRACKING_URI")  # the parameter, else the worker's
     tracking_uri = given_tracking_uri or f"sqlite:///{(local or work_dir) / 'mlflow.db'}"
     if local is None and given_tracking_uri is None:
@@ -361,11 +421,20 @@ def plan_run(run, environ: dict[str, str], preset: str, artifact_root: str | Non
     data_cfg = data.resolved(tiny)
     eval_cfg = resolve_settings(evaluation, tiny, TINY_EVAL)
     return RunPlan(
-        preset=preset, task=task, tiny=tiny, root_uri=open_store(artifact_root, storage.s3).root_uri, local_root=local,
-        work_dir=work_dir, tracking_uri=tracking_uri, data=data_cfg, stage1=stage1_cfg, stage2=stage2_cfg, eval=eval_cfg,
-        gate=gate.model_dump(mode="json"), resources=resources,
-        settings=effective_settings(tiny, data, data_cfg, stage1, stage1_cfg, merge, stage2, stage2_cfg, evaluation, eval_cfg,
-                                    gate, resources),
+        preset=preset,
+        task=task,
+        tiny=tiny,
+        root_uri=open_store(artifact_root, storage.s3).root_uri,
+        local_root=local,
+        work_dir=work_dir,
+        tracking_uri=tracking_uri,
+        data=data_cfg,
+        stage1=stage1_cfg,
+        stage2=stage2_cfg,
+        eval=eval_cfg,
+        gate=gate.model_dump(mode="json"),
+        resources=resources,
+        settings=effective_settings(tiny, data, data_cfg, stage1, stage1_cfg, merge, stage2, stage2_cfg, evaluation, eval_cfg, gate, resources),
     )
 
 
@@ -383,8 +452,10 @@ def check_models(preset: str, models: ModelInputs) -> None:
     given = models.given()
     if not given:
         if not tiny:
-            raise MoeError(f"preset {task} needs the base model URIs (models.dit, models.dit_high_noise, models.vae, "
-                           "models.text_encoder, models.tokenizer); only the tiny presets make their own")
+            raise MoeError(
+                f"preset {task} needs the base model URIs (models.dit, models.dit_high_noise, models.vae, "
+                "models.text_encoder, models.tokenizer); only the tiny presets make their own"
+            )
         return
     needed = {"dit", "vae", "text_encoder", "tokenizer"} | ({"dit_high_noise"} if PRESETS[task].boundary is not None else set())
     missing = sorted(needed - set(given))
@@ -392,24 +463,53 @@ def check_models(preset: str, models: ModelInputs) -> None:
         raise MoeError(f"models: {', '.join(missing)} not given; pass every base model URI or none (tiny presets only)")
 
 
-def check_trust(run, form_root: str | None, artifact_root: str, models: ModelInputs, data: DataSettings,
-                stage_settings: dict[str, BaseModel], tracking: TrackingSettings, storage: StorageSettings,
-                environ: dict[str, str]) -> None:
+def check_trust(
+    run,
+    form_root: str | None,
+    artifact_root: str,
+    models: ModelInputs,
+    data: DataSettings,
+    stage_settings: dict[str, BaseModel],
+    tracking: TrackingSettings,
+    storage: StorageSettings,
+    environ: dict[str, str],
+) -> None:
     """The worker's trust boundary (`tasks.trust`): a deployment run's form cannot redirect the
     worker's credentials or read its files, and every URI lies inside the worker's allow-lists."""
     inputs = {f"models.{k}": v for k, v in models.given().items()} | ({"data.manifest": data.manifest} if data.manifest else {})
-    inputs |= {f"{name}.sample_prompts": prompts for name, settings in stage_settings.items()
-               if (prompts := getattr(settings, "sample_prompts", None))}
+    inputs |= {
+        f"{name}.sample_prompts": prompts for name, settings in stage_settings.items() if (prompts := getattr(settings, "sample_prompts", None))
+    }
     form_outputs = frozenset({"artifact_root"} if form_root else set()) | ({"storage.work_dir"} if storage.work_dir else set())
-    check_run(environ, deployment_run=run.deployment_id is not None, artifact_root=artifact_root,
-              tracking_uri=tracking.tracking_uri, s3_endpoint=storage.s3.endpoint_url, s3_profile=storage.s3.profile,
-              work_dir=storage.work_dir, inputs=inputs, form_outputs=form_outputs)
+    check_run(
+        environ,
+        deployment_run=run.deployment_id is not None,
+        artifact_root=artifact_root,
+        tracking_uri=tracking.tracking_uri,
+        s3_endpoint=storage.s3.endpoint_url,
+        s3_profile=storage.s3.profile,
+        work_dir=storage.work_dir,
+        inputs=inputs,
+        form_outputs=form_outputs,
+    )
 
 
-def effective_settings(tiny: bool, data: DataSettings, data_cfg: dict, stage1: BaseModel, stage1_cfg: dict,
-              merge: MergeSettings, stage2: BaseModel, stage2_cfg: dict, evaluation: BaseModel, eval_cfg: dict,
-              gate: PromotionGate, resources: Resources) -> dict[str, dict[str, tuple[Any, str]]]:
+def effective_settings(
+    tiny: bool,
+    data: DataSettings,
+    data_cfg: dict,
+    stage1: BaseModel,
+    stage1_cfg: dict,
+    merge: MergeSettings,
+    stage2: BaseModel,
+    stage2_cfg: dict,
+    evaluation: BaseModel,
+    eval_cfg: dict,
+    gate: PromotionGate,
+    resources: Resources,
+) -> dict[str, dict[str, tuple[Any, str]]]:
     """Every setting of the run as its stage will use it, with where it came from (`surfaces`)."""
+
     def preset(values: dict) -> frozenset[str]:
         return frozenset(values) if tiny else frozenset()
 
@@ -418,21 +518,27 @@ def effective_settings(tiny: bool, data: DataSettings, data_cfg: dict, stage1: B
         "data": surfaces.effective_settings(data, None, data_resolved, preset({"size", "frames", "dtype", "embed_dtype"})),
         "stage1": surfaces.effective_settings(stage1, Stage1Config, stage1_cfg, preset(TINY_STAGE1)),
         "merge": surfaces.effective_settings(merge, None, merge.model_dump(mode="json")),
-        "stage2": surfaces.effective_settings(stage2, Stage2Config, stage2_cfg, preset(TINY_STAGE2),
-                                              inherited=frozenset(TARGET_FLAGS)),
+        "stage2": surfaces.effective_settings(stage2, Stage2Config, stage2_cfg, preset(TINY_STAGE2), inherited=frozenset(TARGET_FLAGS)),
         "eval": surfaces.effective_settings(evaluation, EvalConfig, eval_cfg, preset(TINY_EVAL)),
         "gate": surfaces.effective_settings(gate, None, gate.model_dump(mode="json")),
-        "resources": {f"{stage}.{field}": (value, "resolved") for stage in type(resources).model_fields
-                      for field, value in getattr(resources, stage).model_dump(mode="json").items()},
+        "resources": {
+            f"{stage}.{field}": (value, "resolved")
+            for stage in type(resources).model_fields
+            for field, value in getattr(resources, stage).model_dump(mode="json").items()
+        },
     }
 
 
 STAGE_ORDER: tuple[tuple[str, ...], ...] = (
-    ("tiny-models", "synth-data"), ("prepare-data",), ("stage1-train",), ("merge-low", "merge-high"),
-    ("stage2-train",), ("eval",), ("register",),
+    ("tiny-models", "synth-data"),
+    ("prepare-data",),
+    ("stage1-train",),
+    ("merge-low", "merge-high"),
+    ("stage2-train",),
+    ("eval",),
+    ("register",),
 )
-StageName = Literal["tiny-models", "synth-data", "prepare-data", "stage1-train", "merge-low", "merge-high",
-                    "stage2-train", "eval", "register"]
+StageName = Literal["tiny-models", "synth-data", "prepare-data", "stage1-train", "merge-low", "merge-high", "stage2-train", "eval", "register"]
 
 
 def forced_stages(force: str | None) -> set[str]:
@@ -444,7 +550,22 @@ def forced_stages(force: str | None) -> set[str]:
 
 
 __all__ = [
-    "DataSettings", "EvalSettings", "MergeSettings", "ModelInputs", "Preset", "PromotionGate", "Resources", "RunPlan", "S3Options",
-    "Stage1Settings", "Stage2Settings", "StageName", "StorageSettings", "TrackingSettings", "check_models", "forced_stages",
-    "plan_run", "resolve_settings",
+    "DataSettings",
+    "EvalSettings",
+    "MergeSettings",
+    "ModelInputs",
+    "Preset",
+    "PromotionGate",
+    "Resources",
+    "RunPlan",
+    "S3Options",
+    "Stage1Settings",
+    "Stage2Settings",
+    "StageName",
+    "StorageSettings",
+    "TrackingSettings",
+    "check_models",
+    "forced_stages",
+    "plan_run",
+    "resolve_settings",
 ]

@@ -112,8 +112,7 @@ def signature_problem(parameters: dict[str, Any]) -> str | None:
     unknown = [name for name in parameters if name not in known]
     if not unknown:
         return None
-    guesses = [f" (did you mean {match[0]!r}?)" if (match := difflib.get_close_matches(name, known, n=1)) else ""
-               for name in unknown]
+    guesses = [f" (did you mean {match[0]!r}?)" if (match := difflib.get_close_matches(name, known, n=1)) else "" for name in unknown]
     names = ", ".join(f"{name!r}{guess}" for name, guess in zip(unknown, guesses))
     return f"unknown parameter{'s' if len(unknown) > 1 else ''} {names}; {FLOW_NAME} takes: {', '.join(known)}"
 
@@ -149,16 +148,21 @@ class _Runner:
     def context(self, resources: StageResources | None) -> StageContext:
         if resources is None:
             return self.ctx
-        return self.ctx.model_copy(update={"gpus": resources.gpus, "timeout_s": resources.timeout_minutes * 60,
-                                           "stop_grace_s": resources.stop_grace_s})
+        return self.ctx.model_copy(
+            update={"gpus": resources.gpus, "timeout_s": resources.timeout_minutes * 60, "stop_grace_s": resources.stop_grace_s}
+        )
 
     def _record(self, name: str, state, value):
         timing = getattr(value, "timing", None)
-        self.reports.append(StageReport(
-            name=name, state=state.name,
-            command_s=timing.command_s if timing is not None and state.name != "Cached" else None,
-            started=timing.started if timing is not None else None, ended=timing.ended if timing is not None else None,
-        ))
+        self.reports.append(
+            StageReport(
+                name=name,
+                state=state.name,
+                command_s=timing.command_s if timing is not None and state.name != "Cached" else None,
+                started=timing.started if timing is not None else None,
+                ended=timing.ended if timing is not None else None,
+            )
+        )
         return value
 
     def __call__(self, task, *args, resources: StageResources | None = None, **kwargs):
@@ -175,8 +179,14 @@ class _Runner:
         return self._record(name, future.state, future.result())
 
 
-@flow(name=FLOW_NAME, persist_result=False, log_prints=True, on_crashed=[explain_crash], flow_run_name=surfaces.run_name,
-      description="Two-stage Wan2.2 LoRA-MoE: data -> stage 1 -> merge both experts -> stage 2 -> eval -> registry.")
+@flow(
+    name=FLOW_NAME,
+    persist_result=False,
+    log_prints=True,
+    on_crashed=[explain_crash],
+    flow_run_name=surfaces.run_name,
+    description="Two-stage Wan2.2 LoRA-MoE: data -> stage 1 -> merge both experts -> stage 2 -> eval -> registry.",
+)
 def lora_moe_pipeline(
     preset: Preset = "tiny",
     artifact_root: str | None = None,
@@ -219,14 +229,15 @@ def lora_moe_pipeline(
             when there is a champion trained on the same base DiTs. Faster, but stage 1 never sees the new clips.
     """
     run = FlowRunContext.get().flow_run
-    plan = plan_run(run, dict(os.environ), preset, artifact_root, models, data, stage1, merge, stage2, evaluation, gate,
-                    tracking, storage, resources)
+    plan = plan_run(run, dict(os.environ), preset, artifact_root, models, data, stage1, merge, stage2, evaluation, gate, tracking, storage, resources)
     options = {"force": force or "", "only_new_data": only_new_data, "stage2_from_champion": stage2_from_champion}
     with tracked_run(plan, run, tracking, storage, force, options) as (ctx, call):
         given = models.given()
         inputs = call(stages.resolve_inputs, plan.task, given, data.manifest) if given or data.manifest else stages.InputRefs()
-        dataset = inputs.dataset or call(stages.synth_data, data.synthetic_clips, plan.data["frames"], plan.data["size"],
-                                         data.synthetic_seed, data.val_fraction).dataset
+        dataset = (
+            inputs.dataset
+            or call(stages.synth_data, data.synthetic_clips, plan.data["frames"], plan.data["size"], data.synthetic_seed, data.val_fraction).dataset
+        )
         if only_new_data and not (check := call(stages.check_new_data, tracking.registered_model, dataset)).new:
             return _skipped(ctx, call, check, tracking.registered_model, plan.root_uri)
         model_refs = inputs.models or call(stages.tiny_models, plan.task, models.tiny_seed, models.tiny_pretrain_steps).models
@@ -236,20 +247,47 @@ def lora_moe_pipeline(
         log_datasets(plan.tracking_uri, ctx.parent_run_id, training_data)
         previous = call(stages.champion_stage1, tracking.registered_model, model_refs) if stage2_from_champion else None
         merged = from_champion(previous) if previous else train_stage1_and_merge(call, plan, model_refs, prepared.cache, merge)
-        s2 = call(stages.stage2_train, plan.task, merged.low, merged.high, prepared.cache, plan.stage2, models=model_refs,
-                  resources=plan.resources.stage2)
+        s2 = call(
+            stages.stage2_train, plan.task, merged.low, merged.high, prepared.cache, plan.stage2, models=model_refs, resources=plan.resources.stage2
+        )
         for run_id in merged.training_run_ids + [s2.mlflow_run_id]:  # the training runs' "Datasets"
             log_datasets(plan.tracking_uri, run_id, training_data)
-        ev = call(stages.evaluate, model_refs, merged.low, merged.high, s2.weights, prepared.cache, dataset, plan.eval,
-                  plan.gate, resources=plan.resources.eval)
-        artifacts = {f"base_{k}": v for k, v in model_refs.refs().items()} | {
-            "latent_cache": prepared.cache, "vanilla_lora": merged.vanilla, "merged_low_noise": merged.low,
-            "lora_moe": s2.weights, "eval_report": ev.report} | ({"merged_high_noise": merged.high} if merged.high else {})
+        ev = call(
+            stages.evaluate,
+            model_refs,
+            merged.low,
+            merged.high,
+            s2.weights,
+            prepared.cache,
+            dataset,
+            plan.eval,
+            plan.gate,
+            resources=plan.resources.eval,
+        )
+        artifacts = (
+            {f"base_{k}": v for k, v in model_refs.refs().items()}
+            | {
+                "latent_cache": prepared.cache,
+                "vanilla_lora": merged.vanilla,
+                "merged_low_noise": merged.low,
+                "lora_moe": s2.weights,
+                "eval_report": ev.report,
+            }
+            | ({"merged_high_noise": merged.high} if merged.high else {})
+        )
         producers = merged.producers | {"lora_moe": s2.mlflow_run_id, "eval_report": ev.mlflow_run_id}  # lineage
-        reg = call(stages.register, tracking.registered_model, plan.task, artifacts, ev, prepared.data_fingerprint,
-                   merged.from_version, dataset=dataset, producers=producers)
-        return finish_run(plan, ctx, call, reg.entry, ev, merged, s2, artifacts, prepared.data_fingerprint, training_data,
-                          storage)
+        reg = call(
+            stages.register,
+            tracking.registered_model,
+            plan.task,
+            artifacts,
+            ev,
+            prepared.data_fingerprint,
+            merged.from_version,
+            dataset=dataset,
+            producers=producers,
+        )
+        return finish_run(plan, ctx, call, reg.entry, ev, merged, s2, artifacts, prepared.data_fingerprint, training_data, storage)
 
 
 class MergedDiTs(BaseModel):
@@ -267,50 +305,75 @@ class MergedDiTs(BaseModel):
 def train_stage1_and_merge(call: _Runner, plan: RunPlan, model_refs, cache: ArtifactRef, merge: MergeSettings) -> MergedDiTs:
     """Stage 1, then its LoRA merged into both experts at once (merge-low || merge-high)."""
     s1 = call(stages.stage1_train, model_refs, cache, plan.stage1, resources=plan.resources.stage1)
-    merges = [call.submit(task, plan.task, dit, s1.weights, merge.lora_multiplier, name, resources=plan.resources.merge)
-              for task, dit, name in ((stages.merge_low, model_refs.dit, "merged_low_noise"),
-                                      (stages.merge_high, model_refs.dit_high_noise, "merged_high_noise"))
-              if dit is not None]
+    merges = [
+        call.submit(task, plan.task, dit, s1.weights, merge.lora_multiplier, name, resources=plan.resources.merge)
+        for task, dit, name in (
+            (stages.merge_low, model_refs.dit, "merged_low_noise"),
+            (stages.merge_high, model_refs.dit_high_noise, "merged_high_noise"),
+        )
+        if dit is not None
+    ]
     low, *high = [call.result(future) for future in merges]
     producers = {"vanilla_lora": s1.mlflow_run_id, "merged_low_noise": low.mlflow_run_id}
-    return MergedDiTs(vanilla=s1.weights, low=low.merged, high=high[0].merged if high else None, stage1_metrics=s1.metrics,
-                      training_run_ids=[s1.mlflow_run_id],
-                      producers=producers | ({"merged_high_noise": high[0].mlflow_run_id} if high else {}))
+    return MergedDiTs(
+        vanilla=s1.weights,
+        low=low.merged,
+        high=high[0].merged if high else None,
+        stage1_metrics=s1.metrics,
+        training_run_ids=[s1.mlflow_run_id],
+        producers=producers | ({"merged_high_noise": high[0].mlflow_run_id} if high else {}),
+    )
 
 
 def from_champion(previous) -> MergedDiTs:
     get_run_logger().info(f"stage 2 starts from champion v{previous.version}'s merged DiTs (stage 1 and merges reused)")
-    return MergedDiTs(vanilla=previous.vanilla_lora, low=previous.merged_low_noise, high=previous.merged_high_noise,
-                      from_version=previous.version)
+    return MergedDiTs(vanilla=previous.vanilla_lora, low=previous.merged_low_noise, high=previous.merged_high_noise, from_version=previous.version)
 
 
 @contextlib.contextmanager
-def tracked_run(plan: RunPlan, run, tracking: TrackingSettings, storage: StorageSettings, force: str | None,
-                options: dict[str, Any]) -> Iterator[tuple[TrackingContext, _Runner]]:
+def tracked_run(
+    plan: RunPlan, run, tracking: TrackingSettings, storage: StorageSettings, force: str | None, options: dict[str, Any]
+) -> Iterator[tuple[TrackingContext, _Runner]]:
     """The run's surroundings: its tags and settings artifact, the parent MLflow run (with a
     bound on MLflow's retries, so a dead tracking server fails the run in minutes), the stage
     runner; at the end, a failed parent run on an error and no stage command left running."""
     logger = get_run_logger()
     surfaces.tag_flow_run(f"task:{plan.task}", f"preset:{plan.preset}")
-    create_markdown_artifact(surfaces.settings_markdown(f"{FLOW_NAME} ({plan.task})", plan.settings), key=surfaces.SETTINGS_KEY,
-                             description="The settings every stage runs with, and where each came from")
+    create_markdown_artifact(
+        surfaces.settings_markdown(f"{FLOW_NAME} ({plan.task})", plan.settings),
+        key=surfaces.SETTINGS_KEY,
+        description="The settings every stage runs with, and where each came from",
+    )
     unbound_requests = bound_mlflow_requests(tracking)
     try:
         mlflow_ctx = start_pipeline_run(
-            tracking, plan.tracking_uri, f"{plan.root_uri}/mlflow-artifacts",
-            tags={"prefect.flow_run_id": str(run.id), "prefect.flow_run_name": run.name, "preset": plan.preset,
-                  "artifact_root": plan.root_uri, "mlflow.source.name": "flows.pipeline:lora_moe_pipeline",
-                  "mlflow.source.type": "JOB"},
-            params={"preset": plan.preset, **surfaces.plain_settings({k: v for k, v in plan.settings.items() if k != "resources"}),
-                    **options},
-            ui_url=tracking.resolved_ui_url(plan.tracking_uri, dict(os.environ)), flow_run_ended=_flow_run_ended,
+            tracking,
+            plan.tracking_uri,
+            f"{plan.root_uri}/mlflow-artifacts",
+            tags={
+                "prefect.flow_run_id": str(run.id),
+                "prefect.flow_run_name": run.name,
+                "preset": plan.preset,
+                "artifact_root": plan.root_uri,
+                "mlflow.source.name": "flows.pipeline:lora_moe_pipeline",
+                "mlflow.source.type": "JOB",
+            },
+            params={"preset": plan.preset, **surfaces.plain_settings({k: v for k, v in plan.settings.items() if k != "resources"}), **options},
+            ui_url=tracking.resolved_ui_url(plan.tracking_uri, dict(os.environ)),
+            flow_run_ended=_flow_run_ended,
         )
     except BaseException:
         unbound_requests()
         raise
     logger.info(f"MLflow run {mlflow_ctx.run_url(mlflow_ctx.parent_run_id)} ({plan.tracking_uri})")
-    ctx = StageContext(artifact_root=plan.root_uri, s3=storage.s3, work_dir=str(plan.work_dir), run_prefix=f"runs/{run.id}",
-                       tracking=mlflow_ctx, flow_run_id=str(run.id))
+    ctx = StageContext(
+        artifact_root=plan.root_uri,
+        s3=storage.s3,
+        work_dir=str(plan.work_dir),
+        run_prefix=f"runs/{run.id}",
+        tracking=mlflow_ctx,
+        flow_run_id=str(run.id),
+    )
     call = _Runner(ctx, StoreResultStorage.saved(plan.root_uri, storage.s3), forced_stages(force))
     unpin_endpoint = pin_mlflow_s3_endpoint(endpoint_url(storage.s3) if plan.local_root is None else None)
     try:
@@ -326,25 +389,51 @@ def tracked_run(plan: RunPlan, run, tracking: TrackingSettings, storage: Storage
             logger.warning(f"stopped stage commands still running: {', '.join(stopped)}")
 
 
-def finish_run(plan: RunPlan, ctx: TrackingContext, call: _Runner, entry: RegistryEntry, ev, merged: MergedDiTs, s2,
-               artifacts: dict[str, ArtifactRef], data_fingerprint: str, training_data, storage: StorageSettings) -> PipelineSummary:
+def finish_run(
+    plan: RunPlan,
+    ctx: TrackingContext,
+    call: _Runner,
+    entry: RegistryEntry,
+    ev,
+    merged: MergedDiTs,
+    s2,
+    artifacts: dict[str, ArtifactRef],
+    data_fingerprint: str,
+    training_data,
+    storage: StorageSettings,
+) -> PipelineSummary:
     """The run's summary, written to the parent MLflow run and as the Prefect artifacts."""
     report_dir = _log_report(ctx, ev.report, plan.work_dir, storage)
-    metrics = ev.metrics | {f"stage1/{k}": v for k, v in merged.stage1_metrics.items() if isinstance(v, (int, float))} | {
-        f"stage2/{k}": v for k, v in s2.metrics.items() if isinstance(v, (int, float))}
+    metrics = (
+        ev.metrics
+        | {f"stage1/{k}": v for k, v in merged.stage1_metrics.items() if isinstance(v, (int, float))}
+        | {f"stage2/{k}": v for k, v in s2.metrics.items() if isinstance(v, (int, float))}
+    )
     run = FlowRunContext.get().flow_run
     summary = PipelineSummary(
-        flow_run_id=str(run.id), artifact_root=plan.root_uri, tracking_uri=plan.tracking_uri, task=plan.task,
-        mlflow_run_url=ctx.run_url(ctx.parent_run_id), registry_url=_version_url(ctx, entry), registered=entry,
-        data_fingerprint=data_fingerprint, stages=call.reports, artifacts=artifacts,
-        metrics={k: float(v) for k, v in metrics.items()}, gate=ev.gate, stage1_from_version=merged.from_version,
+        flow_run_id=str(run.id),
+        artifact_root=plan.root_uri,
+        tracking_uri=plan.tracking_uri,
+        task=plan.task,
+        mlflow_run_url=ctx.run_url(ctx.parent_run_id),
+        registry_url=_version_url(ctx, entry),
+        registered=entry,
+        data_fingerprint=data_fingerprint,
+        stages=call.reports,
+        artifacts=artifacts,
+        metrics={k: float(v) for k, v in metrics.items()},
+        gate=ev.gate,
+        stage1_from_version=merged.from_version,
         report_url=ctx.artifact_page_url(ctx.parent_run_id, f"{surfaces.REPORT_PREFIX}/report.md"),
     )
     new_version = "register" not in summary.cached
     _finish_parent_run(ctx, summary, ev.metrics, training_data[0] if new_version else None)
     _publish(summary, ctx, report_dir)
-    surfaces.tag_flow_run(f"registered:v{entry.version}", f"gate:{'passed' if ev.gate.get('passed') else 'failed'}",
-                          *(["champion"] if entry.champion_moved and new_version else []))
+    surfaces.tag_flow_run(
+        f"registered:v{entry.version}",
+        f"gate:{'passed' if ev.gate.get('passed') else 'failed'}",
+        *(["champion"] if entry.champion_moved and new_version else []),
+    )
     return summary
 
 
@@ -370,25 +459,37 @@ def _skipped(ctx: TrackingContext, call: _Runner, check: stages.NewDataCheck, mo
     """The early end of a run whose data the champion was already trained on."""
     why = f"no new clips since version {check.champion_version}"
     run = FlowRunContext.get().flow_run
-    champion = RegistryEntry(name=model_name, version=check.champion_version, aliases=["champion"],
-                             champion_decision=f"unchanged: {why}")
+    champion = RegistryEntry(name=model_name, version=check.champion_version, aliases=["champion"], champion_decision=f"unchanged: {why}")
     summary = PipelineSummary(
-        flow_run_id=str(run.id), artifact_root=root_uri, tracking_uri=ctx.tracking_uri,
-        mlflow_run_url=ctx.run_url(ctx.parent_run_id), registry_url=_version_url(ctx, champion), registered=champion,
-        data_fingerprint=check.data_fingerprint, stages=call.reports, artifacts={}, metrics={}, gate={}, skipped=why,
+        flow_run_id=str(run.id),
+        artifact_root=root_uri,
+        tracking_uri=ctx.tracking_uri,
+        mlflow_run_url=ctx.run_url(ctx.parent_run_id),
+        registry_url=_version_url(ctx, champion),
+        registered=champion,
+        data_fingerprint=check.data_fingerprint,
+        stages=call.reports,
+        artifacts={},
+        metrics={},
+        gate={},
+        skipped=why,
     )
     get_run_logger().info(f"{why} (data fingerprint {check.data_fingerprint[:16]}): nothing to train")
     create_markdown_artifact(
-        "\n".join([
-            f"# {FLOW_NAME}: {why}",
-            f"The data fingerprint `{check.data_fingerprint[:16]}` equals the one recorded on "
-            f"[{model_name} v{check.champion_version}]({summary.registry_url}) (`champion`), so nothing was trained "
-            "and the champion stays. Add clips to the manifest (or change it) and the next run trains.",
-        ]),
-        key=surfaces.SUMMARY_KEY, description=why,
+        "\n".join(
+            [
+                f"# {FLOW_NAME}: {why}",
+                f"The data fingerprint `{check.data_fingerprint[:16]}` equals the one recorded on "
+                f"[{model_name} v{check.champion_version}]({summary.registry_url}) (`champion`), so nothing was trained "
+                "and the champion stays. Add clips to the manifest (or change it) and the next run trains.",
+            ]
+        ),
+        key=surfaces.SUMMARY_KEY,
+        description=why,
     )
-    StageRun(ctx, ctx.parent_run_id).set_tags({"skipped": why, "data_fingerprint": check.data_fingerprint,
-                                               "champion_version": check.champion_version})
+    StageRun(ctx, ctx.parent_run_id).set_tags(
+        {"skipped": why, "data_fingerprint": check.data_fingerprint, "champion_version": check.champion_version}
+    )
     surfaces.tag_flow_run(f"data:{check.data_fingerprint[:12]}", "skipped")
     end_run(ctx, ctx.parent_run_id, "FINISHED")
     return summary
@@ -409,8 +510,7 @@ def _log_report(ctx: TrackingContext, report: ArtifactRef, work_dir: Path, stora
         return None
 
 
-def _finish_parent_run(ctx: TrackingContext, summary: PipelineSummary, eval_metrics: dict[str, float],
-                       clips=None) -> None:
+def _finish_parent_run(ctx: TrackingContext, summary: PipelineSummary, eval_metrics: dict[str, float], clips=None) -> None:
     """The parent run: what was registered (tags), every metric, the refs as artifacts.json.
     `clips`: the clips' dataset input when this run registered a new version: then the eval
     metrics are also the version's logged model's metrics, measured on those clips."""
@@ -420,20 +520,29 @@ def _finish_parent_run(ctx: TrackingContext, summary: PipelineSummary, eval_metr
     from mlflow.entities import Metric
 
     parent = StageRun(ctx, ctx.parent_run_id)
-    parent.set_tags({"registered_model": summary.registered.name, "registered_version": summary.registered.version,
-                     "data_fingerprint": summary.data_fingerprint, "cached_stages": ",".join(summary.cached) or "none",
-                     "gate.passed": str(bool(summary.gate.get("passed"))).lower()}
-                    | ({"stage1_from_version": summary.stage1_from_version} if summary.stage1_from_version else {}))
+    parent.set_tags(
+        {
+            "registered_model": summary.registered.name,
+            "registered_version": summary.registered.version,
+            "data_fingerprint": summary.data_fingerprint,
+            "cached_stages": ",".join(summary.cached) or "none",
+            "gate.passed": str(bool(summary.gate.get("passed"))).lower(),
+        }
+        | ({"stage1_from_version": summary.stage1_from_version} if summary.stage1_from_version else {})
+    )
     model_id = summary.registered.model_id if clips is not None else None
     linked = {k for k in eval_metrics if k in summary.metrics} if model_id else set()
     parent.log_metrics({k: v for k, v in summary.metrics.items() if k not in linked})
     if linked:
         now = int(time.time() * 1000)
-        parent.client.log_batch(ctx.parent_run_id, metrics=[
-            Metric(k, float(summary.metrics[k]), now, 0, model_id=model_id, dataset_name=clips.dataset.name,
-                   dataset_digest=clips.dataset.digest) for k in sorted(linked)])
-    parent.client.log_dict(ctx.parent_run_id, {k: json.loads(r.model_dump_json()) for k, r in summary.artifacts.items()},
-                           "artifacts.json")
+        parent.client.log_batch(
+            ctx.parent_run_id,
+            metrics=[
+                Metric(k, float(summary.metrics[k]), now, 0, model_id=model_id, dataset_name=clips.dataset.name, dataset_digest=clips.dataset.digest)
+                for k in sorted(linked)
+            ],
+        )
+    parent.client.log_dict(ctx.parent_run_id, {k: json.loads(r.model_dump_json()) for k, r in summary.artifacts.items()}, "artifacts.json")
     end_run(ctx, ctx.parent_run_id, "FINISHED")
 
 
@@ -456,32 +565,49 @@ def _publish(summary: PipelineSummary, ctx: TrackingContext, report_dir: Path | 
     else:
         champion = "`champion` stays" + (f" on v{entry.previous_champion}" if entry.previous_champion else "")
     lines = [
-        f"# {FLOW_NAME}: {entry.name} v{entry.version}", "",
-        *surfaces.gate_lines(summary.gate, summary.report_url), "",
-        "## Registered", "",
-        f"**{entry.name} v{entry.version}** (aliases: {', '.join(entry.aliases) or 'none'}): {entry.champion_decision}; "
-        f"{champion}.",
-        *([f"Stage 2 started from champion v{summary.stage1_from_version}'s merged DiTs (stage 1 not retrained)."]
-          if summary.stage1_from_version else []),
+        f"# {FLOW_NAME}: {entry.name} v{entry.version}",
+        "",
+        *surfaces.gate_lines(summary.gate, summary.report_url),
+        "",
+        "## Registered",
+        "",
+        f"**{entry.name} v{entry.version}** (aliases: {', '.join(entry.aliases) or 'none'}): {entry.champion_decision}; {champion}.",
+        *(
+            [f"Stage 2 started from champion v{summary.stage1_from_version}'s merged DiTs (stage 1 not retrained)."]
+            if summary.stage1_from_version
+            else []
+        ),
         f"[MLflow run]({summary.mlflow_run_url}) · [registry version]({summary.registry_url})"
         + (f" · [eval report]({summary.report_url})" if summary.report_url else "")
         + f" · data fingerprint `{summary.data_fingerprint[:16]}`",
-        "", "| stage | state | command s |", "|---|---|---|",
+        "",
+        "| stage | state | command s |",
+        "|---|---|---|",
         *(f"| {s.name} | {s.state} | {'' if s.command_s is None else f'{s.command_s:.1f}'} |" for s in summary.stages),
-        "", "| metric | value |", "|---|---|",
+        "",
+        "| metric | value |",
+        "|---|---|",
         *(f"| {k} | {v:.6g} |" for k, v in summary.metrics.items()),
-        "", "| artifact | URI | sha256 |", "|---|---|---|",
+        "",
+        "| artifact | URI | sha256 |",
+        "|---|---|---|",
         *(f"| {k} | `{r.uri}` | `{r.sha256[:16]}` |" for k, r in summary.artifacts.items()),
     ]
     verdict = "gate passed" if summary.gate.get("passed") else "gate FAILED"
-    create_markdown_artifact("\n".join(lines), key=surfaces.SUMMARY_KEY,
-                             description=f"{entry.name} v{entry.version}: {verdict}; what this run produced")
+    create_markdown_artifact(
+        "\n".join(lines), key=surfaces.SUMMARY_KEY, description=f"{entry.name} v{entry.version}: {verdict}; what this run produced"
+    )
     report = report_dir / "report.md" if report_dir is not None else None
     if report is not None and report.is_file():
+
         def url_of(path: str) -> str:
             return artifact_url(ctx.ui_url, ctx.parent_run_id, f"{surfaces.REPORT_PREFIX}/{path}")
 
-        create_markdown_artifact(surfaces.rewrite_links(report.read_text(), url_of), key=surfaces.REPORT_KEY,
-                                 description=f"Eval report of {entry.name} v{entry.version} (plots from the MLflow run)")
-    create_table_artifact([{"metric": k, "value": v} for k, v in summary.metrics.items()], key=surfaces.METRICS_KEY,
-                          description="Eval and held-out metrics")
+        create_markdown_artifact(
+            surfaces.rewrite_links(report.read_text(), url_of),
+            key=surfaces.REPORT_KEY,
+            description=f"Eval report of {entry.name} v{entry.version} (plots from the MLflow run)",
+        )
+    create_table_artifact(
+        [{"metric": k, "value": v} for k, v in summary.metrics.items()], key=surfaces.METRICS_KEY, description="Eval and held-out metrics"
+    )

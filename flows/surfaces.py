@@ -74,9 +74,13 @@ def _json_value(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def effective_settings(settings: BaseModel, config: type[BaseModel] | None, resolved: dict[str, Any],
-                       preset: frozenset[str] = frozenset(), inherited: frozenset[str] = frozenset()
-                       ) -> dict[str, tuple[Any, str]]:
+def effective_settings(
+    settings: BaseModel,
+    config: type[BaseModel] | None,
+    resolved: dict[str, Any],
+    preset: frozenset[str] = frozenset(),
+    inherited: frozenset[str] = frozenset(),
+) -> dict[str, tuple[Any, str]]:
     """Every setting of a form group as the stage command will use it: name -> (value, where it
     came from). "set": given in the run's parameters; "stage 1": repeated from stage 1
     (`inherited`); "preset": the preset's value (`preset`: the names the preset supplies);
@@ -86,8 +90,7 @@ def effective_settings(settings: BaseModel, config: type[BaseModel] | None, reso
     names = list(type(settings).model_fields) + [k for k in resolved if k not in type(settings).model_fields]
     out: dict[str, tuple[Any, str]] = {}
     for name in names:
-        source = ("set" if name in given else "stage 1" if name in inherited else "preset" if name in preset
-                  else "default")
+        source = "set" if name in given else "stage 1" if name in inherited else "preset" if name in preset else "default"
         if name in resolved:
             out[name] = (_json_value(resolved[name]), source)
             continue
@@ -109,15 +112,17 @@ def _cell(value: Any) -> str:
 
 def settings_markdown(title: str, groups: dict[str, dict[str, tuple[Any, str]]]) -> str:
     """One table per group: what was set in the form first, then preset values, then defaults."""
-    lines = [f"# {title}: resolved settings", "",
-             "What each stage runs with. **set**: in the run's parameters; preset: the tiny presets' value "
-             "(`lora-moe workflow run`'s); stage 1: repeated from stage 1; default: the command's own default "
-             "(auto: the command works it out from the preset and the inputs)."]
+    lines = [
+        f"# {title}: resolved settings",
+        "",
+        "What each stage runs with. **set**: in the run's parameters; preset: the tiny presets' value "
+        "(`lora-moe workflow run`'s); stage 1: repeated from stage 1; default: the command's own default "
+        "(auto: the command works it out from the preset and the inputs).",
+    ]
     for group, values in groups.items():
         rows = sorted(values.items(), key=lambda kv: (SOURCE_ORDER.get(kv[1][1], 9), kv[0]))
         lines += ["", f"## {group}", "", "| setting | value | from |", "|---|---|---|"]
-        lines += [f"| {name} | {_cell(value)} | {'**set**' if source == 'set' else source} |"
-                  for name, (value, source) in rows]
+        lines += [f"| {name} | {_cell(value)} | {'**set**' if source == 'set' else source} |" for name, (value, source) in rows]
     return "\n".join(lines)
 
 
@@ -126,6 +131,7 @@ _LINK = re.compile(r"(!?\[[^\]]*\])\(([^)\s]+)\)")
 
 def rewrite_links(markdown: str, url_of) -> str:
     """Markdown with every relative link or image `](path)` replaced by `url_of(path)`."""
+
     def replace(match: re.Match) -> str:
         target = match.group(2)
         if re.match(r"^[a-z][a-z0-9+.-]*:|^#|^/", target):
@@ -144,8 +150,12 @@ def gate_lines(gate: dict[str, Any], report_url: str | None) -> list[str]:
     verdict = "PASSED" if gate.get("passed") else "FAILED"
     checks = gate.get("checks", [])
     primary = gate.get("primary_value")
-    lines = [f"## Promotion gate: {verdict} ({sum(bool(c['passed']) for c in checks)}/{len(checks)} checks)", "",
-             f"Primary metric `{gate.get('primary_metric')}` = {'n/a' if primary is None else f'{primary:.6g}'} "
-             f"({'higher' if gate.get('higher_is_better') else 'lower'} is better)."
-             + (f" [Eval report]({report_url})" if report_url else ""), "", *gate_table(gate)]
+    lines = [
+        f"## Promotion gate: {verdict} ({sum(bool(c['passed']) for c in checks)}/{len(checks)} checks)",
+        "",
+        f"Primary metric `{gate.get('primary_metric')}` = {'n/a' if primary is None else f'{primary:.6g}'} "
+        f"({'higher' if gate.get('higher_is_better') else 'lower'} is better)." + (f" [Eval report]({report_url})" if report_url else ""),
+        "",
+        *gate_table(gate),
+    ]
     return lines

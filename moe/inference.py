@@ -194,11 +194,14 @@ def build_pipeline(preset, low, high, vae, text_encoder, tokenizer, flow_shift: 
 
     quiet_third_party_output()  # before diffusers imports its Wan pipelines (transformers' CLIP warning)
     scheduler = diffusers.UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        num_train_timesteps=1000,
         flow_shift=flow_shift if flow_shift is not None else preset.sample_shift,
     )
-    experts = dict(transformer=high or low, transformer_2=low if high is not None else None,
-                   boundary_ratio=preset.boundary if high is not None else None)
+    experts = dict(
+        transformer=high or low, transformer_2=low if high is not None else None, boundary_ratio=preset.boundary if high is not None else None
+    )
     pipe = (diffusers.WanImageToVideoPipeline if preset.i2v else diffusers.WanPipeline)(  # only the one used is imported
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, **experts
     )
@@ -207,8 +210,19 @@ def build_pipeline(preset, low, high, vae, text_encoder, tokenizer, flow_shift: 
 
 
 def run_pipeline(
-    pipe, preset, cond: torch.Tensor, uncond: torch.Tensor, *, size: tuple[int, int], frames: int, steps: int,
-    seed: int, device: str, guidance_low: float | None = None, guidance_high: float | None = None, image=None,
+    pipe,
+    preset,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    *,
+    size: tuple[int, int],
+    frames: int,
+    steps: int,
+    seed: int,
+    device: str,
+    guidance_low: float | None = None,
+    guidance_high: float | None = None,
+    image=None,
     routing: MoERouting | None = None,
 ):
     """One video as uint8 frames [F, H, W, 3] from prompt embeddings (CFG with `uncond`). With
@@ -216,11 +230,16 @@ def run_pipeline(
     two = pipe.transformer_2 is not None
     w, h = size
     kwargs = dict(
-        prompt_embeds=cond, negative_prompt_embeds=uncond, height=h, width=w, num_frames=frames,
+        prompt_embeds=cond,
+        negative_prompt_embeds=uncond,
+        height=h,
+        width=w,
+        num_frames=frames,
         num_inference_steps=steps,
         guidance_scale=guidance_high if guidance_high is not None else preset.guidance_high,
         guidance_scale_2=(guidance_low if guidance_low is not None else preset.guidance_low) if two else None,
-        generator=torch.Generator(device).manual_seed(seed), output_type="np",
+        generator=torch.Generator(device).manual_seed(seed),
+        output_type="np",
     )
     if image is not None:
         kwargs["image"] = image
@@ -297,12 +316,24 @@ def _generate(cfg: GenerateConfig, preset, log=None):
             image = first_frame(cfg.image, cfg.video_size)
     w, h = cfg.video_size
     sampling = f"generate: sampling {cfg.infer_steps} steps, {cfg.video_length} frames at {w}x{h}"
-    with (routing_hooks(dits, routing) if routing is not None else contextlib.nullcontext(),
-          contextlib.nullcontext() if quiet else phase(sampling, log)):
+    with (
+        routing_hooks(dits, routing) if routing is not None else contextlib.nullcontext(),
+        contextlib.nullcontext() if quiet else phase(sampling, log),
+    ):
         frames = run_pipeline(
-            pipe, preset, cond, uncond, size=cfg.video_size, frames=cfg.video_length, steps=cfg.infer_steps,
-            seed=cfg.seed, device=cfg.device, guidance_low=cfg.guidance_scale,
-            guidance_high=cfg.guidance_scale_high_noise, image=image, routing=routing,
+            pipe,
+            preset,
+            cond,
+            uncond,
+            size=cfg.video_size,
+            frames=cfg.video_length,
+            steps=cfg.infer_steps,
+            seed=cfg.seed,
+            device=cfg.device,
+            guidance_low=cfg.guidance_scale,
+            guidance_high=cfg.guidance_scale_high_noise,
+            image=image,
+            routing=routing,
         )
     write_video(cfg.save_path, frames, cfg.fps)
     return frames, routing

@@ -85,7 +85,8 @@ def _describe_lora(path) -> list[str]:
     lines = [
         f"  {len(lora.modules)} modules: {describe_modules(lora.ranks())}",
         f"  alpha {', '.join(f'{a:g}' for a in alphas)}; task {lora.metadata.get('lora_moe.task', 'unknown')}",
-        f"  form: {lora.form}" + (f" (scales from its {HEADER_KEY} header)" if HEADER_KEY in lora.metadata else "")
+        f"  form: {lora.form}"
+        + (f" (scales from its {HEADER_KEY} header)" if HEADER_KEY in lora.metadata else "")
         + f"; {describe_support(lora.form, lora.modules)}",
     ]
     return lines

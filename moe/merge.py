@@ -81,8 +81,7 @@ def _check_paths(layout: CheckpointLayout, out: Path) -> None:
     if layout.sharded:
         if out.suffix == ".safetensors":
             raise MoeError(
-                f"the checkpoint is sharded, so the merged model is a folder of shards; "
-                f"pass a folder path as --save_merged_model instead of {out}"
+                f"the checkpoint is sharded, so the merged model is a folder of shards; pass a folder path as --save_merged_model instead of {out}"
             )
         if out.exists() and not out.is_dir():
             raise MoeError(f"--save_merged_model {out} exists and is not a folder")
@@ -152,9 +151,7 @@ def _storage_form(layout: CheckpointLayout, where: dict[str, int], key: str, tar
         return
     out_features = target.shape[0]
     if scale_info.dtype != "F32" or tuple(scale_info.shape) not in ((), (1,), (out_features, 1)):
-        raise _refuse_form(
-            key, f"its {scale_key} is {scale_info.dtype} {list(scale_info.shape)}, expected F32 [] or [{out_features}, 1]"
-        )
+        raise _refuse_form(key, f"its {scale_key} is {scale_info.dtype} {list(scale_info.shape)}, expected F32 [] or [{out_features}, 1]")
     target.form, target.scale_key, target.scale_shape = "scaled", scale_key, tuple(scale_info.shape)
 
 
@@ -183,10 +180,7 @@ def _locate_targets(layout: CheckpointLayout, lora: LoRAFile) -> _Plan:
             plan.scales[where[target.scale_key]][target.scale_key] = target
     if missing:
         shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
-        raise MoeError(
-            f"the DiT has no module {shown} that the LoRA targets; the LoRA was trained for another model "
-            f"(check --task and the DiT)"
-        )
+        raise MoeError(f"the DiT has no module {shown} that the LoRA targets; the LoRA was trained for another model (check --task and the DiT)")
     if mismatched:
         raise MoeError("shape mismatch: " + "; ".join(mismatched[:4]) + "; the LoRA was trained for another model")
     return plan
@@ -365,8 +359,13 @@ def _new_scales(layout: CheckpointLayout, plan: _Plan, multiplier: float) -> Non
 
 
 def _merge_shard(
-    header: SafetensorsHeader, dst: Path, weights: dict[str, _Target], scales: dict[str, _Target], record: dict,
-    multiplier: float, pbar,
+    header: SafetensorsHeader,
+    dst: Path,
+    weights: dict[str, _Target],
+    scales: dict[str, _Target],
+    record: dict,
+    multiplier: float,
+    pbar,
 ) -> str:
     """Stream one safetensors file to `dst` with `weights` merged and the new scales of `scales`
     written in place of the old ones; returns the input's sha256."""
@@ -453,8 +452,12 @@ def merge_lora_into_checkpoint(
     total = sum(h.total_bytes for h in layout.headers)
     inputs = {"--dit": [*layout.files, layout.index, layout.folder if layout.sharded else None], "--lora_weight": lora_path}
     claim = claim_output(
-        out, flag="--save_merged_model", inputs=inputs, overwrite=overwrite,
-        is_ours=functools.partial(written_as, kind="merged-dit"), folder=layout.sharded,
+        out,
+        flag="--save_merged_model",
+        inputs=inputs,
+        overwrite=overwrite,
+        is_ours=functools.partial(written_as, kind="merged-dit"),
+        folder=layout.sharded,
     )
     with (
         claim,
@@ -466,9 +469,7 @@ def merge_lora_into_checkpoint(
         _new_scales(layout, plan, lora_multiplier)
         for header, weights, scales in zip(layout.headers, plan.weights, plan.scales):
             dst = tmp / header.path.name if layout.sharded else tmp
-            shard_shas[header.path.name] = _merge_shard(
-                header, dst, weights, scales, record | {"base": header.path.name}, lora_multiplier, bar
-            )
+            shard_shas[header.path.name] = _merge_shard(header, dst, weights, scales, record | {"base": header.path.name}, lora_multiplier, bar)
             written.append(out / header.path.name if layout.sharded else out)
         if layout.sharded:
             _write_index_and_extras(layout, tmp, record, shard_shas)

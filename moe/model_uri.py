@@ -45,7 +45,9 @@ class ResolvedModel(BaseModel):
             line += f"; download cache {self.download_cache}"
             if self.cache_bytes is not None:
                 grew = self.cache_bytes - (self.cache_bytes_before or 0)
-                line += f": {human_bytes(self.cache_bytes)}" + (f" (+{human_bytes(grew)} fetched now)" if grew > 0 else " (nothing fetched: all cached)")
+                line += f": {human_bytes(self.cache_bytes)}" + (
+                    f" (+{human_bytes(grew)} fetched now)" if grew > 0 else " (nothing fetched: all cached)"
+                )
         return line
 
 
@@ -64,8 +66,7 @@ def resolve_model_uri(uri: str) -> ResolvedModel:
     found = entry_points(group=RESOLVER_GROUP, name=scheme) if sep else ()
     if not sep:  # NAME@ALIAS or NAME/VERSION without its scheme: not a missing package
         example = f"models:/{uri}" if re.fullmatch(r"[^/@\s]+(@[^/@\s]+|/\d+)", uri) else "models:/NAME@ALIAS"
-        raise MoeError(f"--model {uri} is not a model URI: write it with its scheme, e.g. --model {example} "
-                       "(or models:/NAME/VERSION)")
+        raise MoeError(f"--model {uri} is not a model URI: write it with its scheme, e.g. --model {example} (or models:/NAME/VERSION)")
     if not found:
         known = sorted({ep.name for ep in entry_points(group=RESOLVER_GROUP)})
         raise MoeError(

@@ -78,21 +78,28 @@ def _same_endpoint(a: str, b: str) -> bool:
     return a.rstrip("/") == b.rstrip("/")
 
 
-def check_endpoints(policy: WorkerPolicy, *, tracking_uri: str | None, s3_endpoint: str | None,
-                    s3_profile: str | None) -> None:
+def check_endpoints(policy: WorkerPolicy, *, tracking_uri: str | None, s3_endpoint: str | None, s3_profile: str | None) -> None:
     """Refuse, for a deployment run, form values that would send the worker's credentials to a
     host (or pick an identity) the worker was not configured with."""
-    given = (("tracking.tracking_uri", tracking_uri, policy.tracking_uri, "MLFLOW_TRACKING_URI", "tracking server",
-              "its MLflow token"),
-             ("storage.s3.endpoint_url", s3_endpoint, policy.s3_endpoint, "AWS_ENDPOINT_URL_S3", "S3 endpoint",
-              "requests signed with its AWS credentials"),
-             ("storage.s3.profile", s3_profile, policy.s3_profile, "AWS_PROFILE", "AWS profile",
-              "another of its AWS identities"))
+    given = (
+        ("tracking.tracking_uri", tracking_uri, policy.tracking_uri, "MLFLOW_TRACKING_URI", "tracking server", "its MLflow token"),
+        (
+            "storage.s3.endpoint_url",
+            s3_endpoint,
+            policy.s3_endpoint,
+            "AWS_ENDPOINT_URL_S3",
+            "S3 endpoint",
+            "requests signed with its AWS credentials",
+        ),
+        ("storage.s3.profile", s3_profile, policy.s3_profile, "AWS_PROFILE", "AWS profile", "another of its AWS identities"),
+    )
     for field, value, own, variable, noun, what in given:
         if value and not (own and _same_endpoint(value, own)):
             mine = f"{variable}={redact(own)}" if own else f"{variable} is not set there"
-            raise MoeError(f"{field}={redact(value)!r} is refused: a deployment run uses the worker's own {noun} "
-                           f"({mine}), so that {what} never go to a place named in a form; leave {field} empty")
+            raise MoeError(
+                f"{field}={redact(value)!r} is refused: a deployment run uses the worker's own {noun} "
+                f"({mine}), so that {what} never go to a place named in a form; leave {field} empty"
+            )
 
 
 def _inside(uri: str, prefix: str) -> bool:
@@ -113,8 +120,15 @@ def _is_local(uri: str) -> bool:
     return not uri.startswith("s3://")
 
 
-def check_locations(policy: WorkerPolicy, *, artifact_root: str, work_dir: str | None, inputs: dict[str, str],
-                    deployment_run: bool = False, form_outputs: frozenset[str] = frozenset()) -> None:
+def check_locations(
+    policy: WorkerPolicy,
+    *,
+    artifact_root: str,
+    work_dir: str | None,
+    inputs: dict[str, str],
+    deployment_run: bool = False,
+    form_outputs: frozenset[str] = frozenset(),
+) -> None:
     """Every place the run writes or reads by URI lies inside the worker's allow-lists (where set).
     In a deployment run a path on the worker itself (no IAM policy guards it: the worker's own
     credentials are files too) is read or written only inside an allow-list entry, whether or not
@@ -126,32 +140,47 @@ def check_locations(policy: WorkerPolicy, *, artifact_root: str, work_dir: str |
             continue
         inside = any(_inside(uri, root) for root in policy.artifact_roots)
         if policy.artifact_roots and not inside:
-            raise MoeError(f"{field}={uri!r} is outside the worker's allowed artifact roots "
-                           f"({ARTIFACT_ROOTS_VARIABLE}: {', '.join(policy.artifact_roots)})")
+            raise MoeError(
+                f"{field}={uri!r} is outside the worker's allowed artifact roots ({ARTIFACT_ROOTS_VARIABLE}: {', '.join(policy.artifact_roots)})"
+            )
         if deployment_run and field in form_outputs and _is_local(uri) and not inside:
-            raise MoeError(f"{field}={uri!r} is a folder on the worker: a deployment run writes the worker's files only "
-                           f"inside {ARTIFACT_ROOTS_VARIABLE} (not set there); leave {field} empty for the worker's own")
+            raise MoeError(
+                f"{field}={uri!r} is a folder on the worker: a deployment run writes the worker's files only "
+                f"inside {ARTIFACT_ROOTS_VARIABLE} (not set there); leave {field} empty for the worker's own"
+            )
     allowed = (*policy.input_prefixes, *policy.artifact_roots)
     for field, uri in inputs.items():
         inside = any(_inside(uri, prefix) for prefix in allowed)
         if allowed and not inside:
-            raise MoeError(f"{field}={uri!r} is outside the worker's allowed input prefixes "
-                           f"({INPUT_PREFIXES_VARIABLE}: {', '.join(policy.input_prefixes) or 'none'}; "
-                           f"{ARTIFACT_ROOTS_VARIABLE}: {', '.join(policy.artifact_roots) or 'none'})")
+            raise MoeError(
+                f"{field}={uri!r} is outside the worker's allowed input prefixes "
+                f"({INPUT_PREFIXES_VARIABLE}: {', '.join(policy.input_prefixes) or 'none'}; "
+                f"{ARTIFACT_ROOTS_VARIABLE}: {', '.join(policy.artifact_roots) or 'none'})"
+            )
         if deployment_run and _is_local(uri) and not inside:
-            raise MoeError(f"{field}={uri!r} is a file on the worker: a deployment run reads the worker's files only "
-                           f"inside {INPUT_PREFIXES_VARIABLE} or {ARTIFACT_ROOTS_VARIABLE} (neither admits it)")
+            raise MoeError(
+                f"{field}={uri!r} is a file on the worker: a deployment run reads the worker's files only "
+                f"inside {INPUT_PREFIXES_VARIABLE} or {ARTIFACT_ROOTS_VARIABLE} (neither admits it)"
+            )
 
 
-def check_run(environ: dict[str, str], *, deployment_run: bool, artifact_root: str, tracking_uri: str | None,
-              s3_endpoint: str | None, s3_profile: str | None, work_dir: str | None, inputs: dict[str, str],
-              form_outputs: frozenset[str] = frozenset()) -> None:
+def check_run(
+    environ: dict[str, str],
+    *,
+    deployment_run: bool,
+    artifact_root: str,
+    tracking_uri: str | None,
+    s3_endpoint: str | None,
+    s3_profile: str | None,
+    work_dir: str | None,
+    inputs: dict[str, str],
+    form_outputs: frozenset[str] = frozenset(),
+) -> None:
     """Both checks above for one flow run (the endpoint check for deployment runs only)."""
     policy = WorkerPolicy.from_environ(environ)
     if deployment_run:
         check_endpoints(policy, tracking_uri=tracking_uri, s3_endpoint=s3_endpoint, s3_profile=s3_profile)
-    check_locations(policy, artifact_root=artifact_root, work_dir=work_dir, inputs=inputs,
-                    deployment_run=deployment_run, form_outputs=form_outputs)
+    check_locations(policy, artifact_root=artifact_root, work_dir=work_dir, inputs=inputs, deployment_run=deployment_run, form_outputs=form_outputs)
 
 
 __all__ = ["WorkerPolicy", "check_endpoints", "check_locations", "check_run", "redact"]

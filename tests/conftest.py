@@ -58,9 +58,7 @@ def random_lora(state: dict[str, torch.Tensor], modules: dict[str, int], alpha: 
     out = {}
     for m, r in modules.items():
         o, i = state[m + ".weight"].shape
-        out[m] = LoRAModuleWeights(
-            down=torch.randn(r, i, generator=g) * std, up=torch.randn(o, r, generator=g) * std, alpha=alpha
-        )
+        out[m] = LoRAModuleWeights(down=torch.randn(r, i, generator=g) * std, up=torch.randn(o, r, generator=g) * std, alpha=alpha)
     return out
 
 
@@ -97,8 +95,14 @@ def merged_workspace(tiny_workspace):
     root, models = tiny_workspace["root"], tiny_workspace["models"]
     train_stage1(
         Stage1Config(
-            dit=models.low_noise, dit_high_noise=models.high_noise, dataset=tiny_workspace["cache"],
-            output_dir=root / "stage1", network_dim=8, learning_rate=2e-3, max_train_epochs=3, progress=False,
+            dit=models.low_noise,
+            dit_high_noise=models.high_noise,
+            dataset=tiny_workspace["cache"],
+            output_dir=root / "stage1",
+            network_dim=8,
+            learning_rate=2e-3,
+            max_train_epochs=3,
+            progress=False,
         )
     )
     lora = root / "stage1" / "vanilla_lora.safetensors"
@@ -116,9 +120,14 @@ def stage2_run(merged_workspace):
     out = merged_workspace["root"] / "stage2"
     metrics = train_stage2(
         Stage2Config(
-            dit=merged_workspace["merged_low"], dit_high_noise=merged_workspace["merged_high"],
-            dataset=merged_workspace["cache"], output_dir=out, network_dim=8, learning_rate=2e-3,
-            max_train_epochs=3, progress=False,
+            dit=merged_workspace["merged_low"],
+            dit_high_noise=merged_workspace["merged_high"],
+            dataset=merged_workspace["cache"],
+            output_dir=out,
+            network_dim=8,
+            learning_rate=2e-3,
+            max_train_epochs=3,
+            progress=False,
         )
     )
     return merged_workspace | {"stage2_dir": out, "lora_moe": out / "lora_moe_stage2.safetensors", "metrics": metrics}

@@ -41,14 +41,24 @@ def _probe(cls):
             signal.raise_signal(signal.SIGTERM)
         shard = shard_fraction(self.dits.models[expert])  # before the forward gathers anything
         parts = forward(self, batch, sigma, noise, expert)
-        record = {"ids": batch["id"], "sigma": float(sigma[0]), "expert": expert,
-                  "noise": [float(noise.sum()), float(noise.flatten()[0])], "shard": shard,
-                  "loss": float(parts["loss"].detach())}
+        record = {
+            "ids": batch["id"],
+            "sigma": float(sigma[0]),
+            "expert": expert,
+            "noise": [float(noise.sum()), float(noise.flatten()[0])],
+            "shard": shard,
+            "loss": float(parts["loss"].detach()),
+        }
         if isinstance(self, Stage2Module):
             with torch.no_grad():
                 p = F.softmax(self.routed.router_logits(batch, sigma), dim=-1)
-            record |= {"top1": F.one_hot(p.argmax(-1), p.shape[-1]).sum(0).tolist(), "p_sum": p.sum(0).tolist(),
-                       "n": len(p), "f": self.load_balance.f.tolist(), "P": self.load_balance.P.tolist()}
+            record |= {
+                "top1": F.one_hot(p.argmax(-1), p.shape[-1]).sum(0).tolist(),
+                "p_sum": p.sum(0).tolist(),
+                "n": len(p),
+                "f": self.load_balance.f.tolist(),
+                "P": self.load_balance.P.tolist(),
+            }
         _append(f"rank-{os.environ['RANK']}.jsonl", record)
         return parts
 

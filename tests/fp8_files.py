@@ -33,8 +33,11 @@ def is_block_linear_weight(key: str) -> bool:
 
 
 def fp8_state(
-    state: dict[str, torch.Tensor], form: Literal["plain", "comfy_scaled"], scale: Literal["tensor", "row"] = "tensor",
-    *, scale_input: bool = False,
+    state: dict[str, torch.Tensor],
+    form: Literal["plain", "comfy_scaled"],
+    scale: Literal["tensor", "row"] = "tensor",
+    *,
+    scale_input: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The canonical-key state dict of the fp8 checkpoint (unprefixed keys, marker included)."""
     if form not in ("plain", "comfy_scaled") or scale not in ("tensor", "row"):
@@ -75,6 +78,8 @@ def write_fp8_checkpoint(
     `prefix`); `max_shard_bytes` writes a sharded folder, `scale_input` adds a float32
     `X.scale_input` per scaled Linear as some releases carry. Returns the path."""
     return write_checkpoint(
-        fp8_state(state, form, scale, scale_input=scale_input), path, KeyFormat(style="original", prefix=prefix),
+        fp8_state(state, form, scale, scale_input=scale_input),
+        path,
+        KeyFormat(style="original", prefix=prefix),
         max_shard_bytes=max_shard_bytes,
     )

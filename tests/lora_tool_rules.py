@@ -42,7 +42,7 @@ def _delta(up, down, scale):
 def comfyui_patches(lora: dict[str, torch.Tensor], dit_keys) -> tuple[dict[str, torch.Tensor], set[str]]:
     """(original weight key -> delta, unused LoRA keys) as ComfyUI's LoraLoader applies them."""
     if "lora_unet__blocks_0_cross_attn_k.lora_down.weight" in lora:  # convert_lora_wan_fun
-        lora = {("lora_unet_" + k[len("lora_unet__"):] if k.startswith("lora_unet__") else k): v for k, v in lora.items()}
+        lora = {("lora_unet_" + k[len("lora_unet__") :] if k.startswith("lora_unet__") else k): v for k, v in lora.items()}
     key_map = {}
     for k in dit_keys:
         if k.endswith(".weight"):

@@ -163,9 +163,14 @@ def s3_pipeline(prefect_api, moto_server, mlflow_uri, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AWS_ENDPOINT_URL_S3", moto_server)
         summary = lora_moe_pipeline(**params)
-    return {"summary": summary, "params": params, "bucket": bucket, "work": work, "endpoint": moto_server,
-            "tracking_uri": params["tracking"]["tracking_uri"]}
-
+    return {
+        "summary": summary,
+        "params": params,
+        "bucket": bucket,
+        "work": work,
+        "endpoint": moto_server,
+        "tracking_uri": params["tracking"]["tracking_uri"],
+    }
 
 
 @pytest.fixture(scope="session")
@@ -184,9 +189,9 @@ def plugins(tmp_path_factory):
     dist = folder / "wan_lora_moe_plugins-0.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: wan-lora-moe-plugins\nVersion: 0.0\n")
-    (dist / "entry_points.txt").write_text("".join(
-        f"[{group}]\n" + "".join(f"{name} = {value}\n" for name, value in eps.items()) + "\n"
-        for group, eps in declared.items()))
+    (dist / "entry_points.txt").write_text(
+        "".join(f"[{group}]\n" + "".join(f"{name} = {value}\n" for name, value in eps.items()) + "\n" for group, eps in declared.items())
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.syspath_prepend(str(folder))
         mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")])))
@@ -201,8 +206,13 @@ def registrar(mlflow_uri: str, tmp_path: Path, name: str):
     from tasks.registry.tracking import TrackingSettings, mlflow_client, stage_run, start_pipeline_run
     from tasks.registry.versions import metric_tag, register_bundle
 
-    ctx = start_pipeline_run(TrackingSettings(experiment=name), mlflow_uri, str(tmp_path / "artifacts"),
-                             {"prefect.flow_run_id": "test", "prefect.flow_run_name": "test"}, {"stage1": {"lr": 0.1}})
+    ctx = start_pipeline_run(
+        TrackingSettings(experiment=name),
+        mlflow_uri,
+        str(tmp_path / "artifacts"),
+        {"prefect.flow_run_id": "test", "prefect.flow_run_name": "test"},
+        {"stage1": {"lr": 0.1}},
+    )
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     (bundle / "bundle.json").write_text(json.dumps({"artifacts": {}}))
@@ -210,7 +220,8 @@ def registrar(mlflow_uri: str, tmp_path: Path, name: str):
 
     def register(loss: float, passed: bool = True):
         with stage_run(ctx, "register") as run:
-            return register_bundle(client, name, ctx.experiment_id, run.run_id, bundle, {metric_tag("loss"): repr(loss)},
-                                   passed, "loss", loss, higher_is_better=False)
+            return register_bundle(
+                client, name, ctx.experiment_id, run.run_id, bundle, {metric_tag("loss"): repr(loss)}, passed, "loss", loss, higher_is_better=False
+            )
 
     return client, register

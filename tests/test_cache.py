@@ -62,9 +62,7 @@ def dataset(tmp_path_factory):
     _mask_video(root / "videos" / "mask_b.mp4")
     _wide_video(root / "videos" / "wide.mp4", root / synth[3].video)
     records = [
-        ClipRecord(
-            id="a", video=synth[0].video, caption="a hook", instruments=["hook", "other"], roi=BOXES, split="train"
-        ),
+        ClipRecord(id="a", video=synth[0].video, caption="a hook", instruments=["hook", "other"], roi=BOXES, split="train"),
         ClipRecord(
             id="b",
             video=synth[1].video,
@@ -236,9 +234,7 @@ def test_loading_refuses_another_task_and_foreign_folders(t2v_cache, i2v_cache, 
 def test_dataset_and_collate(t2v_cache):
     train = CachedClipDataset(t2v_cache, "train")
     assert len(train) == sum(e.split == "train" for e in t2v_cache.clips) >= 3
-    assert [item["id"] for item in CachedClipDataset(t2v_cache, "val")] == [
-        e.id for e in t2v_cache.clips if e.split == "val"
-    ]
+    assert [item["id"] for item in CachedClipDataset(t2v_cache, "val")] == [e.id for e in t2v_cache.clips if e.split == "val"]
     batch = collate_clips([train[0], train[1]])
     assert batch["id"] == [train.entries[0].id, train.entries[1].id]
     assert batch["latents"].shape == (2, 16, 3, 8, 8) and batch["roi"].shape == (2, 3, 8, 8)

@@ -25,13 +25,26 @@ from moe.train.state_names import latest_state, resumable_states, state_name
 
 # Two epochs of 2-clip batches, two micro-batches per optimizer step: saves fall between
 # windows, and a resume crosses an epoch end.
-STAGE1 = dict(network_dim=8, learning_rate=5e-3, max_train_epochs=2, batch_size=2, gradient_accumulation_steps=2,
-              seed=3, val_sigmas=(0.5,), save_every_n_steps=2)
+STAGE1 = dict(
+    network_dim=8,
+    learning_rate=5e-3,
+    max_train_epochs=2,
+    batch_size=2,
+    gradient_accumulation_steps=2,
+    seed=3,
+    val_sigmas=(0.5,),
+    save_every_n_steps=2,
+)
 
 
 def _cfg1(ws, out, **kw):
-    return Stage1Config(**(dict(dit=ws["models"].low_noise, dit_high_noise=ws["models"].high_noise, dataset=ws["cache"],
-                                output_dir=out, progress=False) | STAGE1 | kw))
+    return Stage1Config(
+        **(
+            dict(dit=ws["models"].low_noise, dit_high_noise=ws["models"].high_noise, dataset=ws["cache"], output_dir=out, progress=False)
+            | STAGE1
+            | kw
+        )
+    )
 
 
 def _events(out: Path, event: str) -> list[dict]:
@@ -58,8 +71,11 @@ def test_step_states_at_window_ends_and_a_mid_epoch_resume_is_exact(straight1, t
     total = 2 * per_epoch
     assert per_epoch >= 3
     # Every 2nd optimizer step, except at an epoch end, whose state-epoch-N stands for it.
-    expected = [state_name(s // per_epoch) if s % per_epoch == 0 else state_name(s // per_epoch, s)
-                for s in range(1, total + 1) if s % 2 == 0 or s % per_epoch == 0]
+    expected = [
+        state_name(s // per_epoch) if s % per_epoch == 0 else state_name(s // per_epoch, s)
+        for s in range(1, total + 1)
+        if s % 2 == 0 or s % per_epoch == 0
+    ]
     assert [p.name for p in resumable_states(out)] == expected
     assert [e["state"] for e in _events(out, "state")] == expected
     assert latest_state(out).name == "state-epoch-2"
@@ -68,7 +84,8 @@ def test_step_states_at_window_ends_and_a_mid_epoch_resume_is_exact(straight1, t
         done_in_epoch = progress["step"] - progress["epoch"] * per_epoch
         assert progress["batch"] == (2 * done_in_epoch if "-step-" in state.name else 0)  # whole windows only
         assert sorted(p.name for p in state.iterdir()) == sorted(
-            ["state.json", "trainable.safetensors", "optimizer.safetensors", "rng-0.safetensors", "rng-0.json"])
+            ["state.json", "trainable.safetensors", "optimizer.safetensors", "rng-0.safetensors", "rng-0.json"]
+        )
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-epoch-1.safetensors", "checkpoint-epoch-2.safetensors"]
 
     resumed = tmp_path / "resumed"
@@ -92,11 +109,11 @@ def test_time_based_states_and_pruning_to_the_newest_k(tiny_workspace, tmp_path,
 
     clock = [0.0]
     monkeypatch.setattr(loop, "_clock", lambda: clock[0])
-    monkeypatch.setattr(Stage1Module, "on_step", lambda self, step, total: clock.__setitem__(0, clock[0] + 25.0),
-                        raising=False)
+    monkeypatch.setattr(Stage1Module, "on_step", lambda self, step, total: clock.__setitem__(0, clock[0] + 25.0), raising=False)
     out = tmp_path / "timed"
-    metrics = train_stage1(_cfg1(tiny_workspace, out, gradient_accumulation_steps=1, save_every_n_steps=None,
-                                 save_every_n_minutes=1, save_last_n_states=2))
+    metrics = train_stage1(
+        _cfg1(tiny_workspace, out, gradient_accumulation_steps=1, save_every_n_steps=None, save_every_n_minutes=1, save_last_n_states=2)
+    )
     per_epoch = metrics["train_steps"] // 2
     expected, last = [], 0
     for step in range(1, 2 * per_epoch + 1):
@@ -117,9 +134,20 @@ def test_stage2_mid_epoch_resume_is_exact(merged_workspace, tmp_path):
     from a state two optimizer steps into the epoch."""
 
     def cfg(out, **kw):
-        return Stage2Config(dit=merged_workspace["merged_low"], dit_high_noise=merged_workspace["merged_high"],
-                            dataset=merged_workspace["cache"], output_dir=out, network_dim=8, max_train_epochs=1,
-                            batch_size=2, learning_rate=1e-2, save_every_n_steps=2, val_sigmas=(0.5,), progress=False, **kw)
+        return Stage2Config(
+            dit=merged_workspace["merged_low"],
+            dit_high_noise=merged_workspace["merged_high"],
+            dataset=merged_workspace["cache"],
+            output_dir=out,
+            network_dim=8,
+            max_train_epochs=1,
+            batch_size=2,
+            learning_rate=1e-2,
+            save_every_n_steps=2,
+            val_sigmas=(0.5,),
+            progress=False,
+            **kw,
+        )
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train_stage2(cfg(straight))
@@ -137,10 +165,23 @@ def test_sigterm_saves_a_state_and_the_resumed_run_ends_exactly(straight1, tiny_
     uninterrupted run's weights."""
     ws, out = tiny_workspace, tmp_path / "stopped"
     flags = [f"--{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in STAGE1.items()]
-    cmd = [sys.executable, "-m", "moe", "stage1", "--dit", str(ws["models"].low_noise), "--dit_high_noise",
-           str(ws["models"].high_noise), "--dataset", str(ws["cache"]), "--output_dir", str(out), *flags, "--no_progress"]
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=os.environ | {"OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "moe",
+        "stage1",
+        "--dit",
+        str(ws["models"].low_noise),
+        "--dit_high_noise",
+        str(ws["models"].high_noise),
+        "--dataset",
+        str(ws["cache"]),
+        "--output_dir",
+        str(out),
+        *flags,
+        "--no_progress",
+    ]
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
     log = out / "train_log.jsonl"
     deadline = time.monotonic() + 240
     while not (log.is_file() and '"event": "step"' in log.read_text()):  # training has begun
@@ -155,7 +196,8 @@ def test_sigterm_saves_a_state_and_the_resumed_run_ends_exactly(straight1, tiny_
     where = f"{stop['batch']} micro-batches into epoch {stop['epoch'] + 1}" if stop["batch"] else f"after epoch {stop['epoch']}"
     assert stderr.strip().splitlines()[-1] == (
         f"error: training stopped by SIGTERM at step {stop['step']} ({where}); its state is saved to {state}: run the "
-        "same command with --resume to continue from there")
+        "same command with --resume to continue from there"
+    )
     assert latest_state(out) == state and not (out / "vanilla_lora.safetensors").exists()
 
     train_stage1(_cfg1(ws, out, resume=True))

@@ -35,9 +35,16 @@ def _lora_moe_file(path: Path, preset) -> Path:
 
     model = build_random_transformer(preset, seed=0)
     adapters = inject_lora_moe(model, TargetSpec().resolve(preset.dit.num_layers), 1.0, INSTRUMENT_CLASSES, RoutingState())
-    return write_lora_moe_file(path, adapters, Router(RouterConfig.for_preset(preset)), TimestepGate(len(INSTRUMENT_CLASSES)),
-                               experts=INSTRUMENT_CLASSES, targets=TargetSpec(), task=preset.task,
-                               merged_dits={"high_noise": "a" * 64, "low_noise": "b" * 64})
+    return write_lora_moe_file(
+        path,
+        adapters,
+        Router(RouterConfig.for_preset(preset)),
+        TimestepGate(len(INSTRUMENT_CLASSES)),
+        experts=INSTRUMENT_CLASSES,
+        targets=TargetSpec(),
+        task=preset.task,
+        merged_dits={"high_noise": "a" * 64, "low_noise": "b" * 64},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +75,18 @@ def w(tmp_path_factory, tiny_state, tiny_preset):
     os.symlink(bad / "nowhere", bad / "dangling.safetensors")
     os.symlink(bad / "loop.safetensors", bad / "loop.safetensors")
     return {
-        "root": root, "out": root / "out", "models": models, "model_set": root / "models", "dit": models.low_noise,
-        "dit_high": models.high_noise, "lora": lora, "moe": _lora_moe_file(root / "moe.safetensors", tiny_preset),
+        "root": root,
+        "out": root / "out",
+        "models": models,
+        "model_set": root / "models",
+        "dit": models.low_noise,
+        "dit_high": models.high_noise,
+        "lora": lora,
+        "moe": _lora_moe_file(root / "moe.safetensors", tiny_preset),
         "manifest": synthesize_dataset(root / "data", clips=2, frames=5, size=(16, 16), seed=0, progress=False),
-        "bad": bad, "missing": bad / "missing.safetensors", "under_file": lora / "x.safetensors",
+        "bad": bad,
+        "missing": bad / "missing.safetensors",
+        "under_file": lora / "x.safetensors",
     }
 
 
@@ -93,34 +108,94 @@ def cli(capsys, argv, timeout_s: int = 240):
 
 
 def merge(w, lora=None, dit=None, out=None, *extra):
-    return ["merge", "--dit", dit or w["dit"], "--lora_weight", lora or w["lora"], "--save_merged_model",
-            out or w["out"] / "merged.safetensors", "--quiet", *extra]
+    return [
+        "merge",
+        "--dit",
+        dit or w["dit"],
+        "--lora_weight",
+        lora or w["lora"],
+        "--save_merged_model",
+        out or w["out"] / "merged.safetensors",
+        "--quiet",
+        *extra,
+    ]
 
 
 def generate(w, *extra, save=None):
-    return ["generate", "--dit", w["dit"], "--dit_high_noise", w["dit_high"], "--model_set", w["model_set"],
-            "--prompt", "a hook", "--video_size", "16x16", "--video_length", "5", "--infer_steps", "1",
-            "--save_path", save or w["out"] / "v.mp4", *extra]
+    return [
+        "generate",
+        "--dit",
+        w["dit"],
+        "--dit_high_noise",
+        w["dit_high"],
+        "--model_set",
+        w["model_set"],
+        "--prompt",
+        "a hook",
+        "--video_size",
+        "16x16",
+        "--video_length",
+        "5",
+        "--infer_steps",
+        "1",
+        "--save_path",
+        save or w["out"] / "v.mp4",
+        *extra,
+    ]
 
 
 def stage1(w, *extra):
-    return ["stage1", "--dit", w["dit"], "--dit_high_noise", w["dit_high"], "--dataset", w["bad"] / "empty_dir",
-            "--output_dir", w["out"] / "s1", *extra]
+    return [
+        "stage1",
+        "--dit",
+        w["dit"],
+        "--dit_high_noise",
+        w["dit_high"],
+        "--dataset",
+        w["bad"] / "empty_dir",
+        "--output_dir",
+        w["out"] / "s1",
+        *extra,
+    ]
 
 
 def ev(w, *extra):
-    return ["eval", "--merged_dit", w["dit"], "--merged_dit_high_noise", w["dit_high"], "--lora_moe_weights", w["moe"],
-            "--dataset", w["bad"] / "empty_dir", "--output_dir", w["out"] / "eval", *extra]
+    return [
+        "eval",
+        "--merged_dit",
+        w["dit"],
+        "--merged_dit_high_noise",
+        w["dit_high"],
+        "--lora_moe_weights",
+        w["moe"],
+        "--dataset",
+        w["bad"] / "empty_dir",
+        "--output_dir",
+        w["out"] / "eval",
+        *extra,
+    ]
 
 
 def export(w, src=None, *extra, out=None):
-    return ["export-expert", "--lora_moe_weights", src or w["moe"], "--expert", "hook", "--out",
-            out or w["out"] / "e.safetensors", *extra]
+    return ["export-expert", "--lora_moe_weights", src or w["moe"], "--expert", "hook", "--out", out or w["out"] / "e.safetensors", *extra]
 
 
 def cache(w, *extra):
-    return ["cache", "--manifest", w["manifest"], "--model_set", w["model_set"], "--out", w["out"] / "cache",
-            "--size", "16x16", "--frames", "5", "--quiet", *extra]
+    return [
+        "cache",
+        "--manifest",
+        w["manifest"],
+        "--model_set",
+        w["model_set"],
+        "--out",
+        w["out"] / "cache",
+        "--size",
+        "16x16",
+        "--frames",
+        "5",
+        "--quiet",
+        *extra,
+    ]
 
 
 B = lambda w, name: w["bad"] / name  # noqa: E731
@@ -143,23 +218,38 @@ CASES = [
     ("*merge --lora_weight link loop", lambda w: merge(w, B(w, "loop.safetensors")), ["--lora_weight", "loop.safetensors", "loop"]),
     ("*merge --lora_weight through a file", lambda w: merge(w, w["under_file"]), ["--lora_weight", "lora.safetensors", "is a file"]),
     ("*merge --lora_weight a device", lambda w: merge(w, "/dev/null"), ["--lora_weight", "/dev/null", "device"]),
-    ("merge --save_merged_model exists", lambda w: merge(w, None, None, B(w, "foreign.safetensors")),
-     ["--save_merged_model", "foreign.safetensors", "already exists"]),
+    (
+        "merge --save_merged_model exists",
+        lambda w: merge(w, None, None, B(w, "foreign.safetensors")),
+        ["--save_merged_model", "foreign.safetensors", "already exists"],
+    ),
     ("merge --save_merged_model is the input", lambda w: merge(w, None, None, w["dit"]), ["--save_merged_model", "--dit"]),
-    ("*merge --save_merged_model through a file", lambda w: merge(w, None, None, w["under_file"]),
-     ["--save_merged_model", "lora.safetensors", "is a file"]),
+    (
+        "*merge --save_merged_model through a file",
+        lambda w: merge(w, None, None, w["under_file"]),
+        ["--save_merged_model", "lora.safetensors", "is a file"],
+    ),
     ("merge --lora_multiplier nan", lambda w: merge(w, None, None, None, "--lora_multiplier", "nan"), ["--lora_multiplier"]),
     ("*merge --task foo", lambda w: merge(w, None, None, None, "--task", "foo"), ["--task", "foo"]),
     # convert-lora, export-expert, inspect: the same files through other options
-    ("convert-lora IN a LoRA-MoE", lambda w: ["convert-lora", w["moe"], "--to", "musubi", "--out", w["out"] / "c.safetensors"],
-     ["moe.safetensors", "LoRA-MoE"]),
-    ("*convert-lora IN named pipe", lambda w: ["convert-lora", B(w, "pipe"), "--to", "musubi", "--out", w["out"] / "c.safetensors"],
-     ["IN", "pipe", "named pipe"]),
+    (
+        "convert-lora IN a LoRA-MoE",
+        lambda w: ["convert-lora", w["moe"], "--to", "musubi", "--out", w["out"] / "c.safetensors"],
+        ["moe.safetensors", "LoRA-MoE"],
+    ),
+    (
+        "*convert-lora IN named pipe",
+        lambda w: ["convert-lora", B(w, "pipe"), "--to", "musubi", "--out", w["out"] / "c.safetensors"],
+        ["IN", "pipe", "named pipe"],
+    ),
     ("convert-lora --to foo", lambda w: ["convert-lora", w["lora"], "--to", "foo", "--out", w["out"] / "c.safetensors"], ["--to", "foo"]),
     ("convert-lora --out is IN", lambda w: ["convert-lora", w["lora"], "--to", "musubi", "--out", w["lora"]], ["--out", "IN"]),
     ("export-expert --lora_moe_weights a LoRA", lambda w: export(w, w["lora"]), ["lora.safetensors", "--lora_moe_weights"]),
-    ("*export-expert --expert knife", lambda w: ["export-expert", "--lora_moe_weights", w["moe"], "--expert", "knife", "--out",
-                                                w["out"] / "e.safetensors"], ["--expert", "knife"]),
+    (
+        "*export-expert --expert knife",
+        lambda w: ["export-expert", "--lora_moe_weights", w["moe"], "--expert", "knife", "--out", w["out"] / "e.safetensors"],
+        ["--expert", "knife"],
+    ),
     ("*export-expert --save_format foo", lambda w: export(w, None, "--save_format", "foo"), ["--save_format", "foo"]),
     ("export-expert --out is the input", lambda w: export(w, out=w["moe"]), ["--out", "--lora_moe_weights"]),
     ("*inspect a named pipe", lambda w: ["inspect", B(w, "pipe")], ["pipe", "named pipe"]),
@@ -168,23 +258,54 @@ CASES = [
     ("*generate --lora_weight named pipe", lambda w: generate(w, "--lora_weight", B(w, "pipe")), ["--lora_weight", "named pipe"]),
     ("*generate --vae link loop", lambda w: generate(w, "--vae", B(w, "loop.safetensors")), ["--vae", "loop"]),
     ("generate --lora_moe_weights a LoRA", lambda w: generate(w, "--lora_moe_weights", w["lora"]), ["lora.safetensors", "--lora_moe_weights"]),
-    ("*generate --instrument_hint knife", lambda w: generate(w, "--lora_moe_weights", w["moe"], "--instrument_hint", "knife"),
-     ["--instrument_hint", "knife"]),
-    ("*generate --model NAME@ALIAS", lambda w: ["generate", "--model", "tiny@champion", "--prompt", "x", "--save_path",
-                                                 w["out"] / "v.mp4"], ["--model", "models:/tiny@champion"]),
-    ("generate --model NAME", lambda w: ["generate", "--model", "tiny", "--prompt", "x", "--save_path", w["out"] / "v.mp4"],
-     ["--model", "models:/NAME@ALIAS"]),
-    ("generate --model_set a file", lambda w: generate(w, "--lora_weight", w["lora"])[:5] + ["--model_set", w["lora"], "--prompt",
-                                                                                              "x", "--save_path", w["out"] / "v.mp4"],
-     ["lora.safetensors", "model set"]),
-    ("generate without --dit_high_noise", lambda w: ["generate", "--dit", w["dit"], "--lora_weight", w["lora"], "--model_set",
-                                                       w["model_set"], "--prompt", "x", "--save_path", w["out"] / "v.mp4"],
-     ["--dit_high_noise"]),
-    ("generate --save_path exists", lambda w: generate(w, "--lora_weight", w["lora"], save=B(w, "foreign.mp4")),
-     ["--save_path", "foreign.mp4", "already exists"]),
+    (
+        "*generate --instrument_hint knife",
+        lambda w: generate(w, "--lora_moe_weights", w["moe"], "--instrument_hint", "knife"),
+        ["--instrument_hint", "knife"],
+    ),
+    (
+        "*generate --model NAME@ALIAS",
+        lambda w: ["generate", "--model", "tiny@champion", "--prompt", "x", "--save_path", w["out"] / "v.mp4"],
+        ["--model", "models:/tiny@champion"],
+    ),
+    (
+        "generate --model NAME",
+        lambda w: ["generate", "--model", "tiny", "--prompt", "x", "--save_path", w["out"] / "v.mp4"],
+        ["--model", "models:/NAME@ALIAS"],
+    ),
+    (
+        "generate --model_set a file",
+        lambda w: generate(w, "--lora_weight", w["lora"])[:5] + ["--model_set", w["lora"], "--prompt", "x", "--save_path", w["out"] / "v.mp4"],
+        ["lora.safetensors", "model set"],
+    ),
+    (
+        "generate without --dit_high_noise",
+        lambda w: [
+            "generate",
+            "--dit",
+            w["dit"],
+            "--lora_weight",
+            w["lora"],
+            "--model_set",
+            w["model_set"],
+            "--prompt",
+            "x",
+            "--save_path",
+            w["out"] / "v.mp4",
+        ],
+        ["--dit_high_noise"],
+    ),
+    (
+        "generate --save_path exists",
+        lambda w: generate(w, "--lora_weight", w["lora"], save=B(w, "foreign.mp4")),
+        ["--save_path", "foreign.mp4", "already exists"],
+    ),
     ("generate --save_path .avi", lambda w: generate(w, "--lora_weight", w["lora"], save=w["out"] / "v.avi"), ["--save_path", ".mp4"]),
-    ("generate --save_path in --model_set", lambda w: generate(w, "--lora_weight", w["lora"], save=w["model_set"] / "v.mp4"),
-     ["--save_path", "--model_set"]),
+    (
+        "generate --save_path in --model_set",
+        lambda w: generate(w, "--lora_weight", w["lora"], save=w["model_set"] / "v.mp4"),
+        ["--save_path", "--model_set"],
+    ),
     ("generate --video_size abc", lambda w: generate(w, "--lora_weight", w["lora"], "--video_size", "abc"), ["--video_size", "abc"]),
     ("generate --video_size 0x0", lambda w: generate(w, "--lora_weight", w["lora"], "--video_size", "0x0"), ["--video_size"]),
     ("generate --video_size 33x32", lambda w: generate(w, "--lora_weight", w["lora"], "--video_size", "33x32"), ["--video_size", "33x32"]),
@@ -195,28 +316,56 @@ CASES = [
     ("*generate --config bad YAML", lambda w: generate(w, "--config", B(w, "bad.yaml")), ["config file", "bad.yaml", "line"]),
     ("*generate --config named pipe", lambda w: generate(w, "--config", B(w, "pipe")), ["--config", "named pipe"]),
     # training and evaluation
-    ("*stage1 --dataset missing", lambda w: stage1(w)[:5] + ["--dataset", w["missing"], "--output_dir", w["out"] / "s1"],
-     ["--dataset", "missing.safetensors", "does not exist"]),
-    ("*stage1 --dataset named pipe", lambda w: stage1(w)[:5] + ["--dataset", B(w, "pipe"), "--output_dir", w["out"] / "s1"],
-     ["--dataset", "named pipe"]),
-    ("*stage1 --output_dir through a file", lambda w: stage1(w)[:7] + ["--output_dir", w["under_file"] / "run"],
-     ["--output_dir", "lora.safetensors", "is a file"]),
+    (
+        "*stage1 --dataset missing",
+        lambda w: stage1(w)[:5] + ["--dataset", w["missing"], "--output_dir", w["out"] / "s1"],
+        ["--dataset", "missing.safetensors", "does not exist"],
+    ),
+    (
+        "*stage1 --dataset named pipe",
+        lambda w: stage1(w)[:5] + ["--dataset", B(w, "pipe"), "--output_dir", w["out"] / "s1"],
+        ["--dataset", "named pipe"],
+    ),
+    (
+        "*stage1 --output_dir through a file",
+        lambda w: stage1(w)[:7] + ["--output_dir", w["under_file"] / "run"],
+        ["--output_dir", "lora.safetensors", "is a file"],
+    ),
     ("stage1 --network_dim 0", lambda w: stage1(w, "--network_dim", "0"), ["--network_dim"]),
     ("stage1 --network_dim -4", lambda w: stage1(w, "--network_dim", "-4"), ["--network_dim"]),
     ("stage1 --lr_scheduler foo", lambda w: stage1(w, "--lr_scheduler", "foo"), ["--lr_scheduler", "foo"]),
     ("stage1 --mixed_precision fp8", lambda w: stage1(w, "--mixed_precision", "fp8"), ["--mixed_precision", "fp8"]),
     ("stage1 --val_sigmas a,b", lambda w: stage1(w, "--val_sigmas", "a,b"), ["--val_sigmas"]),
     ("*stage1 --config missing", lambda w: stage1(w, "--config", w["missing"]), ["--config", "missing.safetensors"]),
-    ("*stage2 --dit named pipe", lambda w: ["stage2", "--dit", B(w, "pipe"), "--dataset", w["bad"] / "empty_dir",
-                                           "--output_dir", w["out"] / "s2"], ["--dit", "named pipe"]),
+    (
+        "*stage2 --dit named pipe",
+        lambda w: ["stage2", "--dit", B(w, "pipe"), "--dataset", w["bad"] / "empty_dir", "--output_dir", w["out"] / "s2"],
+        ["--dit", "named pipe"],
+    ),
     ("*eval --gate named pipe", lambda w: ev(w, "--gate", B(w, "pipe")), ["--gate", "named pipe"]),
     ("*eval --gate bad YAML", lambda w: ev(w, "--gate", B(w, "bad.yaml")), ["--gate", "bad.yaml", "line"]),
     ("eval --gate missing", lambda w: ev(w, "--gate", w["missing"]), ["--gate", "missing.safetensors"]),
-    ("eval --lora_moe_weights a LoRA", lambda w: ev(w)[:5] + ["--lora_moe_weights", w["lora"], "--dataset", w["bad"] / "empty_dir",
-                                                              "--output_dir", w["out"] / "eval"], ["lora.safetensors"]),
-    ("*eval multiplier-sweep --lora_weight named pipe", lambda w: ["eval", "multiplier-sweep", "--dit", w["dit"], "--dit_high_noise",
-                                                                   w["dit_high"], "--dataset", w["bad"] / "empty_dir",
-                                                                   "--lora_weight", B(w, "pipe")], ["--lora_weight", "named pipe"]),
+    (
+        "eval --lora_moe_weights a LoRA",
+        lambda w: ev(w)[:5] + ["--lora_moe_weights", w["lora"], "--dataset", w["bad"] / "empty_dir", "--output_dir", w["out"] / "eval"],
+        ["lora.safetensors"],
+    ),
+    (
+        "*eval multiplier-sweep --lora_weight named pipe",
+        lambda w: [
+            "eval",
+            "multiplier-sweep",
+            "--dit",
+            w["dit"],
+            "--dit_high_noise",
+            w["dit_high"],
+            "--dataset",
+            w["bad"] / "empty_dir",
+            "--lora_weight",
+            B(w, "pipe"),
+        ],
+        ["--lora_weight", "named pipe"],
+    ),
     # data and the cache
     ("data synth --size 64", lambda w: ["data", "synth", "--out", w["out"] / "d", "--size", "64"], ["--size", "64"]),
     ("data synth --size 63x64", lambda w: ["data", "synth", "--out", w["out"] / "d", "--size", "63x64"], ["--size", "63x64"]),
@@ -230,21 +379,48 @@ CASES = [
     ("*data check --manifest binary", lambda w: ["data", "check", "--manifest", B(w, "binary.jsonl")], ["manifest", "binary.jsonl", "UTF-8"]),
     ("*data check --manifest named pipe", lambda w: ["data", "check", "--manifest", B(w, "pipe")], ["--manifest", "named pipe"]),
     ("data check --min_frames 0", lambda w: ["data", "check", "--manifest", w["manifest"], "--min_frames", "0"], ["--min_frames"]),
-    ("*data cholec80 --root missing", lambda w: ["data", "cholec80", "--root", w["missing"], "--out", w["out"] / "ch"],
-     ["--root", "does not exist"]),
-    ("*data cholec80 --label_map binary", lambda w: ["data", "cholec80", "--root", B(w, "empty_dir"), "--out", w["out"] / "ch",
-                                                     "--label_map", B(w, "binary.yaml")], ["label map", "binary.yaml", "UTF-8"]),
+    ("*data cholec80 --root missing", lambda w: ["data", "cholec80", "--root", w["missing"], "--out", w["out"] / "ch"], ["--root", "does not exist"]),
+    (
+        "*data cholec80 --label_map binary",
+        lambda w: ["data", "cholec80", "--root", B(w, "empty_dir"), "--out", w["out"] / "ch", "--label_map", B(w, "binary.yaml")],
+        ["label map", "binary.yaml", "UTF-8"],
+    ),
     ("cache --size abc", lambda w: cache(w, "--size", "abc"), ["--size", "abc"]),
     ("cache --dtype int8", lambda w: cache(w, "--dtype", "int8"), ["--dtype", "int8"]),
     ("*cache --task foo", lambda w: cache(w, "--task", "foo"), ["--task", "foo"]),
-    ("cache --out contains --manifest", lambda w: ["cache", "--manifest", w["manifest"], "--model_set", w["model_set"],
-                                                   "--out", w["manifest"].parent], ["--out", "--manifest"]),
-    ("*cache --model_set missing", lambda w: ["cache", "--manifest", w["manifest"], "--model_set", w["missing"], "--out",
-                                              w["out"] / "c"], ["--model_set", "does not exist"]),
-    ("*cache --vae a text file", lambda w: ["cache", "--manifest", w["manifest"], "--vae", B(w, "text.safetensors"),
-                                            "--text_encoder", w["model_set"] / "text_encoder", "--tokenizer", w["model_set"] / "tokenizer",
-                                            "--task", "tiny-t2v", "--size", "16x16", "--frames", "5", "--out", w["out"] / "c"],
-     ["text.safetensors"]),
+    (
+        "cache --out contains --manifest",
+        lambda w: ["cache", "--manifest", w["manifest"], "--model_set", w["model_set"], "--out", w["manifest"].parent],
+        ["--out", "--manifest"],
+    ),
+    (
+        "*cache --model_set missing",
+        lambda w: ["cache", "--manifest", w["manifest"], "--model_set", w["missing"], "--out", w["out"] / "c"],
+        ["--model_set", "does not exist"],
+    ),
+    (
+        "*cache --vae a text file",
+        lambda w: [
+            "cache",
+            "--manifest",
+            w["manifest"],
+            "--vae",
+            B(w, "text.safetensors"),
+            "--text_encoder",
+            w["model_set"] / "text_encoder",
+            "--tokenizer",
+            w["model_set"] / "tokenizer",
+            "--task",
+            "tiny-t2v",
+            "--size",
+            "16x16",
+            "--frames",
+            "5",
+            "--out",
+            w["out"] / "c",
+        ],
+        ["text.safetensors"],
+    ),
     ("*models tiny --task foo", lambda w: ["models", "tiny", "--out", w["out"] / "m", "--task", "foo"], ["--task", "foo"]),
     ("models tiny --out exists", lambda w: ["models", "tiny", "--out", w["model_set"]], ["--out", "already exists"]),
     ("workflow run --preset huge", lambda w: ["workflow", "run", "--output_dir", w["out"] / "wf", "--preset", "huge"], ["--preset", "huge"]),
@@ -283,8 +459,7 @@ def test_an_existing_save_path_is_refused_before_the_model_is_fetched(w, capsys,
     """`generate --model` could fetch ~57 GB before it looked at --save_path: now the output is
     checked first (the registry is not even asked: here there is none)."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    code, err = cli(capsys, ["generate", "--model", "models:/tiny@champion", "--prompt", "x", "--save_path",
-                             w["bad"] / "foreign.mp4"])
+    code, err = cli(capsys, ["generate", "--model", "models:/tiny@champion", "--prompt", "x", "--save_path", w["bad"] / "foreign.mp4"])
     assert code == 2 and err.count("\n") == 1, err
     assert "--save_path" in err and "foreign.mp4" in err and "already exists" in err and "MLFLOW" not in err
 
@@ -315,8 +490,13 @@ def test_an_unreadable_file_or_folder_is_named(w, tmp_path, case, argv, flag):
     locked_file.chmod(0)
     locked_dir.chmod(0)
     try:
-        done = subprocess.run([*prefix, sys.executable, "-m", "moe", *map(str, argv(w, locked_file, locked_dir))],
-                              capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+        done = subprocess.run(
+            [*prefix, sys.executable, "-m", "moe", *map(str, argv(w, locked_file, locked_dir))],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            timeout=300,
+        )
     finally:
         locked_dir.chmod(0o755)
     if os.geteuid() == 0 and "Operation not permitted" in done.stderr and "setpriv" in done.stderr:
@@ -366,8 +546,21 @@ def test_version(capsys):
 def test_commands_are_listed_in_workflow_order(capsys):
     code, out, _ = run_cli(capsys, ["--help"])
     listed = [line.split()[0] for line in out.split("Commands:")[1].splitlines() if line.startswith("  ")]
-    order = ["workflow", "models", "data", "cache", "stage1", "merge", "stage2", "eval", "generate", "registry",
-             "export-expert", "convert-lora", "inspect"]
+    order = [
+        "workflow",
+        "models",
+        "data",
+        "cache",
+        "stage1",
+        "merge",
+        "stage2",
+        "eval",
+        "generate",
+        "registry",
+        "export-expert",
+        "convert-lora",
+        "inspect",
+    ]
     assert [name for name in listed if name in order] == [name for name in order if name in listed], listed
     assert listed.index("stage1") < listed.index("merge") < listed.index("stage2") < listed.index("eval")
 
@@ -395,7 +588,6 @@ def test_flows_run_help_lists_the_set_names():
     assert all(field in names for field in Stage1Settings.model_fields)
 
 
-
 def test_generate_model_says_which_version_and_where_its_cache_is(w, capsys, monkeypatch, tmp_path):
     """`generate --model` names the registered version it resolved, its download cache and how
     much that grew (a resolver stands in for the registry: moe finds it by the URI's scheme)."""
@@ -408,9 +600,19 @@ def test_generate_model_says_which_version_and_where_its_cache_is(w, capsys, mon
     def resolve(uri):
         (cache / "sha256" / "new").write_bytes(b"y" * 2_500_000)  # what this fetch brought
         ms = w["models"]
-        return {"task": "tiny-t2v", "dit": ms.low_noise, "dit_high_noise": ms.high_noise, "lora_moe_weights": w["moe"],
-                "vae": ms.vae, "text_encoder": ms.text_encoder, "tokenizer": ms.tokenizer, "source": "tiny-moe v7",
-                "download_cache": cache, "cache_bytes_before": 1000, "cache_bytes": 2_501_000}
+        return {
+            "task": "tiny-t2v",
+            "dit": ms.low_noise,
+            "dit_high_noise": ms.high_noise,
+            "lora_moe_weights": w["moe"],
+            "vae": ms.vae,
+            "text_encoder": ms.text_encoder,
+            "tokenizer": ms.tokenizer,
+            "source": "tiny-moe v7",
+            "download_cache": cache,
+            "cache_bytes_before": 1000,
+            "cache_bytes": 2_501_000,
+        }
 
     class EntryPoint:
         name, value = "fake", "tests:resolve"
@@ -420,13 +622,31 @@ def test_generate_model_says_which_version_and_where_its_cache_is(w, capsys, mon
 
     monkeypatch.setattr(moe.model_uri, "entry_points", lambda group, name=None: [EntryPoint()])
     save = tmp_path / "v.mp4"
-    code, out, err = run_cli(capsys, ["generate", "--model", "fake:/tiny-moe@champion", "--prompt", "a hook", "--instrument_hint",
-                                      "hook", "--video_size", "16x16", "--video_length", "5", "--infer_steps", "1",
-                                      "--save_path", save])
+    code, out, err = run_cli(
+        capsys,
+        [
+            "generate",
+            "--model",
+            "fake:/tiny-moe@champion",
+            "--prompt",
+            "a hook",
+            "--instrument_hint",
+            "hook",
+            "--video_size",
+            "16x16",
+            "--video_length",
+            "5",
+            "--infer_steps",
+            "1",
+            "--save_path",
+            save,
+        ],
+    )
     assert code == 0, err
     assert out.startswith(f"wrote {save}")
-    assert (f"--model fake:/tiny-moe@champion: tiny-moe v7 (task tiny-t2v); download cache {cache}: 2.501 MB "
-            "(+2.5 MB fetched now)") in err.splitlines()
+    assert (
+        f"--model fake:/tiny-moe@champion: tiny-moe v7 (task tiny-t2v); download cache {cache}: 2.501 MB (+2.5 MB fetched now)"
+    ) in err.splitlines()
 
 
 def test_every_path_option_goes_through_the_shared_check():
@@ -463,8 +683,9 @@ def test_every_path_option_goes_through_the_shared_check():
             params = path_params(callback)
             seen += len(params)
             generated = callback.__module__ == "moe.cli.config_command"
-            unchecked.extend(f"{path} {name} --{p}" for p in params
-                             if p not in PATH_OPTIONS or not (generated or (cls and issubclass(cls, CheckedCommand))))
+            unchecked.extend(
+                f"{path} {name} --{p}" for p in params if p not in PATH_OPTIONS or not (generated or (cls and issubclass(cls, CheckedCommand)))
+            )
 
     walk(app, "lora-moe")
     assert seen > 40 and unchecked == []

@@ -34,8 +34,20 @@ def _commands() -> list[list[str]]:
 
 def test_the_command_list_is_complete():
     names = {" ".join(c) for c in _commands()}
-    assert {"stage1", "stage2", "generate", "merge", "cache", "inspect", "export-expert", "models tiny",
-            "data synth", "data cholec80", "data check", "workflow run"} <= names
+    assert {
+        "stage1",
+        "stage2",
+        "generate",
+        "merge",
+        "cache",
+        "inspect",
+        "export-expert",
+        "models tiny",
+        "data synth",
+        "data cholec80",
+        "data check",
+        "workflow run",
+    } <= names
 
 
 @pytest.mark.parametrize("command", [[]] + _commands(), ids=lambda c: " ".join(c) or "lora-moe")
@@ -49,8 +61,10 @@ def test_help_exits_zero(capsys, command):
 USAGE_ERRORS = [
     # (argv, what click says): typer commands and the config-generated ones alike
     (["mrege"], "Error: No such command 'mrege'. Did you mean 'merge'?"),
-    (["merge", "--dit", "a", "--lora_weight", "b", "--save_merged_model", "c", "--lora_multiplyer", "1"],
-     "Error: No such option: --lora_multiplyer (Possible options: --lora_multiplier)"),
+    (
+        ["merge", "--dit", "a", "--lora_weight", "b", "--save_merged_model", "c", "--lora_multiplyer", "1"],
+        "Error: No such option: --lora_multiplyer (Possible options: --lora_multiplier)",
+    ),
     (["stage1", "--network_dimm", "4"], "Error: No such option: --network_dimm (Possible options: --network_alpha, --network_dim)"),
     (["generate", "--lora_multiplyer", "1"], "(Possible options: --lora_multiplier)"),
     (["merge", "--dit", "a.safetensors"], "--lora_weight is required"),
@@ -98,7 +112,10 @@ def test_the_cli_uses_only_typers_public_api():
     offenders = []
     for path in (Path(__file__).resolve().parent.parent / "moe").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            )
             offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "click" or n.startswith("typer._")]
     assert offenders == []

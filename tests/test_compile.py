@@ -74,8 +74,11 @@ def step(model, trainable, state=None, seed: int = 0):
     """(output, gradients of the adapters and, for LoRA-MoE, of the gates) of one forward and
     backward; gradients are reset."""
     g = torch.Generator().manual_seed(seed)
-    x = dict(hidden_states=torch.randn(1, 16, 2, 4, 4, generator=g), timestep=torch.tensor([700.0]),
-             encoder_hidden_states=torch.randn(1, 8, 32, generator=g))
+    x = dict(
+        hidden_states=torch.randn(1, 16, 2, 4, 4, generator=g),
+        timestep=torch.tensor([700.0]),
+        encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
+    )
     gates = None
     if state is not None:
         gates = torch.tensor([[0.2, 0.5, 0.3]], requires_grad=True)
@@ -196,9 +199,20 @@ def test_stage1_compiled_run_matches_eager(tiny_workspace, tmp_path, monkeypatch
     monkeypatch.setattr("moe.dit.expert.compile_blocks", lambda m, mode: calls.append(real(m, mode, dynamic=False)))
 
     def cfg(out, **kw):
-        return Stage1Config(task="tiny-t2v", dit=tiny_workspace["models"].low_noise, dit_high_noise=tiny_workspace["models"].high_noise,
-                            dataset=tiny_workspace["cache"], output_dir=tmp_path / out, network_dim=8, learning_rate=2e-3,
-                            max_train_epochs=1, progress=False, seed=3, gradient_checkpointing=True, **kw)
+        return Stage1Config(
+            task="tiny-t2v",
+            dit=tiny_workspace["models"].low_noise,
+            dit_high_noise=tiny_workspace["models"].high_noise,
+            dataset=tiny_workspace["cache"],
+            output_dir=tmp_path / out,
+            network_dim=8,
+            learning_rate=2e-3,
+            max_train_epochs=1,
+            progress=False,
+            seed=3,
+            gradient_checkpointing=True,
+            **kw,
+        )
 
     eager = train_stage1(cfg("eager"))
     graphs0 = graphs()
@@ -237,8 +251,7 @@ def test_native_by_default_and_native_kernels_agree(tiny_workspace, monkeypatch)
 
     native_fn = _AttentionBackendRegistry._backends[AttentionBackendName.NATIVE]
     seen = []
-    monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.NATIVE,
-                        lambda **kw: seen.append(1) or native_fn(**kw))
+    monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.NATIVE, lambda **kw: seen.append(1) or native_fn(**kw))
     torch.manual_seed(1)
     adapters = build_adapters(model, {f"blocks.7.{s}": 4 for s in SUBMODULES}, alpha=1.0)
     inject_lora(model, adapters)
@@ -271,8 +284,15 @@ def test_backend_refusals(tiny_workspace, tmp_path):
         load_expert(tmp_path / "missing.safetensors", get_preset("tiny-t2v"), None, "cpu", attention_backend="flash")
     # training refuses before anything is loaded or written
     out = tmp_path / "sage"
-    cfg = Stage1Config(task="tiny-t2v", dit=tiny_workspace["models"].low_noise, dit_high_noise=tiny_workspace["models"].high_noise,
-                       dataset=tiny_workspace["cache"], output_dir=out, progress=False, attention_backend="sage")
+    cfg = Stage1Config(
+        task="tiny-t2v",
+        dit=tiny_workspace["models"].low_noise,
+        dit_high_noise=tiny_workspace["models"].high_noise,
+        dataset=tiny_workspace["cache"],
+        output_dir=out,
+        progress=False,
+        attention_backend="sage",
+    )
     with pytest.raises(MoeError, match="--attention_backend sage has no backward pass"):
         train_stage1(cfg)
     assert not out.exists()

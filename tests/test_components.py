@@ -21,8 +21,7 @@ from moe.wan import component_keys, component_loaders, encoding  # noqa: E402
 
 PRESET = get_preset("tiny-i2v")
 CAPTION_WORDS = (
-    "laparoscopic view scissors hook suction cannula grasper tissue cutting cauterizing "
-    "irrigating grasping instrument a the of with and"
+    "laparoscopic view scissors hook suction cannula grasper tissue cutting cauterizing irrigating grasping instrument a the of with and"
 ).split()
 
 
@@ -145,9 +144,7 @@ def test_encode_prompts_zeroes_padding_and_matches_diffusers(text_parts):
     assert embeds[mask == 0].abs().sum() == 0 and embeds[mask == 1].abs().sum(-1).gt(0).all()
     fake_pipe = SimpleNamespace(text_encoder=model, tokenizer=tok)
     with torch.no_grad():  # as in the pipeline's __call__ (grad mode changes SDPA's CPU kernel)
-        expected = WanPipeline._get_t5_prompt_embeds(
-            fake_pipe, prompts, max_sequence_length=16, device=torch.device("cpu"), dtype=torch.float32
-        )
+        expected = WanPipeline._get_t5_prompt_embeds(fake_pipe, prompts, max_sequence_length=16, device=torch.device("cpu"), dtype=torch.float32)
     torch.testing.assert_close(embeds, expected, rtol=0, atol=0)
 
 

@@ -26,9 +26,17 @@ def test_processes_opening_one_fresh_sqlite_store_at_once_all_get_it(tmp_path):
     root = Path(__file__).resolve().parent.parent
     uri = f"sqlite:///{tmp_path / 'root' / 'mlflow.db'}"
     start = time.time() + 8  # after every process has imported mlflow, even on a busy machine
-    processes = [subprocess.Popen([sys.executable, "-c", OPEN_STORE, uri, str(start), str(i)], cwd=root, text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ | {"PYTHONPATH": str(root)})
-                 for i in range(3)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPEN_STORE, uri, str(start), str(i)],
+            cwd=root,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=os.environ | {"PYTHONPATH": str(root)},
+        )
+        for i in range(3)
+    ]
     results = [p.communicate(timeout=300) for p in processes]
     for process, (out, err) in zip(processes, results):
         assert process.returncode == 0 and out.strip() == "ok", err[-12000:]

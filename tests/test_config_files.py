@@ -34,8 +34,14 @@ from moe.cli.eval import EvalConfig
 from moe.cli.training import GenerateConfig, Stage1Config, Stage2Config
 
 # The commands that take --config, and the config class each one validates its options with.
-CONFIG_CLASSES = {"stage1": Stage1Config, "stage2": Stage2Config, "eval": EvalConfig, "generate": GenerateConfig,
-                  "cache": CacheConfig, "merge": MergeConfig}
+CONFIG_CLASSES = {
+    "stage1": Stage1Config,
+    "stage2": Stage2Config,
+    "eval": EvalConfig,
+    "generate": GenerateConfig,
+    "cache": CacheConfig,
+    "merge": MergeConfig,
+}
 # The files the stage-1 and stage-2 commands write into their --output_dir.
 VANILLA_LORA_FILE = "vanilla_lora.safetensors"
 LORA_MOE_FILE = "lora_moe_stage2.safetensors"
@@ -153,8 +159,7 @@ def _header_command(path: Path, name: str) -> list[str]:
                 i += 1
                 text = text[:-1] + " " + lines[i]
             return shlex.split(text)[2:]
-    raise AssertionError(f"{path.relative_to(ROOT)}: `lora-moe {name}` takes no --config yet, so its header must give the "
-                         "command as flags")
+    raise AssertionError(f"{path.relative_to(ROOT)}: `lora-moe {name}` takes no --config yet, so its header must give the command as flags")
 
 
 def test_configs_exist():
@@ -229,7 +234,9 @@ def test_a14b_stages_hand_each_other_their_outputs(cli):
     for cfg in (stage2, generate):
         assert (Path(cfg["dit"]), Path(cfg["dit_high_noise"])) == (Path(low["save_merged_model"]), Path(high["save_merged_model"]))
     assert (Path(evaluation["merged_dit"]), Path(evaluation["merged_dit_high_noise"])) == (
-        Path(low["save_merged_model"]), Path(high["save_merged_model"]))
+        Path(low["save_merged_model"]),
+        Path(high["save_merged_model"]),
+    )
     assert (Path(evaluation["dit"]), Path(evaluation["dit_high_noise"])) == (Path(stage1["dit"]), Path(stage1["dit_high_noise"]))
     for cfg in (evaluation, generate):
         assert Path(cfg["lora_moe_weights"]) == Path(stage2["output_dir"]) / LORA_MOE_FILE

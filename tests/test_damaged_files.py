@@ -78,23 +78,73 @@ def _half(originals, tmp, kind) -> Path:
 
 
 def _generate(r, tmp, *extra):
-    return ["generate", "--model_set", r["root"] / "models", "--prompt", "x", "--infer_steps", "1", "--video_size", "32x32",
-            "--video_length", "5", "--save_path", tmp / "v.mp4", *extra]
+    return [
+        "generate",
+        "--model_set",
+        r["root"] / "models",
+        "--prompt",
+        "x",
+        "--infer_steps",
+        "1",
+        "--video_size",
+        "32x32",
+        "--video_length",
+        "5",
+        "--save_path",
+        tmp / "v.mp4",
+        *extra,
+    ]
 
 
 # (reader, argv from (run, originals, tmp)): each reads one half file
 READERS = [
     ("merge --dit", lambda r, o, t: ["merge", "--dit", _half(o, t, "DiT"), "--lora_weight", o["LoRA"], "--save_merged_model", t / "m.safetensors"]),
-    ("merge --lora_weight", lambda r, o, t: ["merge", "--dit", o["DiT"], "--lora_weight", _half(o, t, "LoRA"), "--save_merged_model", t / "m.safetensors"]),
-    ("generate --lora_weight", lambda r, o, t: _generate(r, t, "--dit", o["DiT"], "--dit_high_noise", r["models"].high_noise,
-                                                         "--lora_weight", _half(o, t, "LoRA"))),
-    ("generate --lora_moe_weights", lambda r, o, t: _generate(r, t, "--dit", o["merged DiT"], "--dit_high_noise", r["merged_high"],
-                                                              "--lora_moe_weights", _half(o, t, "LoRA-MoE"))),
-    ("export-expert", lambda r, o, t: ["export-expert", "--lora_moe_weights", _half(o, t, "LoRA-MoE"), "--expert", "hook", "--out", t / "e.safetensors"]),
-    ("stage1 --dit", lambda r, o, t: ["stage1", "--dit", _half(o, t, "DiT"), "--dit_high_noise", r["models"].high_noise,
-                                      "--dataset", r["cache"], "--output_dir", t / "s1"]),
-    ("stage2 --dit", lambda r, o, t: ["stage2", "--dit", _half(o, t, "merged DiT"), "--dit_high_noise", r["merged_high"],
-                                      "--dataset", r["cache"], "--output_dir", t / "s2"]),
+    (
+        "merge --lora_weight",
+        lambda r, o, t: ["merge", "--dit", o["DiT"], "--lora_weight", _half(o, t, "LoRA"), "--save_merged_model", t / "m.safetensors"],
+    ),
+    (
+        "generate --lora_weight",
+        lambda r, o, t: _generate(r, t, "--dit", o["DiT"], "--dit_high_noise", r["models"].high_noise, "--lora_weight", _half(o, t, "LoRA")),
+    ),
+    (
+        "generate --lora_moe_weights",
+        lambda r, o, t: _generate(
+            r, t, "--dit", o["merged DiT"], "--dit_high_noise", r["merged_high"], "--lora_moe_weights", _half(o, t, "LoRA-MoE")
+        ),
+    ),
+    (
+        "export-expert",
+        lambda r, o, t: ["export-expert", "--lora_moe_weights", _half(o, t, "LoRA-MoE"), "--expert", "hook", "--out", t / "e.safetensors"],
+    ),
+    (
+        "stage1 --dit",
+        lambda r, o, t: [
+            "stage1",
+            "--dit",
+            _half(o, t, "DiT"),
+            "--dit_high_noise",
+            r["models"].high_noise,
+            "--dataset",
+            r["cache"],
+            "--output_dir",
+            t / "s1",
+        ],
+    ),
+    (
+        "stage2 --dit",
+        lambda r, o, t: [
+            "stage2",
+            "--dit",
+            _half(o, t, "merged DiT"),
+            "--dit_high_noise",
+            r["merged_high"],
+            "--dataset",
+            r["cache"],
+            "--output_dir",
+            t / "s2",
+        ],
+    ),
 ]
 
 
@@ -111,9 +161,26 @@ def test_resume_from_a_truncated_state_is_one_line(stage2_run, tmp_path, capsys)
     out = shutil.copytree(r["root"] / "stage1", tmp_path / "s1")
     state = out / "state-epoch-3" / TRAINABLE_FILE
     _cut(state, state, state.stat().st_size // 2)
-    code, _, err = run_cli(capsys, ["stage1", "--dit", r["models"].low_noise, "--dit_high_noise", r["models"].high_noise,
-                                 "--dataset", r["cache"], "--output_dir", out, "--network_dim", "8", "--max_train_epochs", "4",
-                                 "--resume", "--no_progress"])
+    code, _, err = run_cli(
+        capsys,
+        [
+            "stage1",
+            "--dit",
+            r["models"].low_noise,
+            "--dit_high_noise",
+            r["models"].high_noise,
+            "--dataset",
+            r["cache"],
+            "--output_dir",
+            out,
+            "--network_dim",
+            "8",
+            "--max_train_epochs",
+            "4",
+            "--resume",
+            "--no_progress",
+        ],
+    )
     assert code == 2 and err.count("\n") == 1, err
     assert f"cannot resume from {out / 'state-epoch-3'}: {state} is truncated or corrupt" in err
     assert "Delete state-epoch-3 to resume from the one before" in err
@@ -124,8 +191,23 @@ def test_training_on_a_cache_with_a_truncated_clip_names_the_clip(stage2_run, tm
     cache = shutil.copytree(r["cache"], tmp_path / "cache")
     for clip in (cache / "clips").glob("*.safetensors"):
         _cut(clip, clip, clip.stat().st_size - 10)
-    code, _, err = run_cli(capsys, ["stage1", "--dit", r["models"].low_noise, "--dit_high_noise", r["models"].high_noise,
-                                 "--dataset", cache, "--output_dir", tmp_path / "s1", "--max_train_epochs", "1", "--no_progress"])
+    code, _, err = run_cli(
+        capsys,
+        [
+            "stage1",
+            "--dit",
+            r["models"].low_noise,
+            "--dit_high_noise",
+            r["models"].high_noise,
+            "--dataset",
+            cache,
+            "--output_dir",
+            tmp_path / "s1",
+            "--max_train_epochs",
+            "1",
+            "--no_progress",
+        ],
+    )
     assert code == 2 and err.count("\n") == 1, err
     assert "error: clip '" in err and "is truncated or corrupt: expected" in err and "rebuild the cache" in err
 
@@ -157,20 +239,51 @@ def _overlapping_offsets(src: Path, dst: Path):
 
 # (case, argv from (run, tmp), message): a folder where a file belongs, and the reverse
 FOLDER_OR_FILE = [
-    ("--save_path is a folder", lambda r, t: _generate(r, t, "--dit", r["models"].low_noise, "--dit_high_noise",
-                                                       r["models"].high_noise)[:-2] + ["--save_path", t], "is a folder; it expects a file path"),
-    ("--save_merged_model is a folder", lambda r, t: ["merge", "--dit", r["models"].low_noise, "--lora_weight", r["vanilla_lora"],
-                                                      "--save_merged_model", t], "is a folder; pass a .safetensors file path"),
-    ("--lora_weight is a folder", lambda r, t: ["merge", "--dit", r["models"].low_noise, "--lora_weight", r["root"] / "stage1",
-                                                "--save_merged_model", t / "m.safetensors"], ".safetensors files and no *.safetensors.index.json"),
-    ("--dataset is a file", lambda r, t: ["stage1", "--dit", r["models"].low_noise, "--dataset", r["manifest"], "--output_dir", t / "o"],
-     "is a file; a latent cache is a folder"),
-    ("--output_dir is a file", lambda r, t: ["stage1", "--dit", r["models"].low_noise, "--dit_high_noise", r["models"].high_noise,
-                                             "--dataset", r["cache"], "--output_dir", r["manifest"]], "is a file; it expects a folder"),
-    ("--manifest is a folder", lambda r, t: ["cache", "--manifest", r["manifest"].parent, "--model_set", r["root"] / "models",
-                                             "--out", t / "c"], "is a folder; pass the manifest file"),
-    ("--model_set is a file", lambda r, t: ["cache", "--manifest", r["manifest"], "--model_set", r["models"].low_noise,
-                                            "--out", t / "c"], "is a file; a model set is a folder"),
+    (
+        "--save_path is a folder",
+        lambda r, t: _generate(r, t, "--dit", r["models"].low_noise, "--dit_high_noise", r["models"].high_noise)[:-2] + ["--save_path", t],
+        "is a folder; it expects a file path",
+    ),
+    (
+        "--save_merged_model is a folder",
+        lambda r, t: ["merge", "--dit", r["models"].low_noise, "--lora_weight", r["vanilla_lora"], "--save_merged_model", t],
+        "is a folder; pass a .safetensors file path",
+    ),
+    (
+        "--lora_weight is a folder",
+        lambda r, t: ["merge", "--dit", r["models"].low_noise, "--lora_weight", r["root"] / "stage1", "--save_merged_model", t / "m.safetensors"],
+        ".safetensors files and no *.safetensors.index.json",
+    ),
+    (
+        "--dataset is a file",
+        lambda r, t: ["stage1", "--dit", r["models"].low_noise, "--dataset", r["manifest"], "--output_dir", t / "o"],
+        "is a file; a latent cache is a folder",
+    ),
+    (
+        "--output_dir is a file",
+        lambda r, t: [
+            "stage1",
+            "--dit",
+            r["models"].low_noise,
+            "--dit_high_noise",
+            r["models"].high_noise,
+            "--dataset",
+            r["cache"],
+            "--output_dir",
+            r["manifest"],
+        ],
+        "is a file; it expects a folder",
+    ),
+    (
+        "--manifest is a folder",
+        lambda r, t: ["cache", "--manifest", r["manifest"].parent, "--model_set", r["root"] / "models", "--out", t / "c"],
+        "is a folder; pass the manifest file",
+    ),
+    (
+        "--model_set is a file",
+        lambda r, t: ["cache", "--manifest", r["manifest"], "--model_set", r["models"].low_noise, "--out", t / "c"],
+        "is a file; a model set is a folder",
+    ),
     ("a path under a file", lambda r, t: ["inspect", r["models"].low_noise / "x.safetensors"], "x.safetensors does not exist"),
 ]
 

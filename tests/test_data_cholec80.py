@@ -54,14 +54,16 @@ def test_clips_labels_captions_and_frames(root, tmp_path):
     records = read_manifest(manifest)
     by_id = {r.id: r for r in records}
     assert list(by_id) == [
-        "video01_000000", "video01_000025", "video01_000050", "video01_000075",
-        "video02_000000", "video02_000025",  # video02's last 10 frames make no whole clip
+        "video01_000000",
+        "video01_000025",
+        "video01_000050",
+        "video01_000075",
+        "video02_000000",
+        "video02_000025",  # video02's last 10 frames make no whole clip
     ]
     expected = [["other", "hook"], ["other", "scissors"], ["suction"], ["other"], ["other"], []]
     assert [r.instruments for r in records] == expected
-    assert by_id["video01_000000"].caption == (
-        "laparoscopic cholecystectomy, a grasper and a hook in view"
-    )
+    assert by_id["video01_000000"].caption == ("laparoscopic cholecystectomy, a grasper and a hook in view")
     assert by_id["video02_000025"].caption == "laparoscopic cholecystectomy, no instruments in view"
     assert {r.source for r in records} == {"video01", "video02"}
     check_videos(records, tmp_path, min_frames=5)
@@ -87,9 +89,7 @@ def test_majority_presence_and_stride(root, tmp_path):
     half = import_cholec80(root, tmp_path / "h", clip_seconds=2.0, frames_per_clip=10, videos=["video01"])
     half = read_manifest(half)
     assert [r.instruments for r in half] == [["other", "hook", "scissors"], ["other", "suction"]]
-    strict = import_cholec80(
-        root, tmp_path / "s", clip_seconds=2.0, frames_per_clip=10, videos=["video01"], min_presence=0.6
-    )
+    strict = import_cholec80(root, tmp_path / "s", clip_seconds=2.0, frames_per_clip=10, videos=["video01"], min_presence=0.6)
     assert read_manifest(strict)[0].instruments == ["other"]
     strided = read_manifest(import_small(root, tmp_path / "t", videos=["video01"], stride_seconds=2.0))
     assert [r.id for r in strided] == ["video01_000000", "video01_000050"]
@@ -148,8 +148,22 @@ def test_cli_cholec80(root, tmp_path):
     from moe.cli import app
     from moe.cli.data import data_app  # noqa: F401  (registers `data` on `app`)
 
-    args = ["data", "cholec80", "--root", str(root), "--out", str(tmp_path), "--frames-per-clip", "5",
-            "--clip-seconds", "1", "--videos", "video01", "--size", "16x8"]
+    args = [
+        "data",
+        "cholec80",
+        "--root",
+        str(root),
+        "--out",
+        str(tmp_path),
+        "--frames-per-clip",
+        "5",
+        "--clip-seconds",
+        "1",
+        "--videos",
+        "video01",
+        "--size",
+        "16x8",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert str(tmp_path / "manifest.jsonl") in result.output

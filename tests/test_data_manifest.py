@@ -33,9 +33,7 @@ def write_rows(tmp_path, *rows):
 def gradient_frames(num, width=32, height=24):
     """Frames whose brightness encodes their index, so sampling and decoding can be checked."""
     base = np.linspace(0, 60, width, dtype=np.float32)[None, :, None]
-    return np.stack(
-        [np.broadcast_to(base + 8 * i, (height, width, 3)).astype(np.uint8) for i in range(num)]
-    )
+    return np.stack([np.broadcast_to(base + 8 * i, (height, width, 3)).astype(np.uint8) for i in range(num)])
 
 
 # --- rows and labels ---------------------------------------------------------------------------
@@ -46,8 +44,14 @@ def test_read_manifest_defaults_ids_and_canonicalises_labels(tmp_path):
         tmp_path,
         GOOD,
         "",
-        {"video": "b.mp4", "caption": "c", "instruments": ["Grasper", "BIPOLAR", "Irrigator"],
-         "roi": [[0, 1, 2, 3, 4]], "split": "val", "source": "video07"},
+        {
+            "video": "b.mp4",
+            "caption": "c",
+            "instruments": ["Grasper", "BIPOLAR", "Irrigator"],
+            "roi": [[0, 1, 2, 3, 4]],
+            "split": "val",
+            "source": "video07",
+        },
     )
     a, b = read_manifest(path)
     assert (a.id, a.source, a.instruments, a.roi, a.split) == ("a", "a", ["hook"], None, None)
@@ -131,9 +135,7 @@ def test_summarize_counts_splits_and_classes():
         ClipRecord(video="a.mp4", caption="c", instruments=["hook", "other"], split="train"),
         ClipRecord(video="b.mp4", caption="c", instruments=["hook"], split="val"),
     ]
-    assert summarize(records) == (
-        "2 clips (1 train, 1 val); clips per instrument: scissors 0, hook 2, suction 0, other 1"
-    )
+    assert summarize(records) == ("2 clips (1 train, 1 val); clips per instrument: scissors 0, hook 2, suction 0, other 1")
 
 
 # --- videos ------------------------------------------------------------------------------------

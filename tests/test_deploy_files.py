@@ -33,8 +33,9 @@ def compose() -> dict:
     command = _compose_command()
     if command is None:
         pytest.skip("neither `docker compose` nor `docker-compose` is installed: the compose file cannot be validated here")
-    done = subprocess.run([*command, "-f", "docker/compose.yaml", "--env-file", "docker/.env.example", "config"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    done = subprocess.run(
+        [*command, "-f", "docker/compose.yaml", "--env-file", "docker/.env.example", "config"], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     return yaml.safe_load(done.stdout)
 
@@ -125,8 +126,13 @@ def test_the_docker_pool_requests_the_gpus():
     host = docker.types.HostConfig(version="1.44", device_requests=kwargs["device_requests"], shm_size=kwargs["shm_size"])
     assert host["DeviceRequests"] == [{"Driver": "nvidia", "Count": -1, "DeviceIDs": [], "Capabilities": [["gpu"]], "Options": {}}]
     assert host["ShmSize"] == 16 << 30
-    two = _render(template, {"image": "registry.example/wan-lora-moe-worker:0.2.0", "container_create_kwargs": {
-        "device_requests": [{"driver": "nvidia", "count": 2, "capabilities": [["gpu"]]}]}})
+    two = _render(
+        template,
+        {
+            "image": "registry.example/wan-lora-moe-worker:0.2.0",
+            "container_create_kwargs": {"device_requests": [{"driver": "nvidia", "count": 2, "capabilities": [["gpu"]]}]},
+        },
+    )
     assert two["image"] == "registry.example/wan-lora-moe-worker:0.2.0"
     assert two["container_create_kwargs"]["device_requests"][0]["count"] == 2
 
@@ -150,9 +156,9 @@ def test_the_kubernetes_pool_adds_a_gpu_limit():
 
 
 def test_work_pools_script_fails_in_one_line_without_a_server(tmp_path):
-    env = {"PATH": "/usr/bin:/bin", "PREFECT_API_URL": "http://127.0.0.1:9/api", "PREFECT_HOME": str(tmp_path),
-           "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "deploy/work_pools.py", "--pools", "process"], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=120)
+    env = {"PATH": "/usr/bin:/bin", "PREFECT_API_URL": "http://127.0.0.1:9/api", "PREFECT_HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "deploy/work_pools.py", "--pools", "process"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120
+    )
     assert done.returncode == 2 and done.stderr.startswith("error: cannot create the work pools: ")
     assert len(done.stderr.strip().splitlines()) == 1

@@ -29,16 +29,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(args: list[str], probe_dir: Path, timeout: float = 300, env: dict | None = None,
-              check: bool = True) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], probe_dir: Path, timeout: float = 300, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """Run `ddp_probe.py` on two processes. A run takes 15-40 s; one still going after `timeout`
     has hung: each worker's threads' stacks (SIGUSR1, see the probe) go into the failure."""
     probe_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(PROBE), *args, "--cpu", "--no_progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(PROBE),
+        *args,
+        "--cpu",
+        "--no_progress",
+    ]
     env = os.environ | {"OMP_NUM_THREADS": "1", "PROBE_DIR": str(probe_dir)} | (env or {})
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                          start_new_session=True) as run:
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True) as run:
         try:
             stdout, stderr = run.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -59,8 +70,7 @@ def _records(probe_dir: Path) -> list[list[dict]]:
 
 
 def _events(probe_dir: Path) -> list[dict[str, float]]:
-    return [{e["event"]: e["t"] for e in map(json.loads, (probe_dir / f"events-{r}.jsonl").read_text().splitlines())}
-            for r in (0, 1)]
+    return [{e["event"]: e["t"] for e in map(json.loads, (probe_dir / f"events-{r}.jsonl").read_text().splitlines())} for r in (0, 1)]
 
 
 def _train_clips(cache: Path) -> int:
@@ -71,12 +81,34 @@ def _train_clips(cache: Path) -> int:
 def two_process_stage1(tiny_workspace, tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp1")
     models = tiny_workspace["models"]
-    args = ["stage1", "--dit", str(models.low_noise), "--dit_high_noise", str(models.high_noise),
-            "--dataset", str(tiny_workspace["cache"]), "--max_train_epochs", "2", "--save_every_n_epochs", "1",
-            "--network_dim", "8", "--learning_rate", "0.01", "--lr_warmup_steps", "4"]
+    args = [
+        "stage1",
+        "--dit",
+        str(models.low_noise),
+        "--dit_high_noise",
+        str(models.high_noise),
+        "--dataset",
+        str(tiny_workspace["cache"]),
+        "--max_train_epochs",
+        "2",
+        "--save_every_n_epochs",
+        "1",
+        "--network_dim",
+        "8",
+        "--learning_rate",
+        "0.01",
+        "--lr_warmup_steps",
+        "4",
+    ]
     done = _torchrun([*args, "--output_dir", str(root / "straight")], root / "probe")
-    return {"root": root, "args": args, "stdout": done.stdout, "out": root / "straight", "records": _records(root / "probe"),
-            "events": _events(root / "probe")}
+    return {
+        "root": root,
+        "args": args,
+        "stdout": done.stdout,
+        "out": root / "straight",
+        "records": _records(root / "probe"),
+        "events": _events(root / "probe"),
+    }
 
 
 def test_no_process_tears_down_while_another_still_works(two_process_stage1):
@@ -130,7 +162,7 @@ def test_outputs_state_and_exact_resume(two_process_stage1, tiny_workspace):
     a, b = load_file(out / "vanilla_lora.safetensors"), load_file(resumed / "vanilla_lora.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     again = _records(root / "probe-resumed")
-    assert [r["noise"] for r in again[1]] == [r["noise"] for r in two_process_stage1["records"][1][len(again[1]):]]
+    assert [r["noise"] for r in again[1]] == [r["noise"] for r in two_process_stage1["records"][1][len(again[1]) :]]
 
 
 def test_sigterm_to_one_process_stops_both_mid_epoch_and_the_resume_is_exact(two_process_stage1):
@@ -142,8 +174,7 @@ def test_sigterm_to_one_process_stops_both_mid_epoch_and_the_resume_is_exact(two
 
     root, straight = two_process_stage1["root"], two_process_stage1["records"]
     out = root / "sigterm"
-    stopped = _torchrun([*two_process_stage1["args"], "--output_dir", str(out)], root / "probe-sigterm",
-                        env={"PROBE_SIGTERM": "1:5"}, check=False)
+    stopped = _torchrun([*two_process_stage1["args"], "--output_dir", str(out)], root / "probe-sigterm", env={"PROBE_SIGTERM": "1:5"}, check=False)
     assert stopped.returncode != 0
     assert stopped.stderr.count("error: training stopped by SIGTERM at step 5 (5 micro-batches into epoch 1)") == 2
     state = out / "state-epoch-0-step-00000005"
@@ -164,9 +195,23 @@ def test_sigterm_to_one_process_stops_both_mid_epoch_and_the_resume_is_exact(two
 def test_load_balance_statistics_cover_every_process(merged_workspace, tmp_path):
     """The f and P EMAs are updated from both processes' batches and agree on both (before, DDP
     re-broadcast rank 0's buffers on every forward, so they followed rank 0's data only)."""
-    args = ["stage2", "--dit", str(merged_workspace["merged_low"]), "--dit_high_noise", str(merged_workspace["merged_high"]),
-            "--dataset", str(merged_workspace["cache"]), "--output_dir", str(tmp_path / "out"), "--max_train_epochs", "1",
-            "--network_dim", "8", "--learning_rate", "0.01"]
+    args = [
+        "stage2",
+        "--dit",
+        str(merged_workspace["merged_low"]),
+        "--dit_high_noise",
+        str(merged_workspace["merged_high"]),
+        "--dataset",
+        str(merged_workspace["cache"]),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--max_train_epochs",
+        "1",
+        "--network_dim",
+        "8",
+        "--learning_rate",
+        "0.01",
+    ]
     _torchrun(args, tmp_path / "probe")
     rank0, rank1 = _records(tmp_path / "probe")
     experts = len(rank0[0]["f"])

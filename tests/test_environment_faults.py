@@ -24,6 +24,7 @@ def _cli(capsys, argv):
     assert len(errors) <= 1, err
     return code, (errors[0] + "\n" if errors else err)
 
+
 def _writable(folder: Path) -> bool:
     probe = folder / "probe"
     try:
@@ -60,8 +61,24 @@ def ws(stage2_run):
 
 
 def _gen(ws, *extra):
-    return ["generate", "--dit", ws["low"], "--dit_high_noise", ws["high"], "--model_set", ws["model_dir"], "--prompt", "x",
-            "--infer_steps", "1", "--video_size", "32x32", "--video_length", "5", *extra]
+    return [
+        "generate",
+        "--dit",
+        ws["low"],
+        "--dit_high_noise",
+        ws["high"],
+        "--model_set",
+        ws["model_dir"],
+        "--prompt",
+        "x",
+        "--infer_steps",
+        "1",
+        "--video_size",
+        "32x32",
+        "--video_length",
+        "5",
+        *extra,
+    ]
 
 
 # (command, argv writing into folder `d`)
@@ -71,8 +88,10 @@ WRITERS = [
     ("generate", lambda ws, d: _gen(ws, "--save_path", d / "v.mp4")),
     ("models tiny", lambda ws, d: ["models", "tiny", "--out", d / "m"]),
     ("data synth", lambda ws, d: ["data", "synth", "--clips", "1", "--out", d / "data"]),
-    ("cache", lambda ws, d: ["cache", "--manifest", ws["manifest"], "--model_set", ws["model_dir"], "--size", "64x64", "--frames", "17",
-                             "--out", d / "c"]),
+    (
+        "cache",
+        lambda ws, d: ["cache", "--manifest", ws["manifest"], "--model_set", ws["model_dir"], "--size", "64x64", "--frames", "17", "--out", d / "c"],
+    ),
     ("stage1", lambda ws, d: ["stage1", "--dit", ws["low"], "--dit_high_noise", ws["high"], "--dataset", ws["cache"], "--output_dir", d / "s1"]),
     ("workflow", lambda ws, d: ["workflow", "run", "--quiet", "--output_dir", d / "w"]),
 ]
@@ -111,15 +130,26 @@ def _partial_then_enospc(real_writer_path_arg: int):
 
 # (case, what to patch: (module, attribute, replacement from the original), argv writing into d)
 DISK_FULL = [
-    ("merge, in its write loop", ("moe.merge", "_StreamCopier.write", lambda real: _enospc_after(1, real)),
-     lambda ws, d: ["merge", "--dit", ws["low"], "--lora_weight", ws["vanilla_lora"], "--save_merged_model", d / "m.safetensors"]),
-    ("export-expert, saving the LoRA", ("moe.lora.file", "save_file", lambda real: _partial_then_enospc(1)),
-     lambda ws, d: ["export-expert", "--lora_moe_weights", ws["lora_moe"], "--expert", "hook", "--out", d / "e.safetensors"]),
-    ("data synth, encoding a clip", ("moe.data.video", "_encode", lambda real: _partial_then_enospc(0)),
-     lambda ws, d: ["data", "synth", "--clips", "2", "--out", d / "data"]),
-    ("cache, saving a clip", ("moe.data.cache", "save_file", lambda real: _partial_then_enospc(1)),
-     lambda ws, d: ["cache", "--manifest", ws["manifest"], "--model_set", ws["model_dir"], "--size", "64x64", "--frames", "17",
-                    "--out", d / "c"]),
+    (
+        "merge, in its write loop",
+        ("moe.merge", "_StreamCopier.write", lambda real: _enospc_after(1, real)),
+        lambda ws, d: ["merge", "--dit", ws["low"], "--lora_weight", ws["vanilla_lora"], "--save_merged_model", d / "m.safetensors"],
+    ),
+    (
+        "export-expert, saving the LoRA",
+        ("moe.lora.file", "save_file", lambda real: _partial_then_enospc(1)),
+        lambda ws, d: ["export-expert", "--lora_moe_weights", ws["lora_moe"], "--expert", "hook", "--out", d / "e.safetensors"],
+    ),
+    (
+        "data synth, encoding a clip",
+        ("moe.data.video", "_encode", lambda real: _partial_then_enospc(0)),
+        lambda ws, d: ["data", "synth", "--clips", "2", "--out", d / "data"],
+    ),
+    (
+        "cache, saving a clip",
+        ("moe.data.cache", "save_file", lambda real: _partial_then_enospc(1)),
+        lambda ws, d: ["cache", "--manifest", ws["manifest"], "--model_set", ws["model_dir"], "--size", "64x64", "--frames", "17", "--out", d / "c"],
+    ),
 ]
 
 
@@ -143,12 +173,21 @@ def test_a_full_disk_mid_write_leaves_no_temporary(ws, tmp_path, capsys, monkeyp
 # (case, argv, message)
 DEVICES_AND_TASKS = [
     ("generate --device foo", lambda ws, t: _gen(ws, "--device", "foo", "--save_path", t / "v.mp4"), "--device 'foo' is not a torch device"),
-    ("cache --device foo", lambda ws, t: ["cache", "--manifest", ws["manifest"], "--model_set", ws["model_dir"], "--device", "foo",
-                                          "--out", t / "c"], "--device 'foo' is not a torch device"),
-    ("cache --dtype foo", lambda ws, t: ["cache", "--manifest", ws["manifest"], "--model_set", ws["model_dir"], "--dtype", "foo",
-                                         "--out", t / "c"], "error: --dtype must be one of float32, bf16, fp16, got 'foo'"),
-    ("cache --embed_dtype fp16", lambda ws, t: ["cache", "--manifest", ws["manifest"], "--model_set", ws["model_dir"],
-                                                "--embed_dtype", "fp16", "--out", t / "c"], "--embed_dtype must be one of float32, bf16"),
+    (
+        "cache --device foo",
+        lambda ws, t: ["cache", "--manifest", ws["manifest"], "--model_set", ws["model_dir"], "--device", "foo", "--out", t / "c"],
+        "--device 'foo' is not a torch device",
+    ),
+    (
+        "cache --dtype foo",
+        lambda ws, t: ["cache", "--manifest", ws["manifest"], "--model_set", ws["model_dir"], "--dtype", "foo", "--out", t / "c"],
+        "error: --dtype must be one of float32, bf16, fp16, got 'foo'",
+    ),
+    (
+        "cache --embed_dtype fp16",
+        lambda ws, t: ["cache", "--manifest", ws["manifest"], "--model_set", ws["model_dir"], "--embed_dtype", "fp16", "--out", t / "c"],
+        "--embed_dtype must be one of float32, bf16",
+    ),
     ("generate --dtype foo", lambda ws, t: _gen(ws, "--dtype", "foo", "--save_path", t / "v.mp4"), "Invalid value for '--dtype'"),
 ]
 UNKNOWN_TASK = f"unknown task 'foo'; choose one of: {', '.join(PRESETS)}"
@@ -158,8 +197,22 @@ for _name, _argv in [
     ("stage2", lambda ws, t: ["stage2", "--dit", ws["merged_low"], "--dataset", ws["cache"], "--output_dir", t / "s"]),
     ("generate", lambda ws, t: _gen(ws, "--save_path", t / "v.mp4")),
     ("models tiny", lambda ws, t: ["models", "tiny", "--out", t / "m"]),
-    ("cache", lambda ws, t: ["cache", "--manifest", ws["manifest"], "--vae", ws["model_dir"] / "vae", "--text_encoder",
-                             ws["model_dir"] / "text_encoder", "--tokenizer", ws["model_dir"] / "tokenizer", "--out", t / "c"]),
+    (
+        "cache",
+        lambda ws, t: [
+            "cache",
+            "--manifest",
+            ws["manifest"],
+            "--vae",
+            ws["model_dir"] / "vae",
+            "--text_encoder",
+            ws["model_dir"] / "text_encoder",
+            "--tokenizer",
+            ws["model_dir"] / "tokenizer",
+            "--out",
+            t / "c",
+        ],
+    ),
 ]:
     DEVICES_AND_TASKS.append((f"{_name} --task foo", lambda ws, t, a=_argv: a(ws, t) + ["--task", "foo"], UNKNOWN_TASK))
 
@@ -174,8 +227,11 @@ def test_devices_dtypes_and_tasks_this_machine_lacks(ws, tmp_path, capsys, case,
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 @pytest.mark.parametrize("command", ["generate", "cache"])
 def test_cuda_without_cuda(ws, tmp_path, capsys, command):
-    argv = _gen(ws, "--save_path", tmp_path / "v.mp4") if command == "generate" else [
-        "cache", "--manifest", ws["manifest"], "--model_set", ws["model_dir"], "--out", tmp_path / "c"]
+    argv = (
+        _gen(ws, "--save_path", tmp_path / "v.mp4")
+        if command == "generate"
+        else ["cache", "--manifest", ws["manifest"], "--model_set", ws["model_dir"], "--out", tmp_path / "c"]
+    )
     code, err = _cli(capsys, argv + ["--device", "cuda"])
     assert code == 2 and err.count("\n") == 1, err
     assert "error: --device cuda was asked for, but torch sees" in err and "use --device cpu" in err

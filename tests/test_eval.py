@@ -38,12 +38,18 @@ def _cli(args, capsys):
 
 def _demo_inputs(demo):
     return [
-        "--merged_dit", str(demo / "merged_dits" / "merged_low_noise.safetensors"),
-        "--merged_dit_high_noise", str(demo / "merged_dits" / "merged_high_noise.safetensors"),
-        "--lora_moe_weights", str(demo / "lora_moe_stage2" / "lora_moe_stage2.safetensors"),
-        "--dataset", str(demo / "cache"),
-        "--dit", str(demo / "models" / "low_noise_model.safetensors"),
-        "--dit_high_noise", str(demo / "models" / "high_noise_model.safetensors"),
+        "--merged_dit",
+        str(demo / "merged_dits" / "merged_low_noise.safetensors"),
+        "--merged_dit_high_noise",
+        str(demo / "merged_dits" / "merged_high_noise.safetensors"),
+        "--lora_moe_weights",
+        str(demo / "lora_moe_stage2" / "lora_moe_stage2.safetensors"),
+        "--dataset",
+        str(demo / "cache"),
+        "--dit",
+        str(demo / "models" / "low_noise_model.safetensors"),
+        "--dit_high_noise",
+        str(demo / "models" / "high_noise_model.safetensors"),
     ]
 
 
@@ -59,8 +65,7 @@ def demo_report(demo_run):
 def _plain_losses(dit, x0, noise, sigma, text, roi):
     """Flow matching by hand: x = (1 - s) x0 + s eps, target eps - x0; (overall, ROI, background)."""
     x = (1 - sigma) * x0 + sigma * noise
-    pred = dit(hidden_states=x, timestep=torch.tensor([1000.0 * sigma], dtype=torch.float64),
-               encoder_hidden_states=text, return_dict=False)[0]
+    pred = dit(hidden_states=x, timestep=torch.tensor([1000.0 * sigma], dtype=torch.float64), encoder_hidden_states=text, return_dict=False)[0]
     cell = ((pred - (noise - x0)) ** 2).mean(1)  # [1, T, h, w]
     return cell.mean().item(), ((cell * roi).sum() / roi.sum()).item(), ((cell * (1 - roi)).sum() / (1 - roi).sum()).item()
 
@@ -100,10 +105,19 @@ def test_report_numbers_equal_an_independent_float64_recomputation(stage2_run, t
     sigmas, seed = (0.5, 0.95), 3
     models = stage2_run["models"]
     cfg = EvalConfig(
-        merged_dit=stage2_run["merged_low"], merged_dit_high_noise=stage2_run["merged_high"],
-        lora_moe_weights=stage2_run["lora_moe"], dataset=stage2_run["cache"], output_dir=tmp_path / "eval",
-        dit=models.low_noise, dit_high_noise=models.high_noise, max_clips=2, sigmas=sigmas, seed=seed,
-        samples=0, bootstrap_samples=200, progress=False,
+        merged_dit=stage2_run["merged_low"],
+        merged_dit_high_noise=stage2_run["merged_high"],
+        lora_moe_weights=stage2_run["lora_moe"],
+        dataset=stage2_run["cache"],
+        output_dir=tmp_path / "eval",
+        dit=models.low_noise,
+        dit_high_noise=models.high_noise,
+        max_clips=2,
+        sigmas=sigmas,
+        seed=seed,
+        samples=0,
+        bootstrap_samples=200,
+        progress=False,
     )
     report = evaluate(cfg)
 
@@ -113,12 +127,18 @@ def test_report_numbers_equal_an_independent_float64_recomputation(stage2_run, t
     assert report.clips == [c.id for c in clips]
     state, meta = load_file(stage2_run["lora_moe"]), read_header(stage2_run["lora_moe"]).metadata
     experts = tuple(json.loads(meta["lora_moe.experts"]))
-    dits = {name: {"low": load_transformer(low, preset).double(), "high": load_transformer(high, preset).double()}
-            for name, (low, high) in {"base": (models.low_noise, models.high_noise),
-                                      "merged": (stage2_run["merged_low"], stage2_run["merged_high"])}.items()}
+    dits = {
+        name: {"low": load_transformer(low, preset).double(), "high": load_transformer(high, preset).double()}
+        for name, (low, high) in {
+            "base": (models.low_noise, models.high_noise),
+            "merged": (stage2_run["merged_low"], stage2_run["merged_high"]),
+        }.items()
+    }
     targets = sorted({k.split(".experts.")[0].removeprefix("lora_moe.") for k in state if ".experts." in k})
-    originals = {which: {m: dict(d.named_parameters())[module_to_diffusers(m) + ".weight"].detach().clone() for m in targets}
-                 for which, d in dits["merged"].items()}
+    originals = {
+        which: {m: dict(d.named_parameters())[module_to_diffusers(m) + ".weight"].detach().clone() for m in targets}
+        for which, d in dits["merged"].items()
+    }
     names = ["base", "stage1", "stage2_learned"] + [f"knockout_{e}" for e in experts]
     ref = {v: np.zeros((2, 2, 3)) for v in names}  # [clip, sigma, region]
     hits, own = np.zeros((2, 2)), []
@@ -177,8 +197,10 @@ def test_knockout_raises_the_own_class_roi_loss(demo_report):
 def test_gate_passes_on_the_demo_and_a_stricter_gate_fails_naming_the_check(demo_run, demo_report, tmp_path, capsys):
     gate = demo_report.gate
     assert gate.passed and {c.name for c in gate.checks} == {
-        "stage1_overall_improvement_over_base", "stage2_learned_roi_improvement_over_stage1",
-        "hint_correct_vs_wrong_roi_margin", "routing_top1_accuracy",
+        "stage1_overall_improvement_over_base",
+        "stage2_learned_roi_improvement_over_stage1",
+        "hint_correct_vs_wrong_roi_margin",
+        "routing_top1_accuracy",
     }
     assert gate.primary_metric == "stage2_learned_roi_loss" and gate.primary_value == demo_report.metrics["stage2_learned_roi_loss"]
     # The flat metrics go straight to mlflow.log_metrics: plain names, finite floats.
@@ -186,13 +208,23 @@ def test_gate_passes_on_the_demo_and_a_stricter_gate_fails_naming_the_check(demo
     raw = json.loads((demo_run / "eval" / "eval_report.json").read_text())
     assert set(raw["gate"]) >= {"passed", "checks", "primary_metric", "primary_value", "higher_is_better"}
     assert set(raw["gate"]["checks"][0]) == {"name", "value", "threshold", "passed", "description"}
-    assert set(raw["inputs"]) == {"lora_moe_weights", "merged_dit", "merged_dit_high_noise", "dit", "dit_high_noise",
-                                  "dataset", "model_set", "manifest"}
+    assert set(raw["inputs"]) == {
+        "lora_moe_weights",
+        "merged_dit",
+        "merged_dit_high_noise",
+        "dit",
+        "dit_high_noise",
+        "dataset",
+        "model_set",
+        "manifest",
+    }
     strict = tmp_path / "gate.yaml"
     strict.write_text("min_hint_margin: 0.5\nprimary_metric: stage2_learned_overall_loss\n")
     out = tmp_path / "strict"
-    code, stdout, _ = _cli(["eval", *_demo_inputs(demo_run), "--gate", str(strict), "--output_dir", str(out),
-                            "--samples", "0", "--max_clips", "4", "--no_progress"], capsys)
+    code, stdout, _ = _cli(
+        ["eval", *_demo_inputs(demo_run), "--gate", str(strict), "--output_dir", str(out), "--samples", "0", "--max_clips", "4", "--no_progress"],
+        capsys,
+    )
     assert code == 0  # the verdict is in the report, not in the exit code
     assert "gate FAILED (hint_correct_vs_wrong_roi_margin)" in stdout
     report = EvalReport.read(out / "eval_report.json")
@@ -254,12 +286,26 @@ def test_workflow_prints_where_the_report_is(demo_run):
 def test_multiplier_sweep_reproduces_the_base_and_the_merged_dit(demo_run, demo_report, tmp_path, capsys):
     """Merging in memory at 0 gives the base DiTs' held-out loss and at 1 the merged file's."""
     out = tmp_path / "sweep"
-    code, stdout, _ = _cli([
-        "eval", "multiplier-sweep", "--dit", str(demo_run / "models" / "low_noise_model.safetensors"),
-        "--dit_high_noise", str(demo_run / "models" / "high_noise_model.safetensors"),
-        "--lora_weight", str(demo_run / "vanilla_lora_stage1" / "vanilla_lora.safetensors"),
-        "--dataset", str(demo_run / "cache"), "--multipliers", "0,1.0", "--output_dir", str(out), "--no_progress",
-    ], capsys)
+    code, stdout, _ = _cli(
+        [
+            "eval",
+            "multiplier-sweep",
+            "--dit",
+            str(demo_run / "models" / "low_noise_model.safetensors"),
+            "--dit_high_noise",
+            str(demo_run / "models" / "high_noise_model.safetensors"),
+            "--lora_weight",
+            str(demo_run / "vanilla_lora_stage1" / "vanilla_lora.safetensors"),
+            "--dataset",
+            str(demo_run / "cache"),
+            "--multipliers",
+            "0,1.0",
+            "--output_dir",
+            str(out),
+            "--no_progress",
+        ],
+        capsys,
+    )
     assert code == 0, stdout
     result = json.loads((out / "multiplier_sweep.json").read_text())
     points = {p["multiplier"]: p for p in result["points"]}
@@ -311,9 +357,11 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(demo_run, tmp_path, ca
     elif case == "no_held_out":
         args = _replace(args, "--dataset", _edited_cache(demo_run, tmp_path, lambda clips: [c.update(split="train") for c in clips]))
     elif case == "leak":
+
         def leak(clips):
             train = next(c for c in clips if c["split"] == "train")
             next(c for c in clips if c["split"] == "val")["source"] = train["source"]
+
         args = _replace(args, "--dataset", _edited_cache(demo_run, tmp_path, leak))
     elif case == "not_empty":
         out.mkdir()
@@ -340,8 +388,12 @@ def test_help_and_typos(capsys):
 
 
 def test_gate_checks_skips_and_missing_metrics():
-    metrics = {"stage2_learned_roi_improvement_over_stage1": 0.02, "hint_correct_vs_wrong_roi_margin": 0.005,
-               "routing_top1_accuracy": 0.9, "stage2_learned_roi_loss": 3.0}
+    metrics = {
+        "stage2_learned_roi_improvement_over_stage1": 0.02,
+        "hint_correct_vs_wrong_roi_margin": 0.005,
+        "routing_top1_accuracy": 0.9,
+        "stage2_learned_roi_loss": 3.0,
+    }
     verdict = PromotionGate().evaluate(metrics)
     assert not verdict.passed and [c.name for c in verdict.failed] == ["hint_correct_vs_wrong_roi_margin"]
     assert [s.name for s in verdict.skipped] == ["stage1_overall_improvement_over_base"]  # no base DiTs
@@ -407,14 +459,34 @@ def test_image_to_video_eval_runs_end_to_end(tmp_path):
     for a in adapters.values():
         torch.nn.init.normal_(a.lora_up, std=0.05)
     router = Router(RouterConfig.for_preset(preset))
-    moe = write_lora_moe_file(tmp_path / "moe.safetensors", adapters, router, TimestepGate(len(INSTRUMENT_CLASSES)), experts=INSTRUMENT_CLASSES,
-                              targets=spec, task="tiny-i2v",
-                              merged_dits={"low": sha256_file(merged[0]), "high": sha256_file(merged[1])})
-    report = evaluate(EvalConfig(
-        merged_dit=merged[0], merged_dit_high_noise=merged[1], lora_moe_weights=moe, dataset=tmp_path / "cache",
-        output_dir=tmp_path / "eval", dit=models.low_noise, dit_high_noise=models.high_noise, model_set=tmp_path / "models",
-        manifest=manifest, sample_steps=2, max_clips=2, sigmas=(0.5, 0.95), bootstrap_samples=100, progress=False,
-    ))
+    moe = write_lora_moe_file(
+        tmp_path / "moe.safetensors",
+        adapters,
+        router,
+        TimestepGate(len(INSTRUMENT_CLASSES)),
+        experts=INSTRUMENT_CLASSES,
+        targets=spec,
+        task="tiny-i2v",
+        merged_dits={"low": sha256_file(merged[0]), "high": sha256_file(merged[1])},
+    )
+    report = evaluate(
+        EvalConfig(
+            merged_dit=merged[0],
+            merged_dit_high_noise=merged[1],
+            lora_moe_weights=moe,
+            dataset=tmp_path / "cache",
+            output_dir=tmp_path / "eval",
+            dit=models.low_noise,
+            dit_high_noise=models.high_noise,
+            model_set=tmp_path / "models",
+            manifest=manifest,
+            sample_steps=2,
+            max_clips=2,
+            sigmas=(0.5, 0.95),
+            bootstrap_samples=100,
+            progress=False,
+        )
+    )
     assert report.task == "tiny-i2v" and report.samples and len(report.clips) == 2
     assert report.variants["stage2_learned"].losses.overall.mean != report.variants["stage1"].losses.overall.mean
     for s in report.samples:

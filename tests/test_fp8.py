@@ -53,7 +53,7 @@ def test_row_scales_beat_a_plain_cast_on_small_rows():
     errors = {}
     for scaled in (False, True):
         back = dequantize_weight(*quantize_weight(w, scaled), torch.float64)
-        errors[scaled] = ((back - w).norm(dim=1) / w.norm(dim=1))
+        errors[scaled] = (back - w).norm(dim=1) / w.norm(dim=1)
     # The smallest rows (1e-3) fall into E4M3's subnormals without a scale.
     assert errors[True].max() < 0.05 < errors[False][:4].min()
 
@@ -105,9 +105,10 @@ def test_lora_on_an_fp8_base_gradchecks_in_float64(scaled):
     x = torch.randn(2, 4, base.in_features, dtype=torch.float64, requires_grad=True)
     ref = x @ w.T + base.bias + 0.7 * (2.0 / 3) * (x @ adapter.lora_down.T) @ adapter.lora_up.T
     torch.testing.assert_close(layer(x), ref, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda x, d, u: _with(adapter, d, u, lambda: layer(x)),
-                                    (x, adapter.lora_down.detach().clone().requires_grad_(True),
-                                     adapter.lora_up.detach().clone().requires_grad_(True)))
+    assert torch.autograd.gradcheck(
+        lambda x, d, u: _with(adapter, d, u, lambda: layer(x)),
+        (x, adapter.lora_down.detach().clone().requires_grad_(True), adapter.lora_up.detach().clone().requires_grad_(True)),
+    )
 
 
 def _with(adapter, down, up, fn):
@@ -257,8 +258,7 @@ def test_memory_plan_names_storage_placement_and_swaps(tiny_workspace):
 
     models, preset = tiny_workspace["models"], get_preset("tiny-t2v")
     plain = DualDiT.load(preset, models.low_noise, models.high_noise, preset.boundary, None, "cpu", "never")
-    dits = DualDiT.load(preset, models.low_noise, models.high_noise, preset.boundary, None, "cpu", "never",
-                        fp8="fp8_scaled", blocks_to_swap=3)
+    dits = DualDiT.load(preset, models.low_noise, models.high_noise, preset.boundary, None, "cpu", "never", fp8="fp8_scaled", blocks_to_swap=3)
     low = dits.models["low"]
     assert len(low.block_swap.swapped) == 3 and swapped_bytes(low) > 0
     # Every frozen byte is either resident or swapped; fp8 shrinks the block Linears only.

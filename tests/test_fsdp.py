@@ -78,12 +78,24 @@ def _run(args: list[str], root: Path, name: str) -> dict:
 def stage1_runs(tiny_workspace, tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp1")
     models = tiny_workspace["models"]
-    args = ["stage1", "--dit", str(models.low_noise), "--dit_high_noise", str(models.high_noise),
-            "--dataset", str(tiny_workspace["cache"]), "--max_train_epochs", "2", "--network_dim", "8",
-            "--lr_warmup_steps", "2", *COMMON]
+    args = [
+        "stage1",
+        "--dit",
+        str(models.low_noise),
+        "--dit_high_noise",
+        str(models.high_noise),
+        "--dataset",
+        str(tiny_workspace["cache"]),
+        "--max_train_epochs",
+        "2",
+        "--network_dim",
+        "8",
+        "--lr_warmup_steps",
+        "2",
+        *COMMON,
+    ]
     # The sharded launch runs `fsdp_check` first (the model-level check below).
-    return {"root": root, "args": args, "sharded": _run(["fsdp_check", *args, "--fsdp"], root, "sharded"),
-            "whole": _run(args, root, "whole")}
+    return {"root": root, "args": args, "sharded": _run(["fsdp_check", *args, "--fsdp"], root, "sharded"), "whole": _run(args, root, "whole")}
 
 
 def test_stage1_sharded_run_matches_the_unsharded_one(stage1_runs):
@@ -91,11 +103,13 @@ def test_stage1_sharded_run_matches_the_unsharded_one(stage1_runs):
     for epoch in (1, 2):
         name = f"checkpoint-epoch-{epoch}.safetensors"
         assert _file_format(stage1_runs["sharded"]["out"] / name) == _file_format(stage1_runs["whole"]["out"] / name)
-    assert {p.name for p in (stage1_runs["sharded"]["out"] / "state-epoch-2").iterdir()} == \
-        {p.name for p in (stage1_runs["whole"]["out"] / "state-epoch-2").iterdir()}
+    assert {p.name for p in (stage1_runs["sharded"]["out"] / "state-epoch-2").iterdir()} == {
+        p.name for p in (stage1_runs["whole"]["out"] / "state-epoch-2").iterdir()
+    }
     metrics = json.loads((stage1_runs["sharded"]["out"] / "metrics.json").read_text())
     assert metrics["val_loss_final"] == pytest.approx(
-        json.loads((stage1_runs["whole"]["out"] / "metrics.json").read_text())["val_loss_final"], rel=1e-5)
+        json.loads((stage1_runs["whole"]["out"] / "metrics.json").read_text())["val_loss_final"], rel=1e-5
+    )
     assert stage1_runs["sharded"]["stdout"].count("stage 1 done") == 1  # every process evaluates, the main one reports
 
 
@@ -115,7 +129,7 @@ def test_resume_is_exact(stage1_runs):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     again = _records(root / "probe-resumed")
     for rank in (0, 1):
-        assert [r["loss"] for r in again[rank]] == [r["loss"] for r in straight["records"][rank][-len(again[rank]):]]
+        assert [r["loss"] for r in again[rank]] == [r["loss"] for r in straight["records"][rank][-len(again[rank]) :]]
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +155,19 @@ def test_stage2_sharded_run_matches_the_unsharded_one(tiny_workspace, merged_pai
     """Stage 2 (experts, router, gates) with gradient checkpointing: the checkpointed blocks
     gather their shards again for the recompute."""
     low, high = merged_pair
-    args = ["stage2", "--dit", str(low), "--dit_high_noise", str(high), "--dataset", str(tiny_workspace["cache"]),
-            "--max_train_epochs", "1", "--gradient_checkpointing", *COMMON]
+    args = [
+        "stage2",
+        "--dit",
+        str(low),
+        "--dit_high_noise",
+        str(high),
+        "--dataset",
+        str(tiny_workspace["cache"]),
+        "--max_train_epochs",
+        "1",
+        "--gradient_checkpointing",
+        *COMMON,
+    ]
     sharded, whole = _run([*args, "--fsdp"], tmp_path, "sharded"), _run(args, tmp_path, "whole")
     _assert_same_run(sharded, whole, "lora_moe_stage2.safetensors")
     _assert_sharded(sharded)
@@ -237,8 +262,7 @@ def test_refusals(tiny_workspace, tmp_path, monkeypatch, capsys):
     from moe.config.train import Stage1Config
 
     models = tiny_workspace["models"]
-    base = dict(dit=models.low_noise, dit_high_noise=models.high_noise, dataset=tiny_workspace["cache"],
-                output_dir=tmp_path / "out", fsdp=True)
+    base = dict(dit=models.low_noise, dit_high_noise=models.high_noise, dataset=tiny_workspace["cache"], output_dir=tmp_path / "out", fsdp=True)
     check_fsdp(Stage1Config(**base), num_processes=2)  # accepted
     check_fsdp(Stage1Config(**base | {"fsdp": False}), num_processes=1)  # off: nothing to check
     cases = {
@@ -252,7 +276,21 @@ def test_refusals(tiny_workspace, tmp_path, monkeypatch, capsys):
         assert "\n" not in str(e.value), what
     # The command line, one process: one line, before any model is loaded or the run folder claimed.
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    code, _, err = run_cli(capsys, ["stage1", "--dit", models.low_noise, "--dit_high_noise", models.high_noise,
-                                    "--dataset", tiny_workspace["cache"], "--output_dir", tmp_path / "cli", "--fsdp", "--cpu"])
+    code, _, err = run_cli(
+        capsys,
+        [
+            "stage1",
+            "--dit",
+            models.low_noise,
+            "--dit_high_noise",
+            models.high_noise,
+            "--dataset",
+            tiny_workspace["cache"],
+            "--output_dir",
+            tmp_path / "cli",
+            "--fsdp",
+            "--cpu",
+        ],
+    )
     assert code != 0 and "this run has one process" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "cli").exists()

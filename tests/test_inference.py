@@ -17,8 +17,15 @@ from moe.wan.checkpoint import load_transformer
 
 
 def _gen(ws, tmp_path, name, **kw):
-    base = dict(model_set=ws["root"] / "models", prompt="laparoscopic view, a hook cauterizing tissue",
-                video_size=(64, 48), video_length=9, infer_steps=3, save_path=tmp_path / f"{name}.mp4", seed=1)
+    base = dict(
+        model_set=ws["root"] / "models",
+        prompt="laparoscopic view, a hook cauterizing tissue",
+        video_size=(64, 48),
+        video_length=9,
+        infer_steps=3,
+        save_path=tmp_path / f"{name}.mp4",
+        seed=1,
+    )
     return generate_video(GenerateConfig(**(base | kw)))
 
 
@@ -61,8 +68,14 @@ def test_cfg_branches_use_the_conditional_gates(stage2_run, tmp_path):
 
     MoERouting.__call__ = spy
     try:
-        _gen(stage2_run, tmp_path, "cfg", dit=stage2_run["merged_low"], dit_high_noise=stage2_run["merged_high"],
-             lora_moe_weights=stage2_run["lora_moe"])
+        _gen(
+            stage2_run,
+            tmp_path,
+            "cfg",
+            dit=stage2_run["merged_low"],
+            dit_high_noise=stage2_run["merged_high"],
+            lora_moe_weights=stage2_run["lora_moe"],
+        )
     finally:
         MoERouting.__call__ = original
     assert len(seen) == 6  # 3 steps x (conditional, unconditional)
@@ -108,30 +121,72 @@ def _cli(argv):
 @pytest.mark.parametrize(
     "flag, file_key, message",
     [
-        ("--lora_moe_weights", "vanilla_lora", "is a vanilla LoRA, but --lora_moe_weights expects a LoRA-MoE (stage 2) file; pass a vanilla LoRA as --lora_weight"),
-        ("--lora_weight", "lora_moe", "is a LoRA-MoE (stage 2) file, but --lora_weight expects a vanilla LoRA; pass a LoRA-MoE file as --lora_moe_weights"),
+        (
+            "--lora_moe_weights",
+            "vanilla_lora",
+            "is a vanilla LoRA, but --lora_moe_weights expects a LoRA-MoE (stage 2) file; pass a vanilla LoRA as --lora_weight",
+        ),
+        (
+            "--lora_weight",
+            "lora_moe",
+            "is a LoRA-MoE (stage 2) file, but --lora_weight expects a vanilla LoRA; pass a LoRA-MoE file as --lora_moe_weights",
+        ),
         ("--lora_weight", "merged_low", "is a Wan DiT checkpoint with a LoRA merged in, but --lora_weight expects a vanilla LoRA"),
         ("--lora_moe_weights", "merged_high", "is a Wan DiT checkpoint with a LoRA merged in, but --lora_moe_weights expects"),
     ],
 )
 def test_wrong_file_for_a_flag_is_one_line(stage2_run, tmp_path, capsys, flag, file_key, message):
-    code = _cli(["generate", "--dit", str(stage2_run["merged_low"]), "--dit_high_noise", str(stage2_run["merged_high"]),
-                 "--model_set", str(stage2_run["root"] / "models"), "--prompt", "x", "--save_path", str(tmp_path / "o.mp4"),
-                 flag, str(stage2_run[file_key])])
+    code = _cli(
+        [
+            "generate",
+            "--dit",
+            str(stage2_run["merged_low"]),
+            "--dit_high_noise",
+            str(stage2_run["merged_high"]),
+            "--model_set",
+            str(stage2_run["root"] / "models"),
+            "--prompt",
+            "x",
+            "--save_path",
+            str(tmp_path / "o.mp4"),
+            flag,
+            str(stage2_run[file_key]),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err and message in err, err
     assert not (tmp_path / "o.mp4").exists()
 
 
 def test_lora_moe_file_given_to_merge_is_refused(stage2_run, tmp_path, capsys):
-    code = _cli(["merge", "--dit", str(stage2_run["models"].low_noise), "--lora_weight", str(stage2_run["lora_moe"]),
-                 "--save_merged_model", str(tmp_path / "m.safetensors")])
+    code = _cli(
+        [
+            "merge",
+            "--dit",
+            str(stage2_run["models"].low_noise),
+            "--lora_weight",
+            str(stage2_run["lora_moe"]),
+            "--save_merged_model",
+            str(tmp_path / "m.safetensors"),
+        ]
+    )
     assert code == 2 and "is a LoRA-MoE (stage 2) file, but --lora_weight expects a vanilla LoRA" in capsys.readouterr().err
 
 
 def test_unknown_hint_and_missing_image(stage2_run, tmp_path, capsys):
-    common = ["generate", "--dit", str(stage2_run["merged_low"]), "--dit_high_noise", str(stage2_run["merged_high"]),
-              "--model_set", str(stage2_run["root"] / "models"), "--prompt", "x", "--save_path", str(tmp_path / "o.mp4")]
+    common = [
+        "generate",
+        "--dit",
+        str(stage2_run["merged_low"]),
+        "--dit_high_noise",
+        str(stage2_run["merged_high"]),
+        "--model_set",
+        str(stage2_run["root"] / "models"),
+        "--prompt",
+        "x",
+        "--save_path",
+        str(tmp_path / "o.mp4"),
+    ]
     assert _cli(common + ["--lora_moe_weights", str(stage2_run["lora_moe"]), "--instrument_hint", "knife"]) == 2
     assert "unknown expert 'knife'; choose one of: scissors, hook, suction, other" in capsys.readouterr().err
     assert _cli(common + ["--task", "tiny-i2v"]) == 2
@@ -146,14 +201,32 @@ def test_i2v_generation_from_an_image(tmp_path):
     models = write_tiny_model_set(tmp_path / "i2v", "tiny-i2v", seed=0)
     image = tmp_path / "first.png"
     Image.fromarray(np.full((48, 64, 3), 120, np.uint8)).save(image)
-    frames, _ = generate_video(GenerateConfig(
-        task="tiny-i2v", dit=models.low_noise, dit_high_noise=models.high_noise, model_set=tmp_path / "i2v",
-        prompt="a hook", image=image, video_size=(64, 48), video_length=5, infer_steps=2, save_path=tmp_path / "i2v.mp4",
-    ))
+    frames, _ = generate_video(
+        GenerateConfig(
+            task="tiny-i2v",
+            dit=models.low_noise,
+            dit_high_noise=models.high_noise,
+            model_set=tmp_path / "i2v",
+            prompt="a hook",
+            image=image,
+            video_size=(64, 48),
+            video_length=5,
+            infer_steps=2,
+            save_path=tmp_path / "i2v.mp4",
+        )
+    )
     assert frames.shape == (5, 48, 64, 3)
     with pytest.raises(Exception, match="pass the first frame as --image"):
-        generate_video(GenerateConfig(task="tiny-i2v", dit=models.low_noise, dit_high_noise=models.high_noise,
-                                      model_set=tmp_path / "i2v", prompt="a", save_path=tmp_path / "x.mp4"))
+        generate_video(
+            GenerateConfig(
+                task="tiny-i2v",
+                dit=models.low_noise,
+                dit_high_noise=models.high_noise,
+                model_set=tmp_path / "i2v",
+                prompt="a",
+                save_path=tmp_path / "x.mp4",
+            )
+        )
 
 
 def test_steps_that_share_a_timestep_each_get_their_routing(stage2_run, tmp_path):
@@ -165,8 +238,18 @@ def test_steps_that_share_a_timestep_each_get_their_routing(stage2_run, tmp_path
     scheduler.set_timesteps(85)
     expected = [float(t) for t in scheduler.timesteps]
     assert expected[0] == expected[1] == 999.0
-    _, routing = _gen(stage2_run, tmp_path, "repeat", dit=stage2_run["merged_low"], dit_high_noise=stage2_run["merged_high"],
-                      lora_moe_weights=stage2_run["lora_moe"], infer_steps=85, flow_shift=12.0, video_size=(32, 32), video_length=5)
+    _, routing = _gen(
+        stage2_run,
+        tmp_path,
+        "repeat",
+        dit=stage2_run["merged_low"],
+        dit_high_noise=stage2_run["merged_high"],
+        lora_moe_weights=stage2_run["lora_moe"],
+        infer_steps=85,
+        flow_shift=12.0,
+        video_size=(32, 32),
+        video_length=5,
+    )
     assert [t for t, _ in routing.history] == expected
 
 
@@ -183,15 +266,17 @@ def _with_metadata(src, dst, **meta):
 def test_routing_mode_recorded_in_the_file_decides_unhinted_generation(stage2_run, tmp_path):
     assert read_lora_moe_file(stage2_run["lora_moe"]).metadata["lora_moe.router_trained"] == "true"
     dits = dict(dit=stage2_run["merged_low"], dit_high_noise=stage2_run["merged_high"], video_length=5, infer_steps=2)
-    teacher = _with_metadata(stage2_run["lora_moe"], tmp_path / "teacher.safetensors",
-                             **{"lora_moe.routing_mode": "teacher", "lora_moe.router_trained": "false"})
+    teacher = _with_metadata(
+        stage2_run["lora_moe"], tmp_path / "teacher.safetensors", **{"lora_moe.routing_mode": "teacher", "lora_moe.router_trained": "false"}
+    )
     with pytest.raises(MoeError, match=r"trained with --routing_mode teacher: its router was never trained.*--instrument_hint NAME"):
         _gen(stage2_run, tmp_path, "t", **dits, lora_moe_weights=teacher)
     assert not (tmp_path / "t.mp4").exists()
     _, routing = _gen(stage2_run, tmp_path, "hinted", **dits, lora_moe_weights=teacher, instrument_hint="suction")
     assert all(torch.equal(g, torch.tensor([[0.0, 0.0, 1.0, 0.0]])) for _, g in routing.history)
-    uniform = _with_metadata(stage2_run["lora_moe"], tmp_path / "uniform.safetensors",
-                             **{"lora_moe.routing_mode": "uniform", "lora_moe.router_trained": "false"})
+    uniform = _with_metadata(
+        stage2_run["lora_moe"], tmp_path / "uniform.safetensors", **{"lora_moe.routing_mode": "uniform", "lora_moe.router_trained": "false"}
+    )
     _, routing = _gen(stage2_run, tmp_path, "u", **dits, lora_moe_weights=uniform)
     assert all(torch.equal(g, torch.full((1, 4), 0.25)) for _, g in routing.history)
 

@@ -48,8 +48,7 @@ def trained(manifest):
 def held_out(manifest):
     """(records, clips as uint8 [F, H, W, 3]) of the val split."""
     records = [r for r in read_manifest(manifest) if r.split == "val"]
-    clips = [((read_clip(r, manifest.parent, SIZE).permute(0, 2, 3, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-             for r in records]
+    clips = [((read_clip(r, manifest.parent, SIZE).permute(0, 2, 3, 1) + 1) * 127.5).round().to(torch.uint8).numpy() for r in records]
     return records, clips
 
 
@@ -119,13 +118,16 @@ def test_load_refuses_other_classes_and_foreign_weights(trained, tmp_path):
 
 
 def test_accuracy_and_confusion_on_a_hand_computed_example():
-    probs = np.array([
-        [0.9, 0.1, 0.2, 0.3],  # asked scissors: found, top-1 scissors
-        [0.4, 0.7, 0.1, 0.2],  # asked scissors: missed (0.4 < 0.5), top-1 hook
-        [0.2, 0.6, 0.1, 0.8],  # asked hook: found, top-1 other
-        [0.1, 0.2, 0.5, 0.3],  # asked suction: found (0.5 counts), top-1 suction
-        [0.1, 0.3, 0.9, 0.2],  # asked hook + suction: hook missed, suction found, top-1 suction
-    ], dtype=np.float32)
+    probs = np.array(
+        [
+            [0.9, 0.1, 0.2, 0.3],  # asked scissors: found, top-1 scissors
+            [0.4, 0.7, 0.1, 0.2],  # asked scissors: missed (0.4 < 0.5), top-1 hook
+            [0.2, 0.6, 0.1, 0.8],  # asked hook: found, top-1 other
+            [0.1, 0.2, 0.5, 0.3],  # asked suction: found (0.5 counts), top-1 suction
+            [0.1, 0.3, 0.9, 0.2],  # asked hook + suction: hook missed, suction found, top-1 suction
+        ],
+        dtype=np.float32,
+    )
     acc = instrument_accuracy(probs, ["scissors", "scissors", "hook", "suction", ["hook", "suction"]])
     assert acc == InstrumentAccuracy(
         classes=list(INSTRUMENT_CLASSES),

@@ -41,9 +41,7 @@ def test_specific_names():
 
 def test_detect_key_format():
     assert detect_key_format(["blocks.0.self_attn.q.weight"]) == KeyFormat(style="original")
-    assert detect_key_format(["model.diffusion_model.blocks.0.self_attn.q.weight"]) == KeyFormat(
-        style="original", prefix="model.diffusion_model."
-    )
+    assert detect_key_format(["model.diffusion_model.blocks.0.self_attn.q.weight"]) == KeyFormat(style="original", prefix="model.diffusion_model.")
     assert detect_key_format(["blocks.0.attn1.to_q.weight"]) == KeyFormat(style="diffusers")
     assert detect_key_format(["encoder.layer.0.weight"]) is None
 

@@ -15,16 +15,21 @@ from tasks.artifacts.refs import ArtifactRef
 from tasks.registry.versions import RegistryEntry
 
 METRICS = {
-    "stage1_overall_improvement_over_base": 0.1704, "stage1_overall_improvement_over_base_ci_low": 0.1616,
-    "stage1_overall_improvement_over_base_ci_high": 0.1803, "stage2_learned_roi_improvement_over_stage1": -0.0123,
-    "routing_top1_accuracy": 0.875, "val_clips": 13.0,
+    "stage1_overall_improvement_over_base": 0.1704,
+    "stage1_overall_improvement_over_base_ci_low": 0.1616,
+    "stage1_overall_improvement_over_base_ci_high": 0.1803,
+    "stage2_learned_roi_improvement_over_stage1": -0.0123,
+    "routing_top1_accuracy": 0.875,
+    "val_clips": 13.0,
 }
 GATE = {
-    "passed": False, "primary_metric": "stage2_learned_roi_loss", "primary_value": 3.48, "higher_is_better": False,
+    "passed": False,
+    "primary_metric": "stage2_learned_roi_loss",
+    "primary_value": 3.48,
+    "higher_is_better": False,
     "checks": [
         {"name": "stage1_overall_improvement_over_base", "value": 0.1704, "threshold": 0.01, "passed": True, "description": ""},
-        {"name": "stage2_learned_roi_improvement_over_stage1", "value": -0.0123, "threshold": 0.0, "passed": False,
-         "description": ""},
+        {"name": "stage2_learned_roi_improvement_over_stage1", "value": -0.0123, "threshold": 0.0, "passed": False, "description": ""},
     ],
     "skipped": [{"name": "hint_correct_vs_wrong_roi_margin", "reason": "no held-out clip has an ROI"}],
 }
@@ -34,13 +39,19 @@ def _summary(root: str, *, cached: bool = False, skipped: str | None = None, met
     eval_uri = f"{root}/runs/abc/eval/eval"
     state = "Cached" if cached else "Completed"
     return PipelineSummary(
-        flow_run_id="abc", artifact_root=root, tracking_uri="sqlite:////x/mlflow.db", task="tiny-t2v",
-        mlflow_run_url="http://mlflow/run", registry_url="http://mlflow/model", data_fingerprint="f" * 64,
+        flow_run_id="abc",
+        artifact_root=root,
+        tracking_uri="sqlite:////x/mlflow.db",
+        task="tiny-t2v",
+        mlflow_run_url="http://mlflow/run",
+        registry_url="http://mlflow/model",
+        data_fingerprint="f" * 64,
         registered=RegistryEntry(name="m", version="3", aliases=["candidate"], champion_decision="gate failed: champion stays v2"),
         stages=[StageReport(name=n, state=state) for n in ("stage1-train", "eval", "register")],
-        artifacts={} if skipped else {"eval_report": ArtifactRef(uri=eval_uri, sha256="0" * 64, size=1, kind="eval_report",
-                                                                 layout="folder")},
-        metrics={} if skipped else metrics, gate={} if skipped else gate, skipped=skipped,
+        artifacts={} if skipped else {"eval_report": ArtifactRef(uri=eval_uri, sha256="0" * 64, size=1, kind="eval_report", layout="folder")},
+        metrics={} if skipped else metrics,
+        gate={} if skipped else gate,
+        skipped=skipped,
         report_url="http://mlflow/run/artifacts/eval/report.md",
     )
 
@@ -76,7 +87,7 @@ def test_a_new_version_leads_with_the_headline_and_the_gate(local_root):
 def test_commands_work_in_a_fresh_shell(local_root):
     lines = last_screen(_summary(f"file://{local_root}"), venv=local_root / ".venv")
     start = lines.index("look at it in a new shell:")
-    commands = [line.strip() for line in lines[start + 1:]]
+    commands = [line.strip() for line in lines[start + 1 :]]
     if sys.prefix != sys.base_prefix:
         assert commands.pop(0) == "source .venv/bin/activate"
     assert commands[0] == "export MLFLOW_TRACKING_URI=sqlite:////x/mlflow.db"
@@ -126,16 +137,20 @@ def test_a_second_run_moves_the_link_atomically(local_root):
     last_screen(_summary(f"file://{local_root}"))
     (local_root / "runs/def/eval/eval").mkdir(parents=True)
     second = _summary(f"file://{local_root}")
-    second.artifacts["eval_report"] = second.artifacts["eval_report"].model_copy(
-        update={"uri": f"file://{local_root}/runs/def/eval/eval"})
+    second.artifacts["eval_report"] = second.artifacts["eval_report"].model_copy(update={"uri": f"file://{local_root}/runs/def/eval/eval"})
     last_screen(second)
     assert (local_root / LATEST_EVAL).resolve() == (local_root / "runs/def/eval/eval").resolve()
     assert [p.name for p in local_root.iterdir() if p.name.startswith(".")] == []  # no temporary link left
 
 
 def test_generated_clip_numbers_are_shown_when_measured(local_root):
-    metrics = METRICS | {"stage2_hint_instrument_accuracy": 0.75, "stage1_instrument_accuracy": 0.25,
-                         "stage2_learned_fvd": 812.34, "stage2_learned_fvd_ci_low": 700.0, "stage2_learned_fvd_ci_high": 901.5}
+    metrics = METRICS | {
+        "stage2_hint_instrument_accuracy": 0.75,
+        "stage1_instrument_accuracy": 0.25,
+        "stage2_learned_fvd": 812.34,
+        "stage2_learned_fvd_ci_low": 700.0,
+        "stage2_learned_fvd_ci_high": 901.5,
+    }
     lines = last_screen(_summary(f"file://{local_root}", metrics=metrics))
     assert any(line.startswith("  generated clips show the hinted instrument (stage 2)") and line.endswith(" 75%") for line in lines)
     assert any(line.startswith("  ... the same prompts through stage 1") and line.endswith(" 25%") for line in lines)

@@ -50,8 +50,13 @@ def test_lines_are_streamed_and_the_error_line_is_the_message():
 
 def test_success_returns_the_interval_and_ticks_run_on_the_caller():
     ticks = []
-    result = run_command(_python("import time; time.sleep(0.5); print('done')"), "merge-low", lambda _: None,
-                         on_tick=lambda: ticks.append(threading.current_thread()), tick_s=0.1)
+    result = run_command(
+        _python("import time; time.sleep(0.5); print('done')"),
+        "merge-low",
+        lambda _: None,
+        on_tick=lambda: ticks.append(threading.current_thread()),
+        tick_s=0.1,
+    )
     assert result.ended - result.started == pytest.approx(result.wall_s) and result.wall_s >= 0.5
     assert ticks and set(ticks) == {threading.current_thread()}
 

@@ -72,9 +72,26 @@ def test_a_run_folder_loses_its_own_leftovers_but_not_a_live_runs(stage2_run, tm
     try:
         code, _, err = run_cli(capsys, ["inspect", out])
         assert code == 2 and all(str(p) in err for p in stale)
-        code, _, err = run_cli(capsys, ["stage1", "--dit", r["models"].low_noise, "--dit_high_noise", r["models"].high_noise,
-                                     "--dataset", r["cache"], "--output_dir", out, "--network_dim", "8",
-                                     "--max_train_epochs", "4", "--resume", "--no_progress"])
+        code, _, err = run_cli(
+            capsys,
+            [
+                "stage1",
+                "--dit",
+                r["models"].low_noise,
+                "--dit_high_noise",
+                r["models"].high_noise,
+                "--dataset",
+                r["cache"],
+                "--output_dir",
+                out,
+                "--network_dim",
+                "8",
+                "--max_train_epochs",
+                "4",
+                "--resume",
+                "--no_progress",
+            ],
+        )
     finally:
         holder.stop()
     assert code == 0, err
@@ -99,26 +116,75 @@ def _poison(src: Path, dst: Path, key_part: str, value: float) -> Path:
 NAN, INF = float("nan"), float("inf")
 # (case, which file, key part, value, argv from (run, poisoned file, tmp))
 NON_FINITE = [
-    ("merge: NaN in lora_up", "vanilla_lora", "lora_up", NAN,
-     lambda r, f, t: ["merge", "--dit", r["models"].low_noise, "--lora_weight", f, "--save_merged_model", t / "m.safetensors"]),
-    ("merge: inf in lora_down", "vanilla_lora", "lora_down", INF,
-     lambda r, f, t: ["merge", "--dit", r["models"].low_noise, "--lora_weight", f, "--save_merged_model", t / "m.safetensors"]),
-    ("merge: NaN alpha", "vanilla_lora", "alpha", NAN,
-     lambda r, f, t: ["merge", "--dit", r["models"].low_noise, "--lora_weight", f, "--save_merged_model", t / "m.safetensors"]),
-    ("generate: NaN in a stage-1 LoRA", "vanilla_lora", "lora_up", NAN,
-     lambda r, f, t: _generate(r, t, "--dit", r["models"].low_noise, "--dit_high_noise", r["models"].high_noise, "--lora_weight", f)),
-    ("generate: NaN in an expert", "lora_moe", "experts.hook.lora_up", NAN,
-     lambda r, f, t: _generate(r, t, "--dit", r["merged_low"], "--dit_high_noise", r["merged_high"], "--lora_moe_weights", f)),
-    ("generate: inf in the router", "lora_moe", "router.", -INF,
-     lambda r, f, t: _generate(r, t, "--dit", r["merged_low"], "--dit_high_noise", r["merged_high"], "--lora_moe_weights", f)),
-    ("export: NaN timestep gate", "lora_moe", "timestep_gate.c", NAN,
-     lambda r, f, t: ["export-expert", "--lora_moe_weights", f, "--expert", "hook", "--out", t / "e.safetensors"]),
+    (
+        "merge: NaN in lora_up",
+        "vanilla_lora",
+        "lora_up",
+        NAN,
+        lambda r, f, t: ["merge", "--dit", r["models"].low_noise, "--lora_weight", f, "--save_merged_model", t / "m.safetensors"],
+    ),
+    (
+        "merge: inf in lora_down",
+        "vanilla_lora",
+        "lora_down",
+        INF,
+        lambda r, f, t: ["merge", "--dit", r["models"].low_noise, "--lora_weight", f, "--save_merged_model", t / "m.safetensors"],
+    ),
+    (
+        "merge: NaN alpha",
+        "vanilla_lora",
+        "alpha",
+        NAN,
+        lambda r, f, t: ["merge", "--dit", r["models"].low_noise, "--lora_weight", f, "--save_merged_model", t / "m.safetensors"],
+    ),
+    (
+        "generate: NaN in a stage-1 LoRA",
+        "vanilla_lora",
+        "lora_up",
+        NAN,
+        lambda r, f, t: _generate(r, t, "--dit", r["models"].low_noise, "--dit_high_noise", r["models"].high_noise, "--lora_weight", f),
+    ),
+    (
+        "generate: NaN in an expert",
+        "lora_moe",
+        "experts.hook.lora_up",
+        NAN,
+        lambda r, f, t: _generate(r, t, "--dit", r["merged_low"], "--dit_high_noise", r["merged_high"], "--lora_moe_weights", f),
+    ),
+    (
+        "generate: inf in the router",
+        "lora_moe",
+        "router.",
+        -INF,
+        lambda r, f, t: _generate(r, t, "--dit", r["merged_low"], "--dit_high_noise", r["merged_high"], "--lora_moe_weights", f),
+    ),
+    (
+        "export: NaN timestep gate",
+        "lora_moe",
+        "timestep_gate.c",
+        NAN,
+        lambda r, f, t: ["export-expert", "--lora_moe_weights", f, "--expert", "hook", "--out", t / "e.safetensors"],
+    ),
 ]
 
 
 def _generate(r, tmp, *extra):
-    return ["generate", "--model_set", r["root"] / "models", "--prompt", "x", "--infer_steps", "1", "--video_size", "32x32",
-            "--video_length", "5", "--save_path", tmp / "v.mp4", *extra]
+    return [
+        "generate",
+        "--model_set",
+        r["root"] / "models",
+        "--prompt",
+        "x",
+        "--infer_steps",
+        "1",
+        "--video_size",
+        "32x32",
+        "--video_length",
+        "5",
+        "--save_path",
+        tmp / "v.mp4",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("case, file, key_part, value, argv", NON_FINITE, ids=[c[0] for c in NON_FINITE])

@@ -41,8 +41,14 @@ def test_make_ui_opens_both_uis_on_a_local_runs_stores(mlflow_uri, tmp_path):
     experiment = f"ui-{tmp_path.name}"
     mlflow_client(mlflow_uri).create_experiment(experiment)
     port_5000_free = _free(5000)
-    ui = subprocess.Popen([sys.executable, "deploy/stack.py", "ui", "--dir", str(run_dir)], cwd=ROOT, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONPATH": str(ROOT)})
+    ui = subprocess.Popen(
+        [sys.executable, "deploy/stack.py", "ui", "--dir", str(run_dir)],
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+    )
     try:
         lines = [ui.stdout.readline() for _ in range(2)]
         prefect = re.fullmatch(r"Prefect UI  (http://127\.0\.0\.1:\d+)\n", lines[0])
@@ -72,8 +78,7 @@ def test_make_ui_opens_both_uis_on_a_local_runs_stores(mlflow_uri, tmp_path):
 
 
 def test_make_ui_without_a_run_says_what_to_do(tmp_path):
-    done = subprocess.run([sys.executable, "deploy/stack.py", "ui", "--dir", str(tmp_path)], cwd=ROOT, text=True,
-                          capture_output=True, timeout=60)
+    done = subprocess.run([sys.executable, "deploy/stack.py", "ui", "--dir", str(tmp_path)], cwd=ROOT, text=True, capture_output=True, timeout=60)
     assert done.returncode == 2 and "no local run" in done.stderr and "make demo" in done.stderr
     assert "Traceback" not in done.stderr
 

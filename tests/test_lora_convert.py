@@ -27,9 +27,7 @@ def _mixed_lora(tiny_state, dtype=torch.float32):
     """Mixed ranks and alphas (alpha 1 on most modules, 3 and 0.25 on two)."""
     modules = random_lora(tiny_state, MIXED)
     alphas = {"blocks.6.self_attn.k": 3.0, "blocks.7.cross_attn.v": 0.25}
-    return {
-        m: LoRAModuleWeights(down=w.down.to(dtype), up=w.up.to(dtype), alpha=alphas.get(m, 1.0)) for m, w in modules.items()
-    }
+    return {m: LoRAModuleWeights(down=w.down.to(dtype), up=w.up.to(dtype), alpha=alphas.get(m, 1.0)) for m, w in modules.items()}
 
 
 def _metadata(path) -> dict[str, str]:
@@ -40,12 +38,12 @@ def _metadata(path) -> dict[str, str]:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_round_trip_through_every_form_is_lossless(tmp_path, tiny_state, dtype):
     modules = _mixed_lora(tiny_state, dtype)
-    src = write_lora_file(
-        tmp_path / "a.safetensors", modules, TargetSpec(), "tiny-t2v", extra_metadata={"ss_output_name": "surgery"}
-    )
-    chain = [("musubi", "lora_unet_blocks_6_self_attn_q.lora_down.weight"),
-             ("peft", "transformer.blocks.6.attn1.to_q.lora_A.weight"),
-             ("default", "diffusion_model.blocks.6.self_attn.q.lora_down.weight")]
+    src = write_lora_file(tmp_path / "a.safetensors", modules, TargetSpec(), "tiny-t2v", extra_metadata={"ss_output_name": "surgery"})
+    chain = [
+        ("musubi", "lora_unet_blocks_6_self_attn_q.lora_down.weight"),
+        ("peft", "transformer.blocks.6.attn1.to_q.lora_A.weight"),
+        ("default", "diffusion_model.blocks.6.self_attn.q.lora_down.weight"),
+    ]
     previous = src
     for form, key in chain:
         out = tmp_path / f"{form}.safetensors"
@@ -60,9 +58,7 @@ def test_round_trip_through_every_form_is_lossless(tmp_path, tiny_state, dtype):
         meta = _metadata(out)
         assert meta["ss_output_name"] == "surgery" and meta["lora_moe.task"] == "tiny-t2v"
         assert TargetSpec.from_json(meta["lora_moe.targets"]) == TargetSpec()
-        assert json.loads(meta[CONVERTED_FROM_KEY]) == {
-            "file": previous.name, "form": read_lora_file(previous).form, "sha256": sha256_file(previous)
-        }
+        assert json.loads(meta[CONVERTED_FROM_KEY]) == {"file": previous.name, "form": read_lora_file(previous).form, "sha256": sha256_file(previous)}
         assert (HEADER_KEY in meta) == (form == "peft")  # never a header beside .alpha tensors
         previous = out
     final = load_file(previous)
@@ -132,8 +128,14 @@ def _random_lora_moe_file(tmp_path, preset):
             if "lora_up" in name:
                 p.normal_(0, 0.1)
     return write_lora_moe_file(
-        tmp_path / "moe.safetensors", adapters, Router(RouterConfig.for_preset(preset)), TimestepGate(len(INSTRUMENT_CLASSES)),
-        experts=INSTRUMENT_CLASSES, targets=TargetSpec(), task=preset.task, merged_dits={"high_noise": "a" * 64, "low_noise": "b" * 64},
+        tmp_path / "moe.safetensors",
+        adapters,
+        Router(RouterConfig.for_preset(preset)),
+        TimestepGate(len(INSTRUMENT_CLASSES)),
+        experts=INSTRUMENT_CLASSES,
+        targets=TargetSpec(),
+        task=preset.task,
+        merged_dits={"high_noise": "a" * 64, "low_noise": "b" * 64},
     )
 
 
@@ -146,9 +148,7 @@ def test_export_expert_writes_a_musubi_copy_on_request(tmp_path, tiny_preset):
     assert copy.name == "hook_musubi.safetensors" and f"musubi-tuner copy to {copy}" in done.stdout
     default, musubi = read_lora_file(out), read_lora_file(copy)
     assert musubi.form == "musubi" and musubi.metadata["lora_moe.exported_expert"] == "hook"
-    assert all(
-        torch.equal(musubi.modules[m].up, w.up) and musubi.modules[m].alpha == w.alpha for m, w in default.modules.items()
-    )
+    assert all(torch.equal(musubi.modules[m].up, w.up) and musubi.modules[m].alpha == w.alpha for m, w in default.modules.items())
 
 
 def test_stage1_writes_a_musubi_copy_on_request(tiny_workspace, tmp_path):
@@ -156,10 +156,17 @@ def test_stage1_writes_a_musubi_copy_on_request(tiny_workspace, tmp_path):
     from moe.train.stage1 import train_stage1
 
     ws, out = tiny_workspace, tmp_path / "s1"
-    train_stage1(Stage1Config(
-        dit=ws["models"].low_noise, dit_high_noise=ws["models"].high_noise, dataset=ws["cache"], output_dir=out,
-        max_train_epochs=1, progress=False, musubi_copy=True,
-    ))
+    train_stage1(
+        Stage1Config(
+            dit=ws["models"].low_noise,
+            dit_high_noise=ws["models"].high_noise,
+            dataset=ws["cache"],
+            output_dir=out,
+            max_train_epochs=1,
+            progress=False,
+            musubi_copy=True,
+        )
+    )
     default, musubi = read_lora_file(out / "vanilla_lora.safetensors"), read_lora_file(out / "vanilla_lora_musubi.safetensors")
     assert default.form == "default" and musubi.form == "musubi" and set(musubi.modules) == set(default.modules)
     assert all(torch.equal(musubi.modules[m].down, w.down) for m, w in default.modules.items())

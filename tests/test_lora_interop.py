@@ -24,8 +24,13 @@ from moe.wan.checkpoint import build_random_transformer, transformer_state_dict,
 from moe.wan.keys import diffusers_to_original
 
 TARGETS = [
-    "blocks.6.attn1.to_q", "blocks.6.attn1.to_k", "blocks.6.ffn.net.0.proj",
-    "blocks.7.attn1.to_q", "blocks.7.attn1.to_v", "blocks.7.attn2.to_k", "blocks.7.ffn.net.0.proj",
+    "blocks.6.attn1.to_q",
+    "blocks.6.attn1.to_k",
+    "blocks.6.ffn.net.0.proj",
+    "blocks.7.attn1.to_q",
+    "blocks.7.attn1.to_v",
+    "blocks.7.attn2.to_k",
+    "blocks.7.ffn.net.0.proj",
 ]
 # Each case: LoraConfig options, how diffusers saves it, and (rank, scale) per module worked out
 # by hand from peft's rules. alpha_pattern is saved sorted (json sort_keys), so for
@@ -40,8 +45,12 @@ CASES = {
         dict(r=4, lora_alpha=2, rank_pattern={"attn1.to_q": 8}, alpha_pattern={"ffn.net.0.proj": 0.5, r"blocks\.6\..*": 3.0}),
         "save_lora_weights",
         {
-            "blocks.6.attn1.to_q": (8, 3 / 8), "blocks.6.attn1.to_k": (4, 3 / 4), "blocks.6.ffn.net.0.proj": (4, 3 / 4),
-            "blocks.7.attn1.to_q": (8, 2 / 8), "blocks.7.attn1.to_v": (4, 2 / 4), "blocks.7.attn2.to_k": (4, 2 / 4),
+            "blocks.6.attn1.to_q": (8, 3 / 8),
+            "blocks.6.attn1.to_k": (4, 3 / 4),
+            "blocks.6.ffn.net.0.proj": (4, 3 / 4),
+            "blocks.7.attn1.to_q": (8, 2 / 8),
+            "blocks.7.attn1.to_v": (4, 2 / 4),
+            "blocks.7.attn2.to_k": (4, 2 / 4),
             "blocks.7.ffn.net.0.proj": (4, 0.5 / 4),
         },
     ),
@@ -83,8 +92,7 @@ def _diffusers_fused(path, preset, save: str) -> dict[str, torch.Tensor]:
     """diffusers' own load + fuse_lora + unload, on the base weights; original keys."""
     model = build_random_transformer(preset, seed=0)
     if save == "save_lora_weights":
-        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model,
-                           scheduler=FlowMatchEulerDiscreteScheduler())
+        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model, scheduler=FlowMatchEulerDiscreteScheduler())
         pipe.load_lora_weights(str(path))
         pipe.fuse_lora(components=["transformer"])
         pipe.unload_lora_weights()
@@ -140,8 +148,16 @@ def test_reader_scale_and_inspect_follow_the_header(tmp_path, tiny_preset):
 
 def test_pattern_matching_is_peft_s_own():
     patterns = ["attn1.to_q", r"blocks\.6\..*", "^blocks.7.ffn.net.0.proj", "to_out.0", "ffn"]
-    modules = ["blocks.6.attn1.to_q", "blocks.16.attn1.to_q", "blocks.6.ffn.net.2", "blocks.7.ffn.net.0.proj",
-               "blocks.17.ffn.net.0.proj", "blocks.3.attn1.to_out.0", "blocks.3.attn2.to_k", "blocks.3.ffn.net.2"]
+    modules = [
+        "blocks.6.attn1.to_q",
+        "blocks.16.attn1.to_q",
+        "blocks.6.ffn.net.2",
+        "blocks.7.ffn.net.0.proj",
+        "blocks.17.ffn.net.0.proj",
+        "blocks.3.attn1.to_out.0",
+        "blocks.3.attn2.to_k",
+        "blocks.3.ffn.net.2",
+    ]
     for module in modules:
         theirs = get_pattern_key(patterns, module)
         assert pattern_key(patterns, module) == (theirs if theirs != module else None), module
@@ -160,8 +176,11 @@ def _with_header(tmp_path, state, header: dict, name="l.safetensors"):
         ({"r": 4, "lora_alpha": 4, "layers_to_transform": 0}, {}, "layers_to_transform=0"),
         ({"r": 8, "lora_alpha": 4}, {}, "gives blocks.7.attn1.to_q rank 8 but the tensors have rank 4"),
         ({"r": 4, "lora_alpha": 4, "target_modules": ["to_k"]}, {}, "does not target blocks.7.attn1.to_q"),
-        ({"r": 4, "lora_alpha": 4}, {"transformer.blocks.7.attn1.to_q.alpha": torch.tensor(4.0)},
-         "both .alpha tensors and a lora_adapter_metadata header"),
+        (
+            {"r": 4, "lora_alpha": 4},
+            {"transformer.blocks.7.attn1.to_q.alpha": torch.tensor(4.0)},
+            "both .alpha tensors and a lora_adapter_metadata header",
+        ),
     ],
 )
 def test_header_refusals(tmp_path, header, extra, message):
@@ -177,14 +196,25 @@ def test_merge_cli_refuses_a_header_it_cannot_merge_in_one_line(tmp_path, tiny_s
     import subprocess
     import sys
 
-    state = {"transformer.blocks.7.attn1.to_q.lora_A.weight": torch.randn(4, 32),
-             "transformer.blocks.7.attn1.to_q.lora_B.weight": torch.randn(32, 4)}
+    state = {"transformer.blocks.7.attn1.to_q.lora_A.weight": torch.randn(4, 32), "transformer.blocks.7.attn1.to_q.lora_B.weight": torch.randn(32, 4)}
     lora = _with_header(tmp_path, state, {"transformer.r": 4, "transformer.use_dora": True})
     dit = write_checkpoint(tiny_state, tmp_path / "dit.safetensors")
     done = subprocess.run(
-        [sys.executable, "-m", "moe", "merge", "--dit", str(dit), "--lora_weight", str(lora),
-         "--save_merged_model", str(tmp_path / "out.safetensors"), "--quiet"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "moe",
+            "merge",
+            "--dit",
+            str(dit),
+            "--lora_weight",
+            str(lora),
+            "--save_merged_model",
+            str(tmp_path / "out.safetensors"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 2 and done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1
     assert "use_dora=True" in done.stderr and not (tmp_path / "out.safetensors").exists()

@@ -332,8 +332,12 @@ def test_file_round_trip(tmp_path, tiny_preset):
     fresh_adapters = inject_lora_moe(fresh, moe.ranks(), 1.0, moe.experts, RoutingState())
     moe.load_adapters(fresh_adapters)
     again = write_lora_moe_file(
-        tmp_path / "again.safetensors", fresh_adapters, moe.build_router(), moe.build_timestep_gate(),
-        experts=moe.experts, **META,
+        tmp_path / "again.safetensors",
+        fresh_adapters,
+        moe.build_router(),
+        moe.build_timestep_gate(),
+        experts=moe.experts,
+        **META,
     )
     raw2 = load_file(again)
     assert raw.keys() == raw2.keys() and all(torch.equal(raw[k], raw2[k]) for k in raw)

@@ -48,8 +48,13 @@ def test_diffusers_load_lora_weights_agrees_with_the_table_and_with_us(tmp_path,
     modules = _modules(tiny_state, coverage)
     path = write_lora_file(tmp_path / f"{form}.safetensors", modules, save_format=form)
     lora = read_lora_file(path)
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=build_random_transformer(tiny_preset, seed=0),
-                       scheduler=FlowMatchEulerDiscreteScheduler())
+    pipe = WanPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=None,
+        transformer=build_random_transformer(tiny_preset, seed=0),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
     expected = tool_support(lora.form, lora.modules)["diffusers"]
     if expected is not None:
         with pytest.raises(KeyError):  # diffusers' musubi converter pops every module of every block
@@ -86,4 +91,3 @@ def test_comfyui_and_musubi_key_rules_agree_with_the_table(tmp_path, tiny_state,
     if form == "musubi":  # --network_weights: one module per lora_unet_ name; KeyError without .alpha
         net = musubi_network_modules(state)
         assert net == {"lora_unet_" + m.replace(".", "_"): (w.rank, w.alpha) for m, w in modules.items()}
-

@@ -104,9 +104,7 @@ def test_sharded_output_has_its_own_index_and_extras(tmp_path, tiny_state, tiny_
         out_index = json.loads((out / index.name).read_text())
         assert out_index["weight_map"] == json.loads(index.read_text())["weight_map"]
         assert out_index["metadata"]["lora_moe.merged_from"][-1]["base"] == index.name
-        assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(
-            p.name for p in base_path.glob("*.safetensors")
-        )
+        assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(p.name for p in base_path.glob("*.safetensors"))
 
 
 def test_merge_peak_memory_chunks_large_tensors(tmp_path, monkeypatch, tiny_state, tiny_lora_file):
@@ -140,8 +138,7 @@ def test_merge_survives_short_reads_and_writes(tmp_path, monkeypatch, tiny_state
 
     base_path, _ = _checkpoint(tmp_path, tiny_state, "original", torch.bfloat16)
     merge_lora_into_checkpoint(base_path, tiny_lora_file[0], tmp_path / "a.safetensors", progress=False)
-    monkeypatch.setattr(merge_mod, "open", lambda path, mode, buffering: ShortIO(path, mode.replace("b", "")),
-                        raising=False)
+    monkeypatch.setattr(merge_mod, "open", lambda path, mode, buffering: ShortIO(path, mode.replace("b", "")), raising=False)
     merge_lora_into_checkpoint(base_path, tiny_lora_file[0], tmp_path / "b.safetensors", progress=False)
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
 
@@ -175,8 +172,16 @@ def _refused(tmp_path, capsys, out, *args, match):
 
 def test_refuses_dit_as_lora(tmp_path, capsys, base_and_lora):
     base, _ = base_and_lora
-    _refused(tmp_path, capsys, tmp_path / "o.safetensors", "--dit", base, "--lora_weight", base,
-             match="is a Wan DiT checkpoint, but --lora_weight expects a vanilla LoRA")
+    _refused(
+        tmp_path,
+        capsys,
+        tmp_path / "o.safetensors",
+        "--dit",
+        base,
+        "--lora_weight",
+        base,
+        match="is a Wan DiT checkpoint, but --lora_weight expects a vanilla LoRA",
+    )
 
 
 def test_refuses_lora_moe_file_as_lora(tmp_path, capsys, base_and_lora):
@@ -187,30 +192,53 @@ def test_refuses_lora_moe_file_as_lora(tmp_path, capsys, base_and_lora):
         moe_file,
         metadata={"lora_moe.format": "lora-moe/1"},
     )
-    _refused(tmp_path, capsys, tmp_path / "o.safetensors", "--dit", base, "--lora_weight", moe_file,
-             match="is a LoRA-MoE (stage 2) file, but --lora_weight expects a vanilla LoRA")
+    _refused(
+        tmp_path,
+        capsys,
+        tmp_path / "o.safetensors",
+        "--dit",
+        base,
+        "--lora_weight",
+        moe_file,
+        match="is a LoRA-MoE (stage 2) file, but --lora_weight expects a vanilla LoRA",
+    )
 
 
 def test_refuses_lora_as_dit(tmp_path, capsys, base_and_lora):
     _, lora = base_and_lora
-    _refused(tmp_path, capsys, tmp_path / "o.safetensors", "--dit", lora, "--lora_weight", lora,
-             match="is a vanilla LoRA, but --dit expects a Wan DiT checkpoint")
+    _refused(
+        tmp_path,
+        capsys,
+        tmp_path / "o.safetensors",
+        "--dit",
+        lora,
+        "--lora_weight",
+        lora,
+        match="is a vanilla LoRA, but --dit expects a Wan DiT checkpoint",
+    )
 
 
 def test_refuses_modules_the_dit_lacks(tmp_path, capsys, tiny_state, base_and_lora):
     base, _ = base_and_lora
     big_state = dict(tiny_state) | {"blocks.9.self_attn.q.weight": torch.zeros(32, 32)}
     lora = write_lora_file(tmp_path / "deep.safetensors", random_lora(big_state, {"blocks.9.self_attn.q": 4, "blocks.7.self_attn.q": 4}))
-    _refused(tmp_path, capsys, tmp_path / "o.safetensors", "--dit", base, "--lora_weight", lora,
-             match="the DiT has no module blocks.9.self_attn.q")
+    _refused(tmp_path, capsys, tmp_path / "o.safetensors", "--dit", base, "--lora_weight", lora, match="the DiT has no module blocks.9.self_attn.q")
 
 
 def test_refuses_shape_mismatch(tmp_path, capsys, tiny_state, base_and_lora):
     base, _ = base_and_lora
     wide = {"blocks.7.self_attn.q.weight": torch.zeros(48, 32)}
     lora = write_lora_file(tmp_path / "wide.safetensors", random_lora(wide, {"blocks.7.self_attn.q": 4}))
-    _refused(tmp_path, capsys, tmp_path / "o.safetensors", "--dit", base, "--lora_weight", lora,
-             match="shape mismatch: blocks.7.self_attn.q is [32, 32] in the DiT but the LoRA makes [48, 32]")
+    _refused(
+        tmp_path,
+        capsys,
+        tmp_path / "o.safetensors",
+        "--dit",
+        base,
+        "--lora_weight",
+        lora,
+        match="shape mismatch: blocks.7.self_attn.q is [32, 32] in the DiT but the LoRA makes [48, 32]",
+    )
 
 
 def test_refuses_output_equal_to_input(tmp_path, capsys, base_and_lora):
@@ -224,8 +252,7 @@ def test_refuses_merging_the_same_lora_twice_unless_forced(tmp_path, capsys, bas
     base, lora = base_and_lora
     once = tmp_path / "once.safetensors"
     merge_lora_into_checkpoint(base, lora, once, progress=False)
-    _refused(tmp_path, capsys, tmp_path / "twice.safetensors", "--dit", once, "--lora_weight", lora,
-             match="already has this LoRA merged in")
+    _refused(tmp_path, capsys, tmp_path / "twice.safetensors", "--dit", once, "--lora_weight", lora, match="already has this LoRA merged in")
     code, _ = _cli(capsys, "--dit", once, "--lora_weight", lora, "--save_merged_model", tmp_path / "twice.safetensors", "--force")
     assert code == 0
     history = json.loads(read_header(tmp_path / "twice.safetensors").metadata["lora_moe.merged_from"])
@@ -234,23 +261,48 @@ def test_refuses_merging_the_same_lora_twice_unless_forced(tmp_path, capsys, bas
 
 def test_refuses_wrong_task(tmp_path, capsys, base_and_lora):
     base, lora = base_and_lora
-    _refused(tmp_path, capsys, tmp_path / "o.safetensors", "--dit", base, "--lora_weight", lora, "--task", "tiny-i2v",
-             match="does not match task tiny-i2v")
+    _refused(
+        tmp_path, capsys, tmp_path / "o.safetensors", "--dit", base, "--lora_weight", lora, "--task", "tiny-i2v", match="does not match task tiny-i2v"
+    )
 
 
 def test_cli_subprocess_end_to_end(tmp_path, base_and_lora):
     """The installed entry point: success prints one line; a refusal prints no traceback."""
     base, lora = base_and_lora
     ok = subprocess.run(
-        [sys.executable, "-m", "moe", "merge", "--dit", str(base), "--lora_weight", str(lora),
-         "--save_merged_model", str(tmp_path / "m.safetensors"), "--lora_multiplier", "0.5"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "moe",
+            "merge",
+            "--dit",
+            str(base),
+            "--lora_weight",
+            str(lora),
+            "--save_merged_model",
+            str(tmp_path / "m.safetensors"),
+            "--lora_multiplier",
+            "0.5",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert ok.returncode == 0, ok.stderr
     assert "merged 9 modules x0.5" in ok.stdout
     bad = subprocess.run(
-        [sys.executable, "-m", "moe", "merge", "--dit", str(lora), "--lora_weight", str(lora),
-         "--save_merged_model", str(tmp_path / "x.safetensors")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "moe",
+            "merge",
+            "--dit",
+            str(lora),
+            "--lora_weight",
+            str(lora),
+            "--save_merged_model",
+            str(tmp_path / "x.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.startswith("error: ")

@@ -110,8 +110,7 @@ def _check_bytes(base_path, out, targets: set[str], rewritten: set[str]):
 def test_merge_into_fp8_matches_float64_reference(tmp_path, tiny_state, lora, form, scale, prefix):
     lora_path, modules = lora
     base = fp8_state(_bf16_rest(tiny_state), form, scale, scale_input=True)
-    base_path = write_fp8_checkpoint(_bf16_rest(tiny_state), tmp_path / "base.safetensors", form, prefix, scale,
-                                     scale_input=True)
+    base_path = write_fp8_checkpoint(_bf16_rest(tiny_state), tmp_path / "base.safetensors", form, prefix, scale, scale_input=True)
     before = {p: sha256_file(p) for p in (base_path, lora_path)}
     out = tmp_path / "merged.safetensors"
 
@@ -154,11 +153,8 @@ def test_sharded_fp8_checkpoint(tmp_path, tiny_state, lora, form, scale):
     """Sharded, with every scale_weight in the last shard, away from its weight."""
     lora_path, modules = lora
     base = fp8_state(tiny_state, form, scale)
-    ordered = {k: v for k, v in base.items() if not k.endswith(".scale_weight")} | {
-        k: v for k, v in base.items() if k.endswith(".scale_weight")
-    }
-    base_path = write_checkpoint(ordered, tmp_path / "base", KeyFormat(style="original", prefix=COMFY_PREFIX),
-                                 max_shard_bytes=20_000)
+    ordered = {k: v for k, v in base.items() if not k.endswith(".scale_weight")} | {k: v for k, v in base.items() if k.endswith(".scale_weight")}
+    base_path = write_checkpoint(ordered, tmp_path / "base", KeyFormat(style="original", prefix=COMFY_PREFIX), max_shard_bytes=20_000)
     layout = resolve_checkpoint(base_path)
     assert len(layout.files) > 2
     out = tmp_path / "merged"
@@ -213,11 +209,16 @@ def test_mixed_checkpoint_merges_float_and_fp8_targets(tmp_path, tiny_state, lor
     merge_lora_into_checkpoint(base_path, lora_path, tmp_path / "m.safetensors", lora_multiplier=M, progress=False)
     merged = load_file(tmp_path / "m.safetensors")
     pair = modules["blocks.7.ffn.0"]
-    ref = (tiny_state[key].to(torch.bfloat16).double() + M * pair.scale * (pair.up.double() @ pair.down.double()))
+    ref = tiny_state[key].to(torch.bfloat16).double() + M * pair.scale * (pair.up.double() @ pair.down.double())
     assert merged[COMFY_PREFIX + key].dtype == torch.bfloat16
     assert torch.allclose(merged[COMFY_PREFIX + key].double(), ref, rtol=2**-8, atol=1e-6)
-    _check_merged_weight("blocks.7.self_attn.q.weight", base, {k.removeprefix(COMFY_PREFIX): v for k, v in merged.items()},
-                         modules["blocks.7.self_attn.q"], scaled=True)
+    _check_merged_weight(
+        "blocks.7.self_attn.q.weight",
+        base,
+        {k.removeprefix(COMFY_PREFIX): v for k, v in merged.items()},
+        modules["blocks.7.self_attn.q"],
+        scaled=True,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +254,11 @@ REFUSALS = {
     "int8": ("plain", _tamper_int8, "is stored as I8"),
     "scale-dtype": ("comfy_scaled", _tamper_scale_dtype, "scale_weight is BF16 [], expected F32 [] or [32, 1]"),
     "scale-shape": ("comfy_scaled", _tamper_scale_shape, "scale_weight is F32 [1, 32], expected F32 [] or [32, 1]"),
-    "missing-scale": ("comfy_scaled", _tamper_missing_scale, "is ComfyUI scaled fp8 but has no model.diffusion_model.blocks.7.self_attn.q.scale_weight"),
+    "missing-scale": (
+        "comfy_scaled",
+        _tamper_missing_scale,
+        "is ComfyUI scaled fp8 but has no model.diffusion_model.blocks.7.self_attn.q.scale_weight",
+    ),
     "scale-on-bf16": ("comfy_scaled", _tamper_scale_on_bf16, "is stored as BF16 but has a model.diffusion_model.blocks.7.self_attn.q.scale_weight"),
 }
 

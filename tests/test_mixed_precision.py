@@ -93,7 +93,7 @@ def test_bf16_base_with_fp32_adapters_matches_float64(kind, autocast):
     base_err = _rel(base(x.detach()), x.detach().double() @ base.weight.double().T + base.bias.double())
     assert _rel(y, ref) <= max(1e-2, 2 * base_err), (_rel(y, ref), base_err)
     for got, want in zip((x, adapter.lora_down, adapter.lora_up), leaves):
-        assert _rel(got.grad, want.grad) <= 1e-2, (_rel(got.grad, want.grad))
+        assert _rel(got.grad, want.grad) <= 1e-2, _rel(got.grad, want.grad)
 
 
 @pytest.mark.parametrize("autocast", [False, True])

@@ -21,12 +21,33 @@ def argv_for(stage2_run, tmp_path_factory):
     models = r["root"] / "models"
     return {
         "merge": ["merge", "--dit", r["models"].low_noise, "--lora_weight", r["vanilla_lora"], "--save_merged_model", out / "m.safetensors"],
-        "stage1": ["stage1", "--dit", r["models"].low_noise, "--dit_high_noise", r["models"].high_noise, "--dataset", r["cache"],
-                   "--output_dir", out / "s1"],
-        "stage2": ["stage2", "--dit", r["merged_low"], "--dit_high_noise", r["merged_high"], "--dataset", r["cache"],
-                   "--output_dir", out / "s2"],
-        "generate": ["generate", "--dit", r["merged_low"], "--dit_high_noise", r["merged_high"], "--model_set", models,
-                     "--lora_moe_weights", r["lora_moe"], "--prompt", "x", "--save_path", out / "v.mp4"],
+        "stage1": [
+            "stage1",
+            "--dit",
+            r["models"].low_noise,
+            "--dit_high_noise",
+            r["models"].high_noise,
+            "--dataset",
+            r["cache"],
+            "--output_dir",
+            out / "s1",
+        ],
+        "stage2": ["stage2", "--dit", r["merged_low"], "--dit_high_noise", r["merged_high"], "--dataset", r["cache"], "--output_dir", out / "s2"],
+        "generate": [
+            "generate",
+            "--dit",
+            r["merged_low"],
+            "--dit_high_noise",
+            r["merged_high"],
+            "--model_set",
+            models,
+            "--lora_moe_weights",
+            r["lora_moe"],
+            "--prompt",
+            "x",
+            "--save_path",
+            out / "v.mp4",
+        ],
         "export": ["export-expert", "--lora_moe_weights", r["lora_moe"], "--expert", "hook", "--out", out / "e.safetensors"],
         "synth": ["data", "synth", "--out", out / "d"],
         "cache": ["cache", "--manifest", r["manifest"], "--model_set", models, "--out", out / "c"],
@@ -89,8 +110,7 @@ def _nouns(message: str) -> list[str]:
 
 
 def test_nouns_of_a_message():
-    assert _nouns("error: --rank_q must be a whole number >= 1 and <= 1024, got 0") == [
-        "--rank_q", "whole number >= 1 and <= 1024", "0"]
+    assert _nouns("error: --rank_q must be a whole number >= 1 and <= 1024, got 0") == ["--rank_q", "whole number >= 1 and <= 1024", "0"]
     assert _nouns("error: --top_k 5 is more than --num_experts 4") == ["--top_k", "--num_experts"]
 
 
@@ -117,8 +137,9 @@ def test_the_library_refuses_a_nan_multiplier_too(stage2_run, tmp_path):
     """Callers that skip the CLI (the workflow, Prefect tasks) get the same refusal before a
     28 GB NaN checkpoint is written."""
     with pytest.raises(MoeError, match=f"--lora_multiplier {FINITE}, got nan"):
-        merge_lora_into_checkpoint(stage2_run["models"].low_noise, stage2_run["vanilla_lora"], tmp_path / "m.safetensors",
-                                   float("nan"), progress=False)
+        merge_lora_into_checkpoint(
+            stage2_run["models"].low_noise, stage2_run["vanilla_lora"], tmp_path / "m.safetensors", float("nan"), progress=False
+        )
     assert not list(tmp_path.iterdir())
 
 

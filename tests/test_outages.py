@@ -102,8 +102,11 @@ def test_the_failed_run_says_which_service_is_down(prefect_api, tmp_path):
 
     uri = f"http://127.0.0.1:{_closed_port()}"
     started = time.monotonic()
-    state = lora_moe_pipeline(artifact_root=str(tmp_path / "root"), return_state=True, tracking={
-        "tracking_uri": uri, "experiment": "down", "request_max_retries": 1, "request_backoff_factor": 0})
+    state = lora_moe_pipeline(
+        artifact_root=str(tmp_path / "root"),
+        return_state=True,
+        tracking={"tracking_uri": uri, "experiment": "down", "request_max_retries": 1, "request_backoff_factor": 0},
+    )
     assert state.is_failed() and time.monotonic() - started < 60
     assert f"TrackingUnavailable: MLflow tracking server {uri} is unreachable (connection refused)" in state.message
     assert not (tmp_path / "root" / "runs").exists()

@@ -20,9 +20,17 @@ from moe.files.output_paths import check_not_an_input
 def ws(stage2_run):
     r = stage2_run
     return {
-        "dit": r["models"].low_noise, "dit_high": r["models"].high_noise, "models": r["root"] / "models",
-        "lora": r["vanilla_lora"], "moe": r["lora_moe"], "merged_low": r["merged_low"], "merged_high": r["merged_high"],
-        "cache": r["cache"], "manifest": r["manifest"], "data": r["manifest"].parent, "stage1": r["root"] / "stage1",
+        "dit": r["models"].low_noise,
+        "dit_high": r["models"].high_noise,
+        "models": r["root"] / "models",
+        "lora": r["vanilla_lora"],
+        "moe": r["lora_moe"],
+        "merged_low": r["merged_low"],
+        "merged_high": r["merged_high"],
+        "cache": r["cache"],
+        "manifest": r["manifest"],
+        "data": r["manifest"].parent,
+        "stage1": r["root"] / "stage1",
     }
 
 
@@ -35,24 +43,82 @@ def _export(ws, out, *extra, source=None):
 
 
 def _generate(ws, out, *extra):
-    return ["generate", "--dit", ws["dit"], "--dit_high_noise", ws["dit_high"], "--model_set", ws["models"],
-            "--prompt", "a hook", "--infer_steps", "1", "--video_size", "32x32", "--video_length", "5",
-            "--save_path", out, *extra]
+    return [
+        "generate",
+        "--dit",
+        ws["dit"],
+        "--dit_high_noise",
+        ws["dit_high"],
+        "--model_set",
+        ws["models"],
+        "--prompt",
+        "a hook",
+        "--infer_steps",
+        "1",
+        "--video_size",
+        "32x32",
+        "--video_length",
+        "5",
+        "--save_path",
+        out,
+        *extra,
+    ]
 
 
 def _stage1(ws, out, *extra, dataset=None):
-    return ["stage1", "--dit", ws["dit"], "--dit_high_noise", ws["dit_high"], "--dataset", dataset or ws["cache"],
-            "--output_dir", out, "--max_train_epochs", "1", "--no_progress", *extra]
+    return [
+        "stage1",
+        "--dit",
+        ws["dit"],
+        "--dit_high_noise",
+        ws["dit_high"],
+        "--dataset",
+        dataset or ws["cache"],
+        "--output_dir",
+        out,
+        "--max_train_epochs",
+        "1",
+        "--no_progress",
+        *extra,
+    ]
 
 
 def _stage2(ws, out, *extra):
-    return ["stage2", "--dit", ws["merged_low"], "--dit_high_noise", ws["merged_high"], "--dataset", ws["cache"],
-            "--network_dim", "8", "--output_dir", out, "--max_train_epochs", "1", "--no_progress", *extra]
+    return [
+        "stage2",
+        "--dit",
+        ws["merged_low"],
+        "--dit_high_noise",
+        ws["merged_high"],
+        "--dataset",
+        ws["cache"],
+        "--network_dim",
+        "8",
+        "--output_dir",
+        out,
+        "--max_train_epochs",
+        "1",
+        "--no_progress",
+        *extra,
+    ]
 
 
 def _cache(ws, out, *extra, frames=17):
-    return ["cache", "--quiet", "--manifest", ws["manifest"], "--model_set", ws["models"], "--size", "64x64",
-            "--frames", frames, "--out", out, *extra]
+    return [
+        "cache",
+        "--quiet",
+        "--manifest",
+        ws["manifest"],
+        "--model_set",
+        ws["models"],
+        "--size",
+        "64x64",
+        "--frames",
+        frames,
+        "--out",
+        out,
+        *extra,
+    ]
 
 
 def _output_of(argv) -> Path:
@@ -110,15 +176,16 @@ EXISTING = [
     ("stage1: a user folder", lambda ws, t: _stage1(ws, _foreign_folder(t), "--overwrite"), NEVER_REPLACED),
     ("stage2: a stage-1 run", lambda ws, t: _stage2(ws, shutil.copytree(ws["stage1"], t / "s1"), "--overwrite"), NEVER_REPLACED),
     ("models tiny: a user folder", lambda ws, t: ["models", "tiny", "--out", _foreign_folder(t), "--overwrite"], NEVER_REPLACED),
-    ("data synth: a model set", lambda ws, t: ["data", "synth", "--clips", "1", "--out", shutil.copytree(ws["models"], t / "m"),
-                                               "--overwrite"], NEVER_REPLACED),
+    (
+        "data synth: a model set",
+        lambda ws, t: ["data", "synth", "--clips", "1", "--out", shutil.copytree(ws["models"], t / "m"), "--overwrite"],
+        NEVER_REPLACED,
+    ),
     ("cache: a user folder", lambda ws, t: _cache(ws, _foreign_folder(t), "--overwrite"), NEVER_REPLACED),
-    ("workflow: a user folder", lambda ws, t: ["workflow", "run", "--quiet", "--output_dir", _foreign_folder(t), "--overwrite"],
-     NEVER_REPLACED),
+    ("workflow: a user folder", lambda ws, t: ["workflow", "run", "--quiet", "--output_dir", _foreign_folder(t), "--overwrite"], NEVER_REPLACED),
     ("merge: ours", lambda ws, t: _merge(ws, shutil.copy(ws["merged_low"], t / "m.safetensors")), NEEDS_OVERWRITE),
     ("export: ours", lambda ws, t: _export(ws, shutil.copy(ws["lora"], t / "e.safetensors")), NEEDS_OVERWRITE),
-    ("generate: ours", lambda ws, t: _generate(ws, shutil.copy(next((ws["data"] / "videos").glob("*.mp4")), t / "v.mp4")),
-     NEEDS_OVERWRITE),
+    ("generate: ours", lambda ws, t: _generate(ws, shutil.copy(next((ws["data"] / "videos").glob("*.mp4")), t / "v.mp4")), NEEDS_OVERWRITE),
     ("stage1: ours", lambda ws, t: _stage1(ws, shutil.copytree(ws["stage1"], t / "s1")), NEEDS_OVERWRITE),
     ("models tiny: ours", lambda ws, t: ["models", "tiny", "--out", shutil.copytree(ws["models"], t / "m")], NEEDS_OVERWRITE),
     ("data synth: ours", lambda ws, t: ["data", "synth", "--clips", "1", "--out", shutil.copytree(ws["data"], t / "d")], NEEDS_OVERWRITE),
@@ -169,13 +236,22 @@ def test_overwrite_replaces_only_what_the_command_wrote(ws, tmp_path, capsys):
 @pytest.mark.parametrize("command", ["merge", "export", "generate", "data synth"])
 def test_overwrite_replaces_our_own_file(ws, tmp_path, capsys, command):
     argv = {
-        "merge": lambda: _merge(ws, shutil.copy(ws["merged_low"], tmp_path / "m.safetensors"), "--overwrite",
-                                "--lora_multiplier", "0.5"),
+        "merge": lambda: _merge(ws, shutil.copy(ws["merged_low"], tmp_path / "m.safetensors"), "--overwrite", "--lora_multiplier", "0.5"),
         "export": lambda: _export(ws, shutil.copy(ws["lora"], tmp_path / "e.safetensors"), "--overwrite"),
-        "generate": lambda: _generate(ws, shutil.copy(next((ws["data"] / "videos").glob("*.mp4")), tmp_path / "v.mp4"),
-                                      "--overwrite"),
-        "data synth": lambda: ["data", "synth", "--clips", "1", "--frames", "5", "--size", "32x32",
-                               "--out", _synth_with_note(tmp_path), "--overwrite"],
+        "generate": lambda: _generate(ws, shutil.copy(next((ws["data"] / "videos").glob("*.mp4")), tmp_path / "v.mp4"), "--overwrite"),
+        "data synth": lambda: [
+            "data",
+            "synth",
+            "--clips",
+            "1",
+            "--frames",
+            "5",
+            "--size",
+            "32x32",
+            "--out",
+            _synth_with_note(tmp_path),
+            "--overwrite",
+        ],
     }[command]()
     out = _output_of(argv)
     before = sha256_tree(out)

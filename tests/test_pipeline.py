@@ -23,8 +23,7 @@ from tasks.stages import launcher
 from tasks.stages.launcher import StageFailed
 
 # In the order they run: the clips first, whose fingerprint `only_new_data` checks before anything else.
-STAGES = ["synth-data", "tiny-models", "prepare-data", "stage1-train", "merge-low", "merge-high", "stage2-train",
-          "eval", "register"]
+STAGES = ["synth-data", "tiny-models", "prepare-data", "stage1-train", "merge-low", "merge-high", "stage2-train", "eval", "register"]
 
 
 def _prefect():
@@ -98,8 +97,7 @@ def test_every_stored_object_is_verified(s3_pipeline):
     assert [s.name for s in summary.stages] == STAGES and all(s.state == "Completed" for s in summary.stages)
     s3 = boto3.client("s3", endpoint_url=s3_pipeline["endpoint"])
     prefix = f"wan/runs/{summary.flow_run_id}/"
-    objects = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-               for o in page.get("Contents", [])]
+    objects = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix) for o in page.get("Contents", [])]
     assert len(objects) > 20
     checked = 0
     for key in objects:
@@ -140,8 +138,17 @@ def test_registry_version_records_every_artifact(s3_pipeline, s3_endpoint, tmp_p
     client = mlflow_client(s3_pipeline["tracking_uri"])
     entry = summary.registered
     version = client.get_model_version(entry.name, entry.version)
-    assert {"base_dit", "base_dit_high_noise", "base_vae", "vanilla_lora", "merged_low_noise", "merged_high_noise",
-            "lora_moe", "eval_report", "latent_cache"} <= set(summary.artifacts)
+    assert {
+        "base_dit",
+        "base_dit_high_noise",
+        "base_vae",
+        "vanilla_lora",
+        "merged_low_noise",
+        "merged_high_noise",
+        "lora_moe",
+        "eval_report",
+        "latent_cache",
+    } <= set(summary.artifacts)
     assert version.tags["data_fingerprint"] == summary.data_fingerprint
     assert version.tags["package_version"] == moe.__version__
     assert version.tags["lora_moe.sha256"] == summary.artifacts["lora_moe"].sha256  # every ref: artifacts.json
@@ -170,8 +177,7 @@ def test_mlflow_runs_mirror_the_stages(s3_pipeline, s3_endpoint):
     runs = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{summary.flow_run_id}'")
     assert len(runs) == 1
     parent = runs[0]
-    nested = {r.info.run_name: r for r in client.search_runs(
-        [experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    nested = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
     assert set(nested) == set(STAGES)
     stage1 = nested["stage1-train"]
     assert float(stage1.data.params["learning_rate"]) == 1e-2 and stage1.data.params["max_train_epochs"] == "1"
@@ -293,8 +299,7 @@ def test_stage2_killed_then_rerun_resumes_at_stage2(s3_pipeline, monkeypatch):
     assert resumed and any(line.startswith("resumed from state-epoch-") for line in logs)  # the trainer says so too
     s3 = boto3.client("s3", endpoint_url=s3_pipeline["endpoint"])
     key = f"wan/runs/{rerun.flow_run_id}/stage2-train/train_log.jsonl"
-    starts = [r for r in map(json.loads, s3.get_object(Bucket=s3_pipeline["bucket"], Key=key)["Body"].read().splitlines())
-              if r["event"] == "start"]
+    starts = [r for r in map(json.loads, s3.get_object(Bucket=s3_pipeline["bucket"], Key=key)["Body"].read().splitlines()) if r["event"] == "start"]
     assert len(starts) == 2 and 1 <= starts[1]["epoch"] < 20 and starts[1]["step"] > 0
     assert int(rerun.registered.version) > int(s3_pipeline["summary"].registered.version)
 
@@ -305,12 +310,10 @@ def test_s3_outage_mid_run_fails_clearly_and_registers_nothing(s3_pipeline, monk
     name = s3_pipeline["summary"].registered.name
     before = len(client.search_model_versions(f"name = '{name}'"))
     cut = _when(lambda: "stage2-train" in launcher._live.values(), relay.cut)
-    storage = s3_pipeline["params"]["storage"] | {"s3": {"multipart_chunk_mib": 5, "max_attempts": 2,
-                                                        "connect_timeout_s": 2, "read_timeout_s": 5}}
+    storage = s3_pipeline["params"]["storage"] | {"s3": {"multipart_chunk_mib": 5, "max_attempts": 2, "connect_timeout_s": 2, "read_timeout_s": 5}}
     started = time.monotonic()
     with pytest.raises(StoreError) as e:
-        _run(s3_pipeline, monkeypatch, endpoint=relay.url, stage2={"learning_rate": 0.02}, storage=storage,
-             resources={"stage2": {"retries": 0}})
+        _run(s3_pipeline, monkeypatch, endpoint=relay.url, stage2={"learning_rate": 0.02}, storage=storage, resources={"stage2": {"retries": 0}})
     assert cut.is_set() and time.monotonic() - started < 240
     message = str(e.value)
     assert relay.url in message and f"'{s3_pipeline['bucket']}'" in message and "after 2 attempts" in message

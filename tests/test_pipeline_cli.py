@@ -10,8 +10,22 @@ from pathlib import Path
 
 import pytest
 
-SMALL = ["--set", "data.frames=9", "--set", "data.size=32x32", "--set", "stage1.max_train_epochs=1",
-         "--set", "stage2.max_train_epochs=1", "--set", "evaluation.samples=0", "--set", "evaluation.metric_clips=0", "--set", "evaluation.bootstrap_samples=200"]
+SMALL = [
+    "--set",
+    "data.frames=9",
+    "--set",
+    "data.size=32x32",
+    "--set",
+    "stage1.max_train_epochs=1",
+    "--set",
+    "stage2.max_train_epochs=1",
+    "--set",
+    "evaluation.samples=0",
+    "--set",
+    "evaluation.metric_clips=0",
+    "--set",
+    "evaluation.bootstrap_samples=200",
+]
 
 
 def _flows(args, env, timeout=900):
@@ -47,9 +61,20 @@ def test_bad_parameters_are_one_line_and_exit_2(cli_env, tmp_path, args, message
 
 def test_local_run_from_the_command_line(cli_env, tiny_workspace, tmp_path):
     models = tiny_workspace["models"]
-    inputs = ["--set", f"models.dit={models.low_noise}", "--set", f"models.dit_high_noise={models.high_noise}",
-              "--set", f"models.vae={models.vae}", "--set", f"models.text_encoder={models.text_encoder}",
-              "--set", f"models.tokenizer={models.tokenizer}", "--set", f"data.manifest={tiny_workspace['manifest']}"]
+    inputs = [
+        "--set",
+        f"models.dit={models.low_noise}",
+        "--set",
+        f"models.dit_high_noise={models.high_noise}",
+        "--set",
+        f"models.vae={models.vae}",
+        "--set",
+        f"models.text_encoder={models.text_encoder}",
+        "--set",
+        f"models.tokenizer={models.tokenizer}",
+        "--set",
+        f"data.manifest={tiny_workspace['manifest']}",
+    ]
     root = tmp_path / "demo"
     done = _flows(["run", "--artifact_root", str(root), *inputs, *SMALL], cli_env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -86,4 +111,3 @@ def test_local_run_from_the_command_line(cli_env, tiny_workspace, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.splitlines()[0] == "nothing new: every stage was cached; wan22-surgical-lora-moe v1 is still candidate"
     assert len(list((root / "runs").iterdir())) == 1 and report_dir.resolve() == (run_dirs[0] / "eval" / "eval").resolve()
-

@@ -82,8 +82,21 @@ def test_the_ui_form_schema():
 
     schema = json.loads(json.dumps(parameter_schema(lora_moe_pipeline.fn).model_dump()))
     assert list(schema["properties"]) == [
-        "preset", "artifact_root", "models", "data", "stage1", "merge", "stage2", "evaluation", "gate", "tracking",
-        "storage", "resources", "force", "only_new_data", "stage2_from_champion",
+        "preset",
+        "artifact_root",
+        "models",
+        "data",
+        "stage1",
+        "merge",
+        "stage2",
+        "evaluation",
+        "gate",
+        "tracking",
+        "storage",
+        "resources",
+        "force",
+        "only_new_data",
+        "stage2_from_champion",
     ]
     gate = schema["definitions"]["PromotionGate"]["properties"]  # the eval's own gate model
     assert gate["min_routing_top1_accuracy"]["default"] == 0.8 and "primary_metric" in gate

@@ -13,11 +13,23 @@ from tasks.stages.launcher import run_command, stage_command
 def test_training_child_writes_a_machine_readable_log(tiny_workspace, tmp_path):
     models = tiny_workspace["models"]
     out = tmp_path / "stage1"
-    args = ["stage1", "--dit", models.low_noise, "--dit_high_noise", models.high_noise,
-            "--dataset", tiny_workspace["cache"], "--output_dir", out, "--network_dim", "4", "--learning_rate", "0.01"]
+    args = [
+        "stage1",
+        "--dit",
+        models.low_noise,
+        "--dit_high_noise",
+        models.high_noise,
+        "--dataset",
+        tiny_workspace["cache"],
+        "--output_dir",
+        out,
+        "--network_dim",
+        "4",
+        "--learning_rate",
+        "0.01",
+    ]
     lines = []
-    run_command(stage_command([str(a) for a in args + ["--max_train_epochs", "2"]]), "stage1-train", lines.append,
-                timeout_s=600)
+    run_command(stage_command([str(a) for a in args + ["--max_train_epochs", "2"]]), "stage1-train", lines.append, timeout_s=600)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     start, steps, epochs = log[0], [r for r in log if r["event"] == "step"], [r for r in log if r["event"] == "epoch"]
     assert start["event"] == "start" and start["step"] == 0 and start["max_epochs"] == 2
@@ -31,8 +43,7 @@ def test_training_child_writes_a_machine_readable_log(tiny_workspace, tmp_path):
     # not one per step.
     assert sum("stage1:" in line for line in lines) <= 12 < start["total_steps"], lines
 
-    run_command(stage_command([str(a) for a in args + ["--max_train_epochs", "3", "--resume"]]), "stage1-train",
-                lambda _: None, timeout_s=600)
+    run_command(stage_command([str(a) for a in args + ["--max_train_epochs", "3", "--resume"]]), "stage1-train", lambda _: None, timeout_s=600)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     starts = [r for r in log if r["event"] == "start"]
     assert len(starts) == 2 and starts[1]["epoch"] == 2 and starts[1]["step"] == start["total_steps"]

@@ -104,15 +104,24 @@ def test_phases_say_when_they_start_and_how_long_they_took(clock):
     lines = []
     with phase("eval: held-out losses of every variant (24 clips x 6 sigmas)", lines.append):
         clock.now += 754
-    assert lines == ["eval: held-out losses of every variant (24 clips x 6 sigmas)...",
-                     "eval: held-out losses of every variant (24 clips x 6 sigmas): done in 12 min 34 s"]
+    assert lines == [
+        "eval: held-out losses of every variant (24 clips x 6 sigmas)...",
+        "eval: held-out losses of every variant (24 clips x 6 sigmas): done in 12 min 34 s",
+    ]
 
 
 def test_numbers_in_log_lines_have_4_significant_digits():
-    metrics = {"routing_accuracy": 0.3333333333333333, "roi_loss_correct_hint": 2.3625208040078483,
-               "val_loss_stage2": 2.1259672244389853, "val_clips": 24, "tiny": 1.234567e-05, "big": 123456.789}
-    assert metrics_line(metrics) == ("routing_accuracy 0.3333, roi_loss_correct_hint 2.363, val_loss_stage2 2.126, "
-                                     "val_clips 24, tiny 1.235e-05, big 123500")
+    metrics = {
+        "routing_accuracy": 0.3333333333333333,
+        "roi_loss_correct_hint": 2.3625208040078483,
+        "val_loss_stage2": 2.1259672244389853,
+        "val_clips": 24,
+        "tiny": 1.234567e-05,
+        "big": 123456.789,
+    }
+    assert metrics_line(metrics) == (
+        "routing_accuracy 0.3333, roi_loss_correct_hint 2.363, val_loss_stage2 2.126, val_clips 24, tiny 1.235e-05, big 123500"
+    )
     assert format_number(True) == "True" and format_number("a/b.safetensors") == "a/b.safetensors"
 
 
@@ -145,8 +154,12 @@ def test_the_torchvision_warning_is_dropped_on_its_own_logger_only():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     before = subprocess.run([sys.executable, "-c", touch], capture_output=True, text=True, env=env)
     assert "requires torchvision (not installed)" in before.stderr  # the noise this test is about
-    after = subprocess.run([sys.executable, "-c", "from moe.runtime.progress import quiet_third_party_output; "
-                            f"quiet_third_party_output(); {touch}; {other}"], capture_output=True, text=True, env=env)
+    after = subprocess.run(
+        [sys.executable, "-c", f"from moe.runtime.progress import quiet_third_party_output; quiet_third_party_output(); {touch}; {other}"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert after.returncode == 0, after.stderr
     assert "torchvision" not in after.stderr and "other" in after.stderr  # that message only, not the logger
 
@@ -166,10 +179,33 @@ def test_a_tiny_generate_run_logs_phases_and_no_noise(tiny_lora_file, tmp_path):
     lora, _ = tiny_lora_file
     save = tmp_path / "v.mp4"
     done = subprocess.run(
-        [sys.executable, "-m", "moe", "generate", "--dit", models.low_noise, "--dit_high_noise", models.high_noise,
-         "--lora_weight", lora, "--model_set", tmp_path / "models", "--prompt", "a hook",
-         "--video_size", "16x16", "--video_length", "5", "--infer_steps", "1", "--save_path", save],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        [
+            sys.executable,
+            "-m",
+            "moe",
+            "generate",
+            "--dit",
+            models.low_noise,
+            "--dit_high_noise",
+            models.high_noise,
+            "--lora_weight",
+            lora,
+            "--model_set",
+            tmp_path / "models",
+            "--prompt",
+            "a hook",
+            "--video_size",
+            "16x16",
+            "--video_length",
+            "5",
+            "--infer_steps",
+            "1",
+            "--save_path",
+            save,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"wrote {save} (5 frames, 16x16)")

@@ -19,8 +19,13 @@ from tasks.registry.tracking import mlflow_client
 from tasks.registry.versions import PROMOTED_EVENT, promotion_event, resource_id
 
 ROOT = Path(__file__).resolve().parent.parent
-GATE = {"passed": True, "primary_metric": "loss", "primary_value": 0.9, "higher_is_better": False,
-        "checks": [{"name": "routing_top1_accuracy", "value": 0.9, "threshold": 0.8, "passed": True, "description": "d"}]}
+GATE = {
+    "passed": True,
+    "primary_metric": "loss",
+    "primary_value": 0.9,
+    "higher_is_better": False,
+    "checks": [{"name": "routing_top1_accuracy", "value": 0.9, "threshold": 0.8, "passed": True, "description": "d"}],
+}
 
 
 @pytest.fixture
@@ -31,8 +36,9 @@ def registry(mlflow_uri, tmp_path):
     def register(loss: float, passed: bool = True):
         entry = register_version(loss, passed)
         gate = GATE | {"passed": passed, "primary_value": loss}
-        return entry, promotion_event(entry, gate=gate, metrics={"loss": loss, "routing_top1_accuracy": 0.9},
-                                      data_fingerprint="ab" * 32, task="tiny-t2v")
+        return entry, promotion_event(
+            entry, gate=gate, metrics={"loss": loss, "routing_top1_accuracy": 0.9}, data_fingerprint="ab" * 32, task="tiny-t2v"
+        )
 
     return name, register
 
@@ -44,8 +50,13 @@ def test_an_event_exactly_when_champion_moves(registry):
     assert [entry.champion_moved for entry, _ in moves] == [True, False, False, True, True]
     entry, event = moves[3]
     assert event["event"] == PROMOTED_EVENT
-    assert event["resource"] == {"prefect.resource.id": f"lora-moe.model-version.{name}.4", "prefect.resource.name": f"{name} v4",
-                                 "lora-moe.model": name, "lora-moe.version": "4", "lora-moe.alias": "champion"}
+    assert event["resource"] == {
+        "prefect.resource.id": f"lora-moe.model-version.{name}.4",
+        "prefect.resource.name": f"{name} v4",
+        "lora-moe.model": name,
+        "lora-moe.version": "4",
+        "lora-moe.alias": "champion",
+    }
     payload = event["payload"]
     assert payload["previous_champion"] == "1" and payload["model_uri"] == f"models:/{name}/4"
     assert payload["gate"]["passed"] is True and payload["gate"]["checks"][0]["threshold"] == 0.8
@@ -85,11 +96,9 @@ def test_the_export_deployment_is_triggered_by_the_event_with_its_version(regist
     received = _received(event)
     assert server.trigger.covers(received)
     assert not server.trigger.covers(_received(event | {"event": "lora-moe.champion.kept"}))
-    assert not server.trigger.covers(_received(event | {"resource": event["resource"] | {
-        "prefect.resource.id": f"prefect.flow-run.{uuid.uuid4()}"}}))
+    assert not server.trigger.covers(_received(event | {"resource": event["resource"] | {"prefect.resource.id": f"prefect.flow-run.{uuid.uuid4()}"}}))
     [action] = server.actions
-    fired = TriggeredAction(automation=server, triggered=datetime.now(UTC), triggering_labels={}, triggering_event=received,
-                            action=action)
+    fired = TriggeredAction(automation=server, triggered=datetime.now(UTC), triggering_labels={}, triggering_event=received, action=action)
     parameters = asyncio.run(action.render_parameters(fired))  # what the server passes to the deployment
     assert parameters == {"model": name, "version": entry.version}
     export_champion.validate_parameters(parameters)
@@ -104,8 +113,9 @@ def _events(resource: str, timeout_s: float = 30) -> list[dict]:
     deadline = time.monotonic() + timeout_s
     with get_client(sync_client=True) as client:
         while True:
-            found = client._client.post("/events/filter", json={"filter": {
-                "event": {"name": [PROMOTED_EVENT]}, "resource": {"id": [resource]}}, "limit": 50}).json()["events"]
+            found = client._client.post(
+                "/events/filter", json={"filter": {"event": {"name": [PROMOTED_EVENT]}, "resource": {"id": [resource]}}, "limit": 50}
+            ).json()["events"]
             if found or time.monotonic() > deadline:
                 return found
             time.sleep(1)
@@ -130,11 +140,21 @@ def test_export_champion_writes_each_form_with_a_readme(s3_pipeline, s3_endpoint
     from tasks.artifacts.local import local_path
 
     entry = s3_pipeline["summary"].registered
-    summary = export_champion(model=entry.name, version=entry.version, experts=["hook"], artifact_root=str(tmp_path / "root"),
-                              tracking_uri=s3_pipeline["tracking_uri"], work_dir=str(tmp_path / "work"))
+    summary = export_champion(
+        model=entry.name,
+        version=entry.version,
+        experts=["hook"],
+        artifact_root=str(tmp_path / "root"),
+        tracking_uri=s3_pipeline["tracking_uri"],
+        work_dir=str(tmp_path / "work"),
+    )
     assert summary.version == entry.version
-    assert set(summary.files) == {"stage1/vanilla_lora.safetensors", "stage1/vanilla_lora_musubi.safetensors",
-                                  "experts/hook.safetensors", "experts/hook_musubi.safetensors"}
+    assert set(summary.files) == {
+        "stage1/vanilla_lora.safetensors",
+        "stage1/vanilla_lora_musubi.safetensors",
+        "experts/hook.safetensors",
+        "experts/hook_musubi.safetensors",
+    }
     assert summary.files["stage1/vanilla_lora.safetensors"] == s3_pipeline["summary"].artifacts["vanilla_lora"].sha256
     folder = local_path(summary.export.uri)
     assert summary.export.uri.endswith(f"/exports/{entry.name}/v{entry.version}/{summary.export.producer.split('@')[1]}")
@@ -155,8 +175,12 @@ def test_a_pipeline_run_that_moves_champion_emits_the_event_once(s3_pipeline, mo
     flow run is tagged `champion`."""
     from test_pipeline import _run
 
-    lenient = {"min_stage1_improvement_over_base": -1, "min_stage2_roi_improvement_over_stage1": -1,
-               "min_hint_margin": -1, "min_routing_top1_accuracy": 0}
+    lenient = {
+        "min_stage1_improvement_over_base": -1,
+        "min_stage2_roi_improvement_over_stage1": -1,
+        "min_hint_margin": -1,
+        "min_routing_top1_accuracy": 0,
+    }
     summary = _run(s3_pipeline, monkeypatch, gate=lenient, tracking={"registered_model": f"promoted-{uuid.uuid4().hex[:8]}"})
     entry = summary.registered
     assert summary.gate["passed"] and entry.champion_moved and "champion" in entry.aliases

@@ -29,9 +29,7 @@ from moe.wan.checkpoint import expected_shapes, resolve_checkpoint
 from moe.wan.keys import COMFY_PREFIX, KeyFormat
 
 TASK = "t2v-A14B-2-blocks"
-PRESET = presets.PRESETS["t2v-A14B"].model_copy(
-    update={"task": TASK, "dit": presets.PRESETS["t2v-A14B"].dit.model_copy(update={"num_layers": 2})}
-)
+PRESET = presets.PRESETS["t2v-A14B"].model_copy(update={"task": TASK, "dit": presets.PRESETS["t2v-A14B"].dit.model_copy(update={"num_layers": 2})})
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +83,16 @@ def _real_width_cache(src, dst, train_clips=1):
 def test_a14b_width_stage1_merge_stage2_with_fp8_and_block_swap(a14b_width, capsys):
     files, root = a14b_width["files"], a14b_width["root"]
     memory = dict(fp8_base=True, blocks_to_swap=1)
-    common = dict(task=TASK, dataset=a14b_width["cache"], max_train_epochs=1, progress=False, val_sigmas=(0.5,),
-                  dit_dtype="float32",  # CPU matmuls: fp32 is several times faster than bf16 here
-                  learning_rate=1e-3, **memory)
+    common = dict(
+        task=TASK,
+        dataset=a14b_width["cache"],
+        max_train_epochs=1,
+        progress=False,
+        val_sigmas=(0.5,),
+        dit_dtype="float32",  # CPU matmuls: fp32 is several times faster than bf16 here
+        learning_rate=1e-3,
+        **memory,
+    )
 
     # Stage 1: one LoRA across both experts, one step (one training clip).
     s1 = root / "stage1"

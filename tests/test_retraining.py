@@ -58,9 +58,16 @@ def test_new_clips_retrain_stage2_from_the_champion(s3_pipeline, champion, monke
     summary = _run(s3_pipeline, monkeypatch, data={"synthetic_seed": 1}, only_new_data=True, stage2_from_champion=True)
     assert summary.skipped is None and summary.data_fingerprint != s3_pipeline["summary"].data_fingerprint
     states = {s.name: s.state for s in summary.stages}
-    assert states == {"synth-data": "Completed", "check-new-data": "Completed", "tiny-models": "Cached",
-                      "prepare-data": "Completed", "champion-stage1": "Completed", "stage2-train": "Completed",
-                      "eval": "Completed", "register": "Completed"}  # no stage1-train, no merges
+    assert states == {
+        "synth-data": "Completed",
+        "check-new-data": "Completed",
+        "tiny-models": "Cached",
+        "prepare-data": "Completed",
+        "champion-stage1": "Completed",
+        "stage2-train": "Completed",
+        "eval": "Completed",
+        "register": "Completed",
+    }  # no stage1-train, no merges
     first = s3_pipeline["summary"].artifacts
     for reused in ("vanilla_lora", "merged_low_noise", "merged_high_noise"):
         assert summary.artifacts[reused] == first[reused], reused

@@ -36,11 +36,14 @@ TINY = {
     "stage1": {"max_train_epochs": 1},
     "stage2": {"max_train_epochs": 1},
     "evaluation": {"samples": 0, "metric_clips": 0, "bootstrap_samples": 200},
-    "gate": {"min_stage1_improvement_over_base": -1, "min_stage2_roi_improvement_over_stage1": -1,
-             "min_hint_margin": -1, "min_routing_top1_accuracy": 0},
+    "gate": {
+        "min_stage1_improvement_over_base": -1,
+        "min_stage2_roi_improvement_over_stage1": -1,
+        "min_hint_margin": -1,
+        "min_routing_top1_accuracy": 0,
+    },
 }
-TRAINED = ["resolve-inputs", "tiny-models", "prepare-data", "stage1-train", "merge-low", "merge-high", "stage2-train",
-           "eval", "register"]
+TRAINED = ["resolve-inputs", "tiny-models", "prepare-data", "stage1-train", "merge-low", "merge-high", "stage2-train", "eval", "register"]
 
 
 def _load_stack_module():
@@ -102,8 +105,9 @@ def stack(tmp_path_factory, aws_env, plugins):
     root = tmp_path_factory.mktemp("stack")
     # A nightly-retrain run due while these tests run (a few minutes) would train on the
     # deployment's own defaults and register a version of its own: then no scheduler.
-    st = module.Stack(root, ui=False, scheduler=_minutes_to_the_nightly_run() > 20,
-                      base_env=dict(os.environ) | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    st = module.Stack(
+        root, ui=False, scheduler=_minutes_to_the_nightly_run() > 20, base_env=dict(os.environ) | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    )
     started = time.monotonic()
     try:
         st.up()
@@ -136,8 +140,9 @@ def _mlflow(st, path: str, **query):
 
 
 def _mlflow_post(st, path: str, body: dict):
-    request = urllib.request.Request(f"{st.mlflow_url}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
+    request = urllib.request.Request(
+        f"{st.mlflow_url}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
 
@@ -193,7 +198,10 @@ def test_the_deployments_hold_nothing_of_this_machine(stack):
     assert schedule["schedule"] == {"cron": "0 2 * * *", "timezone": "Europe/Berlin", "day_or": True} and schedule["active"]
     pools = {p["name"]: p for p in stack.api("POST", "/work_pools/filter", {})}
     assert {n: (p["type"], p["concurrency_limit"]) for n, p in pools.items()} == {
-        "lora-moe-process": ("process", 1), "lora-moe-docker": ("docker", 1), "lora-moe-kubernetes": ("kubernetes", 1)}
+        "lora-moe-process": ("process", 1),
+        "lora-moe-docker": ("docker", 1),
+        "lora-moe-kubernetes": ("kubernetes", 1),
+    }
     k8s = pools["lora-moe-kubernetes"]["base_job_template"]
     assert "gpus" in k8s["variables"]["properties"]  # the server accepted the GPU job variable
 
@@ -237,8 +245,10 @@ def test_a_form_cannot_send_the_workers_credentials_to_another_host(stack):
     threading.Thread(target=collector.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{collector.server_address[1]}"
     try:
-        for field, parameters in (("tracking.tracking_uri", {"tracking": {"tracking_uri": url}}),
-                                  ("storage.s3.endpoint_url", {"storage": {"s3": {"endpoint_url": url}}})):
+        for field, parameters in (
+            ("tracking.tracking_uri", {"tracking": {"tracking_uri": url}}),
+            ("storage.s3.endpoint_url", {"storage": {"s3": {"endpoint_url": url}}}),
+        ):
             flow_run_id = _trigger(stack, "manual", TINY | parameters)
             deadline = time.monotonic() + 300
             while (run := stack.api("GET", f"/flow_runs/{flow_run_id}"))["state_type"] not in ("COMPLETED", "FAILED", "CRASHED"):
@@ -257,8 +267,7 @@ def test_manual_run_trains_stores_and_registers(stack, manual_run):
     # S3: every stored object of the run under the artifact root, sha256 tags matching the bytes
     s3 = _s3(stack)
     prefix = f"pipeline/runs/{flow_run_id}/"
-    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="lora-moe", Prefix=prefix)
-            for o in page.get("Contents", [])]
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="lora-moe", Prefix=prefix) for o in page.get("Contents", [])]
     stages = {key.removeprefix(prefix).split("/")[0] for key in keys}
     assert stages == {"tiny-models", "prepare-data", "stage1-train", "merge-low", "merge-high", "stage2-train", "eval"}
     lora_key = f"{prefix}stage2-train/lora_moe_stage2.safetensors"
@@ -275,15 +284,17 @@ def test_manual_run_trains_stores_and_registers(stack, manual_run):
     experiment = _mlflow(stack, "experiments/get-by-name", experiment_name="wan-lora-moe")["experiment"]
     assert experiment["artifact_location"].startswith("mlflow-artifacts:")  # stored by the server, proxied
     runs = _mlflow_post(stack, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 100})["runs"]
-    parent = [r for r in runs if {"key": "prefect.flow_run_id", "value": flow_run_id} in r["data"]["tags"]
-              and not any(t["key"] == "mlflow.parentRunId" for t in r["data"]["tags"])]
+    parent = [
+        r
+        for r in runs
+        if {"key": "prefect.flow_run_id", "value": flow_run_id} in r["data"]["tags"]
+        and not any(t["key"] == "mlflow.parentRunId" for t in r["data"]["tags"])
+    ]
     assert len(parent) == 1
-    nested = [r["info"]["run_name"] for r in runs
-              if {"key": "mlflow.parentRunId", "value": parent[0]["info"]["run_id"]} in r["data"]["tags"]]
+    nested = [r["info"]["run_name"] for r in runs if {"key": "mlflow.parentRunId", "value": parent[0]["info"]["run_id"]} in r["data"]["tags"]]
     assert sorted(nested) == sorted(TRAINED[1:])  # resolve-inputs logs no run of its own
     # the MLflow artifacts (the bundle and the stage files) went through the server into its bucket
-    mlflow_objects = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="mlflow")
-                      for o in page.get("Contents", [])]
+    mlflow_objects = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="mlflow") for o in page.get("Contents", [])]
     assert any(k.endswith("artifacts/bundle/bundle.json") for k in mlflow_objects)
     assert any(k.endswith("/artifacts.json") for k in mlflow_objects) and any(k.endswith("MODEL_CARD.md") for k in mlflow_objects)
     assert any(k.endswith("MLmodel") for k in mlflow_objects)
@@ -304,8 +315,7 @@ def test_the_promotion_triggers_export_champion(stack, manual_run):
     champion = _mlflow(stack, "registered-models/alias", name=MODEL, alias="champion")["model_version"]
     exported = {t["key"]: t["value"] for t in champion["tags"]}["exported_to"]
     assert exported.startswith("s3://lora-moe/pipeline/exports/wan22-surgical-lora-moe/v1/")
-    keys = [o["Key"] for o in _s3(stack).list_objects_v2(Bucket="lora-moe", Prefix=exported.removeprefix("s3://lora-moe/"))
-            ["Contents"]]
+    keys = [o["Key"] for o in _s3(stack).list_objects_v2(Bucket="lora-moe", Prefix=exported.removeprefix("s3://lora-moe/"))["Contents"]]
     assert any(k.endswith("experts/hook_musubi.safetensors") for k in keys) and any(k.endswith("README.md") for k in keys)
 
 
@@ -344,15 +354,38 @@ def test_generate_from_the_champion(stack, manual_run, tmp_path):
     before = sorted(p.name for p in cache.glob("*/*"))
     save = tmp_path / "champion.mp4"
     env = stack.client_env | {"PYTHONPATH": os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "moe", "generate", "--model", f"models:/{MODEL}@champion",
-                           "--prompt", "laparoscopic view, a hook cauterizing tissue", "--instrument_hint", "hook",
-                           "--video_size", "32x32", "--video_length", "5", "--infer_steps", "2", "--save_path", str(save)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moe",
+            "generate",
+            "--model",
+            f"models:/{MODEL}@champion",
+            "--prompt",
+            "laparoscopic view, a hook cauterizing tissue",
+            "--instrument_hint",
+            "hook",
+            "--video_size",
+            "32x32",
+            "--video_length",
+            "5",
+            "--infer_steps",
+            "2",
+            "--save_path",
+            str(save),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert save.is_file() and done.stdout.startswith(f"wrote {save} (5 frames, 32x32)")
     assert sorted(p.name for p in cache.glob("*/*")) == before and before
-    shown = subprocess.run([sys.executable, "-m", "moe", "registry", "show", f"{MODEL}@champion", "--json"],
-                           capture_output=True, text=True, env=env, timeout=120)
+    shown = subprocess.run(
+        [sys.executable, "-m", "moe", "registry", "show", f"{MODEL}@champion", "--json"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert shown.returncode == 0, shown.stderr
     info = json.loads(shown.stdout)
     assert info["version"] == "1" and info["gate_passed"] is True and "stage2_learned_roi_loss" in info["metrics"]
@@ -367,9 +400,19 @@ def test_pyfunc_from_the_champion(stack, manual_run, tmp_path, monkeypatch):
     for key in ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL_S3", "LORA_MOE_WORK_DIR"):
         monkeypatch.setenv(key, stack.client_env[key])
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
-    [path] = model.predict([{"prompt": "a suction cannula clears the field", "instrument_hint": "suction",
-                             "video_size": "32x32", "video_length": 5, "infer_steps": 2, "device": "cpu",
-                             "output_dir": str(tmp_path)}])
+    [path] = model.predict(
+        [
+            {
+                "prompt": "a suction cannula clears the field",
+                "instrument_hint": "suction",
+                "video_size": "32x32",
+                "video_length": 5,
+                "infer_steps": 2,
+                "device": "cpu",
+                "output_dir": str(tmp_path),
+            }
+        ]
+    )
     assert Path(path).parent == tmp_path and read_video(path).shape == (5, 32, 32, 3)
 
 

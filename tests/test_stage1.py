@@ -119,8 +119,23 @@ def test_cli_reads_config_file_and_flags_override(tiny_workspace, tmp_path, caps
     )
     out = tmp_path / "cli"
     with pytest.raises(SystemExit) as e:
-        main(["stage1", "--config", str(cfg_file), "--output_dir", str(out), "--max_train_epochs", "1",
-              "--network_dim", "4", "--rank_q", "8", "--rank_kvo", "4"])
+        main(
+            [
+                "stage1",
+                "--config",
+                str(cfg_file),
+                "--output_dir",
+                str(out),
+                "--max_train_epochs",
+                "1",
+                "--network_dim",
+                "4",
+                "--rank_q",
+                "8",
+                "--rank_kvo",
+                "4",
+            ]
+        )
     assert e.value.code == 0, capsys.readouterr().err
     saved = json.loads((out / "stage1_config.json").read_text())
     assert saved["max_train_epochs"] == 1 and saved["learning_rate"] == 0.001
@@ -164,8 +179,7 @@ def test_bf16_mixed_precision_runs_on_cpu(tiny_workspace, tmp_path):
 def test_gradient_accumulation_counts_optimizer_steps(tiny_workspace, tmp_path):
     index = json.loads((tiny_workspace["cache"] / "index.json").read_text())
     train_clips = sum(c["split"] == "train" for c in index["clips"])
-    metrics = train_stage1(_cfg(tiny_workspace, tmp_path / "acc", max_train_epochs=2, gradient_accumulation_steps=3,
-                                batch_size=2))
+    metrics = train_stage1(_cfg(tiny_workspace, tmp_path / "acc", max_train_epochs=2, gradient_accumulation_steps=3, batch_size=2))
     batches = -(-train_clips // 2)
     assert metrics["train_steps"] == 2 * -(-batches // 3)
 

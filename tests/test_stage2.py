@@ -24,8 +24,13 @@ from moe.wan.checkpoint import (
 
 def _cfg(ws, out, **kw):
     base = dict(
-        dit=ws["merged_low"], dit_high_noise=ws["merged_high"], dataset=ws["cache"], output_dir=out,
-        network_dim=8, max_train_epochs=1, progress=False,
+        dit=ws["merged_low"],
+        dit_high_noise=ws["merged_high"],
+        dataset=ws["cache"],
+        output_dir=out,
+        network_dim=8,
+        max_train_epochs=1,
+        progress=False,
     )
     return Stage2Config(**(base | kw))
 
@@ -47,8 +52,17 @@ def test_stage2_file_metrics_and_logs(stage2_run):
     assert (stage2_run["stage2_dir"] / "checkpoint-epoch-3.safetensors").is_file()
     events = next((stage2_run["stage2_dir"] / "logs").rglob("events.out.tfevents.*"))
     tags = set(EventAccumulator(str(events)).Reload().Tags()["scalars"])
-    expected = {"train/loss", "train/loss_fm", "train/loss_teach", "train/loss_entropy", "train/loss_load_balance",
-                "train/routing_accuracy", "train/rho", "train/lr", "val/routing_accuracy"}
+    expected = {
+        "train/loss",
+        "train/loss_fm",
+        "train/loss_teach",
+        "train/loss_entropy",
+        "train/loss_load_balance",
+        "train/routing_accuracy",
+        "train/rho",
+        "train/lr",
+        "val/routing_accuracy",
+    }
     expected |= {f"train/load_{e}" for e in f.experts} | {f"train/gate_w_{e}" for e in f.experts}
     assert expected <= tags, expected - tags
 
@@ -82,9 +96,7 @@ def test_alpha_base_is_ignored_with_a_warning(merged_workspace, tmp_path):
 def test_task_and_weights_mismatch_is_a_clear_error(merged_workspace, tmp_path):
     with pytest.raises(MoeError, match=r"does not match task tiny-i2v.*preset tiny-t2v\); pass the matching --task"):
         train_stage2(_cfg(merged_workspace, tmp_path, task="tiny-i2v"))
-    i2v = write_checkpoint(
-        transformer_state_dict(build_random_transformer(get_preset("tiny-i2v"), 0)), tmp_path / "i2v.safetensors"
-    )
+    i2v = write_checkpoint(transformer_state_dict(build_random_transformer(get_preset("tiny-i2v"), 0)), tmp_path / "i2v.safetensors")
     with pytest.raises(MoeError, match=r"i2v.safetensors does not match task tiny-t2v.*preset tiny-i2v"):
         check_dits(_cfg(merged_workspace, tmp_path, dit_high_noise=i2v))
 
@@ -93,13 +105,48 @@ def test_reference_command_line_is_accepted(merged_workspace, tmp_path):
     """The reference workflow's stage-2 command, verbatim flags, through the real entry point."""
     out = tmp_path / "ref"
     cmd = [
-        sys.executable, "-m", "moe", "stage2", "--task", "tiny-t2v", "--training_stage", "stage_b",
-        "--dit", str(merged_workspace["merged_low"]), "--dit_high_noise", str(merged_workspace["merged_high"]),
-        "--no_use_base_lora", "--lora_dim", "8", "--lora_alpha", "1.0", "--num_experts", "4",
-        "--routing_mode", "learned", "--train_router", "--use_teacher_guidance",
-        "--rank_q", "8", "--rank_k", "8", "--rank_v", "8", "--rank_o", "8", "--rank_ffn", "8",
-        "--dataset", str(merged_workspace["cache"]), "--output_dir", str(out), "--max_train_epochs", "1",
-        "--roi_weight", "4", "--no_progress",
+        sys.executable,
+        "-m",
+        "moe",
+        "stage2",
+        "--task",
+        "tiny-t2v",
+        "--training_stage",
+        "stage_b",
+        "--dit",
+        str(merged_workspace["merged_low"]),
+        "--dit_high_noise",
+        str(merged_workspace["merged_high"]),
+        "--no_use_base_lora",
+        "--lora_dim",
+        "8",
+        "--lora_alpha",
+        "1.0",
+        "--num_experts",
+        "4",
+        "--routing_mode",
+        "learned",
+        "--train_router",
+        "--use_teacher_guidance",
+        "--rank_q",
+        "8",
+        "--rank_k",
+        "8",
+        "--rank_v",
+        "8",
+        "--rank_o",
+        "8",
+        "--rank_ffn",
+        "8",
+        "--dataset",
+        str(merged_workspace["cache"]),
+        "--output_dir",
+        str(out),
+        "--max_train_epochs",
+        "1",
+        "--roi_weight",
+        "4",
+        "--no_progress",
     ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -125,9 +172,10 @@ def test_stage2_resume_is_exact(merged_workspace, tmp_path):
     a = load_file(straight / "lora_moe_stage2.safetensors")
     b = load_file(resumed / "lora_moe_stage2.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((straight / "metrics.json").read_text())["routing_accuracy"] == json.loads(
-        (resumed / "metrics.json").read_text()
-    )["routing_accuracy"]
+    assert (
+        json.loads((straight / "metrics.json").read_text())["routing_accuracy"]
+        == json.loads((resumed / "metrics.json").read_text())["routing_accuracy"]
+    )
 
 
 def test_experts_are_matched_to_labels_by_name(merged_workspace, tmp_path):
@@ -154,12 +202,17 @@ def test_experts_are_matched_to_labels_by_name(merged_workspace, tmp_path):
         assert {names[e] for e in torch.nonzero(q).flatten().tolist()} == expected, (item["id"], labelled, q)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (dict(num_experts=5, expert_names=("scissors", "hook", "suction", "other", "clip")),
-     r"--expert_names scissors,hook,suction,other,clip must name the cache's label classes \(scissors, hook, suction, other\).*not a label class: clip"),
-    (dict(num_experts=5), r"--num_experts 5 but --expert_names scissors,hook,suction,other names 4; the cache's label classes"),
-    (dict(expert_names=("scissor", "hook", "suction", "other")), r"missing: scissors; not a label class: scissor"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            dict(num_experts=5, expert_names=("scissors", "hook", "suction", "other", "clip")),
+            r"--expert_names scissors,hook,suction,other,clip must name the cache's label classes \(scissors, hook, suction, other\).*not a label class: clip",
+        ),
+        (dict(num_experts=5), r"--num_experts 5 but --expert_names scissors,hook,suction,other names 4; the cache's label classes"),
+        (dict(expert_names=("scissor", "hook", "suction", "other")), r"missing: scissors; not a label class: scissor"),
+    ],
+)
 def test_expert_options_are_checked_against_the_cache_first(merged_workspace, tmp_path, monkeypatch, flags, message):
     import moe.train.recipe as recipe
 

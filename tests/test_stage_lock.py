@@ -43,8 +43,13 @@ print("finished", flush=True)
 
 
 def _start_holder(folder: Path, hold_s: float) -> tuple[subprocess.Popen, int]:
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), str(hold_s)], stdout=subprocess.PIPE,
-                              text=True, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)})
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(folder), str(hold_s)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+    )
     line = holder.stdout.readline()
     assert line.startswith("child "), line
     return holder, int(line.split()[1])
@@ -144,8 +149,15 @@ def test_two_flow_runs_of_one_stage_compute_it_once(prefect_api, mlflow_uri, tmp
     root.mkdir()
     results = StoreResultStorage.saved(str(root), S3Options())
 
-    @task(name="locked-stage", cache_key_fn=stage_cache_key, persist_result=True, result_serializer="json",
-          retries=1, retry_delay_seconds=1, retry_condition_fn=_retry_unless_bad_input)
+    @task(
+        name="locked-stage",
+        cache_key_fn=stage_cache_key,
+        persist_result=True,
+        result_serializer="json",
+        retries=1,
+        retry_delay_seconds=1,
+        retry_condition_fn=_retry_unless_bad_input,
+    )
     def locked_stage(value: int, ctx: StageContext) -> dict:
         with open_stage(ctx) as stage:
             with open(stage.work / "computed-by", "a") as f:
@@ -157,9 +169,13 @@ def test_two_flow_runs_of_one_stage_compute_it_once(prefect_api, mlflow_uri, tmp
     def one_stage() -> dict:
         run_id = str(FlowRunContext.get().flow_run.id)
         parent = client.create_run(experiment).info.run_id
-        ctx = StageContext(artifact_root=str(root), work_dir=str(tmp_path / "work"), run_prefix=f"runs/{run_id}",
-                           flow_run_id=run_id, tracking=TrackingContext(
-                               tracking_uri=mlflow_uri, experiment_id=experiment, parent_run_id=parent, ui_url="http://x"))
+        ctx = StageContext(
+            artifact_root=str(root),
+            work_dir=str(tmp_path / "work"),
+            run_prefix=f"runs/{run_id}",
+            flow_run_id=run_id,
+            tracking=TrackingContext(tracking_uri=mlflow_uri, experiment_id=experiment, parent_run_id=parent, ui_url="http://x"),
+        )
         return locked_stage.with_options(result_storage=results)(7, ctx=ctx)
 
     outputs: dict[str, dict] = {}

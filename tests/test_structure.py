@@ -51,7 +51,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         stack.pop()
@@ -120,8 +120,13 @@ def test_imports_run_down_the_floors():
     folded = package_graph(import_graph())
     floor = {package: level for level, packages in enumerate(FLOORS) for package in packages}
     assert set(folded) - {"moe"} <= set(floor), f"a package on no floor: {sorted(set(folded) - set(floor) - {'moe'})}"
-    upward = [f"{a} -> {b}" for a, targets in folded.items() if a in floor
-              for b in targets if b in floor and floor[b] >= floor[a] and not {a, b} <= {"moe.train", "moe.eval"}]
+    upward = [
+        f"{a} -> {b}"
+        for a, targets in folded.items()
+        if a in floor
+        for b in targets
+        if b in floor and floor[b] >= floor[a] and not {a, b} <= {"moe.train", "moe.eval"}
+    ]
     assert not upward, upward
     # training and evaluation share no module: what both need lives in `moe.dit`
     assert "moe.train" not in folded["moe.eval"] and "moe.eval" not in folded["moe.train"]
@@ -140,12 +145,16 @@ def test_config_package_is_torch_free():
     offenders = []
     for path in (ROOT / "moe" / "config").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])
+            )
             for name in names:
                 top = name.split(".")[0]
                 if (top not in allowed and top not in sys.stdlib_module_names) or (
-                        top == "moe" and not (name == "moe.errors" or name.startswith("moe.config"))):
+                    top == "moe" and not (name == "moe.errors" or name.startswith("moe.config"))
+                ):
                     offenders.append(f"{path.relative_to(ROOT)}: {name}")
     assert not offenders, offenders
     names = sorted(n for n in import_graph() if n.startswith("moe.config"))
@@ -193,7 +202,10 @@ def _imports_in_fresh_interpreter(code: str) -> tuple[set[str], dict[str, str]]:
     report = "\nimport json; print(json.dumps([sorted(sys.modules), IMPORTERS]))"
     done = subprocess.run(
         [sys.executable, "-c", _RECORD_IMPORTERS + code + report],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     modules, importers = json.loads(done.stdout.strip().splitlines()[-1])
@@ -213,8 +225,11 @@ def test_moe_source_never_imports_orchestration():
     offenders = []
     for path in (ROOT / "moe").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            )
             offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in ORCHESTRATION]
     assert not offenders, offenders
 

@@ -122,8 +122,9 @@ def test_i2v_pretraining_runs(tmp_path):
     te, tok = build_tiny_text_encoder(preset, 0)
     data = synthetic_clips(PretrainConfig(clips=2), preset, build_tiny_vae(preset, 0, _surgical_calibration_videos(0)), te, tok)
     assert data["i2v_condition"].shape[1] == 20
-    losses = pretrain_dit(build_random_transformer(preset, 0), data, preset, PretrainConfig(steps=2, batch_size=2),
-                          sigma_ranges(preset)["high_noise"], seed=0)
+    losses = pretrain_dit(
+        build_random_transformer(preset, 0), data, preset, PretrainConfig(steps=2, batch_size=2), sigma_ranges(preset)["high_noise"], seed=0
+    )
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
 
 

@@ -23,10 +23,42 @@ HELD_OUT_SEED = 31337  # never used to choose anything in the decoder (its taps 
 
 # latents_mean/std of build_tiny_vae(seed=0) with the default calibration, as the code before the
 # decoder (commit e07f8a0) made them; cached latents and tuned numbers depend on them.
-OLD_LATENTS_MEAN = [0.94871, -3.68339, -2.27483, 1.74696, -3.57708, -1.40578, -2.47981, -1.27318,
-                    -4.76299, -5.17111, 0.67273, -1.72843, -0.8358, -2.01375, -0.65034, 4.45474]
-OLD_LATENTS_STD = [0.21408, 0.32875, 0.14361, 0.24474, 0.26464, 0.21084, 0.32912, 0.28891,
-                   0.3164, 0.11676, 0.22333, 0.3508, 0.14535, 0.25219, 0.22832, 0.38806]
+OLD_LATENTS_MEAN = [
+    0.94871,
+    -3.68339,
+    -2.27483,
+    1.74696,
+    -3.57708,
+    -1.40578,
+    -2.47981,
+    -1.27318,
+    -4.76299,
+    -5.17111,
+    0.67273,
+    -1.72843,
+    -0.8358,
+    -2.01375,
+    -0.65034,
+    4.45474,
+]
+OLD_LATENTS_STD = [
+    0.21408,
+    0.32875,
+    0.14361,
+    0.24474,
+    0.26464,
+    0.21084,
+    0.32912,
+    0.28891,
+    0.3164,
+    0.11676,
+    0.22333,
+    0.3508,
+    0.14535,
+    0.25219,
+    0.22832,
+    0.38806,
+]
 
 
 def _clips(n: int, seed: int, frames: int = 17, size: tuple[int, int] = (64, 64)) -> torch.Tensor:

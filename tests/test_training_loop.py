@@ -18,8 +18,17 @@ from moe.train.stage2 import Stage2Module
 
 
 def _cfg(ws, out, **kw):
-    base = dict(dit=ws["models"].low_noise, dit_high_noise=ws["models"].high_noise, dataset=ws["cache"], output_dir=out,
-                network_dim=8, learning_rate=2e-3, max_train_epochs=1, progress=False, seed=3)
+    base = dict(
+        dit=ws["models"].low_noise,
+        dit_high_noise=ws["models"].high_noise,
+        dataset=ws["cache"],
+        output_dir=out,
+        network_dim=8,
+        learning_rate=2e-3,
+        max_train_epochs=1,
+        progress=False,
+        seed=3,
+    )
     return Stage1Config(**(base | kw))
 
 
@@ -74,8 +83,9 @@ def test_auto_placement_from_weight_bytes_and_free_memory():
     assert should_offload("always", cuda, 1, int(139.5 * GiB), 0) and not should_offload("never", cuda, a14b, 0, 0)
 
 
-@pytest.mark.parametrize("policy, free_bytes, offloads", [("always", None, True), ("never", None, False),
-                                                          ("auto", 100_000, True), ("auto", 64 * GiB, False)])
+@pytest.mark.parametrize(
+    "policy, free_bytes, offloads", [("always", None, True), ("never", None, False), ("auto", 100_000, True), ("auto", 64 * GiB, False)]
+)
 def test_swaps_under_each_placement_policy(tiny_workspace, tmp_path, policy, free_bytes, offloads):
     """Swap counts of an epoch's plan on the tiny dual-DiT pair (on the CPU, offloading is a
     logical move that DualDiT still counts); `auto` decides from the injected free memory."""
@@ -101,9 +111,15 @@ def test_swaps_are_counted_and_logged_in_a_run(tiny_workspace, tmp_path):
 def test_no_weight_decay_on_vectors(merged_workspace, tmp_path):
     """Gate centre c and slope k and router biases are not decayed (one AdamW step with zero
     gradients leaves them exactly; decayed matrices shrink by lr * weight_decay)."""
-    cfg = Stage2Config(dit=merged_workspace["merged_low"], dit_high_noise=merged_workspace["merged_high"],
-                       dataset=merged_workspace["cache"], output_dir=tmp_path, network_dim=8, learning_rate=0.1,
-                       weight_decay=0.5)
+    cfg = Stage2Config(
+        dit=merged_workspace["merged_low"],
+        dit_high_noise=merged_workspace["merged_high"],
+        dataset=merged_workspace["cache"],
+        output_dir=tmp_path,
+        network_dim=8,
+        learning_rate=0.1,
+        weight_decay=0.5,
+    )
     module = Stage2Module(cfg, load_dits(cfg, make_accelerator(cfg)), {})
     optimizer, names = build_optimizer(cfg, module)
     assert set(names[1]) == {"router.mlp.0.bias", "router.mlp.2.bias", "timestep_gate.k", "timestep_gate.c"}
@@ -133,8 +149,11 @@ def test_nonfinite_gradient_with_a_finite_loss_stops_before_the_weights_change(t
 
     lora_up = module.adapters["blocks/7/self_attn/q"].lora_up
     lora_up.register_hook(poison_third_backward)
-    with pytest.raises(MoeError, match=r"gradient norm became nan \(the loss was finite\) at epoch 1, step 3 \(sigma "
-                                       r"[0-9.]+, clips synth_\d+\); the last good state is saved to .*state-nonfinite-step-2"):
+    with pytest.raises(
+        MoeError,
+        match=r"gradient norm became nan \(the loss was finite\) at epoch 1, step 3 \(sigma "
+        r"[0-9.]+, clips synth_\d+\); the last good state is saved to .*state-nonfinite-step-2",
+    ):
         run_training(cfg, module, accelerator, open_dataset(cfg), "stage1")
     saved = load_file(tmp_path / "state-nonfinite-step-2" / "trainable.safetensors")
     assert all(torch.isfinite(t).all() for t in saved.values())

@@ -34,31 +34,44 @@ def _prompts(tmp_path, text: str, name: str = "prompts.txt"):
 
 def test_prompt_lines_with_musubi_options(tmp_path):
     (tmp_path / "first.png").write_bytes(b"")
-    path = _prompts(tmp_path, (
-        "# samples for the tiny run\n"
-        "\n"
-        "a hook retracts tissue, endoscopic view --w 832 --h 480 --f 81 --d 7 --s 30 --l 4.5 --fs 8\n"
-        "   # an indented comment\n"
-        "scissors cut a vessel --n blurry, low quality --g 3 --i first.png --hint scissors\n"
-        "plain prompt\n"
-    ))
+    path = _prompts(
+        tmp_path,
+        (
+            "# samples for the tiny run\n"
+            "\n"
+            "a hook retracts tissue, endoscopic view --w 832 --h 480 --f 81 --d 7 --s 30 --l 4.5 --fs 8\n"
+            "   # an indented comment\n"
+            "scissors cut a vessel --n blurry, low quality --g 3 --i first.png --hint scissors\n"
+            "plain prompt\n"
+        ),
+    )
     first, second, third = read_sample_prompts(path)
     assert (first.index, first.prompt, first.width, first.height, first.frames, first.seed, first.steps) == (
-        0, "a hook retracts tissue, endoscopic view", 832, 480, 81, 7, 30)
+        0,
+        "a hook retracts tissue, endoscopic view",
+        832,
+        480,
+        81,
+        7,
+        30,
+    )
     assert (first.guidance, first.flow_shift, first.negative_prompt, first.hint) == (4.5, 8.0, "", None)
     assert first.where == f"{path}, line 3"
-    assert (second.prompt, second.negative_prompt, second.guidance, second.hint) == (
-        "scissors cut a vessel", "blurry, low quality", 3.0, "scissors")
+    assert (second.prompt, second.negative_prompt, second.guidance, second.hint) == ("scissors cut a vessel", "blurry, low quality", 3.0, "scissors")
     assert second.image == tmp_path / "first.png"  # relative to the file's folder
     assert (third.index, third.prompt, third.width, third.seed, third.steps) == (2, "plain prompt", None, None, None)
 
 
 def test_toml_and_json_forms_use_musubis_keys(tmp_path):
-    toml = _prompts(tmp_path, (
-        "[prompt]\nwidth = 64\nheight = 32\nsample_steps = 4\n\n"
-        "[[prompt.subset]]\nprompt = \"a hook\"\nseed = 1\n\n"
-        "[[prompt.subset]]\nprompt = \"scissors\"\nwidth = 32\ninstrument_hint = \"scissors\"\ncfg_scale = 2.0\n"
-    ), "prompts.toml")
+    toml = _prompts(
+        tmp_path,
+        (
+            "[prompt]\nwidth = 64\nheight = 32\nsample_steps = 4\n\n"
+            '[[prompt.subset]]\nprompt = "a hook"\nseed = 1\n\n'
+            '[[prompt.subset]]\nprompt = "scissors"\nwidth = 32\ninstrument_hint = "scissors"\ncfg_scale = 2.0\n'
+        ),
+        "prompts.toml",
+    )
     a, b = read_sample_prompts(toml)
     assert (a.prompt, a.width, a.height, a.steps, a.seed) == ("a hook", 64, 32, 4, 1)
     assert (b.prompt, b.width, b.height, b.hint, b.guidance) == ("scissors", 32, 32, "scissors", 2.0)
@@ -67,22 +80,28 @@ def test_toml_and_json_forms_use_musubis_keys(tmp_path):
     assert (c.prompt, c.width, c.seed, d.prompt, d.frames, d.index) == ("a hook", 48, 2, "suction", 9, 1)
 
 
-@pytest.mark.parametrize("text, name, message", [
-    ("ok\nbad --w wide\n", "prompts.txt", r"line 2: --w Input should be a valid integer"),
-    ("# c\n\nok --s 0\n", "prompts.txt", r"line 3: --s must be a whole number >= 1 and <= 1000, got 0"),
-    ("ok --x 3\n", "prompts.txt", r"line 1: unknown option --x; the options are --w --h"),
-    ("ok --cn control.mp4\n", "prompts.txt", r"line 1: --cn \(a control video\) is a musubi-tuner option"),
-    ("ok --w 64 --w 32\n", "prompts.txt", r"line 1: --w is given twice"),
-    ("ok --d\n", "prompts.txt", r"line 1: --d needs a value"),
-    ("--w 64 --h 64\n", "prompts.txt", r"line 1: no prompt before the options"),
-    ("ok --g 2 --l 3\n", "prompts.txt", r"line 1: --g and --l are the same CFG scale here"),
-    ("ok --fs nan\n", "prompts.txt", r"line 1: --fs must be a finite number > 0 and <= 100, got nan"),
-    ("# only a comment\n\n", "prompts.txt", r"holds no prompt"),
-    ("[prompt]\n[[prompt.subset]]\nprompt = \"a\"\n[[prompt.subset]]\nprompt = \"b\"\nwidht = 3\n", "p.toml",
-     r"\[\[prompt.subset\]\] 2: unknown key 'widht'"),
-    ('["ok", 3]', "p.json", r"entry 2: expected a prompt line"),
-    ('[{"prompt": "a", "seed": true}]', "p.json", r"entry 1: seed must be a number"),
-])
+@pytest.mark.parametrize(
+    "text, name, message",
+    [
+        ("ok\nbad --w wide\n", "prompts.txt", r"line 2: --w Input should be a valid integer"),
+        ("# c\n\nok --s 0\n", "prompts.txt", r"line 3: --s must be a whole number >= 1 and <= 1000, got 0"),
+        ("ok --x 3\n", "prompts.txt", r"line 1: unknown option --x; the options are --w --h"),
+        ("ok --cn control.mp4\n", "prompts.txt", r"line 1: --cn \(a control video\) is a musubi-tuner option"),
+        ("ok --w 64 --w 32\n", "prompts.txt", r"line 1: --w is given twice"),
+        ("ok --d\n", "prompts.txt", r"line 1: --d needs a value"),
+        ("--w 64 --h 64\n", "prompts.txt", r"line 1: no prompt before the options"),
+        ("ok --g 2 --l 3\n", "prompts.txt", r"line 1: --g and --l are the same CFG scale here"),
+        ("ok --fs nan\n", "prompts.txt", r"line 1: --fs must be a finite number > 0 and <= 100, got nan"),
+        ("# only a comment\n\n", "prompts.txt", r"holds no prompt"),
+        (
+            '[prompt]\n[[prompt.subset]]\nprompt = "a"\n[[prompt.subset]]\nprompt = "b"\nwidht = 3\n',
+            "p.toml",
+            r"\[\[prompt.subset\]\] 2: unknown key 'widht'",
+        ),
+        ('["ok", 3]', "p.json", r"entry 2: expected a prompt line"),
+        ('[{"prompt": "a", "seed": true}]', "p.json", r"entry 1: seed must be a number"),
+    ],
+)
 def test_bad_lines_are_refused_with_their_number(tmp_path, text, name, message):
     with pytest.raises(MoeError, match=message):
         read_sample_prompts(_prompts(tmp_path, text, name))
@@ -96,15 +115,23 @@ def test_missing_prompts_file(tmp_path):
 def _stage_cfg(tmp_path, cls=Stage1Config, **kw):
     for name in ("vae", "text_encoder", "tokenizer"):
         (tmp_path / name).mkdir(exist_ok=True)
-    base = dict(dit=tmp_path / "dit.safetensors", dataset=tmp_path, output_dir=tmp_path / "out", sample_every_n_steps=2,
-                vae=tmp_path / "vae", text_encoder=tmp_path / "text_encoder", tokenizer=tmp_path / "tokenizer")
+    base = dict(
+        dit=tmp_path / "dit.safetensors",
+        dataset=tmp_path,
+        output_dir=tmp_path / "out",
+        sample_every_n_steps=2,
+        vae=tmp_path / "vae",
+        text_encoder=tmp_path / "text_encoder",
+        tokenizer=tmp_path / "tokenizer",
+    )
     return cls(**(base | kw))
 
 
 def test_checks_against_the_task_and_stage(tmp_path):
     good = _prompts(tmp_path, "a --w 32 --hint hook\nb --f 9 --d 5\n")
-    first, second = check_sampling(_stage_cfg(tmp_path, Stage2Config, sample_prompts=good, seed=11), (64, 48), 17,
-                                   ("scissors", "hook", "suction", "other"))
+    first, second = check_sampling(
+        _stage_cfg(tmp_path, Stage2Config, sample_prompts=good, seed=11), (64, 48), 17, ("scissors", "hook", "suction", "other")
+    )
     assert (first.width, first.height, first.frames, first.seed, first.steps, first.hint) == (32, 48, 17, 11, 20, "hook")
     assert (second.width, second.frames, second.seed) == (64, 9, 5)
     with pytest.warns(UserWarning, match="stage 1 has no experts, the instrument hints are ignored"):
@@ -115,8 +142,11 @@ def test_checks_against_the_task_and_stage(tmp_path):
         ("a --i hook\n", {}, r"line 1: --i is the first frame of an image-to-video task .* an instrument hint is --hint"),
         ("a\n", {"task": "tiny-i2v"}, r"line 1: task tiny-i2v is image-to-video: give the first frame \(--i IMAGE\)"),
         ("a --hint clamp\n", {"cls": Stage2Config}, r"line 1: --hint clamp: not an expert of this run"),
-        ("a\n", {"cls": Stage2Config, "routing_mode": "teacher", "unhinted": None},
-         r"line 1: this stage-2 run does not train its router .* add --hint NAME"),
+        (
+            "a\n",
+            {"cls": Stage2Config, "routing_mode": "teacher", "unhinted": None},
+            r"line 1: this stage-2 run does not train its router .* add --hint NAME",
+        ),
         ("a\n", {"vae": None}, r"--sample_prompts needs the VAE, text encoder and tokenizer to sample: no --vae given"),
         ("a\n", {"fsdp": True}, r"--sample_prompts with --fsdp is not supported"),
     ]
@@ -206,9 +236,19 @@ def small(tmp_path_factory):
 def _stage1(ws, out, **kw):
     from moe.train.stage1 import train_stage1
 
-    base = dict(dit=ws.models.low_noise, dit_high_noise=ws.models.high_noise, dataset=ws.cache, output_dir=out,
-                network_dim=8, learning_rate=2e-3, max_train_epochs=2, progress=False, seed=3, val_sigmas=(0.5,),
-                offload_inactive_dit="always")  # the expert swaps must not change either
+    base = dict(
+        dit=ws.models.low_noise,
+        dit_high_noise=ws.models.high_noise,
+        dataset=ws.cache,
+        output_dir=out,
+        network_dim=8,
+        learning_rate=2e-3,
+        max_train_epochs=2,
+        progress=False,
+        seed=3,
+        val_sigmas=(0.5,),
+        offload_inactive_dit="always",
+    )  # the expert swaps must not change either
     return train_stage1(Stage1Config(**(base | kw)))
 
 
@@ -245,8 +285,12 @@ def test_stage1_samples_leave_the_weights_bit_identical(stage1_runs):
     assert metrics["samples"]["val_loss_final"] == metrics["plain"]["val_loss_final"]
     events = [json.loads(line) for line in (root / "samples" / "train_log.jsonl").read_text().splitlines()]
     made = [(e["epoch"], e["step"], e["file"]) for e in events if e["event"] == "sample"]
-    assert made == [(0, 0, "samples/e0000-s000000-p00.mp4"), (0, 3, "samples/e0000-s000003-p00.mp4"),
-                    (1, 6, "samples/e0001-s000006-p00.mp4"), (2, 8, "samples/e0002-s000008-p00.mp4")]
+    assert made == [
+        (0, 0, "samples/e0000-s000000-p00.mp4"),
+        (0, 3, "samples/e0000-s000003-p00.mp4"),
+        (1, 6, "samples/e0001-s000006-p00.mp4"),
+        (2, 8, "samples/e0002-s000008-p00.mp4"),
+    ]
 
 
 def test_resumed_run_samples_only_the_points_after_its_state(stage1_runs):
@@ -287,8 +331,7 @@ def test_stage2_samples_with_a_hint(small, stage1_runs, monkeypatch):
     root, models = stage1_runs, small.models
     low, high = root / "merged_low.safetensors", root / "merged_high.safetensors"
     merge_both_experts(models.low_noise, models.high_noise, root / "samples" / "vanilla_lora.safetensors", low, high)
-    prompts = _prompts(root, "a hook retracts tissue --w 32 --h 32 --f 5 --s 2 --hint hook\nscissors --w 32 --h 32 --f 5 --s 2\n",
-                       "stage2.txt")
+    prompts = _prompts(root, "a hook retracts tissue --w 32 --h 32 --f 5 --s 2 --hint hook\nscissors --w 32 --h 32 --f 5 --s 2\n", "stage2.txt")
     routings = []
     original = Stage2Module.sample_routing
 
@@ -299,8 +342,19 @@ def test_stage2_samples_with_a_hint(small, stage1_runs, monkeypatch):
     monkeypatch.setattr(Stage2Module, "sample_routing", spy)
 
     def stage2(out, **kw):
-        train_stage2(Stage2Config(dit=low, dit_high_noise=high, dataset=small.cache, output_dir=out, network_dim=8,
-                                  max_train_epochs=1, progress=False, val_sigmas=(0.5,), **kw))
+        train_stage2(
+            Stage2Config(
+                dit=low,
+                dit_high_noise=high,
+                dataset=small.cache,
+                output_dir=out,
+                network_dim=8,
+                max_train_epochs=1,
+                progress=False,
+                val_sigmas=(0.5,),
+                **kw,
+            )
+        )
         return load_file(out / "lora_moe_stage2.safetensors")
 
     plain = stage2(root / "stage2_plain")
@@ -342,12 +396,15 @@ def test_train_task_logs_samples_and_a_markdown_artifact(stage1_runs, prefect_ap
 
     log_them()
     logged = sorted(f.path for f in client.list_artifacts(run_id, "samples"))
-    assert logged == ["samples/e0000-s000000-p00.mp4", "samples/e0000-s000003-p00.mp4", "samples/e0001-s000006-p00.mp4",
-                      "samples/e0002-s000008-p00.mp4"]
+    assert logged == [
+        "samples/e0000-s000000-p00.mp4",
+        "samples/e0000-s000003-p00.mp4",
+        "samples/e0001-s000006-p00.mp4",
+        "samples/e0002-s000008-p00.mp4",
+    ]
     with get_client(sync_client=True) as prefect:
         artifacts = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["stage1-train-samples"])))
     (artifact,) = artifacts
     assert "samples at epoch 2, step 8" in artifact.data and "4 sample videos" in artifact.data
     assert "| 0 | a hook in tissue | 2 | 8 | `samples/e0002-s000008-p00.mp4` |" in artifact.data
     assert f"http://mlflow/#/experiments/{experiment}/runs/{run_id}" in artifact.data
-

@@ -15,8 +15,7 @@ from moe.data.manifest import ClipRecord
 from moe.errors import MoeError
 from tasks.trust import WorkerPolicy, check_endpoints, check_locations, check_run, redact
 
-WORKER = {"MLFLOW_TRACKING_URI": "http://mlflow.lab:5000", "AWS_ENDPOINT_URL_S3": "http://minio.lab:9000",
-          "AWS_PROFILE": "trainer"}
+WORKER = {"MLFLOW_TRACKING_URI": "http://mlflow.lab:5000", "AWS_ENDPOINT_URL_S3": "http://minio.lab:9000", "AWS_PROFILE": "trainer"}
 
 
 def _endpoints(environ, **given):
@@ -24,11 +23,14 @@ def _endpoints(environ, **given):
     check_endpoints(WorkerPolicy.from_environ(environ), **values)
 
 
-@pytest.mark.parametrize("given, field", [
-    ({"tracking_uri": "http://collector.example:5000"}, "tracking.tracking_uri"),
-    ({"s3_endpoint": "http://collector.example:9000"}, "storage.s3.endpoint_url"),
-    ({"s3_profile": "admin"}, "storage.s3.profile"),
-])
+@pytest.mark.parametrize(
+    "given, field",
+    [
+        ({"tracking_uri": "http://collector.example:5000"}, "tracking.tracking_uri"),
+        ({"s3_endpoint": "http://collector.example:9000"}, "storage.s3.endpoint_url"),
+        ({"s3_profile": "admin"}, "storage.s3.profile"),
+    ],
+)
 def test_a_deployment_form_cannot_point_the_workers_credentials_elsewhere(given, field):
     with pytest.raises(MoeError, match=rf"^{field}='[^']+' is refused: .*worker's own .*leave {field} empty"):
         _endpoints(WORKER, **given)
@@ -44,32 +46,41 @@ def test_the_workers_own_endpoints_or_none_are_accepted():
 
 def test_credentials_in_a_uri_never_reach_the_message():
     with pytest.raises(MoeError) as e:
-        _endpoints({"MLFLOW_TRACKING_URI": "http://bot:worker-secret@mlflow.lab:5000"},
-                   tracking_uri="http://me:form-secret@collector.example:5000")
+        _endpoints({"MLFLOW_TRACKING_URI": "http://bot:worker-secret@mlflow.lab:5000"}, tracking_uri="http://me:form-secret@collector.example:5000")
     assert "secret" not in str(e.value) and "collector.example:5000" in str(e.value) and "mlflow.lab:5000" in str(e.value)
     assert redact("https://u:p@h.example:8443/path") == "https://h.example:8443/path"
 
 
 def test_a_run_started_by_hand_may_point_anywhere_but_a_deployment_run_may_not():
-    given = dict(artifact_root="outputs/x", tracking_uri="http://collector.example:5000", s3_endpoint=None,
-                 s3_profile=None, work_dir=None, inputs={})
+    given = dict(artifact_root="outputs/x", tracking_uri="http://collector.example:5000", s3_endpoint=None, s3_profile=None, work_dir=None, inputs={})
     check_run(WORKER, deployment_run=False, **given)
     with pytest.raises(MoeError, match="tracking.tracking_uri"):
         check_run(WORKER, deployment_run=True, **given)
 
 
-@pytest.mark.parametrize("uri, inside", [
-    ("s3://lab/pipeline", True), ("s3://lab/pipeline/", True), ("s3://lab/pipeline/runs/a", True),
-    ("s3://lab/pipeline-other", False), ("s3://other/pipeline", False), ("s3://lab/pipeline/../private", False),
-    ("s3://lab/pipeline//x", False), ("/srv/lora-moe", False),
-])
+@pytest.mark.parametrize(
+    "uri, inside",
+    [
+        ("s3://lab/pipeline", True),
+        ("s3://lab/pipeline/", True),
+        ("s3://lab/pipeline/runs/a", True),
+        ("s3://lab/pipeline-other", False),
+        ("s3://other/pipeline", False),
+        ("s3://lab/pipeline/../private", False),
+        ("s3://lab/pipeline//x", False),
+        ("/srv/lora-moe", False),
+    ],
+)
 def test_artifact_roots_are_matched_at_path_boundaries(uri, inside):
     policy = WorkerPolicy.from_environ({"LORA_MOE_ALLOWED_ARTIFACT_ROOTS": " s3://lab/pipeline , s3://lab/scratch/"})
     if inside:
         check_locations(policy, artifact_root=uri, work_dir=None, inputs={})
     else:
-        with pytest.raises(MoeError, match=r"^artifact_root=.* is outside the worker's allowed artifact roots "
-                                           r"\(LORA_MOE_ALLOWED_ARTIFACT_ROOTS: s3://lab/pipeline, s3://lab/scratch/\)"):
+        with pytest.raises(
+            MoeError,
+            match=r"^artifact_root=.* is outside the worker's allowed artifact roots "
+            r"\(LORA_MOE_ALLOWED_ARTIFACT_ROOTS: s3://lab/pipeline, s3://lab/scratch/\)",
+        ):
             check_locations(policy, artifact_root=uri, work_dir=None, inputs={})
 
 
@@ -88,21 +99,30 @@ def test_local_roots_resolve_dot_dot_and_symlinks(tmp_path):
 
 
 def test_inputs_must_lie_in_an_input_prefix_or_an_artifact_root():
-    policy = WorkerPolicy.from_environ({"LORA_MOE_ALLOWED_INPUT_PREFIXES": "s3://weights/wan22,s3://clips/surgical",
-                                        "LORA_MOE_ALLOWED_ARTIFACT_ROOTS": "s3://lab/pipeline"})
-    check_locations(policy, artifact_root="s3://lab/pipeline", work_dir=None, inputs={
-        "models.dit": "s3://weights/wan22/low.safetensors", "data.manifest": "s3://clips/surgical/manifest.jsonl",
-        "models.vae": "s3://lab/pipeline/runs/a/vae"})
-    with pytest.raises(MoeError, match=r"^models.dit='s3://weights/other.safetensors' is outside the worker's allowed "
-                                       r"input prefixes \(LORA_MOE_ALLOWED_INPUT_PREFIXES: s3://weights/wan22"):
-        check_locations(policy, artifact_root="s3://lab/pipeline", work_dir=None,
-                        inputs={"models.dit": "s3://weights/other.safetensors"})
+    policy = WorkerPolicy.from_environ(
+        {"LORA_MOE_ALLOWED_INPUT_PREFIXES": "s3://weights/wan22,s3://clips/surgical", "LORA_MOE_ALLOWED_ARTIFACT_ROOTS": "s3://lab/pipeline"}
+    )
+    check_locations(
+        policy,
+        artifact_root="s3://lab/pipeline",
+        work_dir=None,
+        inputs={
+            "models.dit": "s3://weights/wan22/low.safetensors",
+            "data.manifest": "s3://clips/surgical/manifest.jsonl",
+            "models.vae": "s3://lab/pipeline/runs/a/vae",
+        },
+    )
+    with pytest.raises(
+        MoeError,
+        match=r"^models.dit='s3://weights/other.safetensors' is outside the worker's allowed "
+        r"input prefixes \(LORA_MOE_ALLOWED_INPUT_PREFIXES: s3://weights/wan22",
+    ):
+        check_locations(policy, artifact_root="s3://lab/pipeline", work_dir=None, inputs={"models.dit": "s3://weights/other.safetensors"})
     open_policy = WorkerPolicy.from_environ({})  # no allow-list: the worker's IAM policy is the boundary
     check_locations(open_policy, artifact_root="s3://any/where", work_dir="/tmp/x", inputs={"models.dit": "s3://a/b"})
 
 
-@pytest.mark.parametrize("video", ["../other/clip.mp4", "videos/../../etc/passwd", "/etc/passwd", "s3://b/k.mp4",
-                                   "..\\clip.mp4"])
+@pytest.mark.parametrize("video", ["../other/clip.mp4", "videos/../../etc/passwd", "/etc/passwd", "s3://b/k.mp4", "..\\clip.mp4"])
 def test_a_manifest_names_only_files_inside_its_own_folder(video):
     with pytest.raises(ValidationError, match="must be a path relative to the manifest's folder"):
         ClipRecord(video=video, caption="c", instruments=["hook"])
@@ -141,10 +161,21 @@ def test_a_deployment_run_reads_and_writes_worker_files_only_inside_an_allow_lis
     outputs = dict(tracking_uri=None, s3_endpoint=None, s3_profile=None, inputs={})
     check_run({}, deployment_run=True, artifact_root=str(tmp_path / "root"), work_dir=None, **outputs)
     with pytest.raises(MoeError, match=r"^artifact_root=.* is a folder on the worker: a deployment run writes"):
-        check_run({}, deployment_run=True, artifact_root=str(tmp_path / "root"), work_dir=None,
-                  form_outputs=frozenset({"artifact_root"}), **outputs)
+        check_run({}, deployment_run=True, artifact_root=str(tmp_path / "root"), work_dir=None, form_outputs=frozenset({"artifact_root"}), **outputs)
     with pytest.raises(MoeError, match=r"^storage.work_dir="):
-        check_run({}, deployment_run=True, artifact_root="s3://lab/pipeline", work_dir=str(tmp_path / "home"),
-                  form_outputs=frozenset({"storage.work_dir"}), **outputs)
-    check_run({"LORA_MOE_ALLOWED_ARTIFACT_ROOTS": str(tmp_path / "root")}, deployment_run=True,
-              artifact_root=str(tmp_path / "root" / "a"), work_dir=None, form_outputs=frozenset({"artifact_root"}), **outputs)
+        check_run(
+            {},
+            deployment_run=True,
+            artifact_root="s3://lab/pipeline",
+            work_dir=str(tmp_path / "home"),
+            form_outputs=frozenset({"storage.work_dir"}),
+            **outputs,
+        )
+    check_run(
+        {"LORA_MOE_ALLOWED_ARTIFACT_ROOTS": str(tmp_path / "root")},
+        deployment_run=True,
+        artifact_root=str(tmp_path / "root" / "a"),
+        work_dir=None,
+        form_outputs=frozenset({"artifact_root"}),
+        **outputs,
+    )

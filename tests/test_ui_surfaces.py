@@ -34,8 +34,7 @@ def _parent(s3_pipeline):
     experiment = client.get_experiment_by_name(s3_pipeline["params"]["tracking"]["experiment"])
     flow_run_id = s3_pipeline["summary"].flow_run_id
     [parent] = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
-    nested = {r.info.run_name: r for r in client.search_runs(
-        [experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    nested = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
     return client, experiment, parent, nested
 
 
@@ -45,8 +44,13 @@ def test_the_flow_run_says_what_it_is(s3_pipeline):
         run = client.read_flow_run(summary.flow_run_id)
     assert re.fullmatch(r"tiny-t2v-train-[a-z]+-[a-z]+", run.name)
     entry = summary.registered
-    expected = {"task:tiny-t2v", "preset:tiny", f"data:{summary.data_fingerprint[:12]}", f"registered:v{entry.version}",
-                f"gate:{'passed' if summary.gate['passed'] else 'failed'}"}
+    expected = {
+        "task:tiny-t2v",
+        "preset:tiny",
+        f"data:{summary.data_fingerprint[:12]}",
+        f"registered:v{entry.version}",
+        f"gate:{'passed' if summary.gate['passed'] else 'failed'}",
+    }
     assert expected <= set(run.tags)
     assert ("champion" in run.tags) == entry.champion_moved
 
@@ -101,8 +105,10 @@ def test_mlflow_experiment_and_parent_run(s3_pipeline, s3_endpoint):
     assert parent.data.metrics[primary] == pytest.approx(summary.metrics[primary])
     datasets = {d.dataset.name: d for d in parent.inputs.dataset_inputs}
     assert datasets["clips"].dataset.digest == summary.data_fingerprint[:16]
-    assert json.loads(datasets["clips"].dataset.source)["uri"] == summary.artifacts["latent_cache"].uri.rsplit(
-        "/prepare-data/", 1)[0] + "/synth-data/data/manifest.jsonl"
+    assert (
+        json.loads(datasets["clips"].dataset.source)["uri"]
+        == summary.artifacts["latent_cache"].uri.rsplit("/prepare-data/", 1)[0] + "/synth-data/data/manifest.jsonl"
+    )
     assert datasets["latent_cache"].dataset.digest == summary.artifacts["latent_cache"].sha256[:16]
     assert {t.key: t.value for t in datasets["clips"].tags}["mlflow.data.context"] == "training"
     for stage in ("stage1-train", "stage2-train", "eval"):
@@ -124,8 +130,7 @@ def test_lineage_from_base_dits_to_the_lora_moe(s3_pipeline):
 
     def edges(stage):
         run = client.get_run(nested[stage].info.run_id)
-        return ({model_name(m.model_id) for m in run.inputs.model_inputs},
-                {model_name(m.model_id) for m in run.outputs.model_outputs})
+        return ({model_name(m.model_id) for m in run.inputs.model_inputs}, {model_name(m.model_id) for m in run.outputs.model_outputs})
 
     assert edges("stage1-train") == ({"base-dit-low-noise", "base-dit-high-noise"}, {"stage1-lora"})
     assert edges("merge-low") == ({"base-dit-low-noise", "stage1-lora"}, {"merged-dit-low-noise"})
@@ -152,8 +157,17 @@ def test_the_registered_version_has_a_run_a_dozen_tags_and_a_model_card(s3_pipel
     assert version.run_id == parent.info.run_id and client.get_run(version.run_id).data.metrics
     tags = version.tags
     assert not [k for k in tags if k.startswith("artifact.")] and len(tags) <= 16, sorted(tags)
-    assert {"task", "data_fingerprint", "gate.passed", "package_version", "lora_moe.sha256", "prefect.flow_run_id",
-            "champion_decision", "logged_model_id", f"metric.{summary.gate['primary_metric']}"} <= set(tags)
+    assert {
+        "task",
+        "data_fingerprint",
+        "gate.passed",
+        "package_version",
+        "lora_moe.sha256",
+        "prefect.flow_run_id",
+        "champion_decision",
+        "logged_model_id",
+        f"metric.{summary.gate['primary_metric']}",
+    } <= set(tags)
     for check in summary.gate["checks"]:
         assert f"metric.{check['name']}" in tags
     description = version.description
@@ -179,8 +193,10 @@ def test_data_licence_and_weak_experts():
     def ref(uri, producer="input"):
         return ArtifactRef(uri=uri, sha256="ab" * 32, size=1, kind="clip", producer=producer)
 
-    cholec = DatasetRef(manifest=ref("s3://d/c80/manifest.jsonl"),
-                        files={f"clips/video0{i}_000100.mp4": ref(f"s3://d/c80/clips/video0{i}_000100.mp4") for i in (1, 2)})
+    cholec = DatasetRef(
+        manifest=ref("s3://d/c80/manifest.jsonl"),
+        files={f"clips/video0{i}_000100.mp4": ref(f"s3://d/c80/clips/video0{i}_000100.mp4") for i in (1, 2)},
+    )
     card = DataCard.of(cholec)
     assert card.source == "cholec80" and "CC BY-NC-SA 4.0" in card.licence and "non-commercial" in card.licence
     assert card.clips == 2
@@ -194,14 +210,15 @@ def test_data_licence_and_weak_experts():
 
     report = {
         "classes": {"hook": 2, "suction": 1},
-        "routing": {"experts": ["scissors", "hook", "suction", "other"],
-                    "top1_share": {"scissors": 0.3, "hook": 0.6, "suction": 0.0, "other": 0.1}},
-        "knockout": {"roi_delta": {
-            "scissors": {"hook": estimate(0.002, 0.001, 0.003), "suction": estimate(-0.001, -0.002, 0.0)},  # ~0 everywhere
-            "hook": {"hook": estimate(0.2, 0.1, 0.3), "suction": estimate(0.001, 0.0, 0.002)},  # specialised
-            "suction": {"hook": estimate(0.05, 0.01, 0.09), "suction": estimate(0.01, -0.01, 0.03)},  # own interval reaches 0
-            "other": {"hook": estimate(0.04, 0.02, 0.06), "suction": estimate(None)},  # no clip of its own: moves hook clips
-        }},
+        "routing": {"experts": ["scissors", "hook", "suction", "other"], "top1_share": {"scissors": 0.3, "hook": 0.6, "suction": 0.0, "other": 0.1}},
+        "knockout": {
+            "roi_delta": {
+                "scissors": {"hook": estimate(0.002, 0.001, 0.003), "suction": estimate(-0.001, -0.002, 0.0)},  # ~0 everywhere
+                "hook": {"hook": estimate(0.2, 0.1, 0.3), "suction": estimate(0.001, 0.0, 0.002)},  # specialised
+                "suction": {"hook": estimate(0.05, 0.01, 0.09), "suction": estimate(0.01, -0.01, 0.03)},  # own interval reaches 0
+                "other": {"hook": estimate(0.04, 0.02, 0.06), "suction": estimate(None)},  # no clip of its own: moves hook clips
+            }
+        },
     }
     weak = weak_experts(report)
     assert set(weak) == {"scissors", "suction"}
@@ -225,13 +242,17 @@ def test_the_card_lists_the_generated_clip_numbers_when_measured():
     from tasks.artifacts.refs import ArtifactRef, DatasetRef
     from tasks.registry.card import DataCard, ModelCard
 
-    data = DataCard.of(DatasetRef(manifest=ArtifactRef(uri="file:///r/manifest.jsonl", sha256="ab" * 32, size=1,
-                                                       kind="clip", producer="synth-data@run"), files={}))
+    data = DataCard.of(
+        DatasetRef(manifest=ArtifactRef(uri="file:///r/manifest.jsonl", sha256="ab" * 32, size=1, kind="clip", producer="synth-data@run"), files={})
+    )
     gate = {"passed": True, "primary_metric": "stage2_learned_roi_loss", "checks": [], "skipped": []}
     metrics = {"stage2_learned_roi_loss": 2.5, "stage2_learned_fvd": 812.25, "stage2_hint_instrument_accuracy": 0.75}
     card = ModelCard(task="tiny-t2v", name="m", version="1", decision="d", data=data, metrics=metrics, gate=gate)
     text = card.markdown()
     rows = [line for line in text.splitlines() if line.startswith("| `")]
-    assert rows == ["| `stage2_learned_roi_loss` | 2.5 |", "| `stage2_learned_fvd` | 812.2 |",
-                    "| `stage2_hint_instrument_accuracy` | 0.75 |"]  # unmeasured ones (stage1_fvd ...) left out
+    assert rows == [
+        "| `stage2_learned_roi_loss` | 2.5 |",
+        "| `stage2_learned_fvd` | 812.2 |",
+        "| `stage2_hint_instrument_accuracy` | 0.75 |",
+    ]  # unmeasured ones (stage1_fvd ...) left out
     assert "pre-trained on synthetic clips" in text and "never real surgery" in text

@@ -203,10 +203,7 @@ def test_polynomial_mmd_matches_pairwise_reference_and_subsets():
     x, y = rng.standard_normal((30, 5)), rng.standard_normal((25, 5)) + 0.3
     ours = stats.polynomial_mmd2(x, y, rng=np.random.default_rng(3), subsets=4, subset_size=10)
     draws = np.random.default_rng(3)
-    reference = np.mean([
-        _mmd_pairs_reference(x[draws.choice(30, 10, replace=False)], y[draws.choice(25, 10, replace=False)])
-        for _ in range(4)
-    ])
+    reference = np.mean([_mmd_pairs_reference(x[draws.choice(30, 10, replace=False)], y[draws.choice(25, 10, replace=False)]) for _ in range(4)])
     assert ours == pytest.approx(reference, rel=1e-10)
 
 

@@ -89,8 +89,9 @@ def _fail(message: str) -> None:
 
 # A file a user named that cannot be read: bad input (exit 2), said in one line. Other OSErrors
 # (an I/O error of the disk) are not the user's to fix, and stay tracebacks.
-_READ_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.ELOOP,
-                          errno.ENODEV, errno.ENXIO, errno.ENAMETOOLONG})
+_READ_ERRNOS = frozenset(
+    {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENODEV, errno.ENXIO, errno.ENAMETOOLONG}
+)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,8 +19,19 @@ OPTION_ALIASES = {"output_dir": "out"}
 
 # `lora-moe --help` lists commands in this order (the workflow's), then any others (plugins).
 COMMAND_ORDER = (
-    "workflow", "models", "data", "cache", "stage1", "merge", "stage2", "eval", "generate",
-    "registry", "export-expert", "convert-lora", "inspect",
+    "workflow",
+    "models",
+    "data",
+    "cache",
+    "stage1",
+    "merge",
+    "stage2",
+    "eval",
+    "generate",
+    "registry",
+    "export-expert",
+    "convert-lora",
+    "inspect",
 )
 
 
@@ -74,8 +85,6 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(
-        False, "--version", help="Print the version and exit.", is_eager=True, callback=_print_version
-    ),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True, callback=_print_version),
 ) -> None:
     pass

@@ -23,28 +23,37 @@ app.add_typer(models_app, name="models")
 def _run_models_tiny(cfg: TinyModelsConfig) -> None:
     from moe.tiny.model_set import write_tiny_model_set
 
-    ms = write_tiny_model_set(cfg.output_dir, cfg.task, cfg.seed, overwrite=cfg.overwrite, pretrain_steps=cfg.pretrain_steps,
-                              progress=not cfg.quiet)
+    ms = write_tiny_model_set(cfg.output_dir, cfg.task, cfg.seed, overwrite=cfg.overwrite, pretrain_steps=cfg.pretrain_steps, progress=not cfg.quiet)
     typer.echo(f"wrote tiny {ms.task} model set to {cfg.output_dir}")
 
 
-config_command(models_app, "tiny", TinyModelsConfig, _run_models_tiny,
-               help="Write a tiny Wan2.2 model set (high/low-noise DiTs, VAE, text encoder, tokenizer): random DiTs, or "
-               "DiTs pre-trained on synthetic surgical clips with --pretrain_steps N (the demo's: 1000).")
+config_command(
+    models_app,
+    "tiny",
+    TinyModelsConfig,
+    _run_models_tiny,
+    help="Write a tiny Wan2.2 model set (high/low-noise DiTs, VAE, text encoder, tokenizer): random DiTs, or "
+    "DiTs pre-trained on synthetic surgical clips with --pretrain_steps N (the demo's: 1000).",
+)
 
 
 def _run_merge(cfg: MergeConfig) -> None:
     from moe.merge import merge_lora_into_checkpoint
 
     result = merge_lora_into_checkpoint(
-        cfg.dit, cfg.lora_weight, cfg.save_merged_model, cfg.lora_multiplier, task=cfg.task, force=cfg.force,
-        progress=not cfg.quiet, overwrite=cfg.overwrite,
+        cfg.dit,
+        cfg.lora_weight,
+        cfg.save_merged_model,
+        cfg.lora_multiplier,
+        task=cfg.task,
+        force=cfg.force,
+        progress=not cfg.quiet,
+        overwrite=cfg.overwrite,
     )
     typer.echo(f"merged {result.merged_modules} modules x{cfg.lora_multiplier} into {result.output}")
 
 
-config_command(app, "merge", MergeConfig, _run_merge,
-               help="Merge a vanilla LoRA into one DiT checkpoint, streaming, keeping its format.")
+config_command(app, "merge", MergeConfig, _run_merge, help="Merge a vanilla LoRA into one DiT checkpoint, streaming, keeping its format.")
 
 
 @app.command("inspect", cls=CheckedCommand)
@@ -63,7 +72,8 @@ def export_expert(
     bake_sigma: Annotated[
         float,
         typer.Option(
-            "--bake_sigma", help="Bake the timestep gate w_e(sigma) in at this sigma (default 0: full strength).",
+            "--bake_sigma",
+            help="Bake the timestep gate w_e(sigma) in at this sigma (default 0: full strength).",
             **number(Fraction),
         ),
     ] = 0.0,
@@ -73,9 +83,7 @@ def export_expert(
         Literal["diffusers", "musubi", "default", "peft"],
         typer.Option("--save_format", help="diffusers (= default), musubi or peft."),
     ] = "diffusers",
-    musubi_copy: Annotated[
-        bool, typer.Option("--musubi_copy", help="Also write OUT_musubi.safetensors (musubi-tuner's form).")
-    ] = False,
+    musubi_copy: Annotated[bool, typer.Option("--musubi_copy", help="Also write OUT_musubi.safetensors (musubi-tuner's form).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Export one expert as a vanilla LoRA (for diffusers, ComfyUI, `generate --lora_weight`).

@@ -78,9 +78,7 @@ def _parameter(name: str, field, aliases: tuple[str, ...]) -> inspect.Parameter:
     required = field.is_required()
     default = None if required else field.get_default(call_default_factory=True)
     shown = None if required else shown_default(name, default)
-    help_text = (field.description or "") + (
-        "  [required]" if required else f"  [default: {shown}]" if shown is not None else ""
-    )
+    help_text = (field.description or "") + ("  [required]" if required else f"  [default: {shown}]" if shown is not None else "")
     decls = [f"--{name}/--no_{name}"] if ann is bool else [f"--{name}"]
     option = typer.Option(*decls, *(f"--{a}" for a in aliases), help=help_text.strip(), show_default=False)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[_cli_type(ann) | None, option])

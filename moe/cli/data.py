@@ -44,13 +44,21 @@ def _report(manifest: Path) -> None:
 def _run_synth(cfg: SynthConfig) -> None:
     from moe.tiny.synth import synthesize_dataset
 
-    manifest = synthesize_dataset(cfg.output_dir, clips=cfg.clips, frames=cfg.frames, size=cfg.size, seed=cfg.seed, fps=cfg.fps,
-                                  val_fraction=cfg.val_fraction, progress=True, overwrite=cfg.overwrite)
+    manifest = synthesize_dataset(
+        cfg.output_dir,
+        clips=cfg.clips,
+        frames=cfg.frames,
+        size=cfg.size,
+        seed=cfg.seed,
+        fps=cfg.fps,
+        val_fraction=cfg.val_fraction,
+        progress=True,
+        overwrite=cfg.overwrite,
+    )
     _report(manifest)
 
 
-config_command(data_app, "synth", SynthConfig, _run_synth,
-               help="Write a procedural surgical-like clip set with exact tip boxes and captions.")
+config_command(data_app, "synth", SynthConfig, _run_synth, help="Write a procedural surgical-like clip set with exact tip boxes and captions.")
 
 
 @data_app.command("cholec80", cls=CheckedCommand)
@@ -59,7 +67,9 @@ def cholec80(
     output_dir: Path = typer.Option(..., "--output_dir", "--out", help="Output folder (clips/ and manifest.jsonl)."),
     frames_per_clip: int = typer.Option(81, "--frames_per_clip", **number(Frames)),
     clip_seconds: float | None = typer.Option(
-        None, "--clip_seconds", help="Source seconds per clip (default: frames / 16).",
+        None,
+        "--clip_seconds",
+        help="Source seconds per clip (default: frames / 16).",
         **number(PositiveFloat),
     ),
     stride_seconds: float | None = typer.Option(
@@ -69,18 +79,10 @@ def cholec80(
         **number(PositiveFloat),
     ),
     size: str | None = typer.Option(None, "--size", help="Rescale to WIDTHxHEIGHT, e.g. 832x480."),
-    videos: str | None = typer.Option(
-        None, "--videos", help="Comma-separated ids, e.g. video01,video02."
-    ),
-    label_map: Path | None = typer.Option(
-        None, "--label_map", help="JSON object: Cholec80 tool -> expert class."
-    ),
-    min_presence: float = typer.Option(
-        0.5, "--min_presence", help="Share of a clip's frames a tool must be in.", **number(Fraction)
-    ),
-    val_fraction: float = typer.Option(
-        0.2, "--val_fraction", help="Share of videos in val.", **number(Fraction)
-    ),
+    videos: str | None = typer.Option(None, "--videos", help="Comma-separated ids, e.g. video01,video02."),
+    label_map: Path | None = typer.Option(None, "--label_map", help="JSON object: Cholec80 tool -> expert class."),
+    min_presence: float = typer.Option(0.5, "--min_presence", help="Share of a clip's frames a tool must be in.", **number(Fraction)),
+    val_fraction: float = typer.Option(0.2, "--val_fraction", help="Share of videos in val.", **number(Fraction)),
     seed: int = typer.Option(0, "--seed", help="Seed of the train/val split.", **number(Seed)),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
@@ -108,9 +110,7 @@ def cholec80(
 @data_app.command("check", cls=CheckedCommand)
 def check(
     manifest: Path = typer.Option(..., "--manifest", help="Clip manifest (JSONL)."),
-    min_frames: int = typer.Option(
-        81, "--min_frames", help="Frames each clip needs (4k+1).", **number(Frames)
-    ),
+    min_frames: int = typer.Option(81, "--min_frames", help="Frames each clip needs (4k+1).", **number(Frames)),
 ) -> None:
     """Validate a manifest and decode every clip; lists every bad clip by id in one report."""
     from moe.data.manifest import check_videos

@@ -19,10 +19,7 @@ def _run_eval(cfg: EvalConfig) -> None:
         typer.echo(f"warning: {warning}", err=True)
     verdict = "passed" if report.gate.passed else "FAILED (" + ", ".join(c.name for c in report.gate.failed) + ")"
     primary = report.gate.primary_value
-    typer.echo(
-        f"eval done: gate {verdict}; {report.gate.primary_metric} = "
-        + ("not measured" if primary is None else f"{primary:.4f}")
-    )
+    typer.echo(f"eval done: gate {verdict}; {report.gate.primary_metric} = " + ("not measured" if primary is None else f"{primary:.4f}"))
     typer.echo(f"report: {cfg.output_dir / 'report.md'} (numbers: {cfg.output_dir / 'eval_report.json'})")
 
 
@@ -40,8 +37,7 @@ eval_app = config_command(
     "eval",
     EvalConfig,
     _run_eval,
-    help="Evaluate base vs stage 1 vs stage 2 on held-out clips: eval_report.json, report.md, plots, "
-    "samples and the promotion gate's verdict.",
+    help="Evaluate base vs stage 1 vs stage 2 on held-out clips: eval_report.json, report.md, plots, samples and the promotion gate's verdict.",
     group=True,
 )
 config_command(
@@ -49,6 +45,5 @@ config_command(
     "multiplier-sweep",
     SweepConfig,
     _run_sweep,
-    help="Held-out loss of the base DiTs with the stage-1 LoRA merged in memory at each "
-    "--multipliers strength; recommends one.",
+    help="Held-out loss of the base DiTs with the stage-1 LoRA merged in memory at each --multipliers strength; recommends one.",
 )

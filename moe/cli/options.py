@@ -45,11 +45,29 @@ TASK = {"parser": _parse_task, "metavar": "TASK"}
 # reports on a path that is gone (the temporaries an interrupted write left).
 OUTPUT_PATHS = frozenset({"out", "output_dir", "save_path", "save_merged_model"})
 MAYBE_MISSING_PATHS = frozenset({"path"})  # lora-moe inspect PATH
-INPUT_PATHS = frozenset({
-    "dit", "dit_high_noise", "merged_dit", "merged_dit_high_noise", "lora_weight", "lora_moe_weights", "src",
-    "dataset", "manifest", "label_map", "model_set", "vae", "text_encoder", "tokenizer", "image", "sample_prompts",
-    "root", "config", "gate",
-})
+INPUT_PATHS = frozenset(
+    {
+        "dit",
+        "dit_high_noise",
+        "merged_dit",
+        "merged_dit_high_noise",
+        "lora_weight",
+        "lora_moe_weights",
+        "src",
+        "dataset",
+        "manifest",
+        "label_map",
+        "model_set",
+        "vae",
+        "text_encoder",
+        "tokenizer",
+        "image",
+        "sample_prompts",
+        "root",
+        "config",
+        "gate",
+    }
+)
 PATH_OPTIONS = OUTPUT_PATHS | MAYBE_MISSING_PATHS | INPUT_PATHS
 
 

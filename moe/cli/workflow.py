@@ -23,10 +23,15 @@ def workflow_run(
     preset: Annotated[str, typer.Option("--preset", help="tiny (= tiny-t2v) or tiny-i2v.")] = "tiny",
     until: Annotated[str, typer.Option("--until", help="Stop after: data, cache, stage1, merge, stage2, eval.")] = "eval",
     seed: Annotated[int, typer.Option("--seed", **number(Seed))] = 0,
-    pretrain_steps: Annotated[int, typer.Option(
-        "--pretrain_steps", help="Pre-train each tiny base DiT this many steps on synthetic clips of its own, as a "
-        "real base is pretrained (about 3 min on 2 cores; 0: random DiTs, fast, but they draw no instrument).",
-        **number(PretrainSteps))] = TINY_PRETRAIN_STEPS,
+    pretrain_steps: Annotated[
+        int,
+        typer.Option(
+            "--pretrain_steps",
+            help="Pre-train each tiny base DiT this many steps on synthetic clips of its own, as a "
+            "real base is pretrained (about 3 min on 2 cores; 0: random DiTs, fast, but they draw no instrument).",
+            **number(PretrainSteps),
+        ),
+    ] = TINY_PRETRAIN_STEPS,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
@@ -36,8 +41,9 @@ def workflow_run(
     from moe.runtime.progress import format_number
     from moe.tiny.workflow import run_workflow
 
-    options = dict(output_dir=output_dir, preset=preset, until=until, seed=seed, pretrain_steps=pretrain_steps,
-                   overwrite=overwrite, progress=not quiet)
+    options = dict(
+        output_dir=output_dir, preset=preset, until=until, seed=seed, pretrain_steps=pretrain_steps, overwrite=overwrite, progress=not quiet
+    )
     cfg = build_config(WorkflowConfig, {}, options)
     summary = run_workflow(cfg)
     typer.echo("summary:")

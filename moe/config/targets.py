@@ -17,9 +17,7 @@ from moe.errors import MoeError
 
 REFERENCE_DEPTH = 40
 # Sub-modules a LoRA may target: the Linear layers of a block (original names).
-LINEAR_SUBMODULES = tuple(
-    m for m in BLOCK_MODULES if m.split(".")[-1] in {"q", "k", "v", "o", "0", "2"}
-)
+LINEAR_SUBMODULES = tuple(m for m in BLOCK_MODULES if m.split(".")[-1] in {"q", "k", "v", "o", "0", "2"})
 
 
 class TargetGroup(BaseModel):
@@ -58,9 +56,7 @@ class TargetSpec(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     groups: tuple[TargetGroup, ...] = (
-        TargetGroup(
-            ranks={"self_attn.q": 8, "self_attn.k": 4, "self_attn.v": 4, "self_attn.o": 4}, last_blocks=8
-        ),
+        TargetGroup(ranks={"self_attn.q": 8, "self_attn.k": 4, "self_attn.v": 4, "self_attn.o": 4}, last_blocks=8),
         TargetGroup(ranks={"ffn.0": 4}, last_blocks=3),
     )
     alpha: float = 1.0
@@ -99,6 +95,7 @@ class TargetSpec(BaseModel):
     ) -> TargetSpec:
         """The reference CLI flags (`--network_dim 4 --rank_q 8 --rank_kvo 4 ...`) as a spec.
         Unset ranks fall back to `--rank_kvo`, then `--network_dim`."""
+
         def rank(given: int | None, fallback: int) -> int:
             return fallback if given is None else given  # an explicit 0 is an error, not "unset"
 

@@ -20,8 +20,10 @@ class TinyModelsConfig(BaseModel):
     task: str = Field("tiny-t2v", description="tiny-t2v or tiny-i2v.")
     seed: Seed = 0
     pretrain_steps: PretrainSteps = Field(
-        0, description=f"Pre-train both DiTs this many steps on synthetic clips of their own, as a real base is pretrained "
-        f"(the demo uses {TINY_PRETRAIN_STEPS}: about 3 min on 2 cores; 0: random weights, for fast tests).")
+        0,
+        description=f"Pre-train both DiTs this many steps on synthetic clips of their own, as a real base is pretrained "
+        f"(the demo uses {TINY_PRETRAIN_STEPS}: about 3 min on 2 cores; 0: random weights, for fast tests).",
+    )
     overwrite: bool = Field(False, description=OVERWRITE_HELP)
     quiet: bool = Field(False, description="No progress bar.")
 

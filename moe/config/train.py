@@ -28,8 +28,16 @@ SigmaSampling = Literal["shift", "logit_normal", "uniform"]
 
 # The options that define the LoRA target spec: stage 2 must repeat stage 1's.
 TARGET_FLAGS = (
-    "network_dim", "network_alpha", "rank_q", "rank_kvo", "rank_k", "rank_v", "rank_o", "rank_ffn",
-    "lora_cross_attn", "lora_ffn2",
+    "network_dim",
+    "network_alpha",
+    "rank_q",
+    "rank_kvo",
+    "rank_k",
+    "rank_v",
+    "rank_o",
+    "rank_ffn",
+    "lora_cross_attn",
+    "lora_ffn2",
 )
 
 
@@ -70,9 +78,7 @@ class TrainConfig(DiTRuntimeOptions):
     discrete_flow_shift: float = Field(5.0, gt=0)
     min_timestep: float = Field(0.0, ge=0, le=1000)
     max_timestep: float = Field(1000.0, ge=0, le=1000)
-    timestep_boundary: float | None = Field(
-        None, ge=0, le=1000, description="Expert boundary as t (0-1000) or sigma (0-1); default: the task's."
-    )
+    timestep_boundary: float | None = Field(None, ge=0, le=1000, description="Expert boundary as t (0-1000) or sigma (0-1); default: the task's.")
     train_dit: Literal["both", "low", "high"] = Field("both", description="Restrict sigma to one expert's range.")
     roi_weight: float = Field(4.0, ge=1, description="lambda_roi: loss weight on instrument tips (3-5; 1 = off).")
 
@@ -99,25 +105,30 @@ class TrainConfig(DiTRuntimeOptions):
     )
 
     save_every_n_epochs: int = Field(
-        1, gt=0, description="Write checkpoint-epoch-N.safetensors (weights) and state-epoch-N/ (resumable) every "
-        "N epochs and after the last one."
+        1, gt=0, description="Write checkpoint-epoch-N.safetensors (weights) and state-epoch-N/ (resumable) every N epochs and after the last one."
     )
     save_every_n_steps: int | None = Field(
-        None, gt=0, description="Also write a resumable state-epoch-E-step-S/ every N optimizer steps (E: epochs "
-        "done; no weights file). A save never splits a gradient accumulation window."
+        None,
+        gt=0,
+        description="Also write a resumable state-epoch-E-step-S/ every N optimizer steps (E: epochs "
+        "done; no weights file). A save never splits a gradient accumulation window.",
     )
     save_every_n_minutes: float | None = Field(
-        None, gt=0, description="Also write a resumable state-epoch-E-step-S/ at the first optimizer step N minutes "
-        "or more after the last state written (or the start)."
+        None,
+        gt=0,
+        description="Also write a resumable state-epoch-E-step-S/ at the first optimizer step N minutes "
+        "or more after the last state written (or the start).",
     )
     save_last_n_states: int | None = Field(
-        None, ge=1, description="Keep only the newest K resumable states (epoch and step states together; the "
+        None,
+        ge=1,
+        description="Keep only the newest K resumable states (epoch and step states together; the "
         "newest, which --resume needs, always stays). checkpoint-epoch-N.safetensors files are all kept. "
-        "Default: keep every state."
+        "Default: keep every state.",
     )
     resume: bool = Field(
-        False, description="Continue from the newest state in --output_dir (state-epoch-N/ or state-epoch-E-step-S/), "
-        "mid-epoch exactly where it stopped."
+        False,
+        description="Continue from the newest state in --output_dir (state-epoch-N/ or state-epoch-E-step-S/), mid-epoch exactly where it stopped.",
     )
     overwrite: bool = Field(False, description="Replace a previous run of this stage in --output_dir (only its own files).")
     log_every_n_steps: int = Field(1, gt=0)
@@ -127,7 +138,8 @@ class TrainConfig(DiTRuntimeOptions):
     # Samples during training (`moe.train.sampling`): musubi-tuner's options and prompts file.
     # Text, not Path: a file on the machine that trains, typed in as text in the pipeline's form too.
     sample_prompts: str | None = Field(
-        None, description="Prompts file for samples during training, musubi-tuner's format: one prompt per line with "
+        None,
+        description="Prompts file for samples during training, musubi-tuner's format: one prompt per line with "
         "--w W --h H --f FRAMES --d SEED --s STEPS --g/--l CFG --fs SHIFT --n NEGATIVE --i IMAGE (I2V) and our "
         "--hint NAME (stage 2's instrument hint); # comments; or a .toml/.json of musubi's keys. Written to "
         "samples/eEEEE-sSSSSSS-pNN.mp4 and TensorBoard. Needs --sample_every_n_epochs/--sample_every_n_steps/"
@@ -173,8 +185,7 @@ class TrainConfig(DiTRuntimeOptions):
         if when and self.sample_prompts is None:
             raise ValueError(f"{'/'.join(when)} needs --sample_prompts FILE (the prompts to sample)")
         if self.sample_prompts is not None and not when:
-            raise ValueError("--sample_prompts needs --sample_every_n_epochs N, --sample_every_n_steps N or --sample_at_first "
-                             "(when to sample)")
+            raise ValueError("--sample_prompts needs --sample_every_n_epochs N, --sample_every_n_steps N or --sample_at_first (when to sample)")
         return self
 
     @property

@@ -84,5 +84,10 @@ TINY_EVAL_FID_FRAMES = 1
 
 def eval_options(cfg: WorkflowConfig) -> dict:
     """The `lora-moe eval` options this workflow sets besides paths."""
-    return {"samples": cfg.eval_samples, "sample_steps": cfg.eval_sample_steps, "metric_clips": TINY_EVAL_METRIC_CLIPS,
-            "fid_frames": TINY_EVAL_FID_FRAMES, "seed": cfg.seed}
+    return {
+        "samples": cfg.eval_samples,
+        "sample_steps": cfg.eval_sample_steps,
+        "metric_clips": TINY_EVAL_METRIC_CLIPS,
+        "fid_frames": TINY_EVAL_FID_FRAMES,
+        "seed": cfg.seed,
+    }

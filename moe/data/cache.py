@@ -65,6 +65,7 @@ from moe.runtime.progress import progress as progress_bar
 # Building
 # ---------------------------------------------------------------------------------------------
 
+
 def resolve_component_paths(
     vae: str | Path | None,
     text_encoder: str | Path | None,
@@ -86,10 +87,7 @@ def resolve_component_paths(
     given = {"--vae": vae, "--text_encoder": text_encoder, "--tokenizer": tokenizer}
     missing = [flag for flag, path in given.items() if path is None]
     if missing:
-        raise MoeError(
-            f"no {', '.join(missing)} given; pass --model_set DIR or all of --vae, "
-            f"--text_encoder and --tokenizer"
-        )
+        raise MoeError(f"no {', '.join(missing)} given; pass --model_set DIR or all of --vae, --text_encoder and --tokenizer")
     if task is None:
         raise MoeError("no --task given; pass --task (e.g. t2v-A14B) or a --model_set that names it")
     return task, _ComponentPaths(Path(vae), Path(text_encoder), Path(tokenizer))
@@ -147,11 +145,14 @@ def build_cache(
     preset = get_preset(task)
     _check_settings(preset, size, frames)
     records = split_by_video(read_manifest(manifest, label_map))
-    inputs = {"--manifest": manifest, "--model_set": model_set, "--vae": paths.vae, "--text_encoder": paths.text_encoder,
-              "--tokenizer": paths.tokenizer}
-    claim = claim_output(
-        out_dir, flag="--output_dir", inputs=inputs, overwrite=overwrite, is_ours=CacheIndex.holds_cache, reuse=True, folder=True
-    )
+    inputs = {
+        "--manifest": manifest,
+        "--model_set": model_set,
+        "--vae": paths.vae,
+        "--text_encoder": paths.text_encoder,
+        "--tokenizer": paths.tokenizer,
+    }
+    claim = claim_output(out_dir, flag="--output_dir", inputs=inputs, overwrite=overwrite, is_ours=CacheIndex.holds_cache, reuse=True, folder=True)
     with claim:
         previous = CacheIndex._read(out_dir)
         settings = CacheSettings(
@@ -181,9 +182,7 @@ def build_cache(
             bar.set_postfix(encoded=len(report.encoded), skipped=len(report.skipped))
         ids = {entry.id for entry in entries}
         report.dropped = [entry.id for entry in previous.clips if entry.id not in ids] if previous else []
-        index = CacheIndex(
-            task=task, settings=settings, clips=entries, label_classes=INSTRUMENT_CLASSES, root=out_dir, report=report
-        )
+        index = CacheIndex(task=task, settings=settings, clips=entries, label_classes=INSTRUMENT_CLASSES, root=out_dir, report=report)
         index.save()
         _remove_stale_clips(out_dir, {entry.file for entry in entries})
         return index
@@ -228,6 +227,7 @@ def _cache_clip(
 # Fingerprints
 # ---------------------------------------------------------------------------------------------
 
+
 def _component_digest(path: Path, subfolder: str) -> str:
     """sha256 over a component's files (relative names and bytes): new weights re-encode the
     cache, a moved or copied model set does not. A model root is narrowed to its subfolder, as
@@ -257,6 +257,7 @@ def _clip_fingerprint(record: ClipRecord, manifest_dir: Path, task: str, setting
 # ---------------------------------------------------------------------------------------------
 # Encoding
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class _ComponentPaths:
@@ -296,23 +297,18 @@ class _ClipEncoder:
         with _about_clip(record.id):
             return self._encode(record, manifest_dir, vae, text_encoder, tokenizer)
 
-    def _encode(
-        self, record: ClipRecord, manifest_dir: Path, vae, text_encoder, tokenizer
-    ) -> dict[str, torch.Tensor]:
+    def _encode(self, record: ClipRecord, manifest_dir: Path, vae, text_encoder, tokenizer) -> dict[str, torch.Tensor]:
         from moe.wan.encoding import encode_prompts, encode_video, i2v_condition
 
         video_path = record.video_path(manifest_dir)
         video = read_video(video_path, max_frames=self.frames)
         if len(video) < self.frames:
             raise MoeError(
-                f"video {video_path} has {len(video)} frames, fewer than --frames {self.frames}; "
-                f"lower --frames or drop the clip from the manifest"
+                f"video {video_path} has {len(video)} frames, fewer than --frames {self.frames}; lower --frames or drop the clip from the manifest"
             )
         pixels = fit_frames(video, self.size)
         source = (video.shape[2], video.shape[1])
-        embeds, text_mask = encode_prompts(
-            text_encoder, tokenizer, [record.caption], self.preset.text_encoder.max_length
-        )
+        embeds, text_mask = encode_prompts(text_encoder, tokenizer, [record.caption], self.preset.text_encoder.max_length)
         tensors = {
             "latents": encode_video(vae, pixels)[0],
             "text_embeds": embeds[0].to(self.embed_dtype),
@@ -348,13 +344,11 @@ def _check_components(preset: WanPreset, vae, text_encoder, paths: _ComponentPat
     need = (preset.vae.z_dim, preset.vae.spatial_compression)
     if got != need:
         raise MoeError(
-            f"VAE {paths.vae} has {got[0]} latent channels at {got[1]}x compression, but task "
-            f"{preset.task!r} needs {need[0]} at {need[1]}x"
+            f"VAE {paths.vae} has {got[0]} latent channels at {got[1]}x compression, but task {preset.task!r} needs {need[0]} at {need[1]}x"
         )
     if text_encoder.config.d_model != preset.dit.text_dim:
         raise MoeError(
-            f"text encoder {paths.text_encoder} has d_model {text_encoder.config.d_model}, but task "
-            f"{preset.task!r} needs {preset.dit.text_dim}"
+            f"text encoder {paths.text_encoder} has d_model {text_encoder.config.d_model}, but task {preset.task!r} needs {preset.dit.text_dim}"
         )
 
 
@@ -370,6 +364,7 @@ def multi_hot(instruments: Iterable[str]) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Clip files
 # ---------------------------------------------------------------------------------------------
+
 
 def _clip_filename(clip_id: str) -> str:
     """A safe file name for a clip id; ids with other characters get a hash suffix so that two
@@ -389,9 +384,7 @@ def _read_header(path: Path) -> tuple[dict[str, str], list[int]] | None:
         return None
 
 
-def _write_clip(
-    path: Path, tensors: dict[str, torch.Tensor], record: ClipRecord, task: str, fingerprint: str
-) -> None:
+def _write_clip(path: Path, tensors: dict[str, torch.Tensor], record: ClipRecord, task: str, fingerprint: str) -> None:
     metadata = {
         "lora_moe.format": CACHE_FORMAT,
         "lora_moe.clip_id": record.id,

@@ -79,9 +79,7 @@ class CacheIndex(BaseModel):
             raise MoeError(f"{folder} is a file; a latent cache is a folder made by `lora-moe cache`")
         index = cls._read(folder)
         if index is None:
-            raise MoeError(
-                f"{folder} is not a latent cache (no {INDEX_FILE}); build one with `lora-moe cache`"
-            )
+            raise MoeError(f"{folder} is not a latent cache (no {INDEX_FILE}); build one with `lora-moe cache`")
         if task is not None and index.task != task:
             first = index.clips[0].id if index.clips else "none"
             raise MoeError(
@@ -103,16 +101,14 @@ class CacheIndex(BaseModel):
         if not isinstance(raw, dict) or raw.get("format") != CACHE_FORMAT:
             found = raw.get("format") if isinstance(raw, dict) else None
             raise MoeError(
-                f"{path} is not a {CACHE_FORMAT} cache index (format {found!r}); build the cache "
-                f"into another folder with `lora-moe cache`"
+                f"{path} is not a {CACHE_FORMAT} cache index (format {found!r}); build the cache into another folder with `lora-moe cache`"
             )
         try:
             return cls.model_validate({**raw, "root": folder})
         except ValidationError as e:
             first = e.errors()[0]
             raise MoeError(
-                f"{path} is a damaged cache index (field '{'.'.join(map(str, first['loc']))}': "
-                f"{first['msg']}); rebuild it with `lora-moe cache`"
+                f"{path} is a damaged cache index (field '{'.'.join(map(str, first['loc']))}': {first['msg']}); rebuild it with `lora-moe cache`"
             ) from None
 
     @classmethod

@@ -94,10 +94,7 @@ def read_tool_table(path: str | Path) -> ToolTable:
         raise MoeError(f"tool table {path} is empty")
     (header_line, header), rows = numbered[0], numbered[1:]
     if header[0].lower() != "frame" or len(header) < 2:
-        raise MoeError(
-            f"{path} line {header_line}: the header must be 'Frame' followed by tool names, "
-            f"got {' '.join(header)!r}"
-        )
+        raise MoeError(f"{path} line {header_line}: the header must be 'Frame' followed by tool names, got {' '.join(header)!r}")
     if not rows:
         raise MoeError(f"tool table {path} has a header but no rows")
     values = np.array([_parse_ints(path, n, fields, header) for n, fields in rows], np.int64)
@@ -117,9 +114,7 @@ def find_videos(root: Path) -> dict[str, Path]:
     folder = root / "videos" if (root / "videos").is_dir() else root
     videos = {p.stem: p for p in sorted(folder.glob("*.mp4"))}
     if not videos:
-        raise MoeError(
-            f"no .mp4 videos in {folder} (expected the Cholec80 layout root/videos/videoNN.mp4)"
-        )
+        raise MoeError(f"no .mp4 videos in {folder} (expected the Cholec80 layout root/videos/videoNN.mp4)")
     return videos
 
 
@@ -193,9 +188,7 @@ def _plan_video(
     return cuts
 
 
-def _cut_video(
-    video: Path, cuts: list[ClipCut], out_dir: Path, fps: float, size: tuple[int, int] | None, bar
-) -> None:
+def _cut_video(video: Path, cuts: list[ClipCut], out_dir: Path, fps: float, size: tuple[int, int] | None, bar) -> None:
     """Decode `video` once and write every clip as soon as its last frame has arrived.
 
     Only the clips that are open at the current frame are held in memory.

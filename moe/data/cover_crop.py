@@ -40,9 +40,7 @@ class CoverCrop:
         """
         x = frames.permute(0, 3, 1, 2).float() / 127.5 - 1.0
         if self.resized != self.source:
-            x = F.interpolate(
-                x, size=self.resized[::-1], mode="bilinear", antialias=True, align_corners=False
-            ).clamp(-1.0, 1.0)
+            x = F.interpolate(x, size=self.resized[::-1], mode="bilinear", antialias=True, align_corners=False).clamp(-1.0, 1.0)
         (left, top), (width, height) = self.offset, self.size
         return x[:, :, top : top + height, left : left + width]
 

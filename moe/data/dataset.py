@@ -26,9 +26,7 @@ def load_clip(index: CacheIndex, clip: str | CacheEntry) -> dict[str, torch.Tens
             metadata = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (OSError, SafetensorError, MoeError) as e:
-        raise MoeError(
-            f"clip {entry.id!r}: cannot read {path} ({e}); rebuild the cache with `lora-moe cache`"
-        ) from None
+        raise MoeError(f"clip {entry.id!r}: cannot read {path} ({e}); rebuild the cache with `lora-moe cache`") from None
     built_for = metadata.get("lora_moe.task")
     if built_for != index.task:
         raise MoeError(
@@ -37,8 +35,7 @@ def load_clip(index: CacheIndex, clip: str | CacheEntry) -> dict[str, torch.Tens
         )
     if metadata.get("lora_moe.fingerprint") != entry.fingerprint:
         raise MoeError(
-            f"clip {entry.id!r}: {path} does not match {index.root / INDEX_FILE} (a file from another "
-            f"build); rebuild the cache with `lora-moe cache`"
+            f"clip {entry.id!r}: {path} does not match {index.root / INDEX_FILE} (a file from another build); rebuild the cache with `lora-moe cache`"
         )
     return tensors
 
@@ -70,8 +67,7 @@ def collate_clips(items: Sequence[dict]) -> dict:
     for item in items[1:]:
         if set(item) != set(first):
             raise MoeError(
-                f"clips {first['id']!r} and {item['id']!r} cannot share a batch: they hold different "
-                f"tensors ({sorted(first)} vs {sorted(item)})"
+                f"clips {first['id']!r} and {item['id']!r} cannot share a batch: they hold different tensors ({sorted(first)} vs {sorted(item)})"
             )
         for name in names:
             if item[name].shape != first[name].shape:

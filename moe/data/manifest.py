@@ -78,8 +78,10 @@ class ClipRecord(BaseModel):
         manifest's URI and lays them out under a work folder by these names, so an absolute path
         or a '..' would read (and write) outside both."""
         if path is not None and (path.startswith(("/", "\\")) or ".." in path.replace("\\", "/").split("/") or "://" in path):
-            raise ValueError(f"{path!r} must be a path relative to the manifest's folder, without '..' or a scheme "
-                             "(a manifest names only files inside its own folder)")
+            raise ValueError(
+                f"{path!r} must be a path relative to the manifest's folder, without '..' or a scheme "
+                "(a manifest names only files inside its own folder)"
+            )
         return path
 
     @field_validator("roi")
@@ -87,10 +89,7 @@ class ClipRecord(BaseModel):
     def _valid_boxes(cls, roi: list[TipBox] | None) -> list[TipBox] | None:
         for frame, x0, y0, x1, y1 in roi or ():
             if frame < 0 or x0 < 0 or y0 < 0 or x1 <= x0 or y1 <= y0:
-                raise ValueError(
-                    f"tip box {[frame, x0, y0, x1, y1]} must have frame >= 0, "
-                    "0 <= x0 < x1 and 0 <= y0 < y1"
-                )
+                raise ValueError(f"tip box {[frame, x0, y0, x1, y1]} must have frame >= 0, 0 <= x0 < x1 and 0 <= y0 < y1")
         return roi
 
     def video_path(self, manifest_dir: str | Path) -> Path:
@@ -108,9 +107,7 @@ class LabelMap(BaseModel):
     (a map may send Cholec80's "Scissors" to `other`).
     """
 
-    mapping: dict[str, str] = Field(
-        default_factory=lambda: dict(CHOLEC80_LABELS), validate_default=True
-    )
+    mapping: dict[str, str] = Field(default_factory=lambda: dict(CHOLEC80_LABELS), validate_default=True)
 
     @field_validator("mapping")
     @classmethod
@@ -119,9 +116,7 @@ class LabelMap(BaseModel):
         for raw, target in mapping.items():
             key, value = raw.strip().lower(), target.strip().lower()
             if value not in INSTRUMENT_CLASSES:
-                raise ValueError(
-                    f"label {raw!r} maps to {target!r}, which is not one of {list(INSTRUMENT_CLASSES)}"
-                )
+                raise ValueError(f"label {raw!r} maps to {target!r}, which is not one of {list(INSTRUMENT_CLASSES)}")
             if normalised.get(key, value) != value:
                 raise ValueError(f"label {raw!r} is mapped twice, to {normalised[key]!r} and {value!r}")
             normalised[key] = value
@@ -154,10 +149,7 @@ class LabelMap(BaseModel):
             return self.mapping[key]
         if key in INSTRUMENT_CLASSES:
             return key
-        raise MoeError(
-            f"{context}: unknown instrument label {label!r}; known labels: "
-            f"{', '.join(self.known_labels())}"
-        )
+        raise MoeError(f"{context}: unknown instrument label {label!r}; known labels: {', '.join(self.known_labels())}")
 
     def map_labels(self, labels: Iterable[str], context: str) -> list[str]:
         """Map labels to expert classes, dropping repeats (Grasper + Bipolar is one `other`)."""
@@ -215,10 +207,7 @@ def read_manifest(path: str | Path, label_map: LabelMap | None = None) -> list[C
             continue
         record = _parse_row(path, lineno, line, label_map)
         if record.id in first_line:
-            raise MoeError(
-                f"{path} line {lineno}: field 'id': duplicate clip id {record.id!r} "
-                f"(first on line {first_line[record.id]})"
-            )
+            raise MoeError(f"{path} line {lineno}: field 'id': duplicate clip id {record.id!r} (first on line {first_line[record.id]})")
         first_line[record.id] = lineno
         records.append(record)
     if not records:
@@ -263,10 +252,7 @@ def _check_clip(record: ClipRecord, manifest_dir: Path, min_frames: int) -> str 
         return f"video {video} has {num_frames} frames, fewer than the {min_frames} required"
     for frame, _, _, x1, y1 in record.roi or ():
         if frame >= num_frames or x1 > width or y1 > height:
-            return (
-                f"tip box at frame {frame} ends at ({x1}, {y1}), outside the "
-                f"{num_frames}-frame {width}x{height} video"
-            )
+            return f"tip box at frame {frame} ends at ({x1}, {y1}), outside the {num_frames}-frame {width}x{height} video"
     mask = record.mask_path(manifest_dir)
     if mask is not None:
         try:
@@ -276,9 +262,7 @@ def _check_clip(record: ClipRecord, manifest_dir: Path, min_frames: int) -> str 
     return None
 
 
-def check_videos(
-    records: Iterable[ClipRecord], manifest_dir: str | Path, min_frames: int = 1
-) -> None:
+def check_videos(records: Iterable[ClipRecord], manifest_dir: str | Path, min_frames: int = 1) -> None:
     """Decode every clip (and mask) and raise one `MoeError` listing every bad clip by id.
 
     Checks: the file exists, decodes to the end, has at least `min_frames` frames, and its tip
@@ -307,9 +291,7 @@ def _num_val(num_sources: int, val_fraction: float) -> int:
     return n
 
 
-def split_by_video(
-    records: Iterable[ClipRecord], val_fraction: float = 0.2, seed: int = 0
-) -> list[ClipRecord]:
+def split_by_video(records: Iterable[ClipRecord], val_fraction: float = 0.2, seed: int = 0) -> list[ClipRecord]:
     """Assign `split` by source video, deterministically; returns new records in input order.
 
     A clip's own `split` wins. Clips without one follow the other clips of their source that
@@ -336,8 +318,6 @@ def summarize(records: Iterable[ClipRecord]) -> str:
     records = list(records)
     splits = Counter(r.split or "unassigned" for r in records)
     classes = Counter(label for r in records for label in r.instruments)
-    split_text = ", ".join(
-        f"{splits[name]} {name}" for name in ("train", "val", "unassigned") if splits[name]
-    )
+    split_text = ", ".join(f"{splits[name]} {name}" for name in ("train", "val", "unassigned") if splits[name])
     class_text = ", ".join(f"{name} {classes[name]}" for name in INSTRUMENT_CLASSES)
     return f"{len(records)} clips ({split_text}); clips per instrument: {class_text}"

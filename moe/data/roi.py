@@ -38,10 +38,7 @@ def _boxes_by_frame(boxes: Iterable[Sequence[int]], source: tuple[int, int]) -> 
     by_frame: dict[int, list] = defaultdict(list)
     for frame, x0, y0, x1, y1 in boxes:
         if x1 > width or y1 > height:
-            raise MoeError(
-                f"tip box {[frame, x0, y0, x1, y1]} lies outside the {width}x{height} video; "
-                f"boxes are in pixels of the source video"
-            )
+            raise MoeError(f"tip box {[frame, x0, y0, x1, y1]} lies outside the {width}x{height} video; boxes are in pixels of the source video")
         by_frame[frame].append((x0, y0, x1, y1))
     return by_frame
 
@@ -52,8 +49,7 @@ def _mask_frames(path: Path, frames: int, source: tuple[int, int]) -> Iterator[n
     for _, rgb in iter_frames(path, only=range(frames)):
         if (rgb.shape[1], rgb.shape[0]) != source:
             raise MoeError(
-                f"mask video {path} is {rgb.shape[1]}x{rgb.shape[0]}, the clip's video "
-                f"{source[0]}x{source[1]}; a mask must match its video"
+                f"mask video {path} is {rgb.shape[1]}x{rgb.shape[0]}, the clip's video {source[0]}x{source[1]}; a mask must match its video"
             )
         grey = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
         count += 1
@@ -62,9 +58,7 @@ def _mask_frames(path: Path, frames: int, source: tuple[int, int]) -> Iterator[n
         raise MoeError(f"mask video {path} has {count} frames, fewer than the {frames} cached")
 
 
-def _roi_frames(
-    boxes: Iterable[Sequence[int]], mask: Path | None, source: tuple[int, int], frames: int
-) -> Iterator[np.ndarray]:
+def _roi_frames(boxes: Iterable[Sequence[int]], mask: Path | None, source: tuple[int, int], frames: int) -> Iterator[np.ndarray]:
     """Per source frame, bool [H0, W0]: the union of the frame's tip boxes and mask pixels.
     Building the union in pixels makes overlapping boxes count once."""
     by_frame = _boxes_by_frame(boxes, source)

@@ -48,9 +48,7 @@ def _stream_fps(stream: av.VideoStream) -> float:
     return float(rate) if rate else 0.0
 
 
-def iter_frames(
-    path: str | Path, size: tuple[int, int] | None = None, only: Collection[int] | None = None
-) -> Iterator[tuple[int, np.ndarray]]:
+def iter_frames(path: str | Path, size: tuple[int, int] | None = None, only: Collection[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (frame index, uint8 RGB array [H, W, 3]) for the frames of `path`, in order.
 
     Streaming keeps memory flat for long source videos (a Cholec80 video is an hour long).
@@ -102,9 +100,7 @@ def probe_video(path: str | Path) -> tuple[int, float, int, int]:
     path = Path(path)
     with _open_for_reading(path) as (container, stream):
         try:
-            num_frames = stream.frames or sum(
-                1 for packet in container.demux(stream) if packet.size > 0
-            )
+            num_frames = stream.frames or sum(1 for packet in container.demux(stream) if packet.size > 0)
         except _AV_ERRORS as e:
             raise MoeError(f"video {path} is corrupt: demuxing failed ({e})") from None
         return num_frames, _stream_fps(stream), stream.codec_context.width, stream.codec_context.height
@@ -112,17 +108,12 @@ def probe_video(path: str | Path) -> tuple[int, float, int, int]:
 
 def _check_frames(path: Path, frames: np.ndarray) -> None:
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise MoeError(
-            f"cannot write {path}: frames must be uint8 [F, H, W, 3], got {frames.dtype} "
-            f"{list(frames.shape)}"
-        )
+        raise MoeError(f"cannot write {path}: frames must be uint8 [F, H, W, 3], got {frames.dtype} {list(frames.shape)}")
     num, height, width, _ = frames.shape
     if num == 0:
         raise MoeError(f"cannot write {path}: no frames")
     if width % 2 or height % 2:
-        raise MoeError(
-            f"cannot write {path}: H.264 (yuv420p) needs an even width and height, got {width}x{height}"
-        )
+        raise MoeError(f"cannot write {path}: H.264 (yuv420p) needs an even width and height, got {width}x{height}")
 
 
 def _encode(target: str, frames: np.ndarray, fps: float, crf: int) -> None:

@@ -92,8 +92,10 @@ def _block_frozen_tensors(block: nn.Module) -> list[torch.Tensor]:
     adapters = {id(p) for m in block.modules() if isinstance(m, AdaptedLinear) for p in m.adapter.parameters()}
     loose = [name for name, p in block.named_parameters() if p.requires_grad and id(p) not in adapters]
     if loose:
-        raise ValueError(f"block parameter {loose[0]} (and {len(loose) - 1} more) requires grad: "
-                         "freeze the model (requires_grad_(False)) before enabling block swap")
+        raise ValueError(
+            f"block parameter {loose[0]} (and {len(loose) - 1} more) requires grad: "
+            "freeze the model (requires_grad_(False)) before enabling block swap"
+        )
     seen: set[int] = set()
     out = []
     for t in [p for p in block.parameters() if not p.requires_grad] + list(block.buffers()):
@@ -123,9 +125,7 @@ class BlockSwap:
         except TypeError:
             n = None
         if n is None or isinstance(blocks_to_swap, bool) or not 0 < n <= count:
-            raise MoeError(
-                f"--blocks_to_swap {blocks_to_swap}: the model has {count} blocks; swap between 1 and {count}"
-            )
+            raise MoeError(f"--blocks_to_swap {blocks_to_swap}: the model has {count} blocks; swap between 1 and {count}")
         if park not in ("host", "meta"):
             raise ValueError(f"park must be 'host' or 'meta', got {park!r}")
         device = torch.device(device)
@@ -301,8 +301,6 @@ class BlockSwap:
         self._mode = "forward"
 
 
-def enable_block_swap(
-    model: nn.Module, blocks_to_swap: int, device: torch.device | str, park: Park = "host"
-) -> BlockSwap:
+def enable_block_swap(model: nn.Module, blocks_to_swap: int, device: torch.device | str, park: Park = "host") -> BlockSwap:
     """Swap the first `blocks_to_swap` blocks of `model` (see `BlockSwap`)."""
     return BlockSwap(model, blocks_to_swap, device, park)

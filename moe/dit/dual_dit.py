@@ -128,16 +128,21 @@ class DualDiT:
         n = len(self.models)
         per = f"{n} expert{'s' if n > 1 else ''} x {format_bytes(on_device + on_host)} ({storage})"
         pinned = "pinned host memory" if self.device.type == "cuda" else "host memory (CPU: a no-op swap)"
-        swaps = (f"; blocks 0-{len(swap.swapped) - 1} of {len(first.blocks)} per expert in {pinned} "
-                 f"({format_bytes(on_host)} each), {len(swap.swapped)} block copies per forward"
-                 if swap is not None and swap.swapped else "")
+        swaps = (
+            f"; blocks 0-{len(swap.swapped) - 1} of {len(first.blocks)} per expert in {pinned} "
+            f"({format_bytes(on_host)} each), {len(swap.swapped)} block copies per forward"
+            if swap is not None and swap.swapped
+            else ""
+        )
         if is_sharded(first):
             where = f"sharded over the processes (FSDP): {format_bytes(n * on_device)} of them on this process's {self.device}"
         elif n == 1:
             where = f"on {self.device} ({format_bytes(on_device)})"
         elif self.offload:
-            where = (f"active expert on {self.device} ({format_bytes(on_device)}), the other in {pinned}; "
-                     f"micro-batches grouped by expert, at most one expert swap per accumulation window")
+            where = (
+                f"active expert on {self.device} ({format_bytes(on_device)}), the other in {pinned}; "
+                f"micro-batches grouped by expert, at most one expert swap per accumulation window"
+            )
         else:
             where = f"both resident on {self.device} ({format_bytes(n * on_device)})"
         return f"memory plan: {per}, {where}{swaps}"

@@ -87,8 +87,18 @@ class RoutedDiT:
         ROI (its one use is the ROI comparison of correct and wrong hints)."""
         variants = self.stage2_variants(knockouts)
         forced = [f"stage2_hint_{e}" for e in self.experts]
-        return measure(items, sigmas, variants, self.dits, seed, router=self.route, roi_only=forced,
-                       experts=self.experts, label_classes=self.label_classes, progress=progress)
+        return measure(
+            items,
+            sigmas,
+            variants,
+            self.dits,
+            seed,
+            router=self.route,
+            roi_only=forced,
+            experts=self.experts,
+            label_classes=self.label_classes,
+            progress=progress,
+        )
 
 
 def _without(gates: torch.Tensor, index: int) -> torch.Tensor:

@@ -121,8 +121,7 @@ class Measurement:
 
     def mean_by_sigma(self, variant: str, region: str = "overall") -> dict[float, float]:
         grid = self.losses[variant][:, :, REGIONS.index(region)]
-        return {s: float(np.nanmean(grid[:, j])) if np.isfinite(grid[:, j]).any() else float("nan")
-                for j, s in enumerate(self.sigmas)}
+        return {s: float(np.nanmean(grid[:, j])) if np.isfinite(grid[:, j]).any() else float("nan") for j, s in enumerate(self.sigmas)}
 
     def class_mask(self, expert: str) -> np.ndarray:
         """[N]: clips whose teacher gives `expert` weight (its instruments; `other` only alone)."""

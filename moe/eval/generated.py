@@ -75,8 +75,9 @@ def scale_of(task: str, clips: int, frames: int, size) -> tuple[str, str]:
     return "protocol", f"{clips} generated clips per variant of {frames} frames at {w}x{h}."
 
 
-def distribution_scores(cfg, real: list[np.ndarray], generated: dict[str, list[np.ndarray]]
-                        ) -> tuple[dict[str, dict[str, DistributionMetric]], int | None, str | None]:
+def distribution_scores(
+    cfg, real: list[np.ndarray], generated: dict[str, list[np.ndarray]]
+) -> tuple[dict[str, dict[str, DistributionMetric]], int | None, str | None]:
     """FVD/KVD/FID/KID of every variant's clips against `real` (uint8 [F, H, W, 3] each);
     returns (variant -> metric -> value, the frames I3D saw, a note when FVD/KVD were left out)."""
     from moe.eval.video_metrics import FVD_FRAMES, distribution_metrics, video_features
@@ -87,20 +88,34 @@ def distribution_scores(cfg, real: list[np.ndarray], generated: dict[str, list[n
     if frames < FVD_FRAMES:
         fvd_frames = None  # every frame (the I3D network takes 9 or more)
         if frames < MIN_FRAMES:
-            metrics, note = ("fid", "kid"), (f"FVD/KVD not measured: the clips have {frames} frames, the I3D network "
-                                             f"needs {MIN_FRAMES} or more (the FVD protocol uses {FVD_FRAMES})")
+            metrics, note = (
+                ("fid", "kid"),
+                (
+                    f"FVD/KVD not measured: the clips have {frames} frames, the I3D network "
+                    f"needs {MIN_FRAMES} or more (the FVD protocol uses {FVD_FRAMES})"
+                ),
+            )
     options = dict(metrics=metrics, device=cfg.device, fvd_frames=fvd_frames, fid_frames=cfg.fid_frames)
     real_features = video_features(list(real), where="real held-out clips", **options)
     out = {}
     for name, clips in generated.items():
         features = video_features(list(clips), where=f"{name} clips", **options)
         with one_cpu_thread(cfg.device):  # the bootstrap's many small float64 products
-            scores = distribution_metrics(real_features, features, seed=cfg.seed, bootstrap=cfg.metric_bootstrap,
-                                          device=cfg.device, metrics=metrics)
-        out[name] = {m: DistributionMetric(
-            value=e.value, low=e.low, high=e.high, n_real=e.n_real, n_generated=e.n_generated,
-            samples_real=e.samples_real, samples_generated=e.samples_generated, bootstrap=e.bootstrap,
-            bootstrap_bias=e.bootstrap_bias) for m, e in scores.items()}
+            scores = distribution_metrics(real_features, features, seed=cfg.seed, bootstrap=cfg.metric_bootstrap, device=cfg.device, metrics=metrics)
+        out[name] = {
+            m: DistributionMetric(
+                value=e.value,
+                low=e.low,
+                high=e.high,
+                n_real=e.n_real,
+                n_generated=e.n_generated,
+                samples_real=e.samples_real,
+                samples_generated=e.samples_generated,
+                bootstrap=e.bootstrap,
+                bootstrap_bias=e.bootstrap_bias,
+            )
+            for m, e in scores.items()
+        }
     return out, (fvd_frames or frames) if "fvd" in metrics else None, note
 
 
@@ -144,14 +159,24 @@ def train_instrument_classifier(cfg, index, experts: tuple[str, ...], size, out:
         held_out = presence_accuracy(probs, val_labels, experts)
         as_asked = instrument_accuracy(probs, [r.instruments for r in split["val"]], experts)
     model.summary = TrainingSummary(
-        manifest=Path(cfg.manifest).name, size=list(size), train_clips=len(train),
-        train_frames=sum(len(c) for c in train), frames_per_clip=CLASSIFIER_FRAMES_PER_CLIP, seed=cfg.seed,
-        **CLASSIFIER_TRAINING, final_loss=loss, held_out=held_out, held_out_as_asked=as_asked,
+        manifest=Path(cfg.manifest).name,
+        size=list(size),
+        train_clips=len(train),
+        train_frames=sum(len(c) for c in train),
+        frames_per_clip=CLASSIFIER_FRAMES_PER_CLIP,
+        seed=cfg.seed,
+        **CLASSIFIER_TRAINING,
+        final_loss=loss,
+        held_out=held_out,
+        held_out_as_asked=as_asked,
     )
     weights = save_classifier(model, out / CLASSIFIER_FILE)
     record = ClassifierRecord(
-        weights=CLASSIFIER_FILE, sidecar=f"{CLASSIFIER_DIR}/{weights.with_suffix('.json').name}", size=list(size),
-        train_clips=len(train), held_out_clips=len(val),
+        weights=CLASSIFIER_FILE,
+        sidecar=f"{CLASSIFIER_DIR}/{weights.with_suffix('.json').name}",
+        size=list(size),
+        train_clips=len(train),
+        held_out_clips=len(val),
         held_out_presence_accuracy=held_out.overall if held_out else None,
         held_out_top1=held_out.top1 if held_out else None,
         held_out_as_asked=_scores(as_asked) if as_asked else None,
@@ -174,8 +199,10 @@ def asked_for(variant: str, prompt: Prompt) -> str | list[str]:
 def instrument_scores(model, experts, generated: dict[str, list[np.ndarray]], prompts: list[Prompt]) -> dict[str, InstrumentScores]:
     from moe.eval.instrument_classifier import classify_clips, instrument_accuracy
 
-    return {name: _scores(instrument_accuracy(classify_clips(model, clips), [asked_for(name, p) for p in prompts], experts))
-            for name, clips in generated.items()}
+    return {
+        name: _scores(instrument_accuracy(classify_clips(model, clips), [asked_for(name, p) for p in prompts], experts))
+        for name, clips in generated.items()
+    }
 
 
 def reconstruction(cfg, gen: ClipGenerator, indices: list[int]) -> Reconstruction:
@@ -187,37 +214,38 @@ def reconstruction(cfg, gen: ClipGenerator, indices: list[int]) -> Reconstructio
         clips = [torch.from_numpy(gen.real(i)[0]).permute(3, 0, 1, 2) for i in chunk]
         return torch.stack(clips).to(gen.vae.device).float() / 127.5 - 1.0
 
-    psnr = torch.cat([reconstruction_psnr(gen.vae, videos(indices[k:k + 4])).cpu()
-                      for k in range(0, len(indices), 4)]).double().numpy()
+    psnr = torch.cat([reconstruction_psnr(gen.vae, videos(indices[k : k + 4])).cpu() for k in range(0, len(indices), 4)]).double().numpy()
     est = Bootstrap(len(psnr), cfg.bootstrap_samples, cfg.seed).mean(psnr)
-    return Reconstruction(psnr=est, per_clip={gen.entries[i].id: float(v) for i, v in zip(indices, psnr)},
-                          source=gen.real(indices[0])[1])
+    return Reconstruction(psnr=est, per_clip={gen.entries[i].id: float(v) for i, v in zip(indices, psnr)}, source=gen.real(indices[0])[1])
 
 
-def measure_generated(cfg, task: str, gen: ClipGenerator, experts: tuple[str, ...], index, descriptions: dict[str, str],
-                      out: Path) -> GenerationReport:
+def measure_generated(
+    cfg, task: str, gen: ClipGenerator, experts: tuple[str, ...], index, descriptions: dict[str, str], out: Path
+) -> GenerationReport:
     """Every number on the metric prompts' generated clips (already in `gen`)."""
     from moe.eval.samples import GENERATED_VARIANTS
 
     prompts = gen.plan.metrics
-    generated = {v: [gen.clip(v, p) for p in prompts] for v in GENERATED_VARIANTS
-                 if prompts and all(gen.key(v, p) in gen.clips for p in prompts)}
+    generated = {v: [gen.clip(v, p) for p in prompts] for v in GENERATED_VARIANTS if prompts and all(gen.key(v, p) in gen.clips for p in prompts)}
     real = [gen.real(p.index)[0] for p in prompts]
     real_source = gen.real(prompts[0].index)[1] if prompts else gen.real(gen.plan.indices[0])[1]
     scale, scale_note = scale_of(task, len(prompts), gen.frames, gen.size)
     report = GenerationReport(
-        prompts=[GeneratedPrompt(clip=p.clip, prompt=p.caption, seed=p.seed, hint=p.expert, classes=list(p.classes))
-                 for p in prompts],
-        size=list(gen.size), frames=gen.frames, steps=cfg.sample_steps, real_source=real_source, scale=scale,
-        scale_note=scale_note, fid_frames=cfg.fid_frames,
+        prompts=[GeneratedPrompt(clip=p.clip, prompt=p.caption, seed=p.seed, hint=p.expert, classes=list(p.classes)) for p in prompts],
+        size=list(gen.size),
+        frames=gen.frames,
+        steps=cfg.sample_steps,
+        real_source=real_source,
+        scale=scale,
+        scale_note=scale_note,
+        fid_frames=cfg.fid_frames,
         variants={v: GeneratedVariant(name=v, description=descriptions[v], clips=len(clips)) for v, clips in generated.items()},
     )
 
     if not cfg.video_metrics:
         report.video_metrics_note = "not measured: turned off (--no_video_metrics)"
     elif len(prompts) < 2:
-        report.video_metrics_note = (f"not measured: FVD/KVD/FID/KID need at least 2 generated clips per variant, "
-                                     f"--metric_clips gives {len(prompts)}")
+        report.video_metrics_note = f"not measured: FVD/KVD/FID/KID need at least 2 generated clips per variant, --metric_clips gives {len(prompts)}"
     elif (missing := video_metrics_missing()) is not None:
         report.video_metrics_note = missing
     else:
@@ -232,8 +260,7 @@ def measure_generated(cfg, task: str, gen: ClipGenerator, experts: tuple[str, ..
     if not cfg.instrument_accuracy:
         report.instrument_note = "not measured: turned off (--no_instrument_accuracy)"
     elif cfg.manifest is None:
-        report.instrument_note = ("not measured: the instrument classifier trains on the real training clips, "
-                                  "pass the cache's --manifest")
+        report.instrument_note = "not measured: the instrument classifier trains on the real training clips, pass the cache's --manifest"
     elif not prompts:
         report.instrument_note = "not measured: no generated clips (--metric_clips 0)"
     else:
@@ -246,8 +273,7 @@ def measure_generated(cfg, task: str, gen: ClipGenerator, experts: tuple[str, ..
                 report.variants[v].instruments = s
 
     if cfg.manifest is None:
-        report.reconstruction_note = ("not measured: needs the real held-out videos (--manifest); the cached "
-                                      "latents are the VAE's own encoding")
+        report.reconstruction_note = "not measured: needs the real held-out videos (--manifest); the cached latents are the VAE's own encoding"
     elif gen.plan.indices:  # the real clips the metrics compare with (else the samples')
         report.reconstruction = reconstruction(cfg, gen, [p.index for p in prompts] or gen.plan.indices)
     return report

@@ -63,8 +63,7 @@ def claim_eval_output(out: Path, overwrite: bool, inputs: dict[str, Path | None]
     file, locked for the run."""
     from moe.files.output_paths import claim_output
 
-    return claim_output(out, flag="--output_dir", inputs=inputs, overwrite=overwrite, folder=True,
-                        is_ours=lambda p: (p / marker).is_file())
+    return claim_output(out, flag="--output_dir", inputs=inputs, overwrite=overwrite, folder=True, is_ours=lambda p: (p / marker).is_file())
 
 
 def _check_manifest(manifest: Path, clips: HeldOutClips) -> None:
@@ -183,9 +182,19 @@ def check_eval_inputs(cfg: EvalConfig) -> CheckedInputs:
             hashes["manifest"] = sha256_file(cfg.manifest)
     if cfg.gate_file is not None:
         hashes["gate"] = sha256_file(cfg.gate_file)
-    paths = {"lora_moe_weights": cfg.lora_moe_weights, "merged_dit": cfg.merged_dit,
-             "merged_dit_high_noise": cfg.merged_dit_high_noise, "dit": cfg.dit, "dit_high_noise": cfg.dit_high_noise,
-             "dataset": cfg.dataset, "model_set": cfg.model_set, "vae": cfg.vae, "text_encoder": cfg.text_encoder,
-             "tokenizer": cfg.tokenizer, "manifest": cfg.manifest, "gate": cfg.gate_file}
+    paths = {
+        "lora_moe_weights": cfg.lora_moe_weights,
+        "merged_dit": cfg.merged_dit,
+        "merged_dit_high_noise": cfg.merged_dit_high_noise,
+        "dit": cfg.dit,
+        "dit_high_noise": cfg.dit_high_noise,
+        "dataset": cfg.dataset,
+        "model_set": cfg.model_set,
+        "vae": cfg.vae,
+        "text_encoder": cfg.text_encoder,
+        "tokenizer": cfg.tokenizer,
+        "manifest": cfg.manifest,
+        "gate": cfg.gate_file,
+    }
     inputs = {flag: InputFile(path=str(paths[flag]), sha256=sha) for flag, sha in hashes.items()}
     return CheckedInputs(task, moe_file, clips, inputs)

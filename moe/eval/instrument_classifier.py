@@ -64,10 +64,7 @@ from moe.runtime.devices import one_cpu_thread
 
 CLASSIFIER_FORMAT = "lora-moe-instrument-classifier/1"
 DEFAULT_SIZE = (64, 64)  # (width, height)
-NORMALISATION = (
-    "RGB frames cover-cropped to the input size (moe.data.cover_crop.fit_frames), as float "
-    "[F, 3, H, W] in [-1, 1] = uint8 / 127.5 - 1"
-)
+NORMALISATION = "RGB frames cover-cropped to the input size (moe.data.cover_crop.fit_frames), as float [F, 3, H, W] in [-1, 1] = uint8 / 127.5 - 1"
 THRESHOLD = 0.5  # a class counts as present when its probability is at least this
 
 
@@ -154,10 +151,14 @@ class InstrumentClassifier(nn.Module):
         self.summary: TrainingSummary | None = None
         w = self.width
         self.features = nn.Sequential(
-            nn.Conv2d(3, w, 4, stride=4), nn.ReLU(),  # 4x4 patches: colour and fine shape, cheaply
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(4 * w, 4 * w, 1), nn.ReLU(),
+            nn.Conv2d(3, w, 4, stride=4),
+            nn.ReLU(),  # 4x4 patches: colour and fine shape, cheaply
+            nn.Conv2d(w, 2 * w, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(4 * w, 4 * w, 1),
+            nn.ReLU(),
         )
         self.head = nn.Linear(8 * w, len(self.classes))
 
@@ -182,8 +183,9 @@ def presence_labels(instruments: Sequence[str], classes: Sequence[str] = INSTRUM
     target = torch.zeros(len(classes))
     for name in instruments:
         if name not in classes:
-            raise MoeError(f"instrument {name!r} is not one of the classifier's classes {list(classes)}; "
-                           "map raw labels with moe.data.manifest.LabelMap first")
+            raise MoeError(
+                f"instrument {name!r} is not one of the classifier's classes {list(classes)}; map raw labels with moe.data.manifest.LabelMap first"
+            )
         target[list(classes).index(name)] = 1.0
     return target
 
@@ -202,8 +204,9 @@ def prepare_frames(clip: np.ndarray | torch.Tensor, size: tuple[int, int]) -> to
             return clip.contiguous()  # the same memory layout as the uint8 path: identical results
         as_uint8 = ((clip.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
         return fit_frames(as_uint8, size)[0].permute(1, 0, 2, 3).contiguous()
-    raise MoeError(f"a clip must be uint8 [F, H, W, 3] or float [F, 3, H, W] in [-1, 1], got "
-                   f"{str(clip.dtype).removeprefix('torch.')} {list(clip.shape)}")
+    raise MoeError(
+        f"a clip must be uint8 [F, H, W, 3] or float [F, 3, H, W] in [-1, 1], got {str(clip.dtype).removeprefix('torch.')} {list(clip.shape)}"
+    )
 
 
 def _pick_frames(num: int, frames_per_clip: int | None) -> np.ndarray:
@@ -212,16 +215,18 @@ def _pick_frames(num: int, frames_per_clip: int | None) -> np.ndarray:
     return np.unique(np.linspace(0, num - 1, frames_per_clip).round().astype(int))
 
 
-def read_clip(record: ClipRecord, manifest_dir: str | Path, size: tuple[int, int],
-              max_frames: int | None = None, frames_per_clip: int | None = None) -> torch.Tensor:
+def read_clip(
+    record: ClipRecord, manifest_dir: str | Path, size: tuple[int, int], max_frames: int | None = None, frames_per_clip: int | None = None
+) -> torch.Tensor:
     """A manifest clip's frames as float [F, 3, H, W] in [-1, 1] at `size` (as `samples` reads real
     clips): the first `max_frames` frames, of which `frames_per_clip` evenly spaced ones."""
     video = read_video(record.video_path(manifest_dir), max_frames=max_frames)
     return prepare_frames(video[_pick_frames(len(video), frames_per_clip)], size)
 
 
-def _split_clips(manifest: str | Path, split: str, size, max_frames, frames_per_clip,
-                 label_map: LabelMap | None) -> tuple[list[torch.Tensor], list[ClipRecord]]:
+def _split_clips(
+    manifest: str | Path, split: str, size, max_frames, frames_per_clip, label_map: LabelMap | None
+) -> tuple[list[torch.Tensor], list[ClipRecord]]:
     records = [r for r in read_manifest(manifest, label_map) if r.split == split]
     clips = [read_clip(r, Path(manifest).parent, size, max_frames, frames_per_clip) for r in records]
     return clips, records
@@ -246,8 +251,10 @@ def fit_classifier(
     """Train on prepared clips (float [F_i, 3, H, W] at `size`) with multi-hot `labels` [N, C];
     returns the model (in eval mode) and the last epoch's mean BCE loss."""
     if not clips:
-        raise MoeError("the instrument classifier needs at least one training clip (manifest rows with split 'train'; "
-                       "moe.data.manifest.split_by_video assigns splits)")
+        raise MoeError(
+            "the instrument classifier needs at least one training clip (manifest rows with split 'train'; "
+            "moe.data.manifest.split_by_video assigns splits)"
+        )
     if epochs < 1 or batch_size < 1 or not learning_rate > 0:
         raise MoeError(f"epochs and batch_size must be >= 1 and learning_rate > 0, got {epochs}, {batch_size}, {learning_rate}")
     if labels.shape != (len(clips), len(classes)):
@@ -262,8 +269,9 @@ def fit_classifier(
     return model.eval(), loss
 
 
-def _train(model: InstrumentClassifier, frames: torch.Tensor, targets: torch.Tensor, epochs: int, batch_size: int,
-           learning_rate: float, seed: int) -> float:
+def _train(
+    model: InstrumentClassifier, frames: torch.Tensor, targets: torch.Tensor, epochs: int, batch_size: int, learning_rate: float, seed: int
+) -> float:
     g = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     steps = epochs * math.ceil(len(frames) / batch_size)
@@ -307,8 +315,9 @@ def train_classifier(
     without val clips)."""
     train, train_records = _split_clips(manifest, "train", size, max_frames, frames_per_clip, label_map)
     labels = torch.stack([presence_labels(r.instruments, classes) for r in train_records]) if train_records else None
-    model, loss = fit_classifier(train, labels, classes=classes, size=size, epochs=epochs, batch_size=batch_size,
-                                 learning_rate=learning_rate, seed=seed)
+    model, loss = fit_classifier(
+        train, labels, classes=classes, size=size, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed
+    )
     val, val_records = _split_clips(manifest, "val", size, max_frames, None, label_map)
     held_out = as_asked = None
     if val_records:
@@ -317,9 +326,18 @@ def train_classifier(
         held_out = presence_accuracy(probs, val_labels, classes)
         as_asked = instrument_accuracy(probs, [r.instruments for r in val_records], classes)
     model.summary = TrainingSummary(
-        manifest=Path(manifest).name, size=list(size), train_clips=len(train), train_frames=sum(len(c) for c in train),
-        frames_per_clip=frames_per_clip, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-        final_loss=loss, held_out=held_out, held_out_as_asked=as_asked,
+        manifest=Path(manifest).name,
+        size=list(size),
+        train_clips=len(train),
+        train_frames=sum(len(c) for c in train),
+        frames_per_clip=frames_per_clip,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        seed=seed,
+        final_loss=loss,
+        held_out=held_out,
+        held_out_as_asked=as_asked,
     )
     return model
 
@@ -346,8 +364,7 @@ def _check_probs(probs, classes: Sequence[str]) -> np.ndarray:
     return probs
 
 
-def presence_accuracy(probs, labels, classes: Sequence[str] = INSTRUMENT_CLASSES,
-                      threshold: float = THRESHOLD) -> PresenceAccuracy:
+def presence_accuracy(probs, labels, classes: Sequence[str] = INSTRUMENT_CLASSES, threshold: float = THRESHOLD) -> PresenceAccuracy:
     """Multi-label presence accuracy of probabilities [N, C] against multi-hot labels [N, C]."""
     probs, labels = _check_probs(probs, classes), np.asarray(labels) > 0.5
     if labels.shape != probs.shape:
@@ -356,8 +373,7 @@ def presence_accuracy(probs, labels, classes: Sequence[str] = INSTRUMENT_CLASSES
     n = len(probs)
     if not n:
         none = dict.fromkeys(classes)
-        return PresenceAccuracy(classes=list(classes), per_class=none, overall=None, exact_match=None, top1=None,
-                                majority_baseline=none, n_clips=0)
+        return PresenceAccuracy(classes=list(classes), per_class=none, overall=None, exact_match=None, top1=None, majority_baseline=none, n_clips=0)
     top1 = labels[np.arange(n), probs.argmax(1)]
     share = labels.mean(0)
     return PresenceAccuracy(
@@ -371,8 +387,9 @@ def presence_accuracy(probs, labels, classes: Sequence[str] = INSTRUMENT_CLASSES
     )
 
 
-def instrument_accuracy(probs, asked: Sequence[str | Sequence[str]], classes: Sequence[str] = INSTRUMENT_CLASSES,
-                        threshold: float = THRESHOLD) -> InstrumentAccuracy:
+def instrument_accuracy(
+    probs, asked: Sequence[str | Sequence[str]], classes: Sequence[str] = INSTRUMENT_CLASSES, threshold: float = THRESHOLD
+) -> InstrumentAccuracy:
     """How often clips show what they were asked for.
 
     `probs`: [N, C] from `classify_clips`; `asked[i]`: the class clip i was asked for (its hint),
@@ -433,14 +450,12 @@ def describe(acc: InstrumentAccuracy) -> str:
     total = sum(asked.values())
     unit = "clips" if total == acc.n_clips else "requests"
     parts = ", ".join(f"{c} {hits[c]}/{n}" for c, n in asked.items())
-    text = (f"The classifier sees the instrument that was asked for in {sum(hits.values())} of {total} "
-            f"{unit} ({acc.overall:.0%}): {parts}")
+    text = f"The classifier sees the instrument that was asked for in {sum(hits.values())} of {total} {unit} ({acc.overall:.0%}): {parts}"
     off = np.asarray(acc.wrong_top1)
     if off.max() > 0:
         a, p = np.unravel_index(int(off.argmax()), off.shape)
         n = int(off[a, p])
-        text += (f"; most common mix-up: asked for {acc.classes[a]}, it saw mostly {acc.classes[p]} "
-                 f"({n} clip{'s' if n > 1 else ''})")
+        text += f"; most common mix-up: asked for {acc.classes[a]}, it saw mostly {acc.classes[p]} ({n} clip{'s' if n > 1 else ''})"
     return text + "."
 
 
@@ -506,11 +521,11 @@ def load_classifier(path: str | Path, classes: Sequence[str] = INSTRUMENT_CLASSE
     if not isinstance(info, dict) or info.get("format") != CLASSIFIER_FORMAT:
         raise MoeError(f"{side} is not an instrument classifier ({CLASSIFIER_FORMAT})")
     if info.get("classes") != list(classes):
-        raise MoeError(f"instrument classifier {path.name} was trained for classes {info.get('classes')}, "
-                       f"not {list(classes)}; retrain it for these classes")
+        raise MoeError(
+            f"instrument classifier {path.name} was trained for classes {info.get('classes')}, not {list(classes)}; retrain it for these classes"
+        )
     if info.get("weights_sha256") != _sha256(path):
-        raise MoeError(f"instrument classifier weights {path} do not match {side.name} (sha256 differs); "
-                       "write both again with save_classifier")
+        raise MoeError(f"instrument classifier weights {path} do not match {side.name} (sha256 differs); write both again with save_classifier")
     try:
         model = InstrumentClassifier(info["classes"], tuple(info["size"]), info["architecture"]["width"])
         state = load_file(str(path))

@@ -72,40 +72,45 @@ def region_estimates(m: Measurement, boot: Bootstrap, variant: str, mask: np.nda
 
 def variant_report(m: Measurement, boot: Bootstrap, variant: str, description: str) -> VariantReport:
     grid = m.losses[variant]
-    by_sigma = {
-        f"{s:g}": {r: _mean(grid[:, j, REGIONS.index(r)]) for r in REGIONS} for j, s in enumerate(m.sigmas)
-    }
+    by_sigma = {f"{s:g}": {r: _mean(grid[:, j, REGIONS.index(r)]) for r in REGIONS} for j, s in enumerate(m.sigmas)}
     by_class = {e: region_estimates(m, boot, variant, m.class_mask(e)) for e in m.experts if m.class_mask(e).any()}
     return VariantReport(
-        name=variant, description=description, losses=region_estimates(m, boot, variant), by_sigma=by_sigma,
+        name=variant,
+        description=description,
+        losses=region_estimates(m, boot, variant),
+        by_sigma=by_sigma,
         by_class=by_class,
     )
 
 
 def improvements(m: Measurement, boot: Bootstrap, pairs: list[tuple[str, str]]) -> list[Improvement]:
     return [
-        Improvement(before=b, after=a, region=r,
-                    relative=boot.improvement(m.clip_values(b, r), m.clip_values(a, r)))
-        for b, a in pairs if b in m.losses and a in m.losses for r in REGIONS
+        Improvement(before=b, after=a, region=r, relative=boot.improvement(m.clip_values(b, r), m.clip_values(a, r)))
+        for b, a in pairs
+        if b in m.losses and a in m.losses
+        for r in REGIONS
     ]
 
 
 def hint_matrix(m: Measurement) -> dict[str, dict[str, float | None]]:
     """Hinted expert -> class -> mean ROI loss of that class's clips with the expert forced."""
     return {
-        e: {c: _mean(_masked(m.clip_values(f"stage2_hint_{e}", "roi"), m.class_mask(c)))
-            for c in m.experts if m.class_mask(c).any()}
+        e: {c: _mean(_masked(m.clip_values(f"stage2_hint_{e}", "roi"), m.class_mask(c))) for c in m.experts if m.class_mask(c).any()}
         for e in m.experts
     }
 
 
 def knockout_report(m: Measurement, boot: Bootstrap) -> KnockoutReport:
     """Relative loss change per class when each expert is switched off (positive = it helped)."""
+
     def deltas(region: str) -> dict[str, dict[str, Estimate]]:
         learned = m.clip_values("stage2_learned", region)
         return {
-            e: {c: boot.relative_change(_masked(learned, m.class_mask(c)), m.clip_values(f"stage2_knockout_{e}", region))
-                for c in m.experts if m.class_mask(c).any()}
+            e: {
+                c: boot.relative_change(_masked(learned, m.class_mask(c)), m.clip_values(f"stage2_knockout_{e}", region))
+                for c in m.experts
+                if m.class_mask(c).any()
+            }
             for e in m.experts
         }
 

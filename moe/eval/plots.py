@@ -19,8 +19,13 @@ _DASHES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1)), (0, (1, 1)))
 
 
 def _line_style(k: int) -> dict:
-    return {"marker": _MARKERS[k % len(_MARKERS)], "linestyle": _DASHES[k % len(_DASHES)], "markersize": 5,
-            "markerfacecolor": "none", "linewidth": 1.4}
+    return {
+        "marker": _MARKERS[k % len(_MARKERS)],
+        "linestyle": _DASHES[k % len(_DASHES)],
+        "markersize": 5,
+        "markerfacecolor": "none",
+        "linewidth": 1.4,
+    }
 
 
 def _figure(width: float, height: float):
@@ -72,8 +77,7 @@ def class_roi_loss(report: EvalReport, path: Path) -> None:
         est = [report.variants[name].by_class[c].roi for c in classes]
         means = np.array([np.nan if e.mean is None else e.mean for e in est])
         err = np.array([[0, 0] if e.mean is None else [e.mean - e.low, e.high - e.mean] for e in est]).T
-        ax.bar(np.arange(len(classes)) + k * width, means, width, yerr=err, capsize=3,
-               color=_VARIANT_STYLE[name], label=name)
+        ax.bar(np.arange(len(classes)) + k * width, means, width, yerr=err, capsize=3, color=_VARIANT_STYLE[name], label=name)
     ax.set_xticks(np.arange(len(classes)) + width * (len(names) - 1) / 2)
     ax.set_xticklabels([f"{c}\n({report.classes[c]} clips)" for c in classes])
     ax.set_ylabel("ROI loss (95% interval)")
@@ -106,8 +110,7 @@ def confusion(report: EvalReport, path: Path) -> None:
     image = _heat_map(ax, share, [str(int(n)) for n in counts.ravel()], r.experts, r.experts, "Blues", vmin=0, vmax=1)
     ax.set_xlabel("router's top-1 expert")
     ax.set_ylabel("the clip's instrument class")
-    ax.set_title(f"routing confusion (top-1 accuracy {r.top1_accuracy.mean:.2f})\n"
-                 "a clip with two instruments counts in both rows", fontsize=10)
+    ax.set_title(f"routing confusion (top-1 accuracy {r.top1_accuracy.mean:.2f})\na clip with two instruments counts in both rows", fontsize=10)
     fig.colorbar(image, ax=ax, label="share of the row")
     _save(fig, path)
 
@@ -162,8 +165,13 @@ def knockout(report: EvalReport, path: Path) -> None:
 
 def write_plots(report: EvalReport, out: Path, boundary: float | None) -> list[str]:
     """Every plot under `out/plots/`; returns their paths relative to `out`."""
-    plots = {"loss_vs_sigma": loss_vs_sigma, "class_roi_loss": class_roi_loss, "routing_confusion": confusion,
-             "expert_load": expert_load, "knockout": knockout}
+    plots = {
+        "loss_vs_sigma": loss_vs_sigma,
+        "class_roi_loss": class_roi_loss,
+        "routing_confusion": confusion,
+        "expert_load": expert_load,
+        "knockout": knockout,
+    }
     written = []
     for name, draw in plots.items():
         draw(report, out / PLOTS_DIR / f"{name}.png")
@@ -221,8 +229,7 @@ def generated_metrics(report: EvalReport, path: Path) -> None:
         est = [g.variants[n].metrics[metric] for n in shown]
         values = np.array([e.value for e in est])
         err = np.array([[0, 0] if e.low is None else [max(e.value - e.low, 0), max(e.high - e.value, 0)] for e in est]).T
-        ax.bar(range(len(shown)), values, yerr=err if len(est) else None, capsize=3,
-               color=[_VARIANT_STYLE[n] for n in shown])
+        ax.bar(range(len(shown)), values, yerr=err if len(est) else None, capsize=3, color=[_VARIANT_STYLE[n] for n in shown])
         ax.set_xticks(range(len(shown)), [n.replace("stage2_", "s2 ") for n in shown], rotation=30, fontsize=8)
         n = est[0].n_generated if est else 0
         ax.set_title(f"{metric.upper()} (n={n}, lower = better)", fontsize=9)
@@ -265,8 +272,15 @@ def sweep_plot(result, path: Path) -> None:
         est = [getattr(p, region) for p in result.points]
         if any(e.mean is None for e in est):
             continue
-        ax.errorbar(xs, [e.mean for e in est], yerr=[[e.mean - e.low for e in est], [e.high - e.mean for e in est]],
-                    marker="o", capsize=3, color=color, label=f"{region} loss")
+        ax.errorbar(
+            xs,
+            [e.mean for e in est],
+            yerr=[[e.mean - e.low for e in est], [e.high - e.mean for e in est]],
+            marker="o",
+            capsize=3,
+            color=color,
+            label=f"{region} loss",
+        )
     ax.axvline(result.recommended, color="k", lw=0.8, ls="--", label=f"recommended x{result.recommended:g}")
     ax.set_xlabel("--lora_multiplier")
     ax.set_ylabel("held-out loss (95% interval)")

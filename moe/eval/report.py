@@ -254,11 +254,14 @@ def weak_experts(report: EvalReport) -> list[str]:
     for e in r.experts:
         delta = report.knockout.roi_delta.get(e, {}).get(e)
         if delta is not None and delta.mean is not None and delta.low is not None and delta.low <= 0:
-            notes.append(f"the `{e}` expert may not have specialised: switching it off changes the ROI loss of "
-                         f"{e} clips by {delta.text(percent=True)}, an interval that includes no change")
+            notes.append(
+                f"the `{e}` expert may not have specialised: switching it off changes the ROI loss of "
+                f"{e} clips by {delta.text(percent=True)}, an interval that includes no change"
+            )
         if r.top1_share.get(e, 1.0) < 0.02 and report.classes.get(e):
-            notes.append(f"the router almost never picks `{e}` first ({r.top1_share[e]:.1%} of samples), although "
-                         f"{report.classes[e]} held-out clips show it")
+            notes.append(
+                f"the router almost never picks `{e}` first ({r.top1_share[e]:.1%} of samples), although {report.classes[e]} held-out clips show it"
+            )
     return notes
 
 
@@ -276,8 +279,7 @@ def render_markdown(report: EvalReport) -> str:
     lines.append("")
     lines += _table(  # the numbers first: a narrow view (the Prefect UI) cuts the long descriptions, not them
         ["result", "value", "threshold", "check"],
-        [["pass" if c.passed else "**FAIL**", _num(c.value), _num(c.threshold), f"`{c.name}`: {c.description}"]
-         for c in gate.checks],
+        [["pass" if c.passed else "**FAIL**", _num(c.value), _num(c.threshold), f"`{c.name}`: {c.description}"] for c in gate.checks],
     )
     lines += [f"- skipped `{s.name}`: {s.reason}" for s in gate.skipped]
     lines += _at_a_glance(report)
@@ -302,20 +304,19 @@ def render_markdown(report: EvalReport) -> str:
     lines += ["", "Relative improvement (positive = better than the variant before):", ""]
     lines += _table(
         ["", "overall", "ROI", "background"],
-        [[f"{after} vs {before}"] + [_improvement(report, before, after, r) for r in REGIONS]
-         for before, after in _pairs(report)],
+        [[f"{after} vs {before}"] + [_improvement(report, before, after, r) for r in REGIONS] for before, after in _pairs(report)],
     )
 
     lines += ["", "## ROI loss by instrument class", ""]
     present = [n for n in _MAIN_VARIANTS if n in report.variants]
     rows = [
         [f"{c} ({report.classes.get(c, 0)} clips)"] + [report.variants[n].by_class[c].roi.text() for n in present]
-        for c in experts if report.classes.get(c)
+        for c in experts
+        if report.classes.get(c)
     ]
     lines += _table(["class"] + present, rows)
     ko = report.knockout.roi_delta
-    lines += ["", "Knock-out: relative change of each class's ROI loss when one expert is switched off "
-              "(positive = the expert helps that class):", ""]
+    lines += ["", "Knock-out: relative change of each class's ROI loss when one expert is switched off (positive = the expert helps that class):", ""]
     classes = [c for c in experts if report.classes.get(c)]
     lines += _table(["expert off"] + classes, [[e] + [ko[e][c].text(percent=True) for c in classes] for e in experts])
 
@@ -329,8 +330,9 @@ def render_markdown(report: EvalReport) -> str:
     lines.append("")
     lines += _table(["label \\ top-1 expert"] + experts, [[c] + [str(n) for n in row] for c, row in zip(experts, r.confusion)])
     lines.append("")
-    lines += _table(["", *experts], [["mean gate"] + [f"{r.load[e]:.3f}" for e in experts],
-                                     ["top-1 share"] + [f"{r.top1_share[e]:.3f}" for e in experts]])
+    lines += _table(
+        ["", *experts], [["mean gate"] + [f"{r.load[e]:.3f}" for e in experts], ["top-1 share"] + [f"{r.top1_share[e]:.3f}" for e in experts]]
+    )
 
     lines += _generated_details(report)
     if report.plots:
@@ -341,9 +343,17 @@ def render_markdown(report: EvalReport) -> str:
         lines.append("")
         lines += _table(
             ["expert", "clip", "hinted", "learned router", "real", "mean learned gates"],
-            [[s.expert, s.clip, f"[mp4]({s.hinted})", f"[mp4]({s.learned})", f"[mp4]({s.real})",
-              ", ".join(f"{e} {g:.2f}" for e, g in zip(experts, s.learned_gates) if g >= 0.005)]
-             for s in report.samples],
+            [
+                [
+                    s.expert,
+                    s.clip,
+                    f"[mp4]({s.hinted})",
+                    f"[mp4]({s.learned})",
+                    f"[mp4]({s.real})",
+                    ", ".join(f"{e} {g:.2f}" for e, g in zip(experts, s.learned_gates) if g >= 0.005),
+                ]
+                for s in report.samples
+            ],
         )
     lines += ["", "## Inputs", ""]
     lines += [f"- `--{flag}` {f.path} (sha256 `{f.sha256[:16]}`)" for flag, f in report.inputs.items()]
@@ -395,15 +405,24 @@ def _at_a_glance(report: EvalReport) -> list[str]:
         v = report.variants.get(name)
         if v is None:
             continue
-        rows.append([f"{name}: {v.description}", _metric_cell(report, name, "fvd"), _metric_cell(report, name, "fid"),
-                     _accuracy_cell(report, name), f"{v.losses.roi.text()} (n={v.losses.roi.clips})"])
+        rows.append(
+            [
+                f"{name}: {v.description}",
+                _metric_cell(report, name, "fvd"),
+                _metric_cell(report, name, "fid"),
+                _accuracy_cell(report, name),
+                f"{v.losses.roi.text()} (n={v.losses.roi.clips})",
+            ]
+        )
     lines += _table(["variant", "FVD [95% CI] (n)", "FID [95% CI] (n)", "instrument accuracy", "ROI loss [95% CI]"], rows)
     lines.append("")
     n = len(g.prompts) if g else 0
     small = f"on {n} {'tiny ' if g and g.scale == 'tiny' else ''}clips" if g else ""
     if g is None:
-        lines.append("- No clips were generated (pass --model_set, or --vae / --text_encoder / --tokenizer, and "
-                     "--metric_clips), so FVD, FID and instrument accuracy are not measured.")
+        lines.append(
+            "- No clips were generated (pass --model_set, or --vae / --text_encoder / --tokenizer, and "
+            "--metric_clips), so FVD, FID and instrument accuracy are not measured."
+        )
     elif g.video_metrics_note is not None and not any(v.metrics for v in g.variants.values()):
         lines.append(f"- **FVD / FID** {g.video_metrics_note}.")
     else:
@@ -411,28 +430,35 @@ def _at_a_glance(report: EvalReport) -> list[str]:
         lines.append(
             f"- **FVD** (Fréchet video distance, I3D features of whole {frames}): lower = the generated clips look "
             f"and move more like the real held-out clips; {small} only differences larger than the intervals "
-            "mean anything.")
+            "mean anything."
+        )
         lines.append(
             "- **FID** (Fréchet Inception distance of single frames): lower = the frames look more like real frames "
             "(colour, texture, shapes), motion ignored. KVD and KID, the unbiased kernel versions, are in "
-            "Generated clips below.")
+            "Generated clips below."
+        )
         if g.video_metrics_note:
             lines.append(f"- {g.video_metrics_note}.")
     if g is not None:
         if g.classifier is not None:
             ceiling = g.classifier.held_out_as_asked
-            ceiling_text = (f"; on real held-out clips it finds the labelled instrument in {ceiling.text()} of cases, "
-                            "the ceiling") if ceiling and ceiling.overall is not None else ""
+            ceiling_text = (
+                (f"; on real held-out clips it finds the labelled instrument in {ceiling.text()} of cases, the ceiling")
+                if ceiling and ceiling.overall is not None
+                else ""
+            )
             lines.append(
                 "- **Instrument accuracy**: the share of generated clips in which a small classifier, trained on the "
                 "real training clips, sees the instrument that was asked for (base, stage 1 and the hint: the "
                 "instrument the prompt was picked for; the learned router: the caption's instruments); higher = "
-                f"the model draws what it is asked to{ceiling_text}.")
+                f"the model draws what it is asked to{ceiling_text}."
+            )
         elif g.instrument_note:
             lines.append(f"- **Instrument accuracy** {g.instrument_note}.")
     lines.append(
         "- **ROI loss**: the held-out denoising error inside the instrument regions, every held-out clip and "
-        "sigma (lower = the model predicts the instruments better); details in Held-out loss by variant below.")
+        "sigma (lower = the model predicts the instruments better); details in Held-out loss by variant below."
+    )
     if g is not None:
         if g.reconstruction is not None:
             r = g.reconstruction
@@ -440,15 +466,19 @@ def _at_a_glance(report: EvalReport) -> list[str]:
             lines.append(
                 f"- **VAE reconstruction PSNR** {psnr} (n={r.psnr.clips} real held-out "
                 "clips): how faithfully the VAE alone gives a real clip back (higher = sharper; above about 30 dB "
-                "looks lossless, near 20 dB visibly blurred); no generated or reconstructed clip can be sharper.")
+                "looks lossless, near 20 dB visibly blurred); no generated or reconstructed clip can be sharper."
+            )
         elif g.reconstruction_note:
             lines.append(f"- **VAE reconstruction PSNR** {g.reconstruction_note}.")
     if report.contact_sheet:
-        columns = "real, base, stage 1, hinted and learned" if g and any(
-            v in g.variants for v in ("base", "stage1")) else "real, hinted and learned"
-        lines += ["", f"![contact sheet]({report.contact_sheet})", "",
-                  f"First, middle and last frames per prompt ({columns}; one seed per row). The hinted and "
-                  "learned clips should show the row's instrument; an empty cell was not generated for that prompt."]
+        columns = "real, base, stage 1, hinted and learned" if g and any(v in g.variants for v in ("base", "stage1")) else "real, hinted and learned"
+        lines += [
+            "",
+            f"![contact sheet]({report.contact_sheet})",
+            "",
+            f"First, middle and last frames per prompt ({columns}; one seed per row). The hinted and "
+            "learned clips should show the row's instrument; an empty cell was not generated for that prompt.",
+        ]
     return lines
 
 
@@ -460,45 +490,64 @@ def _generated_details(report: EvalReport) -> list[str]:
     lines = ["", "## Generated clips", ""]
     lines.append(
         f"{len(g.prompts)} held-out captions per variant, the same captions and seeds for every variant; {g.frames} "
-        f"frames at {w}x{h}, {g.steps} sampling steps. Real clips: {g.real_source}. {g.scale_note}")
+        f"frames at {w}x{h}, {g.steps} sampling steps. Real clips: {g.real_source}. {g.scale_note}"
+    )
     lines.append("")
     present = [n for n in _MAIN_VARIANTS if n in g.variants]
     if any(v.metrics for v in g.variants.values()):
-        lines += _table(["variant"] + [_METRIC_NAMES[m] for m in _METRIC_NAMES],
-                        [[n] + [_metric_cell(report, n, m) for m in _METRIC_NAMES] for n in present])
+        lines += _table(
+            ["variant"] + [_METRIC_NAMES[m] for m in _METRIC_NAMES], [[n] + [_metric_cell(report, n, m) for m in _METRIC_NAMES] for n in present]
+        )
         first = next(e for v in g.variants.values() for e in v.metrics.values())
         fid = f"{g.fid_frames} evenly spaced frame(s) per clip" if g.fid_frames else "every frame"
         fvd = f"the first {g.fvd_frames} frames of each clip" if g.fvd_frames else "each clip"
-        lines += ["", f"Value [bootstrap 95% interval over clips, recentred on the value] (n = generated clips; "
-                      f"{first.n_real} real clips). FVD/KVD: I3D on {fvd}; FID/KID: Inception on {fid}. Lower is "
-                      "better for all four; KVD/KID are unbiased and may be slightly negative."]
+        lines += [
+            "",
+            f"Value [bootstrap 95% interval over clips, recentred on the value] (n = generated clips; "
+            f"{first.n_real} real clips). FVD/KVD: I3D on {fvd}; FID/KID: Inception on {fid}. Lower is "
+            "better for all four; KVD/KID are unbiased and may be slightly negative.",
+        ]
     if g.video_metrics_note:
         lines += ["", f"FVD/KVD/FID/KID: {g.video_metrics_note}."]
     scored = [n for n in present if g.variants[n].instruments is not None]
     if scored:
         classes = g.variants[scored[0]].instruments.classes
-        lines += ["", "Instrument accuracy of the generated clips (share of clips asked for a class in which the "
-                      "classifier finds it, hits/asked):", ""]
+        lines += [
+            "",
+            "Instrument accuracy of the generated clips (share of clips asked for a class in which the classifier finds it, hits/asked):",
+            "",
+        ]
 
         def cell(s: InstrumentScores, c: str) -> str:
             a, k = s.per_class.get(c), s.n_asked.get(c, 0)
             return "-" if not k or a is None else f"{round(a * k)}/{k}"
 
-        lines += _table(["variant", "overall"] + classes + ["top-1"],
-                        [[n, g.variants[n].instruments.text()] + [cell(g.variants[n].instruments, c) for c in classes]
-                         + [_num(g.variants[n].instruments.overall_top1, ".0%")] for n in scored])
+        lines += _table(
+            ["variant", "overall"] + classes + ["top-1"],
+            [
+                [n, g.variants[n].instruments.text()]
+                + [cell(g.variants[n].instruments, c) for c in classes]
+                + [_num(g.variants[n].instruments.overall_top1, ".0%")]
+                for n in scored
+            ],
+        )
         lines.append("")
         lines += [f"- {n}: {g.variants[n].instruments.description}" for n in scored]
     if g.classifier is not None:
         c = g.classifier
-        lines += ["", f"Instrument classifier: trained on {c.train_clips} real training clips at {c.size[0]}x{c.size[1]}, "
-                      f"kept as [{Path(c.weights).name}]({c.weights}) ([json]({c.sidecar})). On {c.held_out_clips} real "
-                      f"held-out clips: presence accuracy {_num(c.held_out_presence_accuracy, '.0%')}, top-1 "
-                      f"{_num(c.held_out_top1, '.0%')}." + (f" {c.held_out_as_asked.description}" if c.held_out_as_asked else "")]
+        lines += [
+            "",
+            f"Instrument classifier: trained on {c.train_clips} real training clips at {c.size[0]}x{c.size[1]}, "
+            f"kept as [{Path(c.weights).name}]({c.weights}) ([json]({c.sidecar})). On {c.held_out_clips} real "
+            f"held-out clips: presence accuracy {_num(c.held_out_presence_accuracy, '.0%')}, top-1 "
+            f"{_num(c.held_out_top1, '.0%')}." + (f" {c.held_out_as_asked.description}" if c.held_out_as_asked else ""),
+        ]
     elif g.instrument_note:
         lines += ["", f"Instrument accuracy: {g.instrument_note}."]
     if g.prompts:
         lines += ["", "Prompts:", ""]
-        lines += _table(["clip", "hint", "instruments", "seed", "caption"],
-                        [[p.clip, p.hint, ", ".join(p.classes), str(p.seed), p.prompt.replace("|", "\\|")] for p in g.prompts])
+        lines += _table(
+            ["clip", "hint", "instruments", "seed", "caption"],
+            [[p.clip, p.hint, ", ".join(p.classes), str(p.seed), p.prompt.replace("|", "\\|")] for p in g.prompts],
+        )
     return lines

@@ -141,8 +141,9 @@ def _evaluate(cfg: EvalConfig) -> EvalReport:
     items = load_items(checked.clips)
     gen = None
     if cfg.generates:
-        plan = plan_prompts(checked.clips.entries, held_out_teacher(items, experts), experts, cfg.sample_count,
-                            cfg.metric_count(len(experts)), cfg.seed)
+        plan = plan_prompts(
+            checked.clips.entries, held_out_teacher(items, experts), experts, cfg.sample_count, cfg.metric_count(len(experts)), cfg.seed
+        )
         if plan.indices:
             with phase(f"eval: loading the VAE and text encoder, encoding {len(plan.indices)} held-out captions"):
                 gen = ClipGenerator(cfg, preset, checked.clips, items, plan)
@@ -157,8 +158,7 @@ def _evaluate(cfg: EvalConfig) -> EvalReport:
         m, model = measure_variants(cfg, preset, moe_file, items, with_base=base_clips)
     if gen is not None:
         samples, n = gen.plan.samples, len(metric_prompts)
-        with phase(f"eval: stage-1 and stage-2 clips ({len(samples)} sample prompts, hinted and learned routing; "
-                   f"{n} metric prompts per variant)"):
+        with phase(f"eval: stage-1 and stage-2 clips ({len(samples)} sample prompts, hinted and learned routing; {n} metric prompts per variant)"):
             gen.generate("stage1", metric_prompts, model.dits)
             for variant in ("stage2_hint", "stage2_learned"):
                 gen.generate(variant, samples + metric_prompts, model.dits, model, moe_file)

@@ -89,8 +89,7 @@ def balanced_clips(entries: list, teacher: np.ndarray, experts: tuple[str, ...],
     return picks
 
 
-def plan_prompts(entries: list, teacher: np.ndarray, experts: tuple[str, ...], samples: int, metric_clips: int,
-                 seed: int) -> PromptPlan:
+def plan_prompts(entries: list, teacher: np.ndarray, experts: tuple[str, ...], samples: int, metric_clips: int, seed: int) -> PromptPlan:
     def prompt(expert: str, i: int) -> Prompt:
         classes = tuple(e for k, e in enumerate(experts) if teacher[i, k] > 0)
         return Prompt(i, entries[i].id, entries[i].caption, expert, classes, seed + i)
@@ -124,6 +123,7 @@ def _swap_hooks(dits) -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
     if dits.offload:
         for name, dit in dits.models.items():
+
             def onto_device(module, args, name=name):
                 dits.get(name)
 
@@ -144,14 +144,12 @@ class ClipGenerator:
         self.entries = held_out.entries
         self.size = tuple(held_out.index.settings.size)
         self.frames = cfg.sample_frames or held_out.index.settings.frames  # checked by moe.eval.inputs
-        self.vae, self.text_encoder, self.tokenizer = load_components(
-            cfg.model_copy(update={"task": preset.task}), getattr(torch, cfg.dtype))
+        self.vae, self.text_encoder, self.tokenizer = load_components(cfg.model_copy(update={"task": preset.task}), getattr(torch, cfg.dtype))
         self.text_encoder.to(cfg.device)
         max_len = preset.text_encoder.max_length
         with torch.no_grad():
             self.uncond, _ = encode_prompts(self.text_encoder, self.tokenizer, [""], max_len)
-            self.cond = {i: encode_prompts(self.text_encoder, self.tokenizer, [self.entries[i].caption], max_len)
-                         for i in plan.indices}
+            self.cond = {i: encode_prompts(self.text_encoder, self.tokenizer, [self.entries[i].caption], max_len) for i in plan.indices}
         self.text_encoder.to("cpu")  # back on the device only while generating (the DiTs' losses come first)
         self.clips: dict[tuple[str, int, str | None], np.ndarray] = {}
         self.learned_gates: dict[int, list[float]] = {}
@@ -196,8 +194,7 @@ class ClipGenerator:
             return
         models = list(dits.models.values())
         with self._on_device():
-            pipe = build_pipeline(self.preset, dits.models["low"], dits.models.get("high"), self.vae, self.text_encoder,
-                                  self.tokenizer)
+            pipe = build_pipeline(self.preset, dits.models["low"], dits.models.get("high"), self.vae, self.text_encoder, self.tokenizer)
             for p in todo.values():
                 cond, mask = self.cond[p.index]
                 image = None
@@ -212,9 +209,19 @@ class ClipGenerator:
                 hooks = routing_hooks(models, routing) if routing is not None else contextlib.nullcontext()
                 experts_off = adapters_enabled(models, False) if variant == "stage1" else contextlib.nullcontext()
                 with hooks, experts_off, _swap_hooks(dits):
-                    video = run_pipeline(pipe, self.preset, cond, self.uncond, size=self.size, frames=self.frames,
-                                         steps=self.cfg.sample_steps, seed=p.seed, device=self.cfg.device, image=image,
-                                         routing=routing)
+                    video = run_pipeline(
+                        pipe,
+                        self.preset,
+                        cond,
+                        self.uncond,
+                        size=self.size,
+                        frames=self.frames,
+                        steps=self.cfg.sample_steps,
+                        seed=p.seed,
+                        device=self.cfg.device,
+                        image=image,
+                        routing=routing,
+                    )
                 self.clips[self.key(variant, p)] = video
                 if variant == "stage2_learned":
                     self.learned_gates[p.index] = torch.cat([g for _, g in routing.history]).mean(0).tolist()
@@ -236,8 +243,17 @@ def write_samples(gen: ClipGenerator, out: Path) -> tuple[list[SampleRecord], li
         paths = {"hinted": f"{stem}_hinted.mp4", "learned": f"{stem}_learned.mp4", "real": f"{stem}_real.mp4"}
         for mode, frames in (("hinted", gen.clip("stage2_hint", p)), ("learned", gen.clip("stage2_learned", p)), ("real", real)):
             write_video(out / paths[mode], frames, SAMPLE_FPS)
-        records.append(SampleRecord(expert=p.expert, clip=p.clip, prompt=p.caption, seed=p.seed, real_source=real_source,
-                                    learned_gates=gen.learned_gates[p.index], **paths))
+        records.append(
+            SampleRecord(
+                expert=p.expert,
+                clip=p.clip,
+                prompt=p.caption,
+                seed=p.seed,
+                real_source=real_source,
+                learned_gates=gen.learned_gates[p.index],
+                **paths,
+            )
+        )
     rows = []
     for p in gen.plan.samples or gen.plan.metrics:
         row = {"real": gen.real(p.index)[0]}

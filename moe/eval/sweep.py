@@ -127,8 +127,7 @@ def _sweep(cfg: SweepConfig) -> SweepResult:
         SweepPoint(
             multiplier=x,
             **{r: boot.mean(m.clip_values(f"x{x:g}", r)) for r in ("overall", "roi", "background")},
-            gain_over_1=boot.improvement(m.clip_values(reference, "overall"), m.clip_values(f"x{x:g}", "overall"))
-            if reference else None,
+            gain_over_1=boot.improvement(m.clip_values(reference, "overall"), m.clip_values(f"x{x:g}", "overall")) if reference else None,
         )
         for x in cfg.multipliers
     ]
@@ -140,11 +139,19 @@ def _sweep(cfg: SweepConfig) -> SweepResult:
         reason = f"held-out loss {best.gain_over_1.text(percent=True)} lower than at 1.0, beyond the noise"
     else:
         recommended = 1.0
-        reason = ("1.0 has the lowest held-out loss" if best.multiplier == 1.0 else
-                  f"x{best.multiplier:g} is lowest but its gain over 1.0, {best.gain_over_1.text(percent=True)}, is within the noise")
+        reason = (
+            "1.0 has the lowest held-out loss"
+            if best.multiplier == 1.0
+            else f"x{best.multiplier:g} is lowest but its gain over 1.0, {best.gain_over_1.text(percent=True)}, is within the noise"
+        )
     result = SweepResult(
-        task=task, lora_weight=str(cfg.lora_weight), clips=m.clip_ids, sigmas=list(m.sigmas), points=points,
-        recommended=recommended, reason=reason,
+        task=task,
+        lora_weight=str(cfg.lora_weight),
+        clips=m.clip_ids,
+        sigmas=list(m.sigmas),
+        points=points,
+        recommended=recommended,
+        reason=reason,
         inputs={k: InputFile(path=str(getattr(cfg, k)), sha256=v) for k, v in hashes.items()},
     )
     if cfg.output_dir is not None:

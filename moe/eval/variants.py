@@ -47,9 +47,20 @@ def held_out_teacher(items: list[dict], experts: tuple[str, ...]) -> np.ndarray:
 def load_dits(cfg, preset, low, high) -> DualDiT:
     """Two DiTs (or one) in cfg's dtype; both on the accelerator when they fit, else only the
     active one (training's `auto` placement)."""
-    return DualDiT.load(preset, low, high, preset.boundary, getattr(torch, cfg.dtype), cfg.device, placement="auto",
-                        fp8=cfg.fp8, blocks_to_swap=cfg.blocks_to_swap,
-                        compile=cfg.compile, compile_mode=cfg.compile_mode, attention_backend=cfg.attention_backend)
+    return DualDiT.load(
+        preset,
+        low,
+        high,
+        preset.boundary,
+        getattr(torch, cfg.dtype),
+        cfg.device,
+        placement="auto",
+        fp8=cfg.fp8,
+        blocks_to_swap=cfg.blocks_to_swap,
+        compile=cfg.compile,
+        compile_mode=cfg.compile_mode,
+        attention_backend=cfg.attention_backend,
+    )
 
 
 def release(dits: DualDiT) -> None:
@@ -73,8 +84,7 @@ def measure_variants(cfg, preset, moe_file, items: list[dict], with_base=None) -
     base = None
     if cfg.dit is not None:
         dits = load_dits(cfg, preset, cfg.dit, cfg.dit_high_noise)
-        base = measure(items, cfg.sigmas, {"base": dit_variant(dits, preset.i2v)}, dits, cfg.seed,
-                       experts=moe_file.experts, progress=cfg.progress)
+        base = measure(items, cfg.sigmas, {"base": dit_variant(dits, preset.i2v)}, dits, cfg.seed, experts=moe_file.experts, progress=cfg.progress)
         if with_base is not None:
             with_base(dits)
         release(dits)

@@ -84,10 +84,7 @@ def describe_lock(lock: Path, target: Path, flag: str, held: bool | None) -> str
     owner = read_owner(lock)
     who = f" (pid {owner.pid} on {owner.host}, started {owner.started})" if owner else ""
     if held:
-        return (
-            f"{flag} {target} is in use by another run{who}; wait for it to finish or stop it "
-            f"(two runs writing one output would mix their files)"
-        )
+        return f"{flag} {target} is in use by another run{who}; wait for it to finish or stop it (two runs writing one output would mix their files)"
     return (
         f"{flag} {target} is locked by a run on another host{who}, which this host cannot check; "
         f"if that run has ended, delete the lock (rm {lock}) and run again"
@@ -118,7 +115,9 @@ def _acquire(lock: Path, target: Path, flag: str, owner: LockOwner) -> int:
                 raise MoeError(describe_lock(lock, target, flag, held=running))
             log.warning(
                 "took over the stale lock %s of pid %d (started %s), which is no longer running",
-                lock, previous.pid, previous.started,
+                lock,
+                previous.pid,
+                previous.started,
             )
         os.ftruncate(fd, 0)
         os.pwrite(fd, owner.model_dump_json().encode(), 0)

@@ -68,8 +68,7 @@ def check_not_an_input(target: str | os.PathLike, flag: str, inputs: Inputs) -> 
         else:
             continue
         raise MoeError(
-            f"{flag} {target} {problem} the input {input_flag} {path}; choose an output path outside the "
-            "inputs (inputs are never modified)"
+            f"{flag} {target} {problem} the input {input_flag} {path}; choose an output path outside the inputs (inputs are never modified)"
         )
 
 
@@ -86,9 +85,7 @@ def _is_lock_name(name: str) -> bool:
     return name.startswith(".") and name.endswith(".lock")
 
 
-def _check_existing(
-    target: Path, flag: str, overwrite: bool, reuse: bool, is_ours: Callable[[Path], bool] | None, hint: str
-) -> None:
+def _check_existing(target: Path, flag: str, overwrite: bool, reuse: bool, is_ours: Callable[[Path], bool] | None, hint: str) -> None:
     if not target.exists() or (target.is_dir() and is_empty(target)):
         return
     what = "folder" if target.is_dir() else "file"

@@ -144,8 +144,7 @@ def require_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
     if bad:
         shown = ", ".join(bad[:4]) + (f" ... ({len(bad)} in all)" if len(bad) > 4 else "")
         raise MoeError(
-            f"{source} holds NaN or inf values (in {shown}); it is unusable, e.g. written by a run whose "
-            "loss diverged. Use an earlier checkpoint"
+            f"{source} holds NaN or inf values (in {shown}); it is unusable, e.g. written by a run whose loss diverged. Use an earlier checkpoint"
         )
 
 
@@ -195,10 +194,7 @@ def resolve_files(path: str | Path) -> tuple[list[Path], Path | None]:
         singles = sorted(path.glob("*.safetensors"))
         if len(singles) == 1:
             return singles, None
-        raise MoeError(
-            f"{path} holds {len(singles)} .safetensors files and no *.safetensors.index.json; "
-            "pass the file to use or add the index"
-        )
+        raise MoeError(f"{path} holds {len(singles)} .safetensors files and no *.safetensors.index.json; pass the file to use or add the index")
     if path.name.endswith(".index.json"):
         return _shards_from_index(path), path
     m = SHARD_RE.fullmatch(path.name)

@@ -62,17 +62,20 @@ def tool_support(form: str, modules: dict[str, LoRAModuleWeights]) -> dict[str, 
     if form == "default":
         return {"diffusers": None, "ComfyUI": None, "musubi-tuner": musubi_only}
     if form == "musubi":
-        partial = None if _musubi_covers_every_module(modules) else (
-            "needs q/k/v/o of self- and cross-attention and ffn.0/ffn.2 in every block 0..N-1 in this form "
-            "(convert-lora --to default)"
+        partial = (
+            None
+            if _musubi_covers_every_module(modules)
+            else ("needs q/k/v/o of self- and cross-attention and ffn.0/ffn.2 in every block 0..N-1 in this form (convert-lora --to default)")
         )
         return {"diffusers": partial, "ComfyUI": None, "musubi-tuner": None}
     if form == "peft":
-        return {"diffusers": None, "ComfyUI": "maps no Wan keys in diffusers names (convert-lora --to default)",
-                "musubi-tuner": musubi_only}
+        return {"diffusers": None, "ComfyUI": "maps no Wan keys in diffusers names (convert-lora --to default)", "musubi-tuner": musubi_only}
     if form == "peft-bare":
-        return {"diffusers": "loads it only through a transformer's load_lora_adapter(prefix=None) (convert-lora --to peft)",
-                "ComfyUI": "maps no Wan keys in diffusers names (convert-lora --to default)", "musubi-tuner": musubi_only}
+        return {
+            "diffusers": "loads it only through a transformer's load_lora_adapter(prefix=None) (convert-lora --to peft)",
+            "ComfyUI": "maps no Wan keys in diffusers names (convert-lora --to default)",
+            "musubi-tuner": musubi_only,
+        }
     return dict.fromkeys(TOOLS, f"does not read the {form} form (convert-lora --to default, musubi or peft)")
 
 
@@ -102,12 +105,14 @@ def convert_lora_file(src: str | Path, to: LoraForm, out: str | Path, overwrite:
     ours = functools.partial(written_as, kind="vanilla-lora")
     with claim_output(out, flag="--out", inputs={"IN": src}, overwrite=overwrite, is_ours=ours):
         write_lora_file(
-            out, lora.modules, lora.targets(), lora.metadata.get("lora_moe.task"), to,
+            out,
+            lora.modules,
+            lora.targets(),
+            lora.metadata.get("lora_moe.task"),
+            to,
             extra_metadata=kept | {CONVERTED_FROM_KEY: json.dumps(record, sort_keys=True)},
         )
-    return ConvertResult(
-        output=out, source_form=lora.form, form=to, modules=len(lora.modules), support=describe_support(to, lora.modules)
-    )
+    return ConvertResult(output=out, source_form=lora.form, form=to, modules=len(lora.modules), support=describe_support(to, lora.modules))
 
 
 def musubi_copy_path(path: str | Path) -> Path:

@@ -133,9 +133,7 @@ def lora_form(keys) -> str:
     return forms.pop() if len(forms) == 1 else "mixed"
 
 
-def parse_lora_state(
-    state: dict[str, torch.Tensor], source: str, metadata: dict[str, str] | None = None
-) -> dict[str, LoRAModuleWeights]:
+def parse_lora_state(state: dict[str, torch.Tensor], source: str, metadata: dict[str, str] | None = None) -> dict[str, LoRAModuleWeights]:
     """Group a LoRA state dict of any supported form by canonical module name. A PEFT header in
     `metadata` sets each module's alpha (`moe.lora.peft_header`)."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -154,19 +152,14 @@ def parse_lora_state(
     if header is not None and any("alpha" in p for p in parts.values()):
         # diffusers would apply both (the .alpha baked into the weights, then the header's scale);
         # ComfyUI and musubi-tuner read only the .alpha: the file has no single meaning.
-        raise MoeError(
-            f"{source} has both .alpha tensors and a {HEADER_KEY} header, which tools read differently; "
-            "remove one of them"
-        )
+        raise MoeError(f"{source} has both .alpha tensors and a {HEADER_KEY} header, which tools read differently; remove one of them")
     modules = {}
     for module, p in parts.items():
         if "down" not in p or "up" not in p:
             raise MoeError(f"{source}: {module} has {'no lora_up' if 'up' not in p else 'no lora_down'} weight")
         down, up = p["down"], p["up"]
         if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
-            raise MoeError(
-                f"{source}: {module} has inconsistent LoRA shapes down {tuple(down.shape)}, up {tuple(up.shape)}"
-            )
+            raise MoeError(f"{source}: {module} has inconsistent LoRA shapes down {tuple(down.shape)}, up {tuple(up.shape)}")
         if header is not None:
             alpha = header.kohya_alpha(module_to_diffusers(module), down.shape[0], source)
         else:
@@ -183,14 +176,10 @@ def read_lora_file(path: str | Path) -> LoRAFile:
     header = require_kind(path, "vanilla-lora", "--lora_weight")
     state = load_file(header.path)  # the file itself when `path` is a folder holding one
     require_finite(state, str(path))
-    return LoRAFile(
-        modules=parse_lora_state(state, str(path), header.metadata), metadata=header.metadata, form=lora_form(state)
-    )
+    return LoRAFile(modules=parse_lora_state(state, str(path), header.metadata), metadata=header.metadata, form=lora_form(state))
 
 
-def lora_metadata(
-    modules: dict[str, LoRAModuleWeights], targets: TargetSpec | None, task: str | None
-) -> dict[str, str]:
+def lora_metadata(modules: dict[str, LoRAModuleWeights], targets: TargetSpec | None, task: str | None) -> dict[str, str]:
     ranks = sorted({w.rank for w in modules.values()})
     alphas = sorted({w.alpha for w in modules.values()})
     meta = {
@@ -233,9 +222,7 @@ def write_lora_file(
         raise MoeError(f"unknown LoRA form {save_format!r}; choose default (diffusers), musubi or peft")
     if form == "musubi" and (zero := [m for m, w in modules.items() if w.alpha == 0]):
         # musubi-tuner reads alpha 0 as alpha = rank (networks/lora.py LoRAModule.__init__)
-        raise MoeError(
-            f"the musubi form cannot hold alpha 0 ({', '.join(zero[:3])}): musubi-tuner reads it as alpha = rank"
-        )
+        raise MoeError(f"the musubi form cannot hold alpha 0 ({', '.join(zero[:3])}): musubi-tuner reads it as alpha = rank")
     cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
     state: dict[str, torch.Tensor] = {}
     for module, w in modules.items():

@@ -28,8 +28,9 @@ def get_linear(model: nn.Module, module: str) -> nn.Linear:
     return layer
 
 
-def build_adapters(model: nn.Module, modules: dict[str, int], alpha: float, adapter_type: type[nn.Module] = LoRAAdapter,
-                   **adapter_options) -> nn.ModuleDict:
+def build_adapters(
+    model: nn.Module, modules: dict[str, int], alpha: float, adapter_type: type[nn.Module] = LoRAAdapter, **adapter_options
+) -> nn.ModuleDict:
     """Fresh adapters for `modules` (name -> rank), sized from the model's Linear layers:
     `adapter_type(in_features, out_features, rank, alpha, **adapter_options)` each (a stage-1
     `LoRAAdapter`, or stage 2's `LoRAMoEAdapter` with `num_experts`).
@@ -88,8 +89,10 @@ def inject_adapters(model: nn.Module, adapters: nn.ModuleDict, wrap: Callable[[n
     for module, adapter in adapter_items(adapters):
         current = model.get_submodule(module_to_diffusers(module))
         if isinstance(current, AdaptedLinear):
-            raise MoeError(f"{module} already has a {type(current).__name__}; adapter layers do not stack (stage 2 runs on "
-                           "a merged DiT, with no LoRA layer of its own)")
+            raise MoeError(
+                f"{module} already has a {type(current).__name__}; adapter layers do not stack (stage 2 runs on "
+                "a merged DiT, with no LoRA layer of its own)"
+            )
         layers[module] = wrap(get_linear(model, module), adapter)
         replace_module(model, module_to_diffusers(module), layers[module])
     return layers

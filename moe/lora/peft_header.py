@@ -39,8 +39,16 @@ COMPONENT_PREFIX = "transformer."
 # Options with no effect on what a plain LoRA on Linear layers adds to the weights (bookkeeping,
 # training-time settings, or options that only matter together with one refused below).
 _NO_EFFECT = {
-    "peft_version", "task_type", "base_model_name_or_path", "revision", "auto_mapping", "inference_mode",
-    "lora_dropout", "megatron_core", "qalora_group_size", "ensure_weight_tying",
+    "peft_version",
+    "task_type",
+    "base_model_name_or_path",
+    "revision",
+    "auto_mapping",
+    "inference_mode",
+    "lora_dropout",
+    "megatron_core",
+    "qalora_group_size",
+    "ensure_weight_tying",
     "fan_in_fan_out",  # peft turns it off for nn.Linear (tuners/lora/model.py _create_new_module)
 }
 _HANDLED = {"r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "target_modules", "exclude_modules"}
@@ -100,11 +108,7 @@ class PeftLoraHeader(BaseModel):
             raise MoeError(f"{source}: the {HEADER_KEY} header is not a JSON object")
         if any(k.startswith(COMPONENT_PREFIX) for k in config):  # `save_lora_weights` style
             config = {k[len(COMPONENT_PREFIX) :]: v for k, v in config.items() if k.startswith(COMPONENT_PREFIX)}
-        unsupported = [
-            f"{k}={v!r}"
-            for k, v in config.items()
-            if k not in _NO_EFFECT | _HANDLED and not _plain(k, v)
-        ]
+        unsupported = [f"{k}={v!r}" for k, v in config.items() if k not in _NO_EFFECT | _HANDLED and not _plain(k, v)]
         if unsupported:
             raise MoeError(
                 f"{source}: its PEFT header sets {list_names(sorted(unsupported), 4)}, which is more than a plain "
@@ -121,16 +125,12 @@ class PeftLoraHeader(BaseModel):
         as `scale * rank`. Refuses a module diffusers would not load or would fail on."""
         if not _targets(self.target_modules or [module], module) or _targets(self.exclude_modules, module):
             raise MoeError(
-                f"{source}: its PEFT header does not target {module}, so diffusers would drop that module's "
-                "weights; fix target_modules in the header"
+                f"{source}: its PEFT header does not target {module}, so diffusers would drop that module's weights; fix target_modules in the header"
             )
         key = pattern_key(self.rank_pattern, module)
         rank = self.rank_pattern[key] if key is not None else self.r
         if rank != tensor_rank:
-            raise MoeError(
-                f"{source}: its PEFT header gives {module} rank {rank} but the tensors have rank {tensor_rank}; "
-                "diffusers cannot load it"
-            )
+            raise MoeError(f"{source}: its PEFT header gives {module} rank {rank} but the tensors have rank {tensor_rank}; diffusers cannot load it")
         key = pattern_key(self.alpha_pattern, module)
         alpha = self.alpha_pattern[key] if key is not None else self.lora_alpha
         scale = alpha / math.sqrt(rank) if self.use_rslora else alpha / rank

@@ -208,9 +208,7 @@ def read_lora_moe_file(path: str | Path) -> LoRAMoEFile:
         if extra:
             raise MoeError(f"{path}: lora_moe.{module} has experts {extra} not in lora_moe.experts {list(experts)}")
         p = parts[module]
-        modules[module] = {
-            e: LoRAModuleWeights(down=p[e, "lora_down"], up=p[e, "lora_up"], alpha=alphas[module]) for e in experts
-        }
+        modules[module] = {e: LoRAModuleWeights(down=p[e, "lora_down"], up=p[e, "lora_up"], alpha=alphas[module]) for e in experts}
         shapes = {(w.down.shape, w.up.shape) for w in modules[module].values()}
         if len(shapes) != 1 or any(d[0] != u[1] for d, u in shapes):
             raise MoeError(f"{path}: lora_moe.{module} has inconsistent expert shapes {sorted(shapes)}")

@@ -57,7 +57,6 @@ def set_alpha_expert(model: nn.Module, alpha_expert: float) -> None:
             layer.alpha_expert = alpha_expert
 
 
-
 @dataclass
 class AttachedLoRAMoE:
     """A stage-2 file's experts, router and timestep gates, attached to one or two DiTs that

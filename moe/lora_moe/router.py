@@ -85,9 +85,7 @@ class Router(nn.Module):
     def __init__(self, config: RouterConfig):
         super().__init__()
         self.config = config
-        self.mlp = nn.Sequential(
-            nn.Linear(config.in_features, config.hidden), nn.SiLU(), nn.Linear(config.hidden, config.num_experts)
-        )
+        self.mlp = nn.Sequential(nn.Linear(config.in_features, config.hidden), nn.SiLU(), nn.Linear(config.hidden, config.num_experts))
 
     def features(self, text, text_mask, sigma, image_cond=None) -> torch.Tensor:
         cfg = self.config

@@ -80,9 +80,21 @@ class LogProgress:
     """tqdm's interface (iteration, `update`, `set_postfix`, `close`, a context manager) for a
     log: periodic one-line summaries instead of redraws (see the module docstring)."""
 
-    def __init__(self, iterable: Iterable | None = None, *, total: float | None = None, desc: str | None = None,
-                 unit: str = "it", unit_scale: bool = False, initial: float = 0, disable: bool = False, file=None,
-                 interval_s: float = INTERVAL_S, every_fraction: float = EVERY_FRACTION, **_tqdm_only):
+    def __init__(
+        self,
+        iterable: Iterable | None = None,
+        *,
+        total: float | None = None,
+        desc: str | None = None,
+        unit: str = "it",
+        unit_scale: bool = False,
+        initial: float = 0,
+        disable: bool = False,
+        file=None,
+        interval_s: float = INTERVAL_S,
+        every_fraction: float = EVERY_FRACTION,
+        **_tqdm_only,
+    ):
         if total is None and iterable is not None:
             with contextlib.suppress(TypeError):
                 total = len(iterable)  # type: ignore[arg-type]
@@ -151,8 +163,10 @@ class LogProgress:
             return
         rate = f", {self._rate(done / elapsed)}" if done and elapsed > 0 else ""
         finished = not self.total or self.n >= self.total
-        self._line(f"{'done' if finished else 'stopped'}: {self._amount(finished)} in {format_duration(elapsed)}{rate}"
-                   + (f" ({self.postfix})" if self.postfix else ""))
+        self._line(
+            f"{'done' if finished else 'stopped'}: {self._amount(finished)} in {format_duration(elapsed)}{rate}"
+            + (f" ({self.postfix})" if self.postfix else "")
+        )
 
     # the lines
     def _fraction(self) -> float | None:

@@ -317,9 +317,7 @@ def build_tiny_tokenizer(max_length: int = 512) -> PreTrainedTokenizerFast:
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     eos_id = vocab["</s>"]
-    tok.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", eos_id)]
-    )
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", eos_id)])
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces on decode
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -347,25 +345,18 @@ def tiny_umt5_config(preset: WanPreset, vocab_size: int | None = None) -> UMT5Co
     )
 
 
-def build_tiny_text_encoder(
-    preset: WanPreset, seed: int = 0
-) -> tuple[UMT5EncoderModel, PreTrainedTokenizerFast]:
+def build_tiny_text_encoder(preset: WanPreset, seed: int = 0) -> tuple[UMT5EncoderModel, PreTrainedTokenizerFast]:
     """A randomly initialised tiny UMT5 encoder and the in-memory tokenizer for `preset`."""
     _require_tiny(preset, "UMT5-XXL text encoder")
     tokenizer = build_tiny_tokenizer(preset.text_encoder.max_length)
     if len(tokenizer) > preset.text_encoder.vocab_size:
-        raise MoeError(
-            f"tiny vocab has {len(tokenizer)} tokens but the preset's text encoder only "
-            f"{preset.text_encoder.vocab_size}"
-        )
+        raise MoeError(f"tiny vocab has {len(tokenizer)} tokens but the preset's text encoder only {preset.text_encoder.vocab_size}")
     config = tiny_umt5_config(preset)
     model = _seeded(seed, lambda: UMT5EncoderModel(config))
     return model.eval(), tokenizer
 
 
-def save_components(
-    out_dir: str | Path, preset: WanPreset, seed: int = 0, calibration: torch.Tensor | None = None
-) -> dict[str, Path]:
+def save_components(out_dir: str | Path, preset: WanPreset, seed: int = 0, calibration: torch.Tensor | None = None) -> dict[str, Path]:
     """Write a tiny preset's VAE, text encoder and tokenizer in the published diffusers layout
     (`out_dir/vae`, `out_dir/text_encoder`, `out_dir/tokenizer`, safetensors weights);
     `calibration` videos set the VAE's latent statistics (see `build_tiny_vae`).

@@ -54,8 +54,10 @@ def write_tiny_model_set(
     pretrain = PretrainConfig(steps=checked(PretrainSteps, pretrain_steps, "--pretrain_steps"), seed=seed)
     with claim_output(out, flag="--output_dir", overwrite=overwrite, is_ours=lambda p: (p / MODEL_SET_FILE).is_file(), folder=True):
         paths = save_components(out, preset, seed, calibration=_surgical_calibration_videos(seed))
-        experts = {"high_noise": build_random_transformer(preset, seed, torch.float32 if pretrain.steps else dtype),
-                   "low_noise": build_random_transformer(preset, seed + 1, torch.float32 if pretrain.steps else dtype)}
+        experts = {
+            "high_noise": build_random_transformer(preset, seed, torch.float32 if pretrain.steps else dtype),
+            "low_noise": build_random_transformer(preset, seed + 1, torch.float32 if pretrain.steps else dtype),
+        }
         record = None
         if pretrain.steps:
             record = _pretrain(experts, preset, pretrain, paths, progress)
@@ -83,7 +85,10 @@ def _pretrain(experts: dict, preset, cfg, paths: dict[str, Path], progress: bool
     from moe.tiny.pretrain import PRETRAIN_DATA_SEED, pretrain_experts
     from moe.wan.component_loaders import load_text_encoder, load_tokenizer, load_vae, tiny_vae_kwargs
 
-    components = (load_vae(paths["vae"], config=tiny_vae_kwargs(preset)), load_text_encoder(paths["text_encoder"]),
-                  load_tokenizer(paths["tokenizer"]))
+    components = (
+        load_vae(paths["vae"], config=tiny_vae_kwargs(preset)),
+        load_text_encoder(paths["text_encoder"]),
+        load_tokenizer(paths["tokenizer"]),
+    )
     losses = pretrain_experts(experts, preset, cfg, components, progress=progress)
     return cfg.model_dump(mode="json") | {"data_seed": PRETRAIN_DATA_SEED + cfg.seed, "losses": losses}

@@ -86,8 +86,9 @@ def _batch(data: dict, index: torch.Tensor) -> dict:
     return {k: v[index] for k, v in data.items()}
 
 
-def pretrain_dit(model, data: dict, preset, cfg: PretrainConfig, sigma_range: tuple[float, float], seed: int,
-                 desc: str = "pretrain", progress: bool = False) -> list[float]:
+def pretrain_dit(
+    model, data: dict, preset, cfg: PretrainConfig, sigma_range: tuple[float, float], seed: int, desc: str = "pretrain", progress: bool = False
+) -> list[float]:
     """Train all of `model`'s weights for `cfg.steps` steps (AdamW, one-cycle, gradient clip 1);
     returns the training losses. `seed` picks batches, sigmas and noise."""
     if cfg.steps == 0:
@@ -114,8 +115,9 @@ def pretrain_dit(model, data: dict, preset, cfg: PretrainConfig, sigma_range: tu
 
 
 @torch.no_grad()
-def flow_matching_loss(model, data: dict, preset, sigma_range: tuple[float, float], seed: int = 0,
-                       sigmas_per_clip: int = 4, shift: float = 5.0) -> float:
+def flow_matching_loss(
+    model, data: dict, preset, sigma_range: tuple[float, float], seed: int = 0, sigmas_per_clip: int = 4, shift: float = 5.0
+) -> float:
     """Mean loss of `model` on `data` at fixed (seeded) sigmas in `sigma_range` and fixed noise."""
     was_training = model.training
     model.eval()
@@ -143,8 +145,7 @@ def pretrain_experts(experts: dict, preset, cfg: PretrainConfig, components, pro
     with one_cpu_thread():
         data = synthetic_clips(cfg, preset, vae, text_encoder, tokenizer)
         for i, (name, model) in enumerate(experts.items()):
-            losses = pretrain_dit(model, data, preset, cfg, ranges[name], seed=cfg.seed * 2 + i, desc=f"pretrain {name}",
-                                  progress=progress)
+            losses = pretrain_dit(model, data, preset, cfg, ranges[name], seed=cfg.seed * 2 + i, desc=f"pretrain {name}", progress=progress)
             k = max(1, len(losses) // 10)
             record[name] = {"loss_first": float(np.mean(losses[:k])), "loss_last": float(np.mean(losses[-k:]))}
             model.eval()

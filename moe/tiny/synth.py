@@ -127,19 +127,12 @@ def _entry_point(pivot: Point, work: Point, width: int, height: int) -> Point:
     margin = 0.08 * min(width, height)
     lam = np.linspace(0.0, 1.0, 512)[:, None]
     points = np.asarray(pivot) + lam * (np.asarray(work) - np.asarray(pivot))
-    inside = (
-        (points[:, 0] >= margin)
-        & (points[:, 0] <= width - margin)
-        & (points[:, 1] >= margin)
-        & (points[:, 1] <= height - margin)
-    )
+    inside = (points[:, 0] >= margin) & (points[:, 0] <= width - margin) & (points[:, 1] >= margin) & (points[:, 1] <= height - margin)
     x, y = points[int(np.argmax(inside))]
     return float(x), float(y)
 
 
-def _plan_instrument(
-    kind: str, side: str, rng: np.random.Generator, width: int, height: int, frames: int
-) -> InstrumentPlan:
+def _plan_instrument(kind: str, side: str, rng: np.random.Generator, width: int, height: int, frames: int) -> InstrumentPlan:
     scale = min(width, height)
     pivot = _pivot(side, rng, width, height)
     work = (rng.uniform(0.35, 0.65) * width, rng.uniform(0.35, 0.65) * height)
@@ -182,10 +175,7 @@ def plan_clip(seed: int, index: int, primary: str, width: int, height: int, fram
         height=height,
         frames=frames,
         caption=_caption(kinds, rng),
-        instruments=tuple(
-            _plan_instrument(kind, str(side), rng, width, height, frames)
-            for kind, side in zip(kinds, sides)
-        ),
+        instruments=tuple(_plan_instrument(kind, str(side), rng, width, height, frames) for kind, side in zip(kinds, sides)),
         drift=(
             float(speed * math.cos(angle)),
             float(speed * math.sin(angle)),
@@ -212,8 +202,7 @@ def plan_dataset(clips: int, frames: int, size: tuple[int, int], seed: int) -> l
         raise MoeError(f"clips have at most {MAX_FRAMES} frames, got {frames}")
     if not (MIN_SIZE <= width <= MAX_SIDE and MIN_SIZE <= height <= MAX_SIDE) or width % 2 or height % 2:
         raise MoeError(
-            f"size must be even, at least {MIN_SIZE}x{MIN_SIZE} and at most {MAX_SIDE}x{MAX_SIDE} "
-            f"(H.264 needs even sizes), got {width}x{height}"
+            f"size must be even, at least {MIN_SIZE}x{MIN_SIZE} and at most {MAX_SIDE}x{MAX_SIDE} (H.264 needs even sizes), got {width}x{height}"
         )
     # Clip i depends only on (seed, i, size, frames): a larger set extends a smaller one.
     primaries = _primary_classes(clips, np.random.default_rng([seed, 1 << 30]))
@@ -355,14 +344,9 @@ def _motion(inst: InstrumentPlan, t: int, frames: int) -> tuple[np.ndarray, floa
     return target, opening
 
 
-def _jaws(
-    hinge: Vec, u: Vec, length: float, half_angle: float, r0: float, r1: float, color: Color, shine: float
-) -> list[Capsule]:
+def _jaws(hinge: Vec, u: Vec, length: float, half_angle: float, r0: float, r1: float, color: Color, shine: float) -> list[Capsule]:
     """Two tapered blades or jaws from a hinge, opened symmetrically about the shaft axis."""
-    return [
-        Capsule(hinge, hinge + _rotate(u, sign * half_angle) * length, r0, r1, color, shine)
-        for sign in (-1, 1)
-    ]
+    return [Capsule(hinge, hinge + _rotate(u, sign * half_angle) * length, r0, r1, color, shine) for sign in (-1, 1)]
 
 
 def _scissors(pivot: Vec, tip: Vec, u: Vec, n: Vec, opening: float, side: float, s: float) -> Pose:

@@ -54,9 +54,7 @@ class WorkflowPaths(BaseModel):
         )
 
 
-def merge_both_experts(
-    low: Path, high: Path, lora: Path, out_low: Path, out_high: Path, multiplier: float = 1.0, overwrite: bool = False
-) -> None:
+def merge_both_experts(low: Path, high: Path, lora: Path, out_low: Path, out_high: Path, multiplier: float = 1.0, overwrite: bool = False) -> None:
     """Merge one LoRA into the low- and high-noise DiTs concurrently (the merge is I/O bound and
     releases the GIL in reads, writes, hashing and matmuls)."""
     from moe.merge import merge_lora_into_checkpoint
@@ -96,8 +94,7 @@ def _run_stages(cfg: WorkflowConfig, task: str, log) -> dict:
     summary: dict = {"task": task, "output_dir": str(cfg.output_dir)}
 
     log(f"[1/7] tiny {task} model set -> {p.models}")
-    models = write_tiny_model_set(p.models, task, cfg.seed, overwrite=cfg.overwrite, pretrain_steps=cfg.pretrain_steps,
-                                  progress=cfg.progress)
+    models = write_tiny_model_set(p.models, task, cfg.seed, overwrite=cfg.overwrite, pretrain_steps=cfg.pretrain_steps, progress=cfg.progress)
     log(f"[2/7] synthetic surgical clips -> {p.data}")
     manifest = synthesize_dataset(p.data, clips=cfg.clips, frames=cfg.frames, size=cfg.size, seed=cfg.seed, overwrite=cfg.overwrite)
     summary["manifest"] = str(manifest)
@@ -105,8 +102,7 @@ def _run_stages(cfg: WorkflowConfig, task: str, log) -> dict:
         return summary
 
     log(f"[3/7] latent cache -> {p.cache}")
-    build_cache(manifest, p.cache, task, model_set=p.models, size=cfg.size, frames=cfg.frames, progress=cfg.progress,
-                overwrite=cfg.overwrite)
+    build_cache(manifest, p.cache, task, model_set=p.models, size=cfg.size, frames=cfg.frames, progress=cfg.progress, overwrite=cfg.overwrite)
     if last < STAGES.index("stage1"):
         return summary
 
@@ -122,8 +118,7 @@ def _run_stages(cfg: WorkflowConfig, task: str, log) -> dict:
         overwrite=cfg.overwrite,
     )
     m1 = train_stage1(stage1)
-    summary |= {"vanilla_lora": str(p.vanilla_lora), "stage1_val_loss_base": m1["val_loss_base"],
-                "stage1_val_loss_final": m1["val_loss_final"]}
+    summary |= {"vanilla_lora": str(p.vanilla_lora), "stage1_val_loss_base": m1["val_loss_base"], "stage1_val_loss_final": m1["val_loss_final"]}
     if last < STAGES.index("merge"):
         return summary
 
@@ -152,14 +147,27 @@ def _run_stages(cfg: WorkflowConfig, task: str, log) -> dict:
     log(f"[7/7] eval: base vs stage 1 vs stage 2, plots, samples, gate -> {p.eval}")
     report = evaluate(
         EvalConfig(
-            task=task, merged_dit=p.merged_low, merged_dit_high_noise=p.merged_high,
-            lora_moe_weights=p.stage2 / LORA_MOE_FILE, dataset=p.cache, output_dir=p.eval,
-            dit=models.low_noise, dit_high_noise=models.high_noise, model_set=p.models, manifest=manifest,
-            overwrite=True, progress=cfg.progress, **eval_options(cfg),
+            task=task,
+            merged_dit=p.merged_low,
+            merged_dit_high_noise=p.merged_high,
+            lora_moe_weights=p.stage2 / LORA_MOE_FILE,
+            dataset=p.cache,
+            output_dir=p.eval,
+            dit=models.low_noise,
+            dit_high_noise=models.high_noise,
+            model_set=p.models,
+            manifest=manifest,
+            overwrite=True,
+            progress=cfg.progress,
+            **eval_options(cfg),
         )
     )
-    headline = ["stage1_overall_improvement_over_base", "stage2_learned_roi_improvement_over_stage1",
-                "hint_correct_vs_wrong_roi_margin", "routing_top1_accuracy"]
+    headline = [
+        "stage1_overall_improvement_over_base",
+        "stage2_learned_roi_improvement_over_stage1",
+        "hint_correct_vs_wrong_roi_margin",
+        "routing_top1_accuracy",
+    ]
     headline += [f"knockout_{e}_own_class_roi_delta" for e in report.routing.experts]
     summary |= {"eval_report": str(p.eval / "report.md"), "gate_passed": report.gate.passed}
     summary |= {f"eval_{k}": report.metrics[k] for k in headline if k in report.metrics}

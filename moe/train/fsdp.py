@@ -116,8 +116,7 @@ def shard_frozen_dits(dits, trainable: nn.Module, accelerator) -> str:
     for model in dits:
         ignored = {p for p in model.parameters() if id(p) in keep}
         for block in model.blocks:
-            fully_shard(block, mesh=mesh, reshard_after_forward=True,
-                        ignored_params={p for p in block.parameters() if id(p) in keep})
+            fully_shard(block, mesh=mesh, reshard_after_forward=True, ignored_params={p for p in block.parameters() if id(p) in keep})
         fully_shard(model, mesh=mesh, reshard_after_forward=True, ignored_params=ignored)  # buffers stay whole
     dits.device = device
     local = bytes_per_process(dits)

@@ -87,8 +87,15 @@ class TrainProgress:
         self.processes = processes
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "expert": self.expert, "batch": self.batch,
-                "epoch_loss": self.epoch_loss, "epoch_steps": self.epoch_steps, "processes": self.processes}
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "expert": self.expert,
+            "batch": self.batch,
+            "epoch_loss": self.epoch_loss,
+            "epoch_steps": self.epoch_steps,
+            "processes": self.processes,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.step, self.expert = int(state["epoch"]), int(state["step"]), state.get("expert")
@@ -186,9 +193,16 @@ class _Run:
         self.noise_g: torch.Generator | None = None  # this process's noise stream of the current epoch
 
     def save(self, target: Path) -> None:
-        save_training_state(target, self.accelerator, self.module, self.optimizer, self.scheduler,
-                            self.progress.state_dict(), self.groups,
-                            generators={"noise": self.noise_g} if self.noise_g is not None else None)
+        save_training_state(
+            target,
+            self.accelerator,
+            self.module,
+            self.optimizer,
+            self.scheduler,
+            self.progress.state_dict(),
+            self.groups,
+            generators={"noise": self.noise_g} if self.noise_g is not None else None,
+        )
 
     def stop(self, what: str, epoch: int, window: list[MicroBatch]) -> None:
         """Save the state as it was before this optimizer step (the weights are untouched), then
@@ -286,8 +300,7 @@ class _Checkpoints:
             self.run.save(state)
             self.saved(state)
         if stop:
-            where = (f"{progress.batch} micro-batches into epoch {progress.epoch + 1}" if progress.batch
-                     else f"after epoch {progress.epoch}")
+            where = f"{progress.batch} micro-batches into epoch {progress.epoch + 1}" if progress.batch else f"after epoch {progress.epoch}"
             self.log.write("stopped", state=state.name, epoch=progress.epoch, step=progress.step, batch=progress.batch)
             raise TrainingStopped(
                 f"training stopped by SIGTERM at step {progress.step} ({where}); its state is saved to {state}: run the "
@@ -295,8 +308,7 @@ class _Checkpoints:
             )
 
 
-def run_training(cfg: TrainConfig, module: TrainingModule, accelerator, index: CacheIndex, run_name: str,
-                 sampler=None) -> dict:
+def run_training(cfg: TrainConfig, module: TrainingModule, accelerator, index: CacheIndex, run_name: str, sampler=None) -> dict:
     """Train `module` on the cache `index` (`cfg.dataset`, opened once by the stage's recipe);
     returns the metrics written to metrics.json. `sampler` (`moe.train.sampling.TrainingSampler`):
     samples at its schedule's points. Read top to bottom: setup, one epoch at a time, finish."""
@@ -346,14 +358,24 @@ class TrainingLoop:
         accelerator.print(self.inner.dits.memory_plan())
 
         self.bar = progress_bar(  # tqdm on a terminal, a line every 10% / 30 s in a log
-            total=total_steps, initial=progress.step, desc=run_name, unit="step",
+            total=total_steps,
+            initial=progress.step,
+            desc=run_name,
+            unit="step",
             disable=not (cfg.progress and accelerator.is_local_main_process),
             mininterval=0.1 if sys.stderr.isatty() else 10.0,  # a log file gets a line every 10 s
         )
         self.started, self.swaps_before = time.monotonic(), self.inner.dits.swaps
         self.log = TrainLog(out / TRAIN_LOG_FILE, accelerator.is_main_process)
-        self.log.write("start", run=run_name, step=progress.step, epoch=progress.epoch, batch=progress.batch,
-                       total_steps=total_steps, max_epochs=cfg.max_train_epochs)
+        self.log.write(
+            "start",
+            run=run_name,
+            step=progress.step,
+            epoch=progress.epoch,
+            batch=progress.batch,
+            total_steps=total_steps,
+            max_epochs=cfg.max_train_epochs,
+        )
         self.checkpoints = _Checkpoints(cfg, self.run, self.log, _StopRequest())
 
     def _resume(self, groups) -> None:
@@ -366,8 +388,10 @@ class TrainingLoop:
         if self.skip and progress.processes == accelerator.num_processes:
             self.noise_state = read_generator_state(state, accelerator.process_index, "noise")
             if self.noise_state is None:
-                raise MoeError(f"{state} was saved mid-epoch without process {accelerator.process_index}'s noise "
-                               "generator: it cannot continue exactly; delete it to resume from the state before")
+                raise MoeError(
+                    f"{state} was saved mid-epoch without process {accelerator.process_index}'s noise "
+                    "generator: it cannot continue exactly; delete it to resume from the state before"
+                )
         elif self.skip:  # another number of processes (warned): the same share of the epoch, in whole windows
             accum = cfg.gradient_accumulation_steps
             self.skip = self.skip * progress.processes // accelerator.num_processes // accum * accum
@@ -381,8 +405,9 @@ class TrainingLoop:
         module.train()
         epoch_loss = torch.tensor(progress.epoch_loss, device=accelerator.device)  # 0 unless resumed mid-epoch
         epoch_steps = progress.epoch_steps
-        plan, end_expert = plan_epoch(self.dataset.entries, cfg, epoch, accelerator.num_processes,
-                                      accelerator.process_index, inner.dits.expert_for, progress.expert)
+        plan, end_expert = plan_epoch(
+            self.dataset.entries, cfg, epoch, accelerator.num_processes, accelerator.process_index, inner.dits.expert_for, progress.expert
+        )
         noise_g = run.noise_g = noise_generator(cfg, epoch, accelerator.process_index)
         if self.noise_state is not None:  # resumed mid-epoch: where this process's noise stream stood
             noise_g.set_state(self.noise_state)
@@ -422,9 +447,13 @@ class TrainingLoop:
             bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch + 1, refresh=False)  # drawn at the bar's interval
             if progress.step % cfg.log_every_n_steps == 0:
                 logs = {f"train/{k}": float(v.detach()) for k, v in parts.items()}
-                logs |= {"train/lr": scheduler.get_last_lr()[0], "train/sigma": mb.sigma,
-                         f"train/loss_{mb.expert}_noise": float(loss.detach()), "train/grad_norm": float(grad_norm),
-                         "train/dit_swaps": inner.dits.swaps}
+                logs |= {
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/sigma": mb.sigma,
+                    f"train/loss_{mb.expert}_noise": float(loss.detach()),
+                    "train/grad_norm": float(grad_norm),
+                    "train/dit_swaps": inner.dits.swaps,
+                }
                 accelerator.log(logs, step=progress.step)
                 log.write("step", step=progress.step, total_steps=self.total_steps, epoch=epoch + 1, **logs)
             if i + 1 < len(plan):  # the epoch's last step is handled after its end, below
@@ -440,8 +469,15 @@ class TrainingLoop:
         if saved:
             _save_checkpoint(run, progress.epoch)
             self.checkpoints.saved(self.out / state_name(progress.epoch))
-        log.write("epoch", epoch=progress.epoch, max_epochs=cfg.max_train_epochs, step=progress.step,
-                  total_steps=self.total_steps, loss=float(epoch_loss) / max(epoch_steps, 1), saved_state=saved)
+        log.write(
+            "epoch",
+            epoch=progress.epoch,
+            max_epochs=cfg.max_train_epochs,
+            step=progress.step,
+            total_steps=self.total_steps,
+            loss=float(epoch_loss) / max(epoch_steps, 1),
+            saved_state=saved,
+        )
         self.checkpoints.at_step_boundary(epoch_loss.new_zeros(()), 0, self.out / state_name(progress.epoch) if saved else None)
 
     def finish(self) -> dict:
@@ -522,10 +558,20 @@ def load_dits(cfg: TrainConfig, accelerator, free_bytes: int | None = None) -> D
     # With --fsdp the experts stay on the host until `shard_frozen_dits` moves each block's shard
     # to the device: a process never holds a whole expert there.
     dits = DualDiT.load(
-        cfg.preset, cfg.dit, cfg.dit_high_noise, cfg.boundary, _dit_dtype(cfg),
-        "cpu" if cfg.fsdp else accelerator.device, "never" if cfg.fsdp else cfg.offload_inactive_dit,
-        int(cfg.placement_headroom_gib * GiB), free_bytes, fp8=cfg.fp8, blocks_to_swap=cfg.blocks_to_swap,
-        compile=cfg.compile, compile_mode=cfg.compile_mode, attention_backend=cfg.attention_backend,
+        cfg.preset,
+        cfg.dit,
+        cfg.dit_high_noise,
+        cfg.boundary,
+        _dit_dtype(cfg),
+        "cpu" if cfg.fsdp else accelerator.device,
+        "never" if cfg.fsdp else cfg.offload_inactive_dit,
+        int(cfg.placement_headroom_gib * GiB),
+        free_bytes,
+        fp8=cfg.fp8,
+        blocks_to_swap=cfg.blocks_to_swap,
+        compile=cfg.compile,
+        compile_mode=cfg.compile_mode,
+        attention_backend=cfg.attention_backend,
     )
     if cfg.gradient_checkpointing:
         dits.enable_gradient_checkpointing()

@@ -24,8 +24,16 @@ from moe.train.state_names import latest_state
 
 # What a run writes into its folder besides the weights file (see `moe.train.loop`);
 # `state-epoch-*` covers the step states too (`state-epoch-N-step-S`, `moe.train.state_names`).
-RUN_PATTERNS = ("{run}_config.json", METRICS_FILE, TRAIN_LOG_FILE, "checkpoint-epoch-*.safetensors", "state-epoch-*",
-                "state-nonfinite-step-*", "logs/{run}", "samples")
+RUN_PATTERNS = (
+    "{run}_config.json",
+    METRICS_FILE,
+    TRAIN_LOG_FILE,
+    "checkpoint-epoch-*.safetensors",
+    "state-epoch-*",
+    "state-nonfinite-step-*",
+    "logs/{run}",
+    "samples",
+)
 
 
 def is_main_process() -> bool:
@@ -64,8 +72,7 @@ def check_resume_state(output_dir: Path) -> None:
                 json.loads(file.read_text())
         except (MoeError, ValueError) as e:
             raise MoeError(
-                f"cannot resume from {state}: {e}. Delete {state.name} to resume from the one before, "
-                "or start again with --overwrite"
+                f"cannot resume from {state}: {e}. Delete {state.name} to resume from the one before, or start again with --overwrite"
             ) from None
 
 
@@ -80,7 +87,12 @@ def claim_run_dir(cfg: TrainConfig, run: str, weights_file: str) -> Iterator[Non
     out = cfg.output_dir
     inputs = {"--dit": cfg.dit, "--dit_high_noise": cfg.dit_high_noise, "--dataset": cfg.dataset}
     claim = claim_output(
-        out, flag="--output_dir", inputs=inputs, overwrite=cfg.overwrite, reuse=cfg.resume, folder=True,
+        out,
+        flag="--output_dir",
+        inputs=inputs,
+        overwrite=cfg.overwrite,
+        reuse=cfg.resume,
+        folder=True,
         is_ours=lambda p: holds_run(p, run),
         hint="pass --resume to continue it, --overwrite to replace it, or choose another --output_dir",
     )

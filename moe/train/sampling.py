@@ -87,8 +87,17 @@ _NAME = re.compile(r"e(\d{4,})-s(\d{6,})-p(\d{2,})\.mp4")
 
 # The prompt-line options: musubi's letter -> its prompt-dict key (the key of .toml/.json forms).
 LINE_OPTIONS = {
-    "w": "width", "h": "height", "f": "frame_count", "d": "seed", "s": "sample_steps", "g": "guidance_scale",
-    "l": "cfg_scale", "fs": "discrete_flow_shift", "n": "negative_prompt", "i": "image_path", "hint": "instrument_hint",
+    "w": "width",
+    "h": "height",
+    "f": "frame_count",
+    "d": "seed",
+    "s": "sample_steps",
+    "g": "guidance_scale",
+    "l": "cfg_scale",
+    "fs": "discrete_flow_shift",
+    "n": "negative_prompt",
+    "i": "image_path",
+    "hint": "instrument_hint",
 }
 KEYS = {key: f"--{letter}" for letter, key in LINE_OPTIONS.items()}
 UNSUPPORTED = {"ei": "an end image", "cn": "a control video", "ci": "a control image", "of": "one-frame inference"}
@@ -96,9 +105,14 @@ UNSUPPORTED = {"ei": "an end image", "cn": "a control video", "ci": "a control i
 _Int = lambda lo, hi: Annotated[int, Field(ge=lo, le=hi)]  # noqa: E731
 _Float = lambda **bounds: Annotated[float, Field(allow_inf_nan=False, **bounds)]  # noqa: E731
 _TYPES = {
-    "width": _Int(2, MAX_SIDE), "height": _Int(2, MAX_SIDE), "frame_count": _Int(1, MAX_FRAMES),
-    "seed": _Int(0, SEED_MAX), "sample_steps": _Int(1, 1000), "guidance_scale": _Float(ge=0, le=100),
-    "cfg_scale": _Float(ge=0, le=100), "discrete_flow_shift": _Float(gt=0, le=100),
+    "width": _Int(2, MAX_SIDE),
+    "height": _Int(2, MAX_SIDE),
+    "frame_count": _Int(1, MAX_FRAMES),
+    "seed": _Int(0, SEED_MAX),
+    "sample_steps": _Int(1, 1000),
+    "guidance_scale": _Float(ge=0, le=100),
+    "cfg_scale": _Float(ge=0, le=100),
+    "discrete_flow_shift": _Float(gt=0, le=100),
 }
 
 
@@ -144,8 +158,9 @@ def read_sample_prompts(path: str | Path) -> list[SamplePrompt]:
     elif suffix == ".json":
         entries = _json_entries(path, text)
     else:
-        entries = [(f"{path}, line {n}", line.strip()) for n, line in enumerate(text.splitlines(), 1)
-                   if line.strip() and not line.strip().startswith("#")]
+        entries = [
+            (f"{path}, line {n}", line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip() and not line.strip().startswith("#")
+        ]
     prompts = []
     for where, entry in entries:
         style = "line" if isinstance(entry, str) else "table"
@@ -164,8 +179,10 @@ def _toml_entries(path: Path, text: str) -> list[tuple[str, Any]]:
     table = data.get("prompt")
     subsets = table.get("subset") if isinstance(table, dict) else None
     if not isinstance(subsets, list) or not subsets or set(data) != {"prompt"}:
-        raise MoeError(f"--sample_prompts {path}: expected musubi-tuner's form, a [prompt] table of shared keys and "
-                       "one [[prompt.subset]] table per prompt (and nothing else)")
+        raise MoeError(
+            f"--sample_prompts {path}: expected musubi-tuner's form, a [prompt] table of shared keys and "
+            "one [[prompt.subset]] table per prompt (and nothing else)"
+        )
     shared = {k: v for k, v in table.items() if k != "subset"}
     entries = []
     for n, subset in enumerate(subsets, 1):
@@ -198,8 +215,7 @@ def _line_values(where: str, line: str) -> dict[str, str]:
         match = re.fullmatch(r"([A-Za-z]+)(?:\s+(.*))?", piece.strip(), re.S)
         letter = match.group(1).lower() if match else None
         if letter in UNSUPPORTED:
-            raise MoeError(f"{where}: --{letter} ({UNSUPPORTED[letter]}) is a musubi-tuner option Wan2.2 sampling here "
-                           "does not use; remove it")
+            raise MoeError(f"{where}: --{letter} ({UNSUPPORTED[letter]}) is a musubi-tuner option Wan2.2 sampling here does not use; remove it")
         if letter not in LINE_OPTIONS:
             known = " ".join(f"--{k}" for k in LINE_OPTIONS)
             raise MoeError(f"{where}: unknown option --{piece.strip().split(' ')[0]}; the options are {known}")
@@ -237,17 +253,28 @@ def _prompt(index: int, where: str, values: dict, style: str, folder: Path) -> S
             raise MoeError(f"{where}: {spelled.get(key, key)} must be text, got {values[key]!r}")
     guidance = {k: checked[k] for k in ("guidance_scale", "cfg_scale") if k in checked}
     if len(set(guidance.values())) > 1:
-        raise MoeError(f"{where}: {spelled.get('guidance_scale', 'guidance_scale')} and {spelled.get('cfg_scale', 'cfg_scale')} "
-                       "are the same CFG scale here; give one of them")
+        raise MoeError(
+            f"{where}: {spelled.get('guidance_scale', 'guidance_scale')} and {spelled.get('cfg_scale', 'cfg_scale')} "
+            "are the same CFG scale here; give one of them"
+        )
     image = None
     if values.get("image_path"):
         image = Path(values["image_path"]).expanduser()
         image = image if image.is_absolute() else folder / image
     return SamplePrompt(
-        index=index, where=where, prompt=prompt.strip(), width=checked.get("width"), height=checked.get("height"),
-        frames=checked.get("frame_count"), seed=checked.get("seed"), steps=checked.get("sample_steps"),
-        guidance=next(iter(guidance.values()), None), flow_shift=checked.get("discrete_flow_shift"),
-        negative_prompt=values.get("negative_prompt", ""), image=image, hint=values.get("instrument_hint") or None,
+        index=index,
+        where=where,
+        prompt=prompt.strip(),
+        width=checked.get("width"),
+        height=checked.get("height"),
+        frames=checked.get("frame_count"),
+        seed=checked.get("seed"),
+        steps=checked.get("sample_steps"),
+        guidance=next(iter(guidance.values()), None),
+        flow_shift=checked.get("discrete_flow_shift"),
+        negative_prompt=values.get("negative_prompt", ""),
+        image=image,
+        hint=values.get("instrument_hint") or None,
         style=style,
     )
 
@@ -255,8 +282,9 @@ def _prompt(index: int, where: str, values: dict, style: str, folder: Path) -> S
 # -- the checks before anything is loaded --------------------------------------------------------
 
 
-def check_sampling(cfg, size: tuple[int, int], frames: int, experts: tuple[str, ...] | None = None,
-                   unhinted_routing: str | None = "learned") -> list[SamplePrompt] | None:
+def check_sampling(
+    cfg, size: tuple[int, int], frames: int, experts: tuple[str, ...] | None = None, unhinted_routing: str | None = "learned"
+) -> list[SamplePrompt] | None:
     """The prompts of `cfg.sample_prompts` checked against the task and the stage, with every
     default filled in (`size`, `frames`: the cache's), before any model is loaded; None without
     samples. `experts`: stage 2's (a `--hint` must name one; stage 1 ignores hints, warned);
@@ -267,8 +295,10 @@ def check_sampling(cfg, size: tuple[int, int], frames: int, experts: tuple[str, 
     if cfg.sample_prompts is None:
         return None
     if cfg.fsdp:
-        raise MoeError("--sample_prompts with --fsdp is not supported yet (a sharded DiT runs only with every process "
-                       "taking part, and samples run on the main process alone); drop one of them")
+        raise MoeError(
+            "--sample_prompts with --fsdp is not supported yet (a sharded DiT runs only with every process "
+            "taking part, and samples run on the main process alone); drop one of them"
+        )
     prompts = read_sample_prompts(cfg.sample_prompts)
     try:
         _, paths = resolve_component_paths(cfg.vae, cfg.text_encoder, cfg.tokenizer, cfg.model_set, cfg.task)
@@ -292,8 +322,10 @@ def check_sampling(cfg, size: tuple[int, int], frames: int, experts: tuple[str, 
         if preset.i2v and p.image is None:
             raise MoeError(f"{p.where}: task {cfg.task} is image-to-video: give the first frame ({p.name('image_path')} IMAGE)")
         if not preset.i2v and p.image is not None:
-            raise MoeError(f"{p.where}: {p.name('image_path')} is the first frame of an image-to-video task (musubi-tuner's "
-                           f"meaning) and {cfg.task} is text-to-video; an instrument hint is --hint NAME")
+            raise MoeError(
+                f"{p.where}: {p.name('image_path')} is the first frame of an image-to-video task (musubi-tuner's "
+                f"meaning) and {cfg.task} is text-to-video; an instrument hint is --hint NAME"
+            )
         if p.image is not None and not p.image.is_file():
             raise MoeError(f"{p.where}: the image {p.image} does not exist")
         hint = p.hint
@@ -303,14 +335,23 @@ def check_sampling(cfg, size: tuple[int, int], frames: int, experts: tuple[str, 
         elif hint is not None and hint not in experts:
             raise MoeError(f"{p.where}: {p.name('instrument_hint')} {hint}: not an expert of this run ({', '.join(experts)})")
         elif hint is None and experts is not None and unhinted_routing is None:
-            raise MoeError(f"{p.where}: this stage-2 run does not train its router (--routing_mode "
-                           f"{getattr(cfg, 'routing_mode', '?')}, --train_router {getattr(cfg, 'train_router', '?')}), so "
-                           f"a sample needs an instrument hint: add --hint NAME ({', '.join(experts)})")
-        filled.append(replace(p, width=width, height=height, frames=count, seed=cfg.seed if p.seed is None else p.seed,
-                              steps=p.steps or DEFAULT_STEPS, hint=hint))
+            raise MoeError(
+                f"{p.where}: this stage-2 run does not train its router (--routing_mode "
+                f"{getattr(cfg, 'routing_mode', '?')}, --train_router {getattr(cfg, 'train_router', '?')}), so "
+                f"a sample needs an instrument hint: add --hint NAME ({', '.join(experts)})"
+            )
+        filled.append(
+            replace(
+                p, width=width, height=height, frames=count, seed=cfg.seed if p.seed is None else p.seed, steps=p.steps or DEFAULT_STEPS, hint=hint
+            )
+        )
     if hints_ignored:
-        warnings.warn(f"--sample_prompts: stage 1 has no experts, the instrument hints are ignored ({hints_ignored[0]}"
-                      + (f" and {len(hints_ignored) - 1} more" if len(hints_ignored) > 1 else "") + ")", stacklevel=2)
+        warnings.warn(
+            f"--sample_prompts: stage 1 has no experts, the instrument hints are ignored ({hints_ignored[0]}"
+            + (f" and {len(hints_ignored) - 1} more" if len(hints_ignored) > 1 else "")
+            + ")",
+            stacklevel=2,
+        )
     return filled
 
 
@@ -404,6 +445,7 @@ def resident_experts(dits) -> Iterator[None]:
     def resident(name: str):
         def hook(module, args) -> None:
             dits.get(name)
+
         return hook
 
     handles = [model.register_forward_pre_hook(resident(name)) for name, model in dits.models.items()]
@@ -511,8 +553,7 @@ class TrainingSampler:
         writer = _tensorboard(accelerator)
         self.vae.to(device)
         try:
-            with preserved_rng(), inference_mode_of([module, *dits]), resident_experts(dits), torch.no_grad(), \
-                    accelerator.autocast():
+            with preserved_rng(), inference_mode_of([module, *dits]), resident_experts(dits), torch.no_grad(), accelerator.autocast():
                 for p in prompts:
                     started = time.monotonic()
                     enc = self.encoded[p.index]
@@ -521,16 +562,34 @@ class TrainingSampler:
                     routing = module.sample_routing((cond, mask), p.hint)
                     with routing_hooks(list(dits), routing) if routing is not None else contextlib.nullcontext():
                         frames = run_pipeline(
-                            pipe, preset, cond, uncond, size=(p.width, p.height), frames=p.frames, steps=p.steps,
-                            seed=p.seed, device=device, guidance_low=p.guidance, guidance_high=p.guidance,
-                            image=enc.image, routing=routing,
+                            pipe,
+                            preset,
+                            cond,
+                            uncond,
+                            size=(p.width, p.height),
+                            frames=p.frames,
+                            steps=p.steps,
+                            seed=p.seed,
+                            device=device,
+                            guidance_low=p.guidance,
+                            guidance_high=p.guidance,
+                            image=enc.image,
+                            routing=routing,
                         )
                     path = write_video(sample_file(self.out, epoch, step, p.index), frames, SAMPLE_FPS)
                     if writer is not None:
                         _add_video(writer, f"samples/p{p.index:02d}", frames, SAMPLE_FPS, step)
                         writer.add_text(f"samples/p{p.index:02d}/prompt", p.prompt + (f" (hint: {p.hint})" if p.hint else ""), step)
-                    log.write("sample", epoch=epoch, step=step, prompt_index=p.index, prompt=p.prompt, hint=p.hint,
-                              file=f"{SAMPLES_DIR}/{path.name}", seconds=round(time.monotonic() - started, 2))
+                    log.write(
+                        "sample",
+                        epoch=epoch,
+                        step=step,
+                        prompt_index=p.index,
+                        prompt=p.prompt,
+                        hint=p.hint,
+                        file=f"{SAMPLES_DIR}/{path.name}",
+                        seconds=round(time.monotonic() - started, 2),
+                    )
             if writer is not None:
                 writer.flush()
         finally:

@@ -58,8 +58,10 @@ class Stage1Module(TrainingModule):
 
     @torch.no_grad()
     def evaluate(self, items, cfg):
-        variants = {"base": dit_variant(self.dits, self.cfg.preset.i2v, adapters=False),
-                    "final": dit_variant(self.dits, self.cfg.preset.i2v, adapters=True)}
+        variants = {
+            "base": dit_variant(self.dits, self.cfg.preset.i2v, adapters=False),
+            "final": dit_variant(self.dits, self.cfg.preset.i2v, adapters=True),
+        }
         m = measure(items, cfg.val_sigmas, variants, self.dits, cfg.seed)
         return {
             "val_loss_base": m.mean("base"),

@@ -86,15 +86,17 @@ def check_experts(cfg: Stage2Config, label_classes: tuple[str, ...]) -> None:
     names, classes = tuple(cfg.expert_names), tuple(label_classes)
     listed = f"--expert_names {','.join(names)}"
     if cfg.num_experts != len(names):
-        raise MoeError(f"--num_experts {cfg.num_experts} but {listed} names {len(names)}; the cache's label classes are "
-                       f"{', '.join(classes)} (one expert each)")
+        raise MoeError(
+            f"--num_experts {cfg.num_experts} but {listed} names {len(names)}; the cache's label classes are {', '.join(classes)} (one expert each)"
+        )
     if len(set(names)) != len(names):
         raise MoeError(f"{listed} names an expert twice")
     if set(names) != set(classes):
         missing, unknown = [c for c in classes if c not in names], [n for n in names if n not in classes]
         raise MoeError(
             f"{listed} must name the cache's label classes ({', '.join(classes)}), one expert each, in any order"
-            + (f"; missing: {', '.join(missing)}" if missing else "") + (f"; not a label class: {', '.join(unknown)}" if unknown else "")
+            + (f"; missing: {', '.join(missing)}" if missing else "")
+            + (f"; not a label class: {', '.join(unknown)}" if unknown else "")
         )
 
 
@@ -120,8 +122,7 @@ class Stage2Module(TrainingModule):
         self.rho = 0.0
         # The routed forward (shared with `lora-moe eval`); a plain object, so the router and
         # gates stay registered here only.
-        self.routed = RoutedDiT(dits, self.router, self.timestep_gate, self.state, self.experts, cfg.top_k, cfg.preset.i2v,
-                                self.label_classes)
+        self.routed = RoutedDiT(dits, self.router, self.timestep_gate, self.state, self.experts, cfg.top_k, cfg.preset.i2v, self.label_classes)
 
     # --- routing ---------------------------------------------------------------------------
     def teacher(self, batch: dict) -> torch.Tensor:
@@ -160,8 +161,14 @@ class Stage2Module(TrainingModule):
 
     def save_weights(self, path: Path) -> None:
         write_lora_moe_file(
-            path, self.adapters, self.router, self.timestep_gate, experts=self.experts, targets=self.spec,
-            task=self.cfg.task, merged_dits=self.merged_dits,
+            path,
+            self.adapters,
+            self.router,
+            self.timestep_gate,
+            experts=self.experts,
+            targets=self.spec,
+            task=self.cfg.task,
+            merged_dits=self.merged_dits,
             extra_metadata={"lora_moe.routing_mode": self.cfg.routing_mode, "lora_moe.router_trained": str(self.router_trained).lower()},
         )
 
@@ -223,5 +230,10 @@ def train_stage2(cfg: Stage2Config) -> dict:
 def stage2_summary(metrics: dict) -> str:
     from moe.runtime.progress import metrics_line  # `name value, ...` with 4 significant digits, not a JSON dump
 
-    return metrics_line({k: metrics[k] for k in ("routing_accuracy", "roi_loss_correct_hint", "roi_loss_wrong_hint",
-                                                 "val_loss_stage1", "val_loss_stage2") if k in metrics})
+    return metrics_line(
+        {
+            k: metrics[k]
+            for k in ("routing_accuracy", "roi_loss_correct_hint", "roi_loss_wrong_hint", "val_loss_stage1", "val_loss_stage2")
+            if k in metrics
+        }
+    )

@@ -77,8 +77,16 @@ def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
 
 
-def save_training_state(target: Path, accelerator, module, optimizer, scheduler, progress: dict, groups: list[list[str]],
-                        generators: dict[str, torch.Generator] | None = None) -> None:
+def save_training_state(
+    target: Path,
+    accelerator,
+    module,
+    optimizer,
+    scheduler,
+    progress: dict,
+    groups: list[list[str]],
+    generators: dict[str, torch.Generator] | None = None,
+) -> None:
     """Write the state of every process into `target` (called on every process); `generators`:
     this process's own generators, read back with `read_generator_state`."""
     tensors, plain = rng_state()
@@ -101,8 +109,10 @@ def save_training_state(target: Path, accelerator, module, optimizer, scheduler,
             "num_processes": accelerator.num_processes,
             "progress": progress,
             "parameter_groups": groups,
-            "optimizer": {"param_groups": _json_value(opt["param_groups"], "optimizer's groups"),
-                          "scalars": _json_value(opt_scalars, "optimizer's state")},
+            "optimizer": {
+                "param_groups": _json_value(opt["param_groups"], "optimizer's groups"),
+                "scalars": _json_value(opt_scalars, "optimizer's state"),
+            },
             "scheduler": _json_value(scheduler.state_dict(), "scheduler's state"),
             "scaler": _json_value(scaler.state_dict(), "gradient scaler's state") if scaler is not None else None,
         }
@@ -176,7 +186,8 @@ def load_training_state(source: Path, accelerator, module, optimizer, scheduler,
     if saved_processes != accelerator.num_processes and accelerator.is_main_process:
         warnings.warn(
             f"{source} was written by {saved_processes} processes and is resumed by {accelerator.num_processes}: "
-            "training continues, but not exactly as an uninterrupted run would", stacklevel=2,
+            "training continues, but not exactly as an uninterrupted run would",
+            stacklevel=2,
         )
     if rank < saved_processes:
         set_rng_state(_read_tensors(source / f"rng-{rank}.safetensors", source), _read_json(source / f"rng-{rank}.json", source))

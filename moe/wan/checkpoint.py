@@ -108,11 +108,7 @@ def guess_dit_config(shapes: dict[str, tuple[int, ...]]) -> str:
         ffn = shapes["blocks.0.ffn.0.weight"][0]
     except (KeyError, ValueError, IndexError):
         return "an unrecognised architecture"
-    matches = [
-        name
-        for name, p in PRESETS.items()
-        if (p.dit.num_layers, p.dit.dim, p.dit.in_channels, p.dit.ffn_dim) == (layers, dim, in_ch, ffn)
-    ]
+    matches = [name for name, p in PRESETS.items() if (p.dit.num_layers, p.dit.dim, p.dit.in_channels, p.dit.ffn_dim) == (layers, dim, in_ch, ffn)]
     arch = f"{layers} layers, dim {dim}, {in_ch} input channels, ffn {ffn}"
     return arch + (f" (preset {' or '.join(matches)})" if matches else " (no preset matches)")
 
@@ -234,8 +230,11 @@ def load_transformer(
             scale = scales.get(key)
             module = model.get_submodule(module_path)
             if module_path in fp8_layers and attr == "weight":
-                module.set_weight(*(  # an fp8 file's weight is kept as stored
-                    (tensor, scale) if tensor.dtype == FP8_DTYPE else quantize_weight(tensor, fp8 == "fp8_scaled")))
+                module.set_weight(
+                    *(  # an fp8 file's weight is kept as stored
+                        (tensor, scale) if tensor.dtype == FP8_DTYPE else quantize_weight(tensor, fp8 == "fp8_scaled")
+                    )
+                )
                 continue
             target = torch.float32 if any(part in keep for part in f"{module_path}.{attr}".split(".")) else dtype
             if is_fp8(tensor):

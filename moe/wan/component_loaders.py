@@ -110,9 +110,7 @@ def _read_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _validate_state_dict(
-    expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], path: Path, what: str
-) -> None:
+def _validate_state_dict(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], path: Path, what: str) -> None:
     """Raise a MoeError listing missing / unexpected / mis-shaped keys, instead of letting
     `load_state_dict` fail (or, on meta tensors, fail much later)."""
     problems = key_set_problems({k: tuple(v.shape) for k, v in expected.items()}, {k: tuple(v.shape) for k, v in got.items()})
@@ -120,15 +118,12 @@ def _validate_state_dict(
         raise MoeError(f"{path} is not a matching {what} checkpoint; " + "; ".join(problems))
 
 
-def _load_component_folder(path: Path, subfolder: str, what: str, config_field: str, expected: str,
-                           expected_text: str, from_pretrained):
+def _load_component_folder(path: Path, subfolder: str, what: str, config_field: str, expected: str, expected_text: str, from_pretrained):
     """A diffusers component folder (`path` itself or `path/subfolder`), its config.json checked
     for the right kind before diffusers/transformers reads it; errors name the folder."""
     folder = _component_dir(path, subfolder, "config.json")
     if folder is None:
-        raise MoeError(
-            f"{path} is neither a diffusers {subfolder}/ folder (with config.json) nor a model folder holding one"
-        )
+        raise MoeError(f"{path} is neither a diffusers {subfolder}/ folder (with config.json) nor a model folder holding one")
     found = _read_json(folder / "config.json").get(config_field)
     if found != expected:
         raise MoeError(f"{folder} holds a {found!r} config, expected {expected_text}")
@@ -138,9 +133,7 @@ def _load_component_folder(path: Path, subfolder: str, what: str, config_field: 
         raise MoeError(f"cannot load the {what} from {folder}: {e}") from None
 
 
-def _materialise(
-    build: Callable[[], torch.nn.Module], state_dict: dict, path: Path, what: str, dtype: torch.dtype
-):
+def _materialise(build: Callable[[], torch.nn.Module], state_dict: dict, path: Path, what: str, dtype: torch.dtype):
     """Build the model on the meta device (no memory, no random init: UMT5-XXL alone is 23 GB
     in fp32), validate the state dict against it, then adopt the checkpoint's tensors cast to
     `dtype` (casting tensors, not the model, keeps one copy and avoids diffusers' `.to()`
@@ -167,9 +160,7 @@ def _vae_state_dict_to_diffusers(sd: dict, path: Path) -> dict:
     )
 
 
-def load_vae(
-    path: str | Path, dtype: torch.dtype = torch.float32, config: Mapping | None = None
-) -> AutoencoderKLWan:
+def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, config: Mapping | None = None) -> AutoencoderKLWan:
     """Load a Wan VAE from a diffusers `vae/` folder (or the model root holding it) or from a
     single original file such as `Wan2.1_VAE.pth`.
 
@@ -180,7 +171,12 @@ def load_vae(
     path = Path(path)
     if path.is_dir():
         return _load_component_folder(
-            path, "vae", "Wan VAE", "_class_name", "AutoencoderKLWan", "AutoencoderKLWan (a Wan vae/ folder)",
+            path,
+            "vae",
+            "Wan VAE",
+            "_class_name",
+            "AutoencoderKLWan",
+            "AutoencoderKLWan (a Wan vae/ folder)",
             lambda folder: AutoencoderKLWan.from_pretrained(folder, torch_dtype=dtype, local_files_only=True),
         )
     if not path.is_file():
@@ -204,14 +200,16 @@ def load_text_encoder(path: str | Path, dtype: torch.dtype = torch.float32) -> U
     path = Path(path)
     if path.is_dir():
         return _load_component_folder(
-            path, "text_encoder", "UMT5 text encoder", "model_type", "umt5", "a UMT5 encoder (model_type 'umt5')",
+            path,
+            "text_encoder",
+            "UMT5 text encoder",
+            "model_type",
+            "umt5",
+            "a UMT5 encoder (model_type 'umt5')",
             lambda folder: UMT5EncoderModel.from_pretrained(folder, dtype=dtype, local_files_only=True),
         )
     if not path.is_file():
-        raise MoeError(
-            f"text encoder path {path} does not exist; expected a diffusers text_encoder/ folder "
-            f"or models_t5_umt5-xxl-enc-bf16.pth"
-        )
+        raise MoeError(f"text encoder path {path} does not exist; expected a diffusers text_encoder/ folder or models_t5_umt5-xxl-enc-bf16.pth")
     state_dict = _read_state_dict_file(path)
     if "token_embedding.weight" in state_dict:
         state_dict = original_to_umt5_keys(state_dict)

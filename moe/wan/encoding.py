@@ -68,10 +68,7 @@ def _video_to_model_input(frames: torch.Tensor) -> torch.Tensor:
             raise MoeError(f"uint8 video must be [F, H, W, 3] or [B, F, H, W, 3], got {tuple(frames.shape)}")
         return frames.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
     if not frames.is_floating_point() or frames.ndim != 5 or frames.shape[1] != 3:
-        raise MoeError(
-            f"video must be uint8 [F, H, W, 3] or float [B, 3, F, H, W] in [-1, 1], got "
-            f"{frames.dtype} {tuple(frames.shape)}"
-        )
+        raise MoeError(f"video must be uint8 [F, H, W, 3] or float [B, 3, F, H, W] in [-1, 1], got {frames.dtype} {tuple(frames.shape)}")
     return frames
 
 
@@ -79,10 +76,7 @@ def _check_video_size(vae: AutoencoderKLWan, x: torch.Tensor) -> None:
     t, s = vae.config.scale_factor_temporal, vae.config.scale_factor_spatial
     f, h, w = x.shape[2:]
     if (f - 1) % t or h % s or w % s:
-        raise MoeError(
-            f"video of {f} frames at {h}x{w} does not fit the VAE: frames must be {t}k+1 and "
-            f"height/width multiples of {s}"
-        )
+        raise MoeError(f"video of {f} frames at {h}x{w} does not fit the VAE: frames must be {t}k+1 and height/width multiples of {s}")
 
 
 @torch.no_grad()
@@ -133,9 +127,7 @@ def _image_to_model_input(image: torch.Tensor) -> torch.Tensor:
             raise MoeError(f"uint8 image must be [H, W, 3] or [B, H, W, 3], got {tuple(image.shape)}")
         return image.permute(0, 3, 1, 2).float() / 127.5 - 1.0
     if not image.is_floating_point() or image.ndim != 4 or image.shape[1] != 3:
-        raise MoeError(
-            f"image must be uint8 [H, W, 3] or float [B, 3, H, W] in [-1, 1], got {image.dtype} {tuple(image.shape)}"
-        )
+        raise MoeError(f"image must be uint8 [H, W, 3] or float [B, 3, H, W] in [-1, 1], got {image.dtype} {tuple(image.shape)}")
     return image.float()
 
 

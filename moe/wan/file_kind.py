@@ -34,8 +34,7 @@ RIGHT_USE: dict[str, str] = {
     "merged-dit": "pass a merged DiT as --dit / --dit_high_noise (lora-moe stage2, lora-moe generate)",
     "vanilla-lora": "pass a vanilla LoRA as --lora_weight (lora-moe merge, lora-moe generate)",
     "lora-moe": (
-        "pass a LoRA-MoE file as --lora_moe_weights (lora-moe generate), or turn one expert into a "
-        "vanilla LoRA with lora-moe export-expert"
+        "pass a LoRA-MoE file as --lora_moe_weights (lora-moe generate), or turn one expert into a vanilla LoRA with lora-moe export-expert"
     ),
     "unknown": "check the path",
 }
@@ -60,9 +59,7 @@ class FileInfo(BaseModel):
 def _kind_of(headers: list[SafetensorsHeader]) -> FileKind:
     meta = headers[0].metadata
     keys = [k for h in headers for k in h.tensors]
-    if meta.get("lora_moe.format", "").startswith("lora-moe/") or any(
-        k.startswith(("lora_moe.", "router.")) for k in keys
-    ):
+    if meta.get("lora_moe.format", "").startswith("lora-moe/") or any(k.startswith(("lora_moe.", "router.")) for k in keys):
         return "lora-moe"
     if any(_LORA_KEY.fullmatch(k) for k in keys):
         return "vanilla-lora"

@@ -99,10 +99,11 @@ class Fp8Linear(nn.Linear):
     def set_weight(self, weight: torch.Tensor, scale: torch.Tensor | None) -> None:
         """Store an fp8 weight and its scale ([out, 1], a scalar, or None)."""
         if weight.dtype != FP8_DTYPE or tuple(weight.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"expected a float8_e4m3fn [{self.out_features}, {self.in_features}] weight, "
-                             f"got {weight.dtype} {list(weight.shape)}")
+            raise ValueError(f"expected a float8_e4m3fn [{self.out_features}, {self.in_features}] weight, got {weight.dtype} {list(weight.shape)}")
         self.weight = nn.Parameter(weight, requires_grad=False)
-        self.scale_weight = None if scale is None else scale.to(torch.float32).reshape(-1, 1) if scale.numel() > 1 else scale.to(torch.float32).reshape(())
+        self.scale_weight = (
+            None if scale is None else scale.to(torch.float32).reshape(-1, 1) if scale.numel() > 1 else scale.to(torch.float32).reshape(())
+        )
 
     def dtype_for(self, x: torch.Tensor) -> torch.dtype:
         device = x.device.type
@@ -175,7 +176,7 @@ FP8_FILE_DTYPES = ("F8_E4M3",)
 
 def fp8_extra_key(key: str, prefix: str = "") -> bool:
     """Whether a file key is one of the scaled-fp8 additions rather than a model tensor."""
-    bare = key[len(prefix):] if prefix and key.startswith(prefix) else key
+    bare = key[len(prefix) :] if prefix and key.startswith(prefix) else key
     return bare == SCALED_FP8_MARKER or bare.endswith((SCALE_WEIGHT_SUFFIX, SCALE_INPUT_SUFFIX))
 
 

@@ -31,10 +31,7 @@ def reconstruct(vae: AutoencoderKLWan, videos: torch.Tensor, batch_size: int = 4
     _check_videos(videos)
     if batch_size < 1:
         raise MoeError(f"batch_size must be at least 1, got {batch_size}")
-    out = [
-        decode_latents(vae, encode_video(vae, chunk.float())).to(videos.device)
-        for chunk in videos.split(batch_size)
-    ]
+    out = [decode_latents(vae, encode_video(vae, chunk.float())).to(videos.device) for chunk in videos.split(batch_size)]
     return torch.cat(out)
 
 

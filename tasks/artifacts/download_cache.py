@@ -97,8 +97,7 @@ class DownloadCache:
         if sha256 != ref.sha256:
             shutil.rmtree(path.parent, ignore_errors=True)
             raise StoreError(
-                f"{ref.uri} does not match its ref: sha256 {sha256[:12]}... instead of {ref.sha256[:12]}... "
-                "(the stored object changed or is damaged)"
+                f"{ref.uri} does not match its ref: sha256 {sha256[:12]}... instead of {ref.sha256[:12]}... (the stored object changed or is damaged)"
             )
         return self._keep(path, sha256)
 

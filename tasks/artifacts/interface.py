@@ -74,7 +74,7 @@ class ArtifactStore(abc.ABC):
         root = self.root_uri.rstrip("/") + "/"
         if not uri.startswith(root):
             raise StoreError(f"{uri} is not under the artifact root {self.root_uri}")
-        return uri[len(root):]
+        return uri[len(root) :]
 
     # -- files and folders on top of the primitives ------------------------------------------
 
@@ -90,9 +90,7 @@ class ArtifactStore(abc.ABC):
         done = self.upload_files([(local / rel, f"{key}/{rel}") for rel in files])
         manifest = FolderManifest(files=[FolderEntry(path=rel, sha256=t.sha256, size=t.size) for rel, t in zip(files, done)])
         self.write_bytes(f"{key}/{FOLDER_MANIFEST}", manifest.model_dump_json(indent=1).encode())
-        return ArtifactRef(
-            uri=self.uri(key), sha256=manifest.sha256, size=manifest.size, kind=kind, layout="folder", producer=producer
-        )
+        return ArtifactRef(uri=self.uri(key), sha256=manifest.sha256, size=manifest.size, kind=kind, layout="folder", producer=producer)
 
     def folder_manifest(self, key: str) -> FolderManifest:
         """A stored folder's manifest; a folder stored by other tools (no manifest) is listed,

@@ -37,6 +37,7 @@ def rehash_limit() -> int:
     except ValueError:
         raise StoreError(f"LORA_MOE_REHASH_LIMIT_MIB={value!r} must be a number of MiB") from None
 
+
 def local_path(uri: str) -> Path:
     """`file:///a/b` or `a/b` -> an absolute Path."""
     if uri.startswith("file://"):

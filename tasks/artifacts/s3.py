@@ -90,8 +90,11 @@ def transfer_config(options: S3Options):
 
     chunk = options.multipart_chunk_mib * MIB
     config = TransferConfig(
-        multipart_threshold=chunk, multipart_chunksize=chunk, max_concurrency=options.max_concurrency,
-        use_threads=True, preferred_transfer_client="classic",
+        multipart_threshold=chunk,
+        multipart_chunksize=chunk,
+        max_concurrency=options.max_concurrency,
+        use_threads=True,
+        preferred_transfer_client="classic",
     )
     # Non-seekable uploads hold their parts in memory: bound it to what is in flight.
     config.max_in_memory_upload_chunks = options.max_concurrency + 2
@@ -161,7 +164,7 @@ class _HashingWriter:
         os.pwrite(self.fd, data, start)
         self.position = end
         if start <= self.hashed < end:  # continues the prefix (a retried part may overlap it)
-            self.digest.update(memoryview(data)[self.hashed - start:])
+            self.digest.update(memoryview(data)[self.hashed - start :])
             self.hashed = end
             self._catch_up()
         elif start > self.hashed:
@@ -218,8 +221,7 @@ class S3Store(ArtifactStore):
             yield
         except (NoCredentialsError, PartialCredentialsError):
             raise StoreError(
-                f"no AWS credentials for {where}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE "
-                "(the standard AWS credential chain)"
+                f"no AWS credentials for {where}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE (the standard AWS credential chain)"
             ) from None
         except ClientError as e:
             code = e.response.get("Error", {}).get("Code", "?")
@@ -231,9 +233,7 @@ class S3Store(ArtifactStore):
             }.get(code, e.response.get("Error", {}).get("Message", str(e)))
             raise StoreError(f"S3 {action} failed at {where}: {code}: {hint}") from None
         except (BotoCoreError, RetriesExceededError) as e:
-            raise StoreError(
-                f"S3 {action} failed at {where} after {self.options.max_attempts} attempts: {e}"
-            ) from None
+            raise StoreError(f"S3 {action} failed at {where} after {self.options.max_attempts} attempts: {e}") from None
 
     # -- primitives ----------------------------------------------------------------------------
 
@@ -260,9 +260,7 @@ class S3Store(ArtifactStore):
     def _tag_all(self, tags: list[tuple[str, str]]) -> None:
         def tag(item):
             key, sha = item
-            self.client.put_object_tagging(
-                Bucket=self.bucket, Key=self._key(key), Tagging={"TagSet": [{"Key": "sha256", "Value": sha}]}
-            )
+            self.client.put_object_tagging(Bucket=self.bucket, Key=self._key(key), Tagging={"TagSet": [{"Key": "sha256", "Value": sha}]})
 
         with ThreadPoolExecutor(max_workers=min(self.options.max_concurrency, max(len(tags), 1))) as pool:
             list(pool.map(tag, tags))
@@ -316,7 +314,7 @@ class S3Store(ArtifactStore):
         with self._errors("list", prefix):
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
                 for obj in page.get("Contents", []):
-                    files[obj["Key"][len(base):]] = ObjectInfo(size=obj["Size"], sha256=None, version=obj["ETag"].strip('"'))
+                    files[obj["Key"][len(base) :]] = ObjectInfo(size=obj["Size"], sha256=None, version=obj["ETag"].strip('"'))
         return files
 
     def read_bytes(self, key: str) -> bytes | None:

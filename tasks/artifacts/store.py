@@ -30,4 +30,3 @@ def store_for_uri(uri: str, s3=None) -> tuple[ArtifactStore, str]:
 
     path = local_path(uri)
     return open_store(str(path.parent)), path.name
-

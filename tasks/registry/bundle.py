@@ -25,8 +25,13 @@ from tasks.artifacts.refs import ArtifactRef
 from tasks.registry.versions import download_bundle, get_version, lora_moe_sha256, parse_model_uri, read_bundle
 
 # bundle ref name -> `lora-moe generate` option
-INPUT_REFS = {"merged_low_noise": "dit", "merged_high_noise": "dit_high_noise", "base_vae": "vae",
-              "base_text_encoder": "text_encoder", "base_tokenizer": "tokenizer"}
+INPUT_REFS = {
+    "merged_low_noise": "dit",
+    "merged_high_noise": "dit_high_noise",
+    "base_vae": "vae",
+    "base_text_encoder": "text_encoder",
+    "base_tokenizer": "tokenizer",
+}
 
 
 def verified_lora_moe(bundle_dir: Path, bundle: dict, expected_sha256: str | None = None) -> Path:
@@ -34,20 +39,26 @@ def verified_lora_moe(bundle_dir: Path, bundle: dict, expected_sha256: str | Non
     given, the sha256 the registry version recorded: `tasks.registry.versions.lora_moe_sha256`)."""
     ref = ArtifactRef.model_validate(bundle["artifacts"]["lora_moe"])
     if expected_sha256 is not None and expected_sha256 != ref.sha256:
-        raise MoeError(f"{bundle_dir}: bundle.json records LoRA-MoE sha256 {ref.sha256[:12]}..., the registry version "
-                       f"{expected_sha256[:12]}...: the bundle was changed after registration")
+        raise MoeError(
+            f"{bundle_dir}: bundle.json records LoRA-MoE sha256 {ref.sha256[:12]}..., the registry version "
+            f"{expected_sha256[:12]}...: the bundle was changed after registration"
+        )
     path = Path(bundle_dir) / bundle.get("lora_moe_file", LORA_MOE_FILE)
     got = sha256_file(path)
     if got != ref.sha256:
-        raise MoeError(f"{path} does not match its ref: sha256 {got[:12]}... instead of {ref.sha256[:12]}... "
-                       "(the registered copy was changed or damaged)")
+        raise MoeError(
+            f"{path} does not match its ref: sha256 {got[:12]}... instead of {ref.sha256[:12]}... (the registered copy was changed or damaged)"
+        )
     return path
 
 
 def fetch_bundle_inputs(bundle: dict, lora_moe: Path, cache: DownloadCache, source: str) -> ResolvedModel:
     """Everything generation needs for a bundle whose LoRA-MoE file is verified, as local paths."""
-    paths = {option: cache.fetch(ArtifactRef.model_validate(bundle["artifacts"][name]))
-             for name, option in INPUT_REFS.items() if name in bundle["artifacts"]}
+    paths = {
+        option: cache.fetch(ArtifactRef.model_validate(bundle["artifacts"][name]))
+        for name, option in INPUT_REFS.items()
+        if name in bundle["artifacts"]
+    }
     missing = sorted({"dit", "vae", "text_encoder", "tokenizer"} - set(paths))
     if missing:
         raise MoeError(f"{source}: its bundle names no {', '.join(missing)} ref; it cannot generate")

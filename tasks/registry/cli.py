@@ -21,9 +21,7 @@ from moe.errors import MoeError
 
 app = typer.Typer(help="Registered LoRA-MoE models (MLflow registry): list, show, promote.", no_args_is_help=True)
 
-TrackingOption = Annotated[
-    str | None, typer.Option("--tracking_uri", help="MLflow tracking/registry URI [default: MLFLOW_TRACKING_URI].")
-]
+TrackingOption = Annotated[str | None, typer.Option("--tracking_uri", help="MLflow tracking/registry URI [default: MLFLOW_TRACKING_URI].")]
 
 
 def _client(tracking_uri: str | None):
@@ -80,8 +78,7 @@ def describe(version, artifacts: dict[str, dict] | None = None) -> dict:
         "prefect_flow_run_id": tags.get("prefect.flow_run_id"),
         "run_id": version.run_id,
         "source": version.source,
-        "artifacts": {k: {f: str(v) for f, v in ref.items() if f in ("uri", "sha256", "size")}
-                      for k, ref in sorted(artifacts.items())},
+        "artifacts": {k: {f: str(v) for f, v in ref.items() if f in ("uri", "sha256", "size")} for k, ref in sorted(artifacts.items())},
         "promoted": {k.removeprefix("promoted."): v for k, v in tags.items() if k.startswith("promoted.")},
     }
 
@@ -112,8 +109,10 @@ def list_models(
                 primary = next(iter(k for k in info["metrics"] if k == "stage2_learned_roi_loss"), None)
                 figure = f"stage2_learned_roi_loss {info['metrics'][primary]:.4g}" if primary else ""
                 aliases = ",".join(info["aliases"]) or "-"
-                typer.echo(f"  v{info['version']:<4} {aliases:<20} gate {gate:<7} {info['created']}  "
-                           f"data {str(info['data_fingerprint'])[:12]}  {figure}".rstrip())
+                typer.echo(
+                    f"  v{info['version']:<4} {aliases:<20} gate {gate:<7} {info['created']}  "
+                    f"data {str(info['data_fingerprint'])[:12]}  {figure}".rstrip()
+                )
 
 
 @app.command("show")
@@ -138,8 +137,10 @@ def show(
     typer.echo(f"gate: {gate}; {info['champion_decision']}")
     for alias, note in info["promoted"].items():
         typer.echo(f"promoted to {alias} {note}")
-    typer.echo(f"data fingerprint {info['data_fingerprint']}, package {info['package_version']}, "
-               f"Prefect flow run {info['prefect_flow_run_id']}, MLflow run {info['run_id']}")
+    typer.echo(
+        f"data fingerprint {info['data_fingerprint']}, package {info['package_version']}, "
+        f"Prefect flow run {info['prefect_flow_run_id']}, MLflow run {info['run_id']}"
+    )
     typer.echo(f"bundle: {info['source']}")
     typer.echo("metrics:")
     for metric, value in info["metrics"].items():

@@ -72,11 +72,15 @@ class TrackingSettings(BaseModel):
     experiment: str = Field(DEFAULT_EXPERIMENT, description="MLflow experiment of the pipeline runs.")
     registered_model: str = Field(DEFAULT_MODEL_NAME, description="Registered model that gets one version per run.")
     ui_url: str | None = Field(
-        None, description="Base URL of the MLflow UI, for links in the run summary. Default: LORA_MOE_MLFLOW_UI_URL, "
+        None,
+        description="Base URL of the MLflow UI, for links in the run summary. Default: LORA_MOE_MLFLOW_UI_URL, "
         "else an http(s) tracking URI, else http://127.0.0.1:5000.",
     )
     request_max_retries: int = Field(
-        2, ge=0, le=10, description="Retries of each request to an MLflow tracking server (MLflow's default, 7, takes "
+        2,
+        ge=0,
+        le=10,
+        description="Retries of each request to an MLflow tracking server (MLflow's default, 7, takes "
         "about 4 minutes per request to give up on a dead server).",
     )
     request_backoff_factor: int = Field(1, ge=0, le=10, description="Seconds before the second retry, doubling after.")
@@ -318,16 +322,20 @@ def dataset_input(name: str, sha256: str, uri: str, context: str, profile: dict 
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     source_type = "s3" if uri.startswith("s3://") else "http" if uri.startswith(("http://", "https://")) else "local"
-    dataset = Dataset(name=name, digest=sha256[:DIGEST_CHARS], source_type=source_type, source=json.dumps({"uri": uri}),
-                      profile=json.dumps({"sha256": sha256} | (profile or {})))
+    dataset = Dataset(
+        name=name,
+        digest=sha256[:DIGEST_CHARS],
+        source_type=source_type,
+        source=json.dumps({"uri": uri}),
+        profile=json.dumps({"sha256": sha256} | (profile or {})),
+    )
     return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
 
 
 def clip_datasets(dataset, cache: ArtifactRef | None, context: str) -> list:
     """The clips (manifest URI, data fingerprint) and their latent cache as MLflow run inputs."""
     clips = sum(1 for path in dataset.files if path.endswith(".mp4"))
-    inputs = [dataset_input("clips", dataset.fingerprint, dataset.manifest.uri, context,
-                            {"clips": clips, "files": len(dataset.files) + 1})]
+    inputs = [dataset_input("clips", dataset.fingerprint, dataset.manifest.uri, context, {"clips": clips, "files": len(dataset.files) + 1})]
     if cache is not None:
         inputs.append(dataset_input("latent_cache", cache.sha256, cache.uri, context, {"bytes": cache.size}))
     return inputs
@@ -355,8 +363,14 @@ LINEAGE_INPUTS = {
 }
 
 
-def record_lineage(tracking_uri: str, experiment_id: str, artifacts: dict[str, ArtifactRef], producers: dict[str, str],
-                   bundle_model_id: str, parent_run_id: str | None = None) -> dict[str, str]:
+def record_lineage(
+    tracking_uri: str,
+    experiment_id: str,
+    artifacts: dict[str, ArtifactRef],
+    producers: dict[str, str],
+    bundle_model_id: str,
+    parent_run_id: str | None = None,
+) -> dict[str, str]:
     """The lineage base DiTs -> stage-1 LoRA -> merged DiTs -> stage-2 LoRA-MoE as MLflow 3 logged
     models and run inputs/outputs: each stage run (`producers`: artifact name -> the run that
     wrote it) gets its inputs and its output as models, the LoRA-MoE being the registered
@@ -372,15 +386,17 @@ def record_lineage(tracking_uri: str, experiment_id: str, artifacts: dict[str, A
         ref = artifacts.get(name)
         if ref is None:
             continue
-        found = client.search_logged_models([experiment_id], filter_string=f"tags.`lora_moe.sha256` = '{ref.sha256}'",
-                                            max_results=1)
+        found = client.search_logged_models([experiment_id], filter_string=f"tags.`lora_moe.sha256` = '{ref.sha256}'", max_results=1)
         if found:
             nodes[name] = found[0].model_id
             continue
         model = client.create_logged_model(
-            experiment_id, name=model_name, source_run_id=producers.get(name), model_type=model_type,
-            tags={"lora_moe.uri": ref.uri, "lora_moe.sha256": ref.sha256, "lora_moe.size": str(ref.size),
-                  "lora_moe.kind": ref.kind})
+            experiment_id,
+            name=model_name,
+            source_run_id=producers.get(name),
+            model_type=model_type,
+            tags={"lora_moe.uri": ref.uri, "lora_moe.sha256": ref.sha256, "lora_moe.size": str(ref.size), "lora_moe.kind": ref.kind},
+        )
         client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
         nodes[name], new = model.model_id, new | {name}
     for output, inputs in LINEAGE_INPUTS.items():
@@ -418,8 +434,7 @@ def process_owner() -> dict[str, str]:
     process that opened an MLflow run still lives."""
     import socket
 
-    return {"lora_moe.host": socket.gethostname(), "lora_moe.pid": str(os.getpid()),
-            "lora_moe.pid_started": _start_ticks(os.getpid()) or ""}
+    return {"lora_moe.host": socket.gethostname(), "lora_moe.pid": str(os.getpid()), "lora_moe.pid_started": _start_ticks(os.getpid()) or ""}
 
 
 def owner_alive(tags: dict[str, str]) -> bool | None:
@@ -467,9 +482,15 @@ def close_abandoned_runs(client, experiment_id: str, flow_run_ended: Callable[[s
     return closed
 
 
-def start_pipeline_run(settings: TrackingSettings, tracking_uri: str, artifact_location: str, tags: dict[str, str],
-                       params: dict, ui_url: str | None = None,
-                       flow_run_ended: Callable[[str], bool | None] | None = None) -> TrackingContext:
+def start_pipeline_run(
+    settings: TrackingSettings,
+    tracking_uri: str,
+    artifact_location: str,
+    tags: dict[str, str],
+    params: dict,
+    ui_url: str | None = None,
+    flow_run_ended: Callable[[str], bool | None] | None = None,
+) -> TrackingContext:
     """The parent run of one flow run (creating the experiment on first use). A new experiment
     keeps its artifacts at `artifact_location`, except on a tracking server, which stores them
     itself (`--serve-artifacts`: clients need no credentials for its store). Runs that crashed
@@ -484,19 +505,21 @@ def start_pipeline_run(settings: TrackingSettings, tracking_uri: str, artifact_l
         if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older version; a kind a person chose stays
             client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         close_abandoned_runs(client, experiment_id, flow_run_ended)
-    run = client.create_run(experiment_id, tags=tags | code_version() | process_owner(),
-                            run_name=tags.get("prefect.flow_run_name"))
+    run = client.create_run(experiment_id, tags=tags | code_version() | process_owner(), run_name=tags.get("prefect.flow_run_name"))
     _log(client, run.info.run_id, params=flatten(params))
-    return TrackingContext(tracking_uri=tracking_uri, experiment_id=experiment_id, parent_run_id=run.info.run_id,
-                           ui_url=ui_url or settings.ui_url or "http://127.0.0.1:5000")
+    return TrackingContext(
+        tracking_uri=tracking_uri,
+        experiment_id=experiment_id,
+        parent_run_id=run.info.run_id,
+        ui_url=ui_url or settings.ui_url or "http://127.0.0.1:5000",
+    )
 
 
 def _create_experiment(client, name: str, artifact_location: str | None) -> str:
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.create_experiment(name, artifact_location=artifact_location,
-                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        return client.create_experiment(name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except MlflowException:  # created meanwhile by a concurrent run
         return client.get_experiment_by_name(name).experiment_id
 
@@ -505,8 +528,7 @@ def end_run(ctx: TrackingContext, run_id: str, status: str) -> None:
     mlflow_client(ctx.tracking_uri).set_terminated(run_id, status)
 
 
-def _log(client, run_id: str, params: dict[str, str] | None = None, tags: dict[str, str] | None = None,
-         metrics: list | None = None) -> None:
+def _log(client, run_id: str, params: dict[str, str] | None = None, tags: dict[str, str] | None = None, metrics: list | None = None) -> None:
     from mlflow.entities import Metric, Param, RunTag
 
     batches = {
@@ -517,7 +539,7 @@ def _log(client, run_id: str, params: dict[str, str] | None = None, tags: dict[s
     for kind, items in batches.items():  # MLflow refuses more than BATCH_LIMITS per call
         limit = BATCH_LIMITS[kind]
         for start in range(0, len(items), limit):
-            client.log_batch(run_id, **{kind: items[start:start + limit]})
+            client.log_batch(run_id, **{kind: items[start : start + limit]})
 
 
 class StageRun:
@@ -572,9 +594,7 @@ def _is_number(value) -> bool:
 def stage_run(ctx: TrackingContext, stage: str, tags: dict[str, str] | None = None) -> Iterator[StageRun]:
     """A nested run under the flow's parent run; FINISHED or FAILED when the block ends."""
     client = mlflow_client(ctx.tracking_uri)
-    run = client.create_run(
-        ctx.experiment_id, run_name=stage, tags={"mlflow.parentRunId": ctx.parent_run_id, "stage": stage} | (tags or {})
-    )
+    run = client.create_run(ctx.experiment_id, run_name=stage, tags={"mlflow.parentRunId": ctx.parent_run_id, "stage": stage} | (tags or {}))
     stage_run = StageRun(ctx, run.info.run_id)
     try:
         yield stage_run

@@ -64,18 +64,32 @@ class RegistryEntry(BaseModel):
     previous_champion: str | None = None  # the version that held `champion` before
 
 
-def version_tags(*, task: str, data_fingerprint: str, gate: dict[str, Any], metrics: dict[str, float],
-                 lora_moe_sha256: str, flow_run_id: str, code: dict[str, str], based_on: str | None = None,
-                 weak: list[str] = ()) -> dict[str, str]:
+def version_tags(
+    *,
+    task: str,
+    data_fingerprint: str,
+    gate: dict[str, Any],
+    metrics: dict[str, float],
+    lora_moe_sha256: str,
+    flow_run_id: str,
+    code: dict[str, str],
+    based_on: str | None = None,
+    weak: list[str] = (),
+) -> dict[str, str]:
     """The tags of a registered version: what a person filters versions by (task, data, gate
     verdict, headline metrics, code, weak experts) and what the readers need (`check-new-data`:
     the data fingerprint; `champion_decision`: `metric.<primary>`; `generate --model`: the LoRA-MoE
     sha256). Every ref is in the version's artifacts.json instead."""
     from tasks.registry.card import headline_metric_names
 
-    tags = {"task": task, "data_fingerprint": data_fingerprint, "gate.passed": str(bool(gate.get("passed"))).lower(),
-            "package_version": code.get("lora_moe.version", ""), LORA_MOE_SHA256_TAG: lora_moe_sha256,
-            "prefect.flow_run_id": flow_run_id}
+    tags = {
+        "task": task,
+        "data_fingerprint": data_fingerprint,
+        "gate.passed": str(bool(gate.get("passed"))).lower(),
+        "package_version": code.get("lora_moe.version", ""),
+        LORA_MOE_SHA256_TAG: lora_moe_sha256,
+        "prefect.flow_run_id": flow_run_id,
+    }
     if code.get("mlflow.source.git.commit"):
         tags["git_commit"] = code["mlflow.source.git.commit"]
     if based_on:
@@ -90,8 +104,9 @@ def resource_id(name: str, version: str) -> str:
     return f"lora-moe.model-version.{name}.{version}"
 
 
-def promotion_event(entry: RegistryEntry, *, gate: dict[str, Any], metrics: dict[str, float], data_fingerprint: str,
-                    task: str, run_url: str | None = None) -> dict[str, Any] | None:
+def promotion_event(
+    entry: RegistryEntry, *, gate: dict[str, Any], metrics: dict[str, float], data_fingerprint: str, task: str, run_url: str | None = None
+) -> dict[str, Any] | None:
     """The keyword arguments of `prefect.events.emit_event` announcing that `champion` moved to
     `entry` (None when this registration left it where it was): the resource names the model
     and version, the payload carries the gate, the headline metrics and where to read more."""
@@ -102,16 +117,29 @@ def promotion_event(entry: RegistryEntry, *, gate: dict[str, Any], metrics: dict
     headline = {n: metrics[n] for n in headline_metric_names(gate) if n in metrics}
     return {
         "event": PROMOTED_EVENT,
-        "resource": {"prefect.resource.id": resource_id(entry.name, entry.version),
-                     "prefect.resource.name": f"{entry.name} v{entry.version}",
-                     "lora-moe.model": entry.name, "lora-moe.version": entry.version, "lora-moe.alias": CHAMPION},
-        "payload": {"model_uri": f"models:/{entry.name}/{entry.version}", "previous_champion": entry.previous_champion,
-                    "decision": entry.champion_decision, "task": task, "data_fingerprint": data_fingerprint,
-                    "gate": {"passed": gate.get("passed"), "primary_metric": gate.get("primary_metric"),
-                             "primary_value": gate.get("primary_value"),
-                             "checks": [{k: c.get(k) for k in ("name", "value", "threshold", "passed")}
-                                        for c in gate.get("checks", [])]},
-                    "metrics": headline, "logged_model_id": entry.model_id, "mlflow_run_url": run_url},
+        "resource": {
+            "prefect.resource.id": resource_id(entry.name, entry.version),
+            "prefect.resource.name": f"{entry.name} v{entry.version}",
+            "lora-moe.model": entry.name,
+            "lora-moe.version": entry.version,
+            "lora-moe.alias": CHAMPION,
+        },
+        "payload": {
+            "model_uri": f"models:/{entry.name}/{entry.version}",
+            "previous_champion": entry.previous_champion,
+            "decision": entry.champion_decision,
+            "task": task,
+            "data_fingerprint": data_fingerprint,
+            "gate": {
+                "passed": gate.get("passed"),
+                "primary_metric": gate.get("primary_metric"),
+                "primary_value": gate.get("primary_value"),
+                "checks": [{k: c.get(k) for k in ("name", "value", "threshold", "passed")} for c in gate.get("checks", [])],
+            },
+            "metrics": headline,
+            "logged_model_id": entry.model_id,
+            "mlflow_run_url": run_url,
+        },
     }
 
 
@@ -141,8 +169,7 @@ def current_version(client, name: str, alias: str):
         return None
 
 
-def champion_decision(client, name: str, gate_passed: bool, primary_metric: str, primary_value: float,
-                      higher_is_better: bool) -> tuple[bool, str]:
+def champion_decision(client, name: str, gate_passed: bool, primary_metric: str, primary_value: float, higher_is_better: bool) -> tuple[bool, str]:
     """(move champion?, why)."""
     if not gate_passed:
         return False, "eval gate failed: champion unchanged"
@@ -155,14 +182,20 @@ def champion_decision(client, name: str, gate_passed: bool, primary_metric: str,
     theirs = float(tag)
     not_worse = primary_value >= theirs if higher_is_better else primary_value <= theirs
     verdict = "not worse than" if not_worse else "worse than"
-    return not_worse, (
-        f"gate passed; {primary_metric} {primary_value:.6g} is {verdict} champion v{champion.version}'s {theirs:.6g}"
-    )
+    return not_worse, (f"gate passed; {primary_metric} {primary_value:.6g} is {verdict} champion v{champion.version}'s {theirs:.6g}")
 
 
-def write_bundle(folder: Path, *, task: str, lora_moe_file: Path, artifacts: dict[str, ArtifactRef],
-                 data_fingerprint: str, metrics: dict[str, float], gate: dict[str, Any],
-                 based_on: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_bundle(
+    folder: Path,
+    *,
+    task: str,
+    lora_moe_file: Path,
+    artifacts: dict[str, ArtifactRef],
+    data_fingerprint: str,
+    metrics: dict[str, float],
+    gate: dict[str, Any],
+    based_on: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """`folder/bundle.json` and a copy of the LoRA-MoE file: what a registry version holds."""
     import moe
 
@@ -199,16 +232,30 @@ def save_bundle_model(bundle_dir: Path, out: Path) -> Path:
         staged = Path(tmp) / BUNDLE_ARTIFACT
         shutil.copytree(bundle_dir, staged)
         mlflow.pyfunc.save_model(
-            path=str(out), python_model=str(MODEL_CODE), artifacts={BUNDLE_ARTIFACT: str(staged)},
+            path=str(out),
+            python_model=str(MODEL_CODE),
+            artifacts={BUNDLE_ARTIFACT: str(staged)},
             pip_requirements=[f"wan-lora-moe=={moe.__version__}"],
         )
     return out
 
 
-def register_bundle(client, name: str, experiment_id: str, run_id: str, bundle_dir: Path, tags: dict[str, str],
-                    gate_passed: bool, primary_metric: str, primary_value: float, higher_is_better: bool,
-                    run_link: str | None = None, card=None, artifacts: dict[str, ArtifactRef] | None = None,
-                    model_tags: dict[str, str] | None = None) -> RegistryEntry:
+def register_bundle(
+    client,
+    name: str,
+    experiment_id: str,
+    run_id: str,
+    bundle_dir: Path,
+    tags: dict[str, str],
+    gate_passed: bool,
+    primary_metric: str,
+    primary_value: float,
+    higher_is_better: bool,
+    run_link: str | None = None,
+    card=None,
+    artifacts: dict[str, ArtifactRef] | None = None,
+    model_tags: dict[str, str] | None = None,
+) -> RegistryEntry:
     """A new model version of `name` holding `bundle_dir` (as a pyfunc model), with its tags and
     aliases. `run_id`: the run the version points at (the pipeline's parent run: metrics, data,
     report). `card`: a `tasks.registry.card.ModelCard` without its version (written as MODEL_CARD.md
@@ -218,15 +265,20 @@ def register_bundle(client, name: str, experiment_id: str, run_id: str, bundle_d
     from mlflow.entities import LoggedModelStatus
 
     _ensure_registered_model(client, name)
-    model = client.create_logged_model(experiment_id, name="lora-moe-bundle", source_run_id=run_id, tags=model_tags or {},
-                                       model_type="LoRA-MoE bundle")
+    model = client.create_logged_model(
+        experiment_id, name="lora-moe-bundle", source_run_id=run_id, tags=model_tags or {}, model_type="LoRA-MoE bundle"
+    )
     move, why = champion_decision(client, name, gate_passed, primary_metric, primary_value, higher_is_better)
     previous = current_version(client, name, CHAMPION)
     card = card.model_copy(update={"name": name, "decision": why}) if card is not None else None
     version = client.create_model_version(
-        name, source=model.artifact_location, run_id=run_id,
+        name,
+        source=model.artifact_location,
+        run_id=run_id,
         tags=tags | {"champion_decision": why, "logged_model_id": model.model_id},  # the SQL store keeps no model_id
-        run_link=run_link, description=card.description() if card is not None else why, model_id=model.model_id,
+        run_link=run_link,
+        description=card.description() if card is not None else why,
+        model_id=model.model_id,
     )
     try:  # the files, with the card naming the version's number; no alias points at the version yet
         with tempfile.TemporaryDirectory() as tmp:
@@ -234,23 +286,27 @@ def register_bundle(client, name: str, experiment_id: str, run_id: str, bundle_d
             if card is not None:
                 (folder / MODEL_CARD_FILE).write_text(card.model_copy(update={"version": str(version.version)}).markdown())
             if artifacts is not None:
-                (folder / ARTIFACTS_FILE).write_text(json.dumps(
-                    {k: json.loads(ref.model_dump_json()) for k, ref in artifacts.items()}, indent=2))
+                (folder / ARTIFACTS_FILE).write_text(json.dumps({k: json.loads(ref.model_dump_json()) for k, ref in artifacts.items()}, indent=2))
             client.log_model_artifacts(model.model_id, str(folder))
         client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
     except BaseException:
         _delete_quietly(client, name, version.version)
         raise
     # what `mlflow.register_model` records: the logged model's page then names its version
-    client.set_logged_model_tags(model.model_id, {"mlflow.modelVersions": json.dumps(
-        [{"name": name, "version": str(version.version)}])})
+    client.set_logged_model_tags(model.model_id, {"mlflow.modelVersions": json.dumps([{"name": name, "version": str(version.version)}])})
     client.set_registered_model_alias(name, CANDIDATE, version.version)
     if move:
         client.set_registered_model_alias(name, CHAMPION, version.version)
     aliases = client.get_model_version(name, version.version).aliases
-    return RegistryEntry(name=name, version=str(version.version), aliases=sorted(aliases), champion_decision=why,
-                         model_id=model.model_id, champion_moved=move,
-                         previous_champion=str(previous.version) if previous is not None else None)
+    return RegistryEntry(
+        name=name,
+        version=str(version.version),
+        aliases=sorted(aliases),
+        champion_decision=why,
+        model_id=model.model_id,
+        champion_moved=move,
+        previous_champion=str(previous.version) if previous is not None else None,
+    )
 
 
 def _delete_quietly(client, name: str, version: str) -> None:
@@ -318,8 +374,9 @@ def version_artifacts(version, tracking_uri: str) -> dict[str, dict[str, Any]]:
         return tagged
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            path = mlflow.artifacts.download_artifacts(artifact_uri=f"{version.source.rstrip('/')}/{ARTIFACTS_FILE}",
-                                                       dst_path=tmp, tracking_uri=tracking_uri)
+            path = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{version.source.rstrip('/')}/{ARTIFACTS_FILE}", dst_path=tmp, tracking_uri=tracking_uri
+            )
             return json.loads(Path(path).read_text())
         except (MlflowException, OSError, ValueError):
             return {}
@@ -338,10 +395,10 @@ def download_bundle(version, dst: Path, tracking_uri: str) -> Path:
 
     try:
         path = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{version.source.rstrip('/')}/{BUNDLE_PATH}", dst_path=str(dst), tracking_uri=tracking_uri)
+            artifact_uri=f"{version.source.rstrip('/')}/{BUNDLE_PATH}", dst_path=str(dst), tracking_uri=tracking_uri
+        )
     except (MlflowException, OSError) as e:
-        raise MoeError(f"cannot download the bundle of {version.name} v{version.version} from {version.source}: "
-                       f"{str(e).splitlines()[0]}") from None
+        raise MoeError(f"cannot download the bundle of {version.name} v{version.version} from {version.source}: {str(e).splitlines()[0]}") from None
     return Path(path)
 
 
@@ -366,8 +423,9 @@ def promote(client, name: str, version: str, alias: str, force: bool = False) ->
         raise MoeError(f"{name} v{target.version}: its eval gate {verdict}; pass --force to make it {CHAMPION} anyway")
     previous = current_version(client, name, alias)
     client.set_registered_model_alias(name, alias, target.version)
-    note = "by hand" + (" (forced: gate " + ("failed" if passed is False else "not recorded") + ")"
-                        if alias == CHAMPION and passed is not True else "")
+    note = "by hand" + (
+        " (forced: gate " + ("failed" if passed is False else "not recorded") + ")" if alias == CHAMPION and passed is not True else ""
+    )
     client.set_model_version_tag(name, target.version, f"promoted.{alias}", note)
     before = f" (was v{previous.version})" if previous is not None and previous.version != target.version else ""
     return f"{name}: {alias} -> v{target.version}{before}, {note}"

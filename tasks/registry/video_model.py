@@ -59,12 +59,13 @@ class LoraMoeVideoModel(mlflow.pyfunc.PythonModel):
         for request in model_input:
             request = request if isinstance(request, VideoRequest) else VideoRequest.model_validate(request)
             device = request.device or os.environ.get("LORA_MOE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-            out = Path(request.output_dir or os.environ.get("LORA_MOE_VIDEO_DIR")
-                       or Path(tempfile.gettempdir()) / "lora-moe-videos")
+            out = Path(request.output_dir or os.environ.get("LORA_MOE_VIDEO_DIR") or Path(tempfile.gettempdir()) / "lora-moe-videos")
             out.mkdir(parents=True, exist_ok=True)
             given = request.model_dump(exclude_none=True, exclude={"output_dir", "device", "dtype"})
             cfg = GenerateConfig(
-                **self.inputs.model_dump(exclude={"source"}, exclude_none=True), **given, device=device,
+                **self.inputs.model_dump(exclude={"source"}, exclude_none=True),
+                **given,
+                device=device,
                 dtype=request.dtype or ("bf16" if device.startswith("cuda") else "float32"),
                 save_path=out / f"lora-moe-{uuid.uuid4().hex[:12]}.mp4",
             )

@@ -101,8 +101,16 @@ def stage_command(args: list[str], gpus: int = 1) -> list[str]:
     if gpus <= 1 or args[0] not in DATA_PARALLEL_COMMANDS:
         return [sys.executable, "-m", "moe", *args]
     return [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus),
-        "--main_process_port", str(free_port()), "-m", "moe", *args,
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(gpus),
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "moe",
+        *args,
     ]
 
 
@@ -174,8 +182,9 @@ def terminate_all(grace_s: float | None = None) -> list[str]:
     (or `grace_s`), all at once; returns their names."""
     with _live_lock:
         groups, graces = dict(_live), dict(_grace)
-    threads = [threading.Thread(target=kill_group, args=(pgid, graces.get(pgid, GRACE_S) if grace_s is None else grace_s),
-                                daemon=True) for pgid in groups]
+    threads = [
+        threading.Thread(target=kill_group, args=(pgid, graces.get(pgid, GRACE_S) if grace_s is None else grace_s), daemon=True) for pgid in groups
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -210,8 +219,14 @@ def run_command(
     child_env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(max(int(grace_s), 1))} | os.environ | (env or {})
     launched = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *command] if sys.platform == "linux" else command
     child = subprocess.Popen(
-        launched, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        env=child_env | {"PYTHONUNBUFFERED": "1"}, cwd=cwd, process_group=0, pass_fds=keep_fds,
+        launched,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=child_env | {"PYTHONUNBUFFERED": "1"},
+        cwd=cwd,
+        process_group=0,
+        pass_fds=keep_fds,
     )
     with _live_lock:
         _live[child.pid], _grace[child.pid] = name, grace_s
@@ -267,12 +282,13 @@ def run_command(
     if timed_out:
         raise StageFailed(
             f"{name} timed out after {timeout_s:g} s; its process group (pid {child.pid}) was killed",
-            returncode, timed_out=True,
+            returncode,
+            timed_out=True,
         )
     if returncode < 0:
         raise StageFailed(
-            f"{name} (pid {child.pid}) was killed by {signal.Signals(-returncode).name}; its last output: "
-            f"{tail[-1] if tail else 'none'}", returncode,
+            f"{name} (pid {child.pid}) was killed by {signal.Signals(-returncode).name}; its last output: {tail[-1] if tail else 'none'}",
+            returncode,
         )
     if returncode != 0:
         detail = errors[-1] if errors else (tail[-1] if tail else "no output")

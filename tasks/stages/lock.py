@@ -63,10 +63,11 @@ class StageLock:
         who = self._describe(previous)
         if previous.get("outcome") == "completed" and not refresh:
             self.release()
-            raise StageBusy(f"{who} finished this stage while this run waited for its work folder {self.folder}; "
-                            "a retry takes its cached result")
-        log(f"took over the work folder {self.folder} from {who}, which ended "
-            f"{'with ' + previous['outcome'] if previous.get('outcome') not in (None, 'running') else 'without finishing'}")
+            raise StageBusy(f"{who} finished this stage while this run waited for its work folder {self.folder}; a retry takes its cached result")
+        log(
+            f"took over the work folder {self.folder} from {who}, which ended "
+            f"{'with ' + previous['outcome'] if previous.get('outcome') not in (None, 'running') else 'without finishing'}"
+        )
 
     def _wait(self, fd: int, timeout_s: float | None, log: Callable[[str], None]) -> bool:
         """Block until the flock is ours; whether anyone held it first."""
@@ -80,8 +81,10 @@ class StageLock:
         while True:
             now = time.monotonic()
             if timeout_s is not None and now - started > timeout_s:
-                raise StageBusy(f"{self._describe(self._read(fd))} still holds the work folder {self.folder} after "
-                                f"{timeout_s:g} s of waiting; retry when it has finished")
+                raise StageBusy(
+                    f"{self._describe(self._read(fd))} still holds the work folder {self.folder} after "
+                    f"{timeout_s:g} s of waiting; retry when it has finished"
+                )
             if now >= next_log:
                 log(f"waiting for {self._describe(self._read(fd))}, which holds the work folder {self.folder}")
                 next_log = now + WAIT_LOG_S

@@ -83,8 +83,7 @@ class ModelRefs(BaseModel):
 
     def component_paths(self, stage) -> dict[str, Path]:
         """The VAE, text encoder and tokenizer, fetched and verified: options of a stage command."""
-        return {"vae": stage.fetch(self.vae), "text_encoder": stage.fetch(self.text_encoder),
-                "tokenizer": stage.fetch(self.tokenizer)}
+        return {"vae": stage.fetch(self.vae), "text_encoder": stage.fetch(self.text_encoder), "tokenizer": stage.fetch(self.tokenizer)}
 
 
 class InputRefs(BaseModel):
@@ -170,8 +169,11 @@ def _children(folder: ArtifactRef, manifest: FolderManifest, names: dict[str, tu
         if files:
             refs[name] = folder.child(relative, files[0].sha256, files[0].size, kind)
         else:
-            inner = FolderManifest(files=[f.model_copy(update={"path": f.path.removeprefix(relative + "/")})
-                                          for f in manifest.files if f.path.startswith(relative + "/")])
+            inner = FolderManifest(
+                files=[
+                    f.model_copy(update={"path": f.path.removeprefix(relative + "/")}) for f in manifest.files if f.path.startswith(relative + "/")
+                ]
+            )
             refs[name] = folder.child(relative, inner.sha256, inner.size, kind).model_copy(update={"layout": "folder"})
     return refs
 
@@ -182,14 +184,17 @@ def tiny_models(task: str, seed: int, pretrain_steps: int, ctx: StageContext) ->
     clips), stored like any other input."""
     with open_stage(ctx) as stage:
         out = stage.work / "models"
-        stage.run_command("models tiny", {"task": task, "output_dir": out, "seed": seed, "pretrain_steps": pretrain_steps,
-                                          "overwrite": True}, gpus=0)
+        stage.run_command("models tiny", {"task": task, "output_dir": out, "seed": seed, "pretrain_steps": pretrain_steps, "overwrite": True}, gpus=0)
         folder = stage.put(out, "model_set")
         layout = json.loads((out / MODEL_SET_FILE).read_text())
         manifest = stage.store.folder_manifest(stage.store.key(folder.uri))
-        parts = {"dit": (layout["low_noise"], "dit"), "dit_high_noise": (layout["high_noise"], "dit"),
-                 "vae": (layout["vae"], "vae"), "text_encoder": (layout["text_encoder"], "text_encoder"),
-                 "tokenizer": (layout["tokenizer"], "tokenizer")}
+        parts = {
+            "dit": (layout["low_noise"], "dit"),
+            "dit_high_noise": (layout["high_noise"], "dit"),
+            "vae": (layout["vae"], "vae"),
+            "text_encoder": (layout["text_encoder"], "text_encoder"),
+            "tokenizer": (layout["tokenizer"], "tokenizer"),
+        }
         models = ModelRefs(task=layout["task"], **_children(folder, manifest, parts))
         return TinyModels(models=models, timing=stage.timing())
 
@@ -199,8 +204,11 @@ def synth_data(clips: int, frames: int, size: str, seed: int, val_fraction: floa
     """The procedural surgical-like clip set (`lora-moe data synth`)."""
     with open_stage(ctx) as stage:
         out = stage.work / "data"
-        stage.run_command("data synth", {"output_dir": out, "clips": clips, "frames": frames, "size": size, "seed": seed,
-                                         "val_fraction": val_fraction, "overwrite": True}, gpus=0)
+        stage.run_command(
+            "data synth",
+            {"output_dir": out, "clips": clips, "frames": frames, "size": size, "seed": seed, "val_fraction": val_fraction, "overwrite": True},
+            gpus=0,
+        )
         folder = stage.put(out, "dataset")
         manifest = stage.store.folder_manifest(stage.store.key(folder.uri))
         names = {f.path: (f.path, "manifest" if f.path == "manifest.jsonl" else "clip") for f in manifest.files}
@@ -241,13 +249,18 @@ def check_new_data(model_name: str, dataset: DatasetRef, ctx: StageContext) -> N
 
     champion = current_version(mlflow_client(ctx.tracking.tracking_uri), model_name, CHAMPION)
     check = NewDataCheck(
-        data_fingerprint=dataset.fingerprint, champion_version=str(champion.version) if champion else None,
+        data_fingerprint=dataset.fingerprint,
+        champion_version=str(champion.version) if champion else None,
         champion_fingerprint=champion.tags.get("data_fingerprint") if champion else None,
     )
     get_run_logger().info(
-        f"data fingerprint {check.data_fingerprint[:16]}; " + (
+        f"data fingerprint {check.data_fingerprint[:16]}; "
+        + (
             f"champion v{check.champion_version} was trained on {str(check.champion_fingerprint)[:16]}"
-            if champion else f"{model_name} has no champion yet"))
+            if champion
+            else f"{model_name} has no champion yet"
+        )
+    )
     return check
 
 
@@ -267,12 +280,15 @@ def champion_stage1(model_name: str, models: ModelRefs, ctx: StageContext) -> Ch
     for name, ref in (("base_dit", models.dit), ("base_dit_high_noise", models.dit_high_noise)):
         theirs = refs.get(name, {}).get("sha256")
         if (ref.sha256 if ref else None) != theirs:
-            raise MoeError(f"stage2_from_champion: champion v{champion.version} was merged from another {name} "
-                           f"(sha256 {str(theirs)[:12]}..., this run's {ref.sha256[:12] if ref else 'none'}...); "
-                           "train stage 1 again (stage2_from_champion: false)")
-    return ChampionStage1(version=str(champion.version), **{
-        name: ArtifactRef.model_validate(refs[name]) for name in ("vanilla_lora", "merged_low_noise", "merged_high_noise")
-        if name in refs})
+            raise MoeError(
+                f"stage2_from_champion: champion v{champion.version} was merged from another {name} "
+                f"(sha256 {str(theirs)[:12]}..., this run's {ref.sha256[:12] if ref else 'none'}...); "
+                "train stage 1 again (stage2_from_champion: false)"
+            )
+    return ChampionStage1(
+        version=str(champion.version),
+        **{name: ArtifactRef.model_validate(refs[name]) for name in ("vanilla_lora", "merged_low_noise", "merged_high_noise") if name in refs},
+    )
 
 
 @task(name="prepare-data", task_run_name="prepare-data", **CACHED, **SAFE_RETRIES)
@@ -282,9 +298,22 @@ def prepare_data(dataset: DatasetRef, models: ModelRefs, settings: dict[str, Any
         manifest = stage.fetch_dataset(dataset)
         out = stage.work / "cache"
         device = "cuda" if stage.ctx.gpus else "cpu"
-        stage.run_command("cache", {"task": models.task, "manifest": manifest, "output_dir": out, **models.component_paths(stage),
-                                    "size": settings["size"], "frames": settings["frames"], "dtype": settings["dtype"],
-                                    "embed_dtype": settings["embed_dtype"], "device": device, "quiet": True}, gpus=0)
+        stage.run_command(
+            "cache",
+            {
+                "task": models.task,
+                "manifest": manifest,
+                "output_dir": out,
+                **models.component_paths(stage),
+                "size": settings["size"],
+                "frames": settings["frames"],
+                "dtype": settings["dtype"],
+                "embed_dtype": settings["embed_dtype"],
+                "device": device,
+                "quiet": True,
+            },
+            gpus=0,
+        )
         cache = stage.put(out, "latent_cache")
         stage.mlflow.log_params({"data": settings})
         stage.mlflow.set_tags(ref_tags("latent_cache", cache))
@@ -302,8 +331,9 @@ def start_options(out: Path) -> tuple[dict[str, bool], Path | None]:
     return ({"resume": True}, states[-1]) if states else ({"overwrite": True}, None)
 
 
-def _train(stage, command: str, config: dict[str, Any], inputs: dict[str, Any], weights_file: str, kind: str,
-           components: ModelRefs | None = None) -> TrainResult:
+def _train(
+    stage, command: str, config: dict[str, Any], inputs: dict[str, Any], weights_file: str, kind: str, components: ModelRefs | None = None
+) -> TrainResult:
     """One training command. With `sample_prompts` in `config` (a file on the worker; a relative
     path is taken from the worker's working folder, the command runs in the stage's work folder)
     the samples during training use `components`' VAE, text encoder and tokenizer (fetched and
@@ -336,9 +366,14 @@ def _train(stage, command: str, config: dict[str, Any], inputs: dict[str, Any], 
         stage.mlflow.log_artifact(out / "logs", "tensorboard")
     stage.mlflow.set_tags(ref_tags(kind, weights))
     return TrainResult(
-        weights=weights, metrics=metrics, metrics_file=stage.put(out / METRICS_FILE, "metrics"), logs=logs,
-        train_log=stage.put(out / TRAIN_LOG_FILE, "train_log"), resumed_from=state.name if state is not None else None,
-        mlflow_run_id=stage.mlflow.run_id, timing=stage.timing(),
+        weights=weights,
+        metrics=metrics,
+        metrics_file=stage.put(out / METRICS_FILE, "metrics"),
+        logs=logs,
+        train_log=stage.put(out / TRAIN_LOG_FILE, "train_log"),
+        resumed_from=state.name if state is not None else None,
+        mlflow_run_id=stage.mlflow.run_id,
+        timing=stage.timing(),
     )
 
 
@@ -362,14 +397,23 @@ def _log_samples(stage, out: Path) -> None:
         record = json.loads(line)
         if record.get("event") == "sample":
             prompts[record["prompt_index"]] = record["prompt"] + (f" (hint: {record['hint']})" if record.get("hint") else "")
-    rows = [f"| {index} | {prompts.get(index, '?').replace('|', '/')} | {epoch} | {step} | `{SAMPLES_DIR}/{name}` |"
-            for name, (_, s, index) in sorted(files.items(), key=lambda kv: kv[1][2]) if s == step]
+    rows = [
+        f"| {index} | {prompts.get(index, '?').replace('|', '/')} | {epoch} | {step} | `{SAMPLES_DIR}/{name}` |"
+        for name, (_, s, index) in sorted(files.items(), key=lambda kv: kv[1][2])
+        if s == step
+    ]
     url = stage.ctx.tracking.run_url(stage.mlflow.run_id)
-    markdown = "\n".join([
-        f"### {stage.name}: samples at epoch {epoch}, step {step}", "",
-        f"{len(files)} sample videos in all, in the MLflow run's artifacts under `{SAMPLES_DIR}/` ([run]({url})).", "",
-        "| prompt # | prompt | epoch | step | file |", "|---|---|---|---|---|", *rows,
-    ])
+    markdown = "\n".join(
+        [
+            f"### {stage.name}: samples at epoch {epoch}, step {step}",
+            "",
+            f"{len(files)} sample videos in all, in the MLflow run's artifacts under `{SAMPLES_DIR}/` ([run]({url})).",
+            "",
+            "| prompt # | prompt | epoch | step | file |",
+            "|---|---|---|---|---|",
+            *rows,
+        ]
+    )
     create_markdown_artifact(markdown, key=f"{stage.name}-samples", description=f"{stage.name}: latest samples during training")
 
 
@@ -384,8 +428,7 @@ def stage1_train(models: ModelRefs, cache: ArtifactRef, config: dict[str, Any], 
 
 
 @task(name="merge", **CACHED, **SAFE_RETRIES)
-def merge(task: str, dit: ArtifactRef, vanilla_lora: ArtifactRef, lora_multiplier: float, output_name: str,
-          ctx: StageContext) -> MergeResult:
+def merge(task: str, dit: ArtifactRef, vanilla_lora: ArtifactRef, lora_multiplier: float, output_name: str, ctx: StageContext) -> MergeResult:
     """The LoRA folded into one expert (`lora-moe merge`); runs as merge-low and merge-high."""
     with open_stage(ctx) as stage:
         name = output_name + (".safetensors" if dit.layout == "file" else "")
@@ -393,8 +436,17 @@ def merge(task: str, dit: ArtifactRef, vanilla_lora: ArtifactRef, lora_multiplie
         if out.is_file():  # a retry: the merge refuses to overwrite its output
             out.unlink()
         shutil.rmtree(out, ignore_errors=True)
-        stage.run_command("merge", {"dit": stage.fetch(dit), "lora_weight": stage.fetch(vanilla_lora), "save_merged_model": out,
-                                    "lora_multiplier": lora_multiplier, "task": task, "quiet": True})
+        stage.run_command(
+            "merge",
+            {
+                "dit": stage.fetch(dit),
+                "lora_weight": stage.fetch(vanilla_lora),
+                "save_merged_model": out,
+                "lora_multiplier": lora_multiplier,
+                "task": task,
+                "quiet": True,
+            },
+        )
         merged = stage.put(out, "merged_dit")
         stage.mlflow.log_params({"lora_multiplier": lora_multiplier})
         stage.mlflow.set_tags(ref_tags("merged_dit", merged) | ref_tags("base_dit", dit) | ref_tags("vanilla_lora", vanilla_lora))
@@ -406,8 +458,15 @@ merge_high = merge.with_options(name="merge-high", task_run_name="merge-high")
 
 
 @task(name="stage2-train", task_run_name="stage2-train", **CACHED, **TRAINING_RETRIES)
-def stage2_train(task: str, merged_low: ArtifactRef, merged_high: ArtifactRef | None, cache: ArtifactRef,
-                 config: dict[str, Any], ctx: StageContext, models: ModelRefs | None = None) -> TrainResult:
+def stage2_train(
+    task: str,
+    merged_low: ArtifactRef,
+    merged_high: ArtifactRef | None,
+    cache: ArtifactRef,
+    config: dict[str, Any],
+    ctx: StageContext,
+    models: ModelRefs | None = None,
+) -> TrainResult:
     """Experts + router + timestep gates on the merged DiTs (`lora-moe stage2`); `models` gives
     the VAE, text encoder and tokenizer for samples during training."""
     with open_stage(ctx) as stage:
@@ -421,18 +480,44 @@ def stage2_train(task: str, merged_low: ArtifactRef, merged_high: ArtifactRef | 
 
 
 @task(name="eval", task_run_name="eval", **CACHED, **SAFE_RETRIES)
-def evaluate(models: ModelRefs, merged_low: ArtifactRef, merged_high: ArtifactRef | None, lora_moe: ArtifactRef,
-             cache: ArtifactRef, dataset: DatasetRef, config: dict[str, Any], gate: dict[str, Any],
-             ctx: StageContext) -> EvalResult:
+def evaluate(
+    models: ModelRefs,
+    merged_low: ArtifactRef,
+    merged_high: ArtifactRef | None,
+    lora_moe: ArtifactRef,
+    cache: ArtifactRef,
+    dataset: DatasetRef,
+    config: dict[str, Any],
+    gate: dict[str, Any],
+    ctx: StageContext,
+) -> EvalResult:
     """`lora-moe eval`: held-out losses of base, stage 1 and stage 2, routing, plots, samples, gate."""
     with open_stage(ctx) as stage:
         out = stage.work / "eval"
-        inputs = {"merged_dit": merged_low, "merged_dit_high_noise": merged_high, "lora_moe_weights": lora_moe,
-                  "dataset": cache, "dit": models.dit, "dit_high_noise": models.dit_high_noise}
+        inputs = {
+            "merged_dit": merged_low,
+            "merged_dit_high_noise": merged_high,
+            "lora_moe_weights": lora_moe,
+            "dataset": cache,
+            "dit": models.dit,
+            "dit_high_noise": models.dit_high_noise,
+        }
         paths = {name: stage.fetch(ref) for name, ref in inputs.items() if ref is not None}
-        stage.run_command("eval", dict(config) | paths | models.component_paths(stage) | {
-            "gate": stage.write_config("gate.yaml", gate), "task": models.task, "manifest": stage.fetch_dataset(dataset),
-            "output_dir": out, "device": "cuda" if stage.ctx.gpus else "cpu", "overwrite": True, "progress": False})
+        stage.run_command(
+            "eval",
+            dict(config)
+            | paths
+            | models.component_paths(stage)
+            | {
+                "gate": stage.write_config("gate.yaml", gate),
+                "task": models.task,
+                "manifest": stage.fetch_dataset(dataset),
+                "output_dir": out,
+                "device": "cuda" if stage.ctx.gpus else "cpu",
+                "overwrite": True,
+                "progress": False,
+            },
+        )
         report = json.loads((out / EVAL_REPORT_FILE).read_text())
         for flag, ref in inputs.items():  # the report records what it measured: the refs' bytes
             recorded = report["inputs"].get(flag, {}).get("sha256")
@@ -444,14 +529,21 @@ def evaluate(models: ModelRefs, merged_low: ArtifactRef, merged_high: ArtifactRe
         stage.mlflow.log_artifact(out, "eval")
         log_datasets(ctx.tracking.tracking_uri, stage.mlflow.run_id, clip_datasets(dataset, cache, "evaluation"))
         stage.mlflow.set_tags(ref_tags("eval_report", stored) | {"gate.passed": str(report["gate"]["passed"]).lower()})
-        return EvalResult(report=stored, metrics=report["metrics"], gate=report["gate"], mlflow_run_id=stage.mlflow.run_id,
-                          timing=stage.timing())
+        return EvalResult(report=stored, metrics=report["metrics"], gate=report["gate"], mlflow_run_id=stage.mlflow.run_id, timing=stage.timing())
 
 
 @task(name="register", task_run_name="register", **CACHED)
-def register(model_name: str, task: str, artifacts: dict[str, ArtifactRef], evaluation: EvalResult,
-             data_fingerprint: str, based_on: str | None, ctx: StageContext, dataset: DatasetRef | None = None,
-             producers: dict[str, str] | None = None) -> RegisterResult:
+def register(
+    model_name: str,
+    task: str,
+    artifacts: dict[str, ArtifactRef],
+    evaluation: EvalResult,
+    data_fingerprint: str,
+    based_on: str | None,
+    ctx: StageContext,
+    dataset: DatasetRef | None = None,
+    producers: dict[str, str] | None = None,
+) -> RegisterResult:
     """One registry version: the bundle with its model card and artifacts.json, a dozen tags
     (`version_tags`), aliases; the lineage of its parts as MLflow logged models; the Prefect event
     `lora-moe.champion.promoted` when `champion` moved to it. The version points at the pipeline's
@@ -463,40 +555,72 @@ def register(model_name: str, task: str, artifacts: dict[str, ArtifactRef], eval
         shutil.rmtree(bundle_dir, ignore_errors=True)  # a retry writes it again
         lora_moe_file = stage.fetch(artifacts["lora_moe"])
         bundle = write_bundle(
-            bundle_dir, task=task, lora_moe_file=lora_moe_file, artifacts=artifacts,
-            data_fingerprint=data_fingerprint, metrics=evaluation.metrics, gate=evaluation.gate,
-            based_on={"version": based_on, "reused": ["vanilla_lora", "merged_low_noise", "merged_high_noise"]}
-            if based_on else None,
+            bundle_dir,
+            task=task,
+            lora_moe_file=lora_moe_file,
+            artifacts=artifacts,
+            data_fingerprint=data_fingerprint,
+            metrics=evaluation.metrics,
+            gate=evaluation.gate,
+            based_on={"version": based_on, "reused": ["vanilla_lora", "merged_low_noise", "merged_high_noise"]} if based_on else None,
         )
         report = json.loads((stage.fetch(evaluation.report) / EVAL_REPORT_FILE).read_text())
         gate, code, parent = evaluation.gate, code_version(), ctx.tracking.parent_run_id
-        tags = version_tags(task=task, data_fingerprint=data_fingerprint, gate=gate, metrics=evaluation.metrics,
-                            lora_moe_sha256=artifacts["lora_moe"].sha256, flow_run_id=ctx.flow_run_id, code=code,
-                            based_on=based_on, weak=sorted(weak_experts(report)))
-        data = DataCard.of(dataset) if dataset is not None else DataCard(
-            source="manifest", manifest_uri="?", fingerprint=data_fingerprint, clips=0, licence=OTHER_LICENCE)
-        card = ModelCard(task=task, data=data, metrics=evaluation.metrics, gate=gate, report=report, code=code,
-                         based_on=based_on, run_url=ctx.tracking.run_url(parent), flow_run_id=ctx.flow_run_id)
+        tags = version_tags(
+            task=task,
+            data_fingerprint=data_fingerprint,
+            gate=gate,
+            metrics=evaluation.metrics,
+            lora_moe_sha256=artifacts["lora_moe"].sha256,
+            flow_run_id=ctx.flow_run_id,
+            code=code,
+            based_on=based_on,
+            weak=sorted(weak_experts(report)),
+        )
+        data = (
+            DataCard.of(dataset)
+            if dataset is not None
+            else DataCard(source="manifest", manifest_uri="?", fingerprint=data_fingerprint, clips=0, licence=OTHER_LICENCE)
+        )
+        card = ModelCard(
+            task=task,
+            data=data,
+            metrics=evaluation.metrics,
+            gate=gate,
+            report=report,
+            code=code,
+            based_on=based_on,
+            run_url=ctx.tracking.run_url(parent),
+            flow_run_id=ctx.flow_run_id,
+        )
         entry = register_bundle(
-            mlflow_client(ctx.tracking.tracking_uri), model_name, ctx.tracking.experiment_id, parent,
-            bundle_dir, tags, gate["passed"], gate["primary_metric"],
-            math.nan if gate["primary_value"] is None else float(gate["primary_value"]), gate["higher_is_better"],
-            run_link=ctx.tracking.run_url(parent), card=card, artifacts=artifacts,
+            mlflow_client(ctx.tracking.tracking_uri),
+            model_name,
+            ctx.tracking.experiment_id,
+            parent,
+            bundle_dir,
+            tags,
+            gate["passed"],
+            gate["primary_metric"],
+            math.nan if gate["primary_value"] is None else float(gate["primary_value"]),
+            gate["higher_is_better"],
+            run_link=ctx.tracking.run_url(parent),
+            card=card,
+            artifacts=artifacts,
             model_tags={k: tags[k] for k in ("task", "data_fingerprint", "gate.passed")},
         )
         stage.logger.info(f"registered {entry.name} v{entry.version}, aliases {entry.aliases}: {entry.champion_decision}")
         stage.mlflow.set_tags({"registered_model": entry.name, "registered_version": entry.version})
         try:  # what the registry shows beside the version; the version itself is complete
-            record_lineage(ctx.tracking.tracking_uri, ctx.tracking.experiment_id, artifacts, producers or {}, entry.model_id,
-                           parent)
+            record_lineage(ctx.tracking.tracking_uri, ctx.tracking.experiment_id, artifacts, producers or {}, entry.model_id, parent)
         except Exception as e:
             stage.logger.warning(f"could not record the lineage of {entry.name} v{entry.version} in MLflow: {e}")
-        event = promotion_event(entry, gate=gate, metrics=evaluation.metrics, data_fingerprint=data_fingerprint, task=task,
-                                run_url=ctx.tracking.run_url(parent))
+        event = promotion_event(
+            entry, gate=gate, metrics=evaluation.metrics, data_fingerprint=data_fingerprint, task=task, run_url=ctx.tracking.run_url(parent)
+        )
         if event is not None:
             from prefect.events import emit_event
 
             emit_event(**event)
-            stage.logger.info(f"emitted {event['event']} for {entry.name} v{entry.version} "
-                              f"(champion was {entry.previous_champion or 'none'})")
+            stage.logger.info(f"emitted {event['event']} for {entry.name} v{entry.version} (champion was {entry.previous_champion or 'none'})")
         return RegisterResult(entry=entry, bundle=bundle, mlflow_run_id=stage.mlflow.run_id, timing=stage.timing())

@@ -101,9 +101,16 @@ class Stage:
         command = stage_command([str(a) for a in args], self.ctx.gpus if gpus is None else gpus)
         self.logger.info("running: " + " ".join(command))
         progress = TrainingProgress(train_log, self.name) if train_log is not None else None
-        result = run_command(command, self.name, self.logger.info, timeout_s=self.ctx.timeout_s,
-                             on_tick=progress.update if progress else None, cwd=self.work, grace_s=self.ctx.stop_grace_s,
-                             keep_fds=(self.lock.fd,))  # the child holds the folder's lock too, until it exits
+        result = run_command(
+            command,
+            self.name,
+            self.logger.info,
+            timeout_s=self.ctx.timeout_s,
+            on_tick=progress.update if progress else None,
+            cwd=self.work,
+            grace_s=self.ctx.stop_grace_s,
+            keep_fds=(self.lock.fd,),
+        )  # the child holds the folder's lock too, until it exits
         self.logger.info(f"{self.name} command finished in {result.wall_s:.1f} s")
         self.commands.append(result)
         return result
@@ -172,7 +179,8 @@ class TrainingProgress:
         done = 100.0 * self.last["step"] / self.last["total_steps"]
         loss = self.last.get("train/loss", self.last.get("loss"))
         text = f"{self.stage}: step {self.last['step']}/{self.last['total_steps']}, epoch {self.last.get('epoch', 0)}" + (
-            f", loss {loss:.4f}" if isinstance(loss, float) else "")
+            f", loss {loss:.4f}" if isinstance(loss, float) else ""
+        )
         if self.artifact_id is None:
             self.artifact_id = create_progress_artifact(done, key=f"{self.stage}-progress", description=text)
         else:

@@ -71,6 +71,12 @@ from moe.eval.video_metrics.api import (
 )
 
 __all__ = [
-    "FVD_FRAMES", "METRICS", "MIN_CLIPS", "MetricEstimate", "VideoFeatures", "clear_cache",
-    "distribution_metrics", "video_features",
+    "FVD_FRAMES",
+    "METRICS",
+    "MIN_CLIPS",
+    "MetricEstimate",
+    "VideoFeatures",
+    "clear_cache",
+    "distribution_metrics",
+    "video_features",
 ]

@@ -83,16 +83,23 @@ class VideoFeatures:
             i3d=None if first.i3d is None else np.concatenate([p.i3d for p in parts]),
             inception=None if first.inception is None else np.concatenate([p.inception for p in parts]),
             frame_clip=None if first.frame_clip is None else np.concatenate([p.frame_clip + o for p, o in zip(parts, offsets)]),
-            fvd_frames=first.fvd_frames, fid_frames=first.fid_frames, shapes=[s for p in parts for s in p.shapes],
+            fvd_frames=first.fvd_frames,
+            fid_frames=first.fid_frames,
+            shapes=[s for p in parts for s in p.shapes],
         )
 
     def has(self, metric: str) -> bool:
         return (self.i3d if _NEEDS[metric] == "i3d" else self.inception) is not None
 
     def save(self, path: str | Path) -> None:
-        meta = {"format": _FORMAT, "clips": self.clips, "fvd_frames": self.fvd_frames, "fid_frames": self.fid_frames,
-                "shapes": [list(s) for s in self.shapes],
-                "weights": {w.package: w.sha256 for w in (I3D_WEIGHTS, INCEPTION_WEIGHTS)}}
+        meta = {
+            "format": _FORMAT,
+            "clips": self.clips,
+            "fvd_frames": self.fvd_frames,
+            "fid_frames": self.fid_frames,
+            "shapes": [list(s) for s in self.shapes],
+            "weights": {w.package: w.sha256 for w in (I3D_WEIGHTS, INCEPTION_WEIGHTS)},
+        }
         arrays = {k: v for k, v in (("i3d", self.i3d), ("inception", self.inception), ("frame_clip", self.frame_clip)) if v is not None}
         with atomic_file(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
@@ -109,8 +116,9 @@ class VideoFeatures:
             raise MoeError(f"{path} was saved in VideoFeatures format {meta.get('format')}, this code reads {_FORMAT}")
         if meta.get("weights") != {w.package: w.sha256 for w in (I3D_WEIGHTS, INCEPTION_WEIGHTS)}:
             raise MoeError(f"{path} holds features of other network weights than this code uses; compute them again")
-        return cls(clips=meta["clips"], fvd_frames=meta["fvd_frames"], fid_frames=meta["fid_frames"],
-                   shapes=[tuple(s) for s in meta["shapes"]], **arrays)
+        return cls(
+            clips=meta["clips"], fvd_frames=meta["fvd_frames"], fid_frames=meta["fid_frames"], shapes=[tuple(s) for s in meta["shapes"]], **arrays
+        )
 
 
 # --- extractors, one per (network, device) per process ----------------------------------------
@@ -162,19 +170,24 @@ def _device(device) -> torch.device:
     return resolve_device(device, "device")
 
 
-def video_features(videos, *, metrics=METRICS, device=None, fvd_frames: int | None = FVD_FRAMES,
-                   fid_frames: int | None = None, i3d_batch: int = 4, inception_batch: int = 32,
-                   where: str = "videos") -> VideoFeatures:
+def video_features(
+    videos,
+    *,
+    metrics=METRICS,
+    device=None,
+    fvd_frames: int | None = FVD_FRAMES,
+    fid_frames: int | None = None,
+    i3d_batch: int = 4,
+    inception_batch: int = 32,
+    where: str = "videos",
+) -> VideoFeatures:
     """I3D and/or Inception features of clips (uint8 or [-1, 1] float, `[N, F, H, W, 3]` or a
     list of `[F, H, W, 3]`). `fvd_frames`: I3D sees each clip's first `fvd_frames` frames (16, the
     FVD protocol; None: all frames, at least 9). `fid_frames`: the Inception sees that many evenly
     spaced frames of each clip (None: every frame; fewer frames cost less, e.g. on a CPU)."""
     metrics = _check_metrics(metrics)
     if fvd_frames is not None and fvd_frames < MIN_FRAMES:
-        raise MoeError(
-            f"fvd_frames must be at least {MIN_FRAMES} (the I3D network's minimum; the FVD protocol uses 16) "
-            f"or None, got {fvd_frames}"
-        )
+        raise MoeError(f"fvd_frames must be at least {MIN_FRAMES} (the I3D network's minimum; the FVD protocol uses 16) or None, got {fvd_frames}")
     if fid_frames is not None and fid_frames < 1:
         raise MoeError(f"fid_frames must be at least 1 or None (every frame), got {fid_frames}")
     clips = as_clips(videos, where)
@@ -207,7 +220,7 @@ def _i3d_features(clips, device, fvd_frames, batch, where) -> np.ndarray:
         by_length.setdefault(len(c), []).append(i)
     for indices in by_length.values():
         for start in range(0, len(indices), batch):
-            chunk = indices[start:start + batch]
+            chunk = indices[start : start + batch]
             x = torch.cat([i3d_input([clips[i]], device) for i in chunk])
             logits = net(x).float().cpu().numpy()
             for i, row in zip(chunk, logits):
@@ -251,19 +264,25 @@ def _features(videos, label: str, metrics, device, fvd_frames, fid_frames) -> Vi
     if isinstance(videos, VideoFeatures):
         missing = [m for m in metrics if not videos.has(m)]
         if missing:
-            raise MoeError(
-                f"the {label} features hold nothing for {', '.join(missing)}; "
-                f"compute them with video_features(..., metrics={metrics})"
-            )
+            raise MoeError(f"the {label} features hold nothing for {', '.join(missing)}; compute them with video_features(..., metrics={metrics})")
         return videos
     return video_features(videos, metrics=metrics, device=device, fvd_frames=fvd_frames, fid_frames=fid_frames, where=label)
 
 
-def distribution_metrics(real, generated, *, seed: int = 0, bootstrap: int = 200, device=None,
-                         metrics=METRICS, fvd_frames: int | None = FVD_FRAMES, fid_frames: int | None = None,
-                         level: float = 0.95,
-                         kid_subsets: int = KID_SUBSETS, kid_subset_size: int = KID_SUBSET_SIZE,
-                         ) -> dict[str, MetricEstimate]:
+def distribution_metrics(
+    real,
+    generated,
+    *,
+    seed: int = 0,
+    bootstrap: int = 200,
+    device=None,
+    metrics=METRICS,
+    fvd_frames: int | None = FVD_FRAMES,
+    fid_frames: int | None = None,
+    level: float = 0.95,
+    kid_subsets: int = KID_SUBSETS,
+    kid_subset_size: int = KID_SUBSET_SIZE,
+) -> dict[str, MetricEstimate]:
     """FVD, KVD, FID and KID between `real` and `generated` clips (videos as for `video_features`,
     or their `VideoFeatures`), each with a seeded bootstrap interval over clips. `fvd_frames` and
     `fid_frames` apply to sets given as videos (see `video_features`); both sets must agree.
@@ -291,10 +310,7 @@ def distribution_metrics(real, generated, *, seed: int = 0, bootstrap: int = 200
     g = _features(generated, "generated", metrics, dev, fvd_frames, fid_frames)
     for network, option in (("i3d", "fvd_frames"), ("inception", "fid_frames")):
         if any(_NEEDS[m] == network for m in metrics) and getattr(r, option) != getattr(g, option):
-            raise MoeError(
-                f"the real features used {option}={getattr(r, option)}, the generated {getattr(g, option)}: "
-                "compute both alike"
-            )
+            raise MoeError(f"the real features used {option}={getattr(r, option)}, the generated {getattr(g, option)}: compute both alike")
 
     resample = np.random.default_rng([seed, 0])
     real_idx = resample.integers(0, r.clips, size=(bootstrap, r.clips))
@@ -315,7 +331,13 @@ def distribution_metrics(real, generated, *, seed: int = 0, bootstrap: int = 200
             if metric in ("fvd", "fid"):
                 return frechet_distance(a, b, dev)
             return polynomial_mmd2(
-                a, b, rng=kid_rng, subsets=kid_subsets, subset_size=kid_subset_size, device=dev, method=method,
+                a,
+                b,
+                rng=kid_rng,
+                subsets=kid_subsets,
+                subset_size=kid_subset_size,
+                device=dev,
+                method=method,
             )
 
         value = measure(x, y)
@@ -326,9 +348,16 @@ def distribution_metrics(real, generated, *, seed: int = 0, bootstrap: int = 200
             reps.append(measure(x[torch.from_numpy(ir_rows).to(dev)], y[torch.from_numpy(ig_rows).to(dev)], "fastest"))
         low, high, bias = bootstrap_interval(value, reps, level) if bootstrap else (None, None, None)
         out[metric] = MetricEstimate(
-            value=value, low=low, high=high, n_real=r.clips, n_generated=g.clips,
-            samples_real=len(x), samples_generated=len(y), bootstrap=bootstrap,
-            bootstrap_bias=bias, level=level,
+            value=value,
+            low=low,
+            high=high,
+            n_real=r.clips,
+            n_generated=g.clips,
+            samples_real=len(x),
+            samples_generated=len(y),
+            bootstrap=bootstrap,
+            bootstrap_bias=bias,
+            level=level,
         )
     return out
 
@@ -336,4 +365,4 @@ def distribution_metrics(real, generated, *, seed: int = 0, bootstrap: int = 200
 def _clip_rows(f: VideoFeatures) -> list[np.ndarray]:
     order = np.argsort(f.frame_clip, kind="stable")
     bounds = np.searchsorted(f.frame_clip[order], np.arange(f.clips + 1))
-    return [order[bounds[i]:bounds[i + 1]] for i in range(f.clips)]
+    return [order[bounds[i] : bounds[i + 1]] for i in range(f.clips)]

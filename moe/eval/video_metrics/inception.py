@@ -78,11 +78,16 @@ class InceptionC(nn.Module):
         super().__init__()
         self.conv = Conv2dLayer(c, 192, 1, 1)
         self.tower = _seq(
-            Conv2dLayer(c, t, 1, 1), Conv2dLayer(t, t, 1, 7, padding=[0, 3]), Conv2dLayer(t, 192, 7, 1, padding=[3, 0]),
+            Conv2dLayer(c, t, 1, 1),
+            Conv2dLayer(t, t, 1, 7, padding=[0, 3]),
+            Conv2dLayer(t, 192, 7, 1, padding=[3, 0]),
         )
         self.tower_1 = _seq(
-            Conv2dLayer(c, t, 1, 1), Conv2dLayer(t, t, 7, 1, padding=[3, 0]), Conv2dLayer(t, t, 1, 7, padding=[0, 3]),
-            Conv2dLayer(t, t, 7, 1, padding=[3, 0]), Conv2dLayer(t, 192, 1, 7, padding=[0, 3]),
+            Conv2dLayer(c, t, 1, 1),
+            Conv2dLayer(t, t, 7, 1, padding=[3, 0]),
+            Conv2dLayer(t, t, 1, 7, padding=[0, 3]),
+            Conv2dLayer(t, t, 7, 1, padding=[3, 0]),
+            Conv2dLayer(t, 192, 1, 7, padding=[0, 3]),
         )
         self.tower_2 = _seq(Conv2dLayer(c, 192, 1, 1))
 
@@ -95,8 +100,10 @@ class InceptionD(nn.Module):
         super().__init__()
         self.tower = _seq(Conv2dLayer(c, 192, 1, 1), Conv2dLayer(192, 320, 3, 3, stride=2))
         self.tower_1 = _seq(
-            Conv2dLayer(c, 192, 1, 1), Conv2dLayer(192, 192, 1, 7, padding=[0, 3]),
-            Conv2dLayer(192, 192, 7, 1, padding=[3, 0]), Conv2dLayer(192, 192, 3, 3, stride=2),
+            Conv2dLayer(c, 192, 1, 1),
+            Conv2dLayer(192, 192, 1, 7, padding=[0, 3]),
+            Conv2dLayer(192, 192, 7, 1, padding=[3, 0]),
+            Conv2dLayer(192, 192, 3, 3, stride=2),
         )
 
     def forward(self, x):
@@ -121,10 +128,17 @@ class InceptionE(nn.Module):
         a = self.tower_conv(x)
         b = self.tower_1_conv_1(self.tower_1_conv(x))
         pooled = F.max_pool2d(x, 3, 1, 1) if self.max_pool else _avg3(x)
-        return torch.cat([
-            self.conv(x), self.tower_mixed_conv(a), self.tower_mixed_conv_1(a),
-            self.tower_1_mixed_conv(b), self.tower_1_mixed_conv_1(b), self.tower_2_conv(pooled),
-        ], 1)
+        return torch.cat(
+            [
+                self.conv(x),
+                self.tower_mixed_conv(a),
+                self.tower_mixed_conv_1(a),
+                self.tower_1_mixed_conv(b),
+                self.tower_1_mixed_conv_1(b),
+                self.tower_2_conv(pooled),
+            ],
+            1,
+        )
 
 
 class _Stem(nn.Module):

