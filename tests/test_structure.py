@@ -132,6 +132,16 @@ def test_imports_run_down_the_floors():
     assert "moe.train" not in folded["moe.eval"] and "moe.eval" not in folded["moe.train"]
 
 
+def test_every_source_folder_is_a_package():
+    """A folder of modules without `__init__.py` imports (as a namespace package) but is left out
+    of the wheel (`setuptools.find_packages`) and of `pkgutil.walk_packages`."""
+    from setuptools import find_packages
+
+    folders = {p.parent for top in ("moe", "tasks", "flows") for p in (ROOT / top).rglob("*.py")}
+    packages = {ROOT.joinpath(*name.split(".")) for name in find_packages(str(ROOT), include=["moe*", "tasks*", "flows*"])}
+    assert folders <= packages, sorted(str(f.relative_to(ROOT)) for f in folders - packages)
+
+
 def test_moe_root_holds_only_packages_and_operations():
     """Loose modules at the root are the error type and the one-file operations."""
     root = sorted(p.stem for p in (ROOT / "moe").glob("*.py"))

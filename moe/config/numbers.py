@@ -38,7 +38,10 @@ def _size_items(value: Any) -> Any:
     if isinstance(value, (tuple, list)) and len(value) == 1:
         value = value[0]
     if isinstance(value, str):
-        value = value.lower().replace("x", ",").split(",")
+        items = [item.strip() for item in value.lower().replace("x", ",").split(",")]
+        if len(items) != 2 or not all(item.isdigit() for item in items):
+            raise ValueError(f"must look like WIDTHxHEIGHT (e.g. 832x480), got {value!r}")
+        value = items
     return value
 
 
