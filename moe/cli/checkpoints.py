@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Literal
-
 import typer
 
 from moe.cli.app import app
 from moe.cli.config_command import config_command
-from moe.cli.options import CheckedCommand, number
-from moe.config.file_names import OVERWRITE_HELP
+from moe.config.lora import ExportExpertConfig, InspectConfig
 from moe.config.merge import MergeConfig
-from moe.config.numbers import FiniteFloat, Fraction
 from moe.config.tiny import TinyModelsConfig
 from moe.errors import MoeError
 
@@ -56,48 +51,40 @@ def _run_merge(cfg: MergeConfig) -> None:
 config_command(app, "merge", MergeConfig, _run_merge, help="Merge a vanilla LoRA into one DiT checkpoint, streaming, keeping its format.")
 
 
-@app.command("inspect", cls=CheckedCommand)
-def inspect(path: Annotated[Path, typer.Argument(help="A .safetensors file or checkpoint folder.")]) -> None:
-    """Say what a file is: Wan DiT (format, preset, dtype), merged DiT, vanilla LoRA or LoRA-MoE."""
+def _run_inspect(cfg: InspectConfig) -> None:
     from moe.inspect import inspect_report
 
-    typer.echo(inspect_report(path))
+    typer.echo(inspect_report(cfg.path))
 
 
-@app.command("export-expert", cls=CheckedCommand)
-def export_expert(
-    lora_moe_weights: Annotated[Path, typer.Option("--lora_moe_weights", help="Stage-2 LoRA-MoE file.")],
-    expert: Annotated[str, typer.Option("--expert", help="scissors, hook, suction or other.")],
-    out: Annotated[Path, typer.Option("--out", help="Output vanilla LoRA file.")],
-    bake_sigma: Annotated[
-        float,
-        typer.Option(
-            "--bake_sigma",
-            help="Bake the timestep gate w_e(sigma) in at this sigma (default 0: full strength).",
-            **number(Fraction),
-        ),
-    ] = 0.0,
-    no_bake: Annotated[bool, typer.Option("--no_bake", help="Do not bake the timestep gate (w = 1).")] = False,
-    alpha_expert: Annotated[float, typer.Option("--alpha_expert", **number(FiniteFloat))] = 1.0,
-    save_format: Annotated[
-        Literal["diffusers", "musubi", "default", "peft"],
-        typer.Option("--save_format", help="diffusers (= default), musubi or peft."),
-    ] = "diffusers",
-    musubi_copy: Annotated[bool, typer.Option("--musubi_copy", help="Also write OUT_musubi.safetensors (musubi-tuner's form).")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
-) -> None:
-    """Export one expert as a vanilla LoRA (for diffusers, ComfyUI, `generate --lora_weight`).
-    It is a delta on the MERGED DiTs the experts were trained on."""
-    from moe.lora_moe.file import export_expert as export
+config_command(
+    app, "inspect", InspectConfig, _run_inspect, help="Say what a file is: Wan DiT (format, preset, dtype), merged DiT, vanilla LoRA or LoRA-MoE."
+)
+
+
+def _run_export_expert(cfg: ExportExpertConfig) -> None:
+    from moe.lora_moe.file import export_expert
 
     try:
-        path = export(lora_moe_weights, expert, out, None if no_bake else bake_sigma, alpha_expert, save_format, overwrite)
+        path = export_expert(
+            cfg.lora_moe_weights, cfg.expert, cfg.out, cfg.bake_sigma if cfg.bake else None, cfg.alpha_expert, cfg.save_format, cfg.overwrite
+        )
     except MoeError as e:
         if str(e).startswith("unknown expert"):  # the file's own expert names: known only once it is read
             raise MoeError(f"--expert: {e}") from None
         raise
-    typer.echo(f"wrote expert {expert} of {lora_moe_weights} to {path}")
-    if musubi_copy:
+    typer.echo(f"wrote expert {cfg.expert} of {cfg.lora_moe_weights} to {path}")
+    if cfg.musubi_copy:
         from moe.lora.convert import write_musubi_copy
 
-        typer.echo(f"wrote its musubi-tuner copy to {write_musubi_copy(path, overwrite)}")
+        typer.echo(f"wrote its musubi-tuner copy to {write_musubi_copy(path, cfg.overwrite)}")
+
+
+config_command(
+    app,
+    "export-expert",
+    ExportExpertConfig,
+    _run_export_expert,
+    help="Export one expert as a vanilla LoRA (for diffusers, ComfyUI, `generate --lora_weight`). It is a delta "
+    "on the MERGED DiTs the experts were trained on.",
+)

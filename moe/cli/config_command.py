@@ -72,9 +72,19 @@ def _former_names(name: str, field) -> tuple[str, ...]:
     return tuple(c for c in choices if isinstance(c, str) and c != name)
 
 
+def argument_name(field) -> str | None:
+    """The metavar of a field given as a positional argument (`Field(json_schema_extra=
+    {"argument": "PATH"})`: `lora-moe inspect PATH`), None for an option."""
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    return extra.get("argument")
+
+
 def _parameter(name: str, field, aliases: tuple[str, ...]) -> inspect.Parameter:
     aliases = (*aliases, *_former_names(name, field))
     ann = _unwrap_optional(field.annotation)
+    if metavar := argument_name(field):  # required on the command line (click says so when it is missing)
+        argument = typer.Argument(metavar=metavar, help=field.description or "", show_default=False)
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[_cli_type(ann), argument])
     required = field.is_required()
     default = None if required else field.get_default(call_default_factory=True)
     shown = None if required else shown_default(name, default)
@@ -110,9 +120,9 @@ def _command(config_cls: type[BaseModel], run: Callable[[BaseModel], None], alia
         for name in READ_WHILE_VALIDATING:  # a file a validator reads (--gate): checked before it is opened
             check_path_option(name, merged.get(name))
         cfg = build_config(config_cls, file_values, given)
-        for name in config_cls.model_fields:  # after validation, whose messages come first
+        for name, field in config_cls.model_fields.items():  # after validation, whose messages come first
             if name not in READ_WHILE_VALIDATING:
-                check_path_option(name, getattr(cfg, name))
+                check_path_option(name, getattr(cfg, name), argument_name(field))
         run(cfg)
 
     command.__signature__ = inspect.Signature(params)

@@ -2,29 +2,25 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Literal
-
 import typer
 
 from moe.cli.app import app
-from moe.cli.options import CheckedCommand
-from moe.config.file_names import OVERWRITE_HELP
+from moe.cli.config_command import config_command
+from moe.config.lora import ConvertLoRAConfig
 
 
-@app.command("convert-lora", cls=CheckedCommand)
-def convert_lora(
-    src: Annotated[Path, typer.Argument(metavar="IN", help="A vanilla LoRA in any form lora-moe reads.")],
-    to: Annotated[
-        Literal["default", "musubi", "peft"],
-        typer.Option("--to", help="default (diffusers, ComfyUI), musubi (musubi-tuner, ComfyUI) or peft (diffusers' own)."),
-    ],
-    out: Annotated[Path, typer.Option("--out", help="Output .safetensors file (a new path).")],
-    overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
-) -> None:
-    """Rewrite a vanilla LoRA in another form, losslessly (same tensors, alphas and header)."""
+def _run_convert_lora(cfg: ConvertLoRAConfig) -> None:
     from moe.lora.convert import convert_lora_file
 
-    result = convert_lora_file(src, to, out, overwrite)
+    result = convert_lora_file(cfg.src, cfg.to, cfg.out, cfg.overwrite)
     typer.echo(f"wrote {result.output} ({result.form} form, {result.modules} modules, from {result.source_form} form)")
     typer.echo(f"  {result.support}")
+
+
+config_command(
+    app,
+    "convert-lora",
+    ConvertLoRAConfig,
+    _run_convert_lora,
+    help="Rewrite a vanilla LoRA in another form, losslessly (same tensors, alphas and header).",
+)

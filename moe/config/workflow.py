@@ -4,11 +4,12 @@ stage: the Prefect flow's tiny preset uses the same functions, so both paths tra
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from moe.config.numbers import PretrainSteps, Seed
+from moe.config.file_names import OVERWRITE_HELP
+from moe.config.numbers import Count, Frames, PositiveFloat, PretrainSteps, Seed, VideoSize
 from moe.errors import MoeError
 
 STAGES = ("data", "cache", "stage1", "merge", "stage2", "eval")
@@ -22,27 +23,37 @@ TINY_PRETRAIN_STEPS = 1000
 
 
 class WorkflowConfig(BaseModel):
-    output_dir: Path
+    """`lora-moe workflow run`: every stage in one process, on the embedded tiny default."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    output_dir: Path = Field(description="Folder for every artifact.")
     preset: str = Field("tiny", description="tiny (= tiny-t2v) or tiny-i2v.")
-    until: Stage = "eval"
+    until: Stage = Field("eval", description="Stop after: data, cache, stage1, merge, stage2, eval.")
     seed: Seed = 0
-    overwrite: bool = False  # replace a previous run's outputs (each stage only its own files)
-    # `models tiny --pretrain_steps` (per expert): the tiny base DiTs are pre-trained on synthetic
-    # clips of their own, as a real base is pretrained (0: random DiTs, for fast tests).
-    pretrain_steps: PretrainSteps = TINY_PRETRAIN_STEPS
+    overwrite: bool = Field(False, description=OVERWRITE_HELP)
+    pretrain_steps: PretrainSteps = Field(
+        TINY_PRETRAIN_STEPS,
+        description="Pre-train each tiny base DiT this many steps on synthetic clips of its own, as a real base is "
+        "pretrained (about 3 min on 2 cores; 0: random DiTs, fast, but they draw no instrument).",
+    )
     # Sized so the tiny run learns visibly (stage 1) and the experts specialise (stage 2) in about
     # a minute on 2 CPU cores; tiny models take far higher learning rates than real ones. The
     # ranks are the reference workflow's (q 8, k/v/o 4, ffn.0 4: the configs' defaults).
-    clips: int = 64
-    frames: int = 17
-    size: tuple[int, int] = (64, 64)
-    stage1_epochs: int = 40
-    stage1_learning_rate: float = 1e-2
-    stage2_epochs: int = 40
-    stage2_learning_rate: float = 1e-2
-    eval_samples: int = 1  # held-out prompts per expert in the report's sample videos
-    eval_sample_steps: int = 10
-    progress: bool = True
+    clips: Count = Field(64, description="Synthetic clips.")
+    frames: Frames = Field(17, description="Frames per clip.")
+    size: VideoSize = Field((64, 64), description="Frame size WIDTHxHEIGHT.")
+    stage1_epochs: Count = 40
+    stage1_learning_rate: PositiveFloat = 1e-2
+    stage2_epochs: Count = 40
+    stage2_learning_rate: PositiveFloat = 1e-2
+    eval_samples: Annotated[int, Field(ge=0, le=100)] = Field(1, description="Held-out prompts per expert in the report's sample videos.")
+    eval_sample_steps: Annotated[int, Field(ge=1, le=1000)] = 10
+    quiet: bool = Field(False, description="No progress bars.")
+
+    @property
+    def progress(self) -> bool:
+        return not self.quiet
 
     @property
     def task(self) -> str:
