@@ -6,6 +6,9 @@
     train.py            TrainConfig, Stage1Config, Stage2Config
     eval.py, gate.py    EvalConfig, SweepConfig; the promotion gate's thresholds and verdict
     generate.py         GenerateConfig          workflow.py   WorkflowConfig (the one-process run)
+    cache.py, merge.py  CacheConfig, MergeConfig
+    data.py, tiny.py    Cholec80Config, DataCheckConfig; SynthConfig, TinyModelsConfig
+    lora.py             ExportExpertConfig, ConvertLoRAConfig, InspectConfig
     runtime_options.py  the DiT options every stage shares (dtype, fp8, block swap, compile)
     presets.py          the Wan2.2 model presets (A14B, 5B, tiny) and their block layout
     targets.py          which Linear layers a LoRA adapts, with their ranks
