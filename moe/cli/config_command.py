@@ -65,13 +65,6 @@ def shown_default(name: str, value) -> str | None:
     return str(value)
 
 
-def _former_names(name: str, field) -> tuple[str, ...]:
-    """The other names a field accepts (`validation_alias=AliasChoices(name, "out")`): a former
-    spelling that still works, in a file and as a flag."""
-    choices = getattr(field.validation_alias, "choices", ())
-    return tuple(c for c in choices if isinstance(c, str) and c != name)
-
-
 def argument_name(field) -> str | None:
     """The metavar of a field given as a positional argument (`Field(json_schema_extra=
     {"argument": "PATH"})`: `lora-moe inspect PATH`), None for an option."""
@@ -80,7 +73,6 @@ def argument_name(field) -> str | None:
 
 
 def _parameter(name: str, field, aliases: tuple[str, ...]) -> inspect.Parameter:
-    aliases = (*aliases, *_former_names(name, field))
     ann = _unwrap_optional(field.annotation)
     if metavar := argument_name(field):  # required on the command line (click says so when it is missing)
         argument = typer.Argument(metavar=metavar, help=field.description or "", show_default=False)

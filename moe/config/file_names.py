@@ -13,8 +13,9 @@ TRAIN_LOG_FILE = "train_log.jsonl"  # both training stages: one JSON object per 
 MODEL_SET_FILE = "model_set.json"  # `lora-moe models tiny` and model-set folders
 EVAL_REPORT_FILE = "eval_report.json"  # `lora-moe eval`
 
-# Every command that writes a folder names it --output_dir; --out, the data-preparation commands'
-# former spelling, still works (a flag or a key of a --config file).
+# Every command that writes a folder names it --output_dir. `out`, the data-preparation commands'
+# former spelling, still works as a key of a --config file (on the command line click's token
+# normalisation makes `--out` and `--output_dir` one option: `moe.cli.app.OPTION_ALIASES`).
 OUTPUT_DIR = AliasChoices("output_dir", "out")
 
 # Every --overwrite option: what it may replace.
