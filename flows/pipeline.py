@@ -231,63 +231,30 @@ def lora_moe_pipeline(
     run = FlowRunContext.get().flow_run
     plan = plan_run(run, dict(os.environ), preset, artifact_root, models, data, stage1, merge, stage2, evaluation, gate, tracking, storage, resources)
     options = {"force": force or "", "only_new_data": only_new_data, "stage2_from_champion": stage2_from_champion}
+    name = tracking.registered_model
     with tracked_run(plan, run, tracking, storage, force, options) as (ctx, call):
         given = models.given()
         inputs = call(stages.resolve_inputs, plan.task, given, data.manifest) if given or data.manifest else stages.InputRefs()
-        dataset = (
-            inputs.dataset
-            or call(stages.synth_data, data.synthetic_clips, plan.data["frames"], plan.data["size"], data.synthetic_seed, data.val_fraction).dataset
-        )
-        if only_new_data and not (check := call(stages.check_new_data, tracking.registered_model, dataset)).new:
-            return _skipped(ctx, call, check, tracking.registered_model, plan.root_uri)
+        synth = (data.synthetic_clips, plan.data["frames"], plan.data["size"], data.synthetic_seed, data.val_fraction)
+        dataset = inputs.dataset or call(stages.synth_data, *synth).dataset
+        if only_new_data and not (check := call(stages.check_new_data, name, dataset)).new:
+            return _skipped(ctx, call, check, name, plan.root_uri)
         model_refs = inputs.models or call(stages.tiny_models, plan.task, models.tiny_seed, models.tiny_pretrain_steps).models
         prepared = call(stages.prepare_data, dataset, model_refs, plan.data, resources=plan.resources.prepare_data)
-        surfaces.tag_flow_run(f"data:{prepared.data_fingerprint[:12]}")
-        training_data = clip_datasets(dataset, prepared.cache, "training")
+        cache, fingerprint = prepared.cache, prepared.data_fingerprint
+        surfaces.tag_flow_run(f"data:{fingerprint[:12]}")
+        training_data = clip_datasets(dataset, cache, "training")
         log_datasets(plan.tracking_uri, ctx.parent_run_id, training_data)
-        previous = call(stages.champion_stage1, tracking.registered_model, model_refs) if stage2_from_champion else None
-        merged = from_champion(previous) if previous else train_stage1_and_merge(call, plan, model_refs, prepared.cache, merge)
-        s2 = call(
-            stages.stage2_train, plan.task, merged.low, merged.high, prepared.cache, plan.stage2, models=model_refs, resources=plan.resources.stage2
-        )
+        previous = call(stages.champion_stage1, name, model_refs) if stage2_from_champion else None
+        merged = from_champion(previous) if previous else train_stage1_and_merge(call, plan, model_refs, cache, merge)
+        s2 = call(stages.stage2_train, plan.task, merged.low, merged.high, cache, plan.stage2, models=model_refs, resources=plan.resources.stage2)
         for run_id in merged.training_run_ids + [s2.mlflow_run_id]:  # the training runs' "Datasets"
             log_datasets(plan.tracking_uri, run_id, training_data)
-        ev = call(
-            stages.evaluate,
-            model_refs,
-            merged.low,
-            merged.high,
-            s2.weights,
-            prepared.cache,
-            dataset,
-            plan.eval,
-            plan.gate,
-            resources=plan.resources.eval,
-        )
-        artifacts = (
-            {f"base_{k}": v for k, v in model_refs.refs().items()}
-            | {
-                "latent_cache": prepared.cache,
-                "vanilla_lora": merged.vanilla,
-                "merged_low_noise": merged.low,
-                "lora_moe": s2.weights,
-                "eval_report": ev.report,
-            }
-            | ({"merged_high_noise": merged.high} if merged.high else {})
-        )
-        producers = merged.producers | {"lora_moe": s2.mlflow_run_id, "eval_report": ev.mlflow_run_id}  # lineage
-        reg = call(
-            stages.register,
-            tracking.registered_model,
-            plan.task,
-            artifacts,
-            ev,
-            prepared.data_fingerprint,
-            merged.from_version,
-            dataset=dataset,
-            producers=producers,
-        )
-        return finish_run(plan, ctx, call, reg.entry, ev, merged, s2, artifacts, prepared.data_fingerprint, training_data, storage)
+        dits = (model_refs, merged.low, merged.high, s2.weights)
+        ev = call(stages.evaluate, *dits, cache, dataset, plan.eval, plan.gate, resources=plan.resources.eval)
+        artifacts, producers = registered_artifacts(model_refs, cache, merged, s2, ev)
+        reg = call(stages.register, name, plan.task, artifacts, ev, fingerprint, merged.from_version, dataset=dataset, producers=producers)
+        return finish_run(plan, ctx, call, reg.entry, ev, merged, s2, artifacts, fingerprint, training_data, storage)
 
 
 class MergedDiTs(BaseModel):
@@ -300,6 +267,22 @@ class MergedDiTs(BaseModel):
     training_run_ids: list[str] = []  # the MLflow runs that trained on this run's clips
     producers: dict[str, str] = {}  # artifact -> the MLflow run that made it
     from_version: str | None = None  # the champion whose merged DiTs these are
+
+
+def registered_artifacts(model_refs, cache: ArtifactRef, merged: MergedDiTs, s2, ev) -> tuple[dict[str, ArtifactRef], dict[str, str]]:
+    """What a registry version holds (artifact name -> ref) and which MLflow run made each (lineage)."""
+    artifacts = (
+        {f"base_{k}": v for k, v in model_refs.refs().items()}
+        | {
+            "latent_cache": cache,
+            "vanilla_lora": merged.vanilla,
+            "merged_low_noise": merged.low,
+            "lora_moe": s2.weights,
+            "eval_report": ev.report,
+        }
+        | ({"merged_high_noise": merged.high} if merged.high else {})
+    )
+    return artifacts, merged.producers | {"lora_moe": s2.mlflow_run_id, "eval_report": ev.mlflow_run_id}
 
 
 def train_stage1_and_merge(call: _Runner, plan: RunPlan, model_refs, cache: ArtifactRef, merge: MergeSettings) -> MergedDiTs:
