@@ -193,3 +193,39 @@ def test_the_demo_generates_one_prompt_per_instrument_class(demo_run):
         assert set(g.variants[name].metrics) == set(METRICS) and g.variants[name].instruments.n_clips == 4
     assert all(n == 1 for n in g.variants["stage2_hint"].instruments.n_asked.values())
     assert "hint_accuracy_gain_over_stage1" in report.metrics and "vae_reconstruction_psnr" in report.metrics
+
+
+def test_the_classifier_learns_the_decoders_look(stage2_run, tmp_path):
+    """Generated clips come out of the VAE's decoder. A classifier that also trained on the
+    training clips' VAE round trips reads the held-out clips' round trips better than one that saw
+    only sharp frames (which takes a blurred instrument for none), and the report keeps that
+    score as the ceiling for generated clips."""
+    from types import SimpleNamespace
+
+    from moe.config.instruments import INSTRUMENT_CLASSES
+    from moe.config.presets import get_preset
+    from moe.data.cache_index import CacheIndex
+    from moe.data.manifest import read_manifest
+    from moe.eval.generated import _round_trips, classifier_size, train_instrument_classifier
+    from moe.eval.instrument_classifier import classify_clips, instrument_accuracy
+    from moe.wan.component_loaders import load_vae, tiny_vae_kwargs
+
+    run = stage2_run
+    cfg, index = SimpleNamespace(manifest=run["manifest"], seed=0), CacheIndex.load(run["cache"])
+    vae = load_vae(run["root"] / "models" / "vae", config=tiny_vae_kwargs(get_preset("tiny-t2v")))
+    size, clip_size = classifier_size((64, 64)), (64, 64)
+    sharp, sharp_record = train_instrument_classifier(cfg, index, INSTRUMENT_CLASSES, size, tmp_path / "sharp")
+    both, record = train_instrument_classifier(cfg, index, INSTRUMENT_CLASSES, size, tmp_path / "both", vae=vae, clip_size=clip_size)
+    assert sharp_record.round_trip_as_asked is None and record.round_trip_as_asked is not None
+    assert both.summary.vae_round_trip_clips == record.train_clips == sharp_record.train_clips > 0
+    assert both.summary.train_frames == 2 * sharp.summary.train_frames
+
+    held_out = {e.id for e in index.clips if e.split == "val"}
+    val = [r for r in read_manifest(run["manifest"]) if r.id in held_out]
+    trips = _round_trips(vae, val, run["manifest"].parent, clip_size, size)
+    scores = {
+        name: instrument_accuracy(classify_clips(model, trips), [r.instruments for r in val], INSTRUMENT_CLASSES).overall
+        for name, model in (("sharp", sharp), ("both", both))
+    }
+    assert scores["both"] == record.round_trip_as_asked.overall
+    assert scores["both"] > scores["sharp"], scores

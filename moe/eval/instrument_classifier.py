@@ -134,6 +134,10 @@ class TrainingSummary(BaseModel):
     final_loss: float
     held_out: PresenceAccuracy | None
     held_out_as_asked: InstrumentAccuracy | None
+    # Training clips also seen as the VAE gives them back (0: sharp frames only), and the held-out
+    # clips' round trips asked for their own classes: the ceiling for generated clips.
+    vae_round_trip_clips: int = 0
+    round_trip_as_asked: InstrumentAccuracy | None = None
 
 
 # --------------------------------------------------------------------------------------------

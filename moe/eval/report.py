@@ -173,7 +173,10 @@ class ClassifierRecord(BaseModel):
     held_out_clips: int
     held_out_presence_accuracy: float | None  # every (clip, class) present/absent decision
     held_out_top1: float | None  # the most probable class is one of the clip's
-    held_out_as_asked: InstrumentScores | None  # real clips asked for their own classes: the ceiling
+    held_out_as_asked: InstrumentScores | None  # real clips asked for their own classes
+    # The same held-out clips after a VAE round trip, asked for their own classes: the ceiling for
+    # generated clips, which come out of the same decoder (None: no VAE round trips measured).
+    round_trip_as_asked: InstrumentScores | None = None
 
 
 class Reconstruction(BaseModel):
@@ -542,6 +545,13 @@ def _generated_details(report: EvalReport) -> list[str]:
             f"held-out clips: presence accuracy {_num(c.held_out_presence_accuracy, '.0%')}, top-1 "
             f"{_num(c.held_out_top1, '.0%')}." + (f" {c.held_out_as_asked.description}" if c.held_out_as_asked else ""),
         ]
+        if c.round_trip_as_asked is not None:
+            lines += [
+                "",
+                "It also trained on the VAE round trips of the training clips (the decoder's look, which every generated "
+                f"clip has). The held-out clips' round trips, asked for their own classes, score "
+                f"{_num(c.round_trip_as_asked.overall, '.0%')}: no generated clip can be expected to score higher.",
+            ]
     elif g.instrument_note:
         lines += ["", f"Instrument accuracy: {g.instrument_note}."]
     if g.prompts:
