@@ -75,6 +75,7 @@ HEADLINE = (
     ("routing_top1_accuracy", "router picks the clip's instrument (top-1)", "share"),
     ("stage2_hint_instrument_accuracy", "generated clips show the hinted instrument (stage 2)", "share"),
     ("stage1_instrument_accuracy", "... the same prompts through stage 1", "share"),
+    ("classifier_round_trip_accuracy", "... at best: real clips through the VAE", "share"),
     ("stage2_learned_fvd", "FVD of stage 2's generated clips (lower is better)", "value"),
 )
 LATEST_EVAL = "latest-eval"  # a local root's link to the newest run's eval folder

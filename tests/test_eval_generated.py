@@ -115,6 +115,9 @@ def test_the_classifier_is_kept_and_loads(generated):
     assert model.summary.train_clips == c.train_clips > 0 and model.summary.held_out.overall == c.held_out_presence_accuracy
     assert classify_clips(model, [np.zeros((3, 64, 64, 3), np.uint8)]).shape == (1, 4)
     assert f"]({c.weights})" in (out / "report.md").read_text()
+    assert c.round_trip_as_asked is not None and model.summary.vae_round_trip_clips == c.train_clips  # the decoder's look too
+    assert "of their VAE round trips, the ceiling for generated clips" in (out / "report.md").read_text()
+    assert report.metrics["classifier_round_trip_accuracy"] == c.round_trip_as_asked.overall
 
 
 def test_the_gate_option_passes_fails_and_skips():

@@ -147,6 +147,7 @@ def test_generated_clip_numbers_are_shown_when_measured(local_root):
     metrics = METRICS | {
         "stage2_hint_instrument_accuracy": 0.75,
         "stage1_instrument_accuracy": 0.25,
+        "classifier_round_trip_accuracy": 0.92,
         "stage2_learned_fvd": 812.34,
         "stage2_learned_fvd_ci_low": 700.0,
         "stage2_learned_fvd_ci_high": 901.5,
@@ -154,4 +155,5 @@ def test_generated_clip_numbers_are_shown_when_measured(local_root):
     lines = last_screen(_summary(f"file://{local_root}", metrics=metrics))
     assert any(line.startswith("  generated clips show the hinted instrument (stage 2)") and line.endswith(" 75%") for line in lines)
     assert any(line.startswith("  ... the same prompts through stage 1") and line.endswith(" 25%") for line in lines)
+    assert any(line.startswith("  ... at best: real clips through the VAE") and line.endswith(" 92%") for line in lines)
     assert any(line.endswith(" 812.3 (95% CI 700 to 901.5)") for line in lines)

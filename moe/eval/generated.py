@@ -335,6 +335,8 @@ def generated_metrics(g: GenerationReport | None) -> dict[str, float]:
             out["classifier_held_out_accuracy"] = g.classifier.held_out_as_asked.overall
         if g.classifier.held_out_presence_accuracy is not None:
             out["classifier_held_out_presence_accuracy"] = g.classifier.held_out_presence_accuracy
+        if g.classifier.round_trip_as_asked is not None and g.classifier.round_trip_as_asked.overall is not None:
+            out["classifier_round_trip_accuracy"] = g.classifier.round_trip_as_asked.overall  # the generated clips' ceiling
     if g.reconstruction is not None and g.reconstruction.psnr.mean is not None:
         e = g.reconstruction.psnr
         out["vae_reconstruction_psnr"] = e.mean
