@@ -32,6 +32,7 @@ from moe.cli.checkpoints import MergeConfig
 from moe.cli.config_command import build_config, read_config_file
 from moe.cli.eval import EvalConfig
 from moe.cli.training import GenerateConfig, Stage1Config, Stage2Config
+from moe.config.file_names import LORA_MOE_FILE, VANILLA_LORA_FILE  # what stage 1 and 2 write
 
 # The commands that take --config, and the config class each one validates its options with.
 CONFIG_CLASSES = {
@@ -42,9 +43,6 @@ CONFIG_CLASSES = {
     "cache": CacheConfig,
     "merge": MergeConfig,
 }
-# The files the stage-1 and stage-2 commands write into their --output_dir.
-VANILLA_LORA_FILE = "vanilla_lora.safetensors"
-LORA_MOE_FILE = "lora_moe_stage2.safetensors"
 # ---------------------------------------------------------------------------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]

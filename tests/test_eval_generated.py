@@ -209,7 +209,7 @@ def test_the_classifier_learns_the_decoders_look(stage2_run, tmp_path):
     from moe.config.presets import get_preset
     from moe.data.cache_index import CacheIndex
     from moe.data.manifest import read_manifest
-    from moe.eval.generated import _round_trips, classifier_size, train_instrument_classifier
+    from moe.eval.generated import _classifier_clips, classifier_size, train_instrument_classifier
     from moe.eval.instrument_classifier import classify_clips, instrument_accuracy
     from moe.wan.component_loaders import load_vae, tiny_vae_kwargs
 
@@ -225,7 +225,7 @@ def test_the_classifier_learns_the_decoders_look(stage2_run, tmp_path):
 
     held_out = {e.id for e in index.clips if e.split == "val"}
     val = [r for r in read_manifest(run["manifest"]) if r.id in held_out]
-    trips = _round_trips(vae, val, run["manifest"].parent, clip_size, size)
+    _, trips = _classifier_clips(val, run["manifest"].parent, size, None, vae, clip_size)
     scores = {
         name: instrument_accuracy(classify_clips(model, trips), [r.instruments for r in val], INSTRUMENT_CLASSES).overall
         for name, model in (("sharp", sharp), ("both", both))

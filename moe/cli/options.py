@@ -1,43 +1,9 @@
-"""Option helpers shared by the typer commands."""
+"""The check of every path option (`config_command` runs it after validation): which option names
+a file to read, which an output, and what `check_path` says about the value."""
 
 from __future__ import annotations
 
 import os
-from typing import Any
-
-import typer
-from typer.core import TyperCommand
-
-from moe.config.numbers import check_number, is_whole_number
-
-
-def number(annotation: Any) -> dict:
-    """`typer.Option` keyword arguments that validate a number as `annotation` (a type from
-    `moe.config.numbers`): a bad value is a usage error naming the option and the allowed range,
-    e.g. `Invalid value for '--lora_multiplier': must be a finite number, got nan`."""
-
-    def parse(value):
-        try:
-            return check_number(annotation, value)
-        except ValueError as e:
-            raise typer.BadParameter(str(e)) from None
-
-    return {"parser": parse, "metavar": "INT" if is_whole_number(annotation) else "FLOAT"}
-
-
-def _parse_task(value: str) -> str:
-    from moe.config.presets import get_preset
-
-    try:
-        get_preset(value)
-    except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
-    return value
-
-
-# `typer.Option` keyword arguments for a `--task`: an unknown one is a usage error naming the option.
-TASK = {"parser": _parse_task, "metavar": "TASK"}
-
 
 # What each path option names, by its parameter name, for `check_path` (moe.files.input_paths): an
 # input must exist and be readable; an output is checked for what no writer can use (a pipe, a
@@ -77,14 +43,3 @@ def check_path_option(name: str, value, flag: str | None = None) -> None:
 
     if name in PATH_OPTIONS and isinstance(value, (str, os.PathLike)):
         check_path(value, flag or f"--{name}", must_exist=name in INPUT_PATHS)
-
-
-class CheckedCommand(TyperCommand):
-    """A typer command whose path options (`PATH_OPTIONS`) are checked by `check_path_option`
-    after click parsed them and before the command runs."""
-
-    def invoke(self, ctx):
-        for param in self.params:
-            flag = param.opts[0] if param.param_type_name == "option" else (getattr(param, "metavar", None) or param.name.upper())
-            check_path_option(param.name, ctx.params.get(param.name), flag)
-        return super().invoke(ctx)

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from moe.config.file_names import OUTPUT_DIR
 from moe.config.numbers import Frames, VideoSize, even_size
-from moe.config.presets import get_preset
+from moe.config.presets import Task
 
 
 class CacheConfig(BaseModel):
@@ -16,7 +16,7 @@ class CacheConfig(BaseModel):
 
     manifest: Path = Field(description="Clip manifest (JSONL).")
     output_dir: Path = Field(validation_alias=OUTPUT_DIR, description="Cache folder (index.json, clips/).")
-    task: str | None = Field(None, description="Wan task; default: the model set's.")
+    task: Task | None = Field(None, description="Wan task; default: the model set's.")
     model_set: Path | None = Field(None, description="Model-set folder (model_set.json).")
     vae: Path | None = Field(None, description="diffusers vae/ folder or Wan2.1_VAE.pth.")
     text_encoder: Path | None = Field(None, description="text_encoder/ folder or models_t5_umt5-xxl-enc-bf16.pth.")
@@ -29,13 +29,6 @@ class CacheConfig(BaseModel):
     label_map: Path | None = Field(None, description="JSON object: raw label -> expert class.")
     overwrite: bool = Field(False, description="Rebuild a cache made with other settings (one made with the same is updated in place).")
     quiet: bool = Field(False, description="No progress bar.")
-
-    @field_validator("task")
-    @classmethod
-    def _known_task(cls, v: str | None) -> str | None:
-        if v is not None:
-            get_preset(v)  # MoeError is a ValueError: pydantic reports it as --task's problem
-        return v
 
     @field_validator("size")
     @classmethod

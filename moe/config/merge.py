@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from moe.config.file_names import OVERWRITE_HELP
 from moe.config.numbers import FiniteFloat
-from moe.config.presets import get_preset
+from moe.config.presets import Task
 
 
 class MergeConfig(BaseModel):
@@ -18,14 +18,7 @@ class MergeConfig(BaseModel):
     lora_weight: Path = Field(description="Vanilla LoRA (stage-1 output).")
     save_merged_model: Path = Field(description="Output file (a folder for sharded input).")
     lora_multiplier: FiniteFloat = Field(1.0, description="Strength of the LoRA in the merged weights.")
-    task: str | None = Field(None, description="Validate the DiT against this task.")
+    task: Task | None = Field(None, description="Validate the DiT against this task.")
     force: bool = Field(False, description="Merge even if this LoRA is already merged in.")
     overwrite: bool = Field(False, description=OVERWRITE_HELP)
     quiet: bool = Field(False, description="No progress bar.")
-
-    @field_validator("task")
-    @classmethod
-    def _known_task(cls, v: str | None) -> str | None:
-        if v is not None:
-            get_preset(v)
-        return v

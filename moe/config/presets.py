@@ -8,7 +8,9 @@ I2V input, 4x8x8 VAE compression).
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 from moe.errors import MoeError
 
@@ -179,3 +181,11 @@ def get_preset(task: str) -> WanPreset:
         return PRESETS[task]
     except KeyError:
         raise MoeError(f"unknown task {task!r}; choose one of: {', '.join(PRESETS)}") from None
+
+
+def _known_task(task: str) -> str:
+    get_preset(task)  # MoeError is a ValueError: pydantic reports it as the option's problem
+    return task
+
+
+Task = Annotated[str, AfterValidator(_known_task)]  # a preset name (`--task`), checked against PRESETS

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from moe.config.file_names import OUTPUT_DIR, OVERWRITE_HELP
 from moe.config.numbers import Count, Fraction, Frames, PositiveFloat, PretrainSteps, Seed, VideoSize, even_size
-from moe.config.presets import get_preset
+from moe.config.presets import Task
 from moe.config.workflow import TINY_PRETRAIN_STEPS
 
 
@@ -17,7 +17,7 @@ class TinyModelsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     output_dir: Path = Field(validation_alias=OUTPUT_DIR, description="Folder to write the model set into.")
-    task: str = Field("tiny-t2v", description="tiny-t2v or tiny-i2v.")
+    task: Task = Field("tiny-t2v", description="tiny-t2v or tiny-i2v.")
     seed: Seed = 0
     pretrain_steps: PretrainSteps = Field(
         0,
@@ -26,12 +26,6 @@ class TinyModelsConfig(BaseModel):
     )
     overwrite: bool = Field(False, description=OVERWRITE_HELP)
     quiet: bool = Field(False, description="No progress bar.")
-
-    @field_validator("task")
-    @classmethod
-    def _known_task(cls, v: str) -> str:
-        get_preset(v)
-        return v
 
 
 class SynthConfig(BaseModel):

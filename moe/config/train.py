@@ -19,7 +19,7 @@ from pydantic import (
 
 from moe.config.instruments import INSTRUMENT_CLASSES
 from moe.config.numbers import MAX_RANK, Seed
-from moe.config.presets import PRESETS, WanPreset, get_preset
+from moe.config.presets import Task, WanPreset, get_preset
 from moe.config.runtime_options import DiTRuntimeOptions
 from moe.config.targets import TargetSpec
 from moe.errors import MoeError
@@ -47,7 +47,7 @@ class TrainConfig(DiTRuntimeOptions):
     # No nan/inf in any float option (a NaN boundary trained one expert silently).
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    task: str = Field("tiny-t2v", description="Model preset: t2v-A14B, i2v-A14B, ti2v-5B, tiny-t2v, tiny-i2v.")
+    task: Task = Field("tiny-t2v", description="Model preset: t2v-A14B, i2v-A14B, ti2v-5B, tiny-t2v, tiny-i2v.")
     dit: Path = Field(description="Low-noise DiT (or the single DiT of ti2v-5B).")
     dit_high_noise: Path | None = Field(None, description="High-noise DiT (A14B tasks).")
     dataset: Path = Field(description="Latent cache folder made by `lora-moe cache`.")
@@ -165,13 +165,6 @@ class TrainConfig(DiTRuntimeOptions):
     @classmethod
     def _path_as_text(cls, v):
         return str(v) if isinstance(v, PurePath) else v
-
-    @field_validator("task")
-    @classmethod
-    def _known_task(cls, v: str) -> str:
-        if v not in PRESETS:
-            raise ValueError(f"unknown task {v!r}; choose one of: {', '.join(PRESETS)}")
-        return v
 
     @field_validator("timestep_boundary")
     @classmethod

@@ -142,7 +142,6 @@ def train_instrument_classifier(cfg, index, experts: tuple[str, ...], size, out:
         instrument_accuracy,
         presence_accuracy,
         presence_labels,
-        read_clip,
         save_classifier,
     )
 
@@ -152,21 +151,21 @@ def train_instrument_classifier(cfg, index, experts: tuple[str, ...], size, out:
         if e.id in records and e.split in split:
             split[e.split].append(records[e.id])
     root = Path(cfg.manifest).parent
-    train = [read_clip(r, root, size, frames_per_clip=CLASSIFIER_FRAMES_PER_CLIP) for r in split["train"]]
+    # Each clip is decoded once: its sharp frames and, with a VAE, its frames' round trips.
+    train, train_trips = _classifier_clips(split["train"], root, size, CLASSIFIER_FRAMES_PER_CLIP, vae, clip_size)
+    val, val_trips = _classifier_clips(split["val"], root, size, None, vae, clip_size)
     labels = torch.stack([presence_labels(r.instruments, experts) for r in split["train"]]) if train else None
-    trips = _round_trips(vae, split["train"], root, clip_size, size) if vae is not None and train else []
-    seen, seen_labels = (train + trips, torch.cat([labels, labels])) if trips else (train, labels)
+    seen, seen_labels = (train + train_trips, torch.cat([labels, labels])) if train_trips else (train, labels)
     model, loss = fit_classifier(seen, seen_labels, classes=experts, size=size, seed=cfg.seed, **CLASSIFIER_TRAINING)
-    val = [read_clip(r, root, size) for r in split["val"]]
     held_out = as_asked = trip_as_asked = None
     if val:
+        asked = [r.instruments for r in split["val"]]
         probs = classify_clips(model, val)
         val_labels = torch.stack([presence_labels(r.instruments, experts) for r in split["val"]]).numpy()
         held_out = presence_accuracy(probs, val_labels, experts)
-        as_asked = instrument_accuracy(probs, [r.instruments for r in split["val"]], experts)
-        if trips:
-            trip_probs = classify_clips(model, _round_trips(vae, split["val"], root, clip_size, size))
-            trip_as_asked = instrument_accuracy(trip_probs, [r.instruments for r in split["val"]], experts)
+        as_asked = instrument_accuracy(probs, asked, experts)
+        if val_trips:
+            trip_as_asked = instrument_accuracy(classify_clips(model, val_trips), asked, experts)
     model.summary = TrainingSummary(
         manifest=Path(cfg.manifest).name,
         size=list(size),
@@ -178,7 +177,7 @@ def train_instrument_classifier(cfg, index, experts: tuple[str, ...], size, out:
         final_loss=loss,
         held_out=held_out,
         held_out_as_asked=as_asked,
-        vae_round_trip_clips=len(trips),
+        vae_round_trip_clips=len(train_trips),
         round_trip_as_asked=trip_as_asked,
     )
     weights = save_classifier(model, out / CLASSIFIER_FILE)
@@ -196,19 +195,24 @@ def train_instrument_classifier(cfg, index, experts: tuple[str, ...], size, out:
     return model, record
 
 
-def _round_trips(vae, records, root: Path, clip_size, size) -> list[torch.Tensor]:
-    """The classifier's frames of each clip as the VAE gives them back: each frame read at the
-    generated size `clip_size`, through decode(encode(.)) as a one-frame video (cheap even for
-    the real Wan VAE), then at the classifier's `size`."""
-    from moe.eval.instrument_classifier import prepare_frames, read_clip
+def _classifier_clips(records, root: Path, size, frames_per_clip, vae=None, clip_size=None) -> tuple[list, list]:
+    """The clips as the classifier takes them, each video decoded once: its sharp frames at `size`
+    (`frames_per_clip` of them, all when None) and, with `vae`, the round trips of its
+    CLASSIFIER_FRAMES_PER_CLIP frames: each read at the generated size `clip_size`, through
+    decode(encode(.)) as a one-frame video (cheap even for the real Wan VAE), then at `size`."""
+    from moe.data.video import read_video
+    from moe.eval.instrument_classifier import clip_frames, prepare_frames
     from moe.wan.reconstruction import reconstruct
 
-    out = []
+    sharp, trips = [], []
     for r in records:
-        frames = read_clip(r, root, clip_size, frames_per_clip=CLASSIFIER_FRAMES_PER_CLIP)  # [F, 3, H, W] in [-1, 1]
-        back = reconstruct(vae, frames.to(vae.device)[:, :, None])  # F one-frame videos
-        out.append(prepare_frames(back[:, :, 0].cpu(), size))
-    return out
+        video = read_video(r.video_path(root))
+        sharp.append(clip_frames(video, size, frames_per_clip))
+        if vae is not None:
+            frames = clip_frames(video, clip_size, CLASSIFIER_FRAMES_PER_CLIP)  # [F, 3, H, W] in [-1, 1]
+            back = reconstruct(vae, frames.to(vae.device)[:, :, None])  # F one-frame videos
+            trips.append(prepare_frames(back[:, :, 0].cpu(), size))
+    return sharp, trips
 
 
 def _scores(acc) -> InstrumentScores:

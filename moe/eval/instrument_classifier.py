@@ -224,7 +224,12 @@ def read_clip(
 ) -> torch.Tensor:
     """A manifest clip's frames as float [F, 3, H, W] in [-1, 1] at `size` (as `samples` reads real
     clips): the first `max_frames` frames, of which `frames_per_clip` evenly spaced ones."""
-    video = read_video(record.video_path(manifest_dir), max_frames=max_frames)
+    return clip_frames(read_video(record.video_path(manifest_dir), max_frames=max_frames), size, frames_per_clip)
+
+
+def clip_frames(video: np.ndarray, size: tuple[int, int], frames_per_clip: int | None = None) -> torch.Tensor:
+    """`frames_per_clip` evenly spaced frames of a decoded video (uint8 [F, H, W, 3]) as the
+    classifier takes them (`prepare_frames` at `size`); all frames when None."""
     return prepare_frames(video[_pick_frames(len(video), frames_per_clip)], size)
 
 

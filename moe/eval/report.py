@@ -454,7 +454,8 @@ def _at_a_glance(report: EvalReport) -> list[str]:
                 ceiling_text += ", the ceiling"
             lines.append(
                 "- **Instrument accuracy**: the share of generated clips in which a small classifier, trained on the "
-                "real training clips, sees the instrument that was asked for (base, stage 1 and the hint: the "
+                "real training clips and their VAE round trips, sees the instrument that was asked for (base, stage 1 "
+                "and the hint: the "
                 "instrument the prompt was picked for; the learned router: the caption's instruments); higher = "
                 f"the model draws what it is asked to{ceiling_text}."
             )

@@ -81,7 +81,7 @@ class Stage1Recipe(StageRecipe):
         return Stage1Module(cfg, dits)
 
     def save(self, cfg: Stage1Config, module: Stage1Module) -> None:
-        module.save_weights(cfg.output_dir / VANILLA_LORA_FILE)
+        super().save(cfg, module)
         if cfg.musubi_copy:
             write_musubi_copy(cfg.output_dir / VANILLA_LORA_FILE, overwrite=True)  # inside our run folder
 
