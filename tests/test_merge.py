@@ -220,14 +220,15 @@ def test_refuses_lora_as_dit(tmp_path, capsys, base_and_lora):
 
 def test_refuses_modules_the_dit_lacks(tmp_path, capsys, tiny_state, base_and_lora):
     base, _ = base_and_lora
-    big_state = dict(tiny_state) | {"blocks.9.self_attn.q.weight": torch.zeros(32, 32)}
+    big_state = dict(tiny_state) | {"blocks.9.self_attn.q.weight": torch.zeros_like(tiny_state["blocks.7.self_attn.q.weight"])}
     lora = write_lora_file(tmp_path / "deep.safetensors", random_lora(big_state, {"blocks.9.self_attn.q": 4, "blocks.7.self_attn.q": 4}))
     _refused(tmp_path, capsys, tmp_path / "o.safetensors", "--dit", base, "--lora_weight", lora, match="the DiT has no module blocks.9.self_attn.q")
 
 
 def test_refuses_shape_mismatch(tmp_path, capsys, tiny_state, base_and_lora):
     base, _ = base_and_lora
-    wide = {"blocks.7.self_attn.q.weight": torch.zeros(48, 32)}
+    out_dim, in_dim = tiny_state["blocks.7.self_attn.q.weight"].shape
+    wide = {"blocks.7.self_attn.q.weight": torch.zeros(out_dim + 16, in_dim)}
     lora = write_lora_file(tmp_path / "wide.safetensors", random_lora(wide, {"blocks.7.self_attn.q": 4}))
     _refused(
         tmp_path,
@@ -237,7 +238,7 @@ def test_refuses_shape_mismatch(tmp_path, capsys, tiny_state, base_and_lora):
         base,
         "--lora_weight",
         lora,
-        match="shape mismatch: blocks.7.self_attn.q is [32, 32] in the DiT but the LoRA makes [48, 32]",
+        match=f"shape mismatch: blocks.7.self_attn.q is [{out_dim}, {in_dim}] in the DiT but the LoRA makes [{out_dim + 16}, {in_dim}]",
     )
 
 

@@ -13,12 +13,14 @@ from moe.config.presets import get_preset
 from moe.tiny.model_set import write_tiny_model_set
 from moe.tiny.pretrain import (
     PretrainConfig,
+    drop_captions,
     flow_matching_loss,
     pretrain_dit,
     sigma_ranges,
     synthetic_clips,
 )
 from moe.wan.checkpoint import build_random_transformer, transformer_state_dict
+from moe.wan.encoding import encode_prompts
 
 STEPS = 60
 CLIPS = 8
@@ -84,6 +86,26 @@ def test_pretraining_lowers_the_held_out_loss(components, data):
     zero_prediction = 1 + float(held_out["latents"].pow(2).mean())  # E|eps - x0|^2
     assert after < 0.8 * before and after < zero_prediction, (before, after, zero_prediction)
     assert sum(losses[-10:]) < sum(losses[:10])
+
+
+def test_captions_are_dropped_to_the_empty_prompt_sampling_uses(components, data):
+    """Classifier-free guidance at sampling time runs the DiT on the empty prompt's embedding:
+    pre-training shows it that input for a share of its samples (as Wan2.2's was)."""
+    preset, (_, te, tok) = components
+    train = data[0]
+    empty, _ = encode_prompts(te, tok, [""], preset.text_encoder.max_length)
+    assert torch.equal(train["empty_prompt"], empty.float())
+    assert PretrainConfig().caption_dropout == 0.1
+    captions = train["text_embeds"].repeat(250, 1, 1)  # 2000 samples
+    batch = {"text_embeds": captions.clone()}
+    drop_captions(batch, train["empty_prompt"], 0.1, torch.Generator().manual_seed(0))
+    dropped = (batch["text_embeds"] == train["empty_prompt"]).flatten(1).all(1)
+    kept = (batch["text_embeds"] == captions).flatten(1).all(1)
+    assert torch.equal(dropped, ~kept)  # each sample is either its caption or the empty prompt
+    assert 0.08 < dropped.float().mean() < 0.12, dropped.float().mean()
+    untouched = {"text_embeds": captions.clone()}
+    drop_captions(untouched, train["empty_prompt"], 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(untouched["text_embeds"], captions)
 
 
 def test_zero_steps_keep_the_random_weights(tmp_path):

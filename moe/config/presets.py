@@ -106,7 +106,7 @@ class WanPreset(BaseModel):
 
 _A14B = dict(num_layers=40, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824)
 _WAN21_VAE = VAEConfig(kind="wan2.1-z16", z_dim=16)
-_TINY_DIT = dict(num_layers=8, num_attention_heads=2, attention_head_dim=16, ffn_dim=64, text_dim=32, freq_dim=32)
+_TINY_DIT = dict(num_layers=8, num_attention_heads=4, attention_head_dim=16, ffn_dim=128, text_dim=32, freq_dim=32)
 _TINY_VAE = VAEConfig(kind="wan2.1-z16", z_dim=16, base_dim=8, num_res_blocks=1)
 _TINY_TEXT = TextEncoderConfig(d_model=32, max_length=32, num_layers=2, num_heads=2, d_ff=64, vocab_size=512)
 

@@ -111,10 +111,16 @@ def _main_path_only(name: str, m: torch.nn.Module) -> bool:
 
 @torch.no_grad()
 def _content_preserving_encoder(vae: AutoencoderKLWan, seed: int) -> None:
-    """Encoder = per-latent-cell average of 8 features of the frames (RGB, a constant, luminance
-    gradients in x, y and t, a Laplacian), mixed into the z channels by a fixed random
-    orthonormal map: residual and attention branches are zeroed (identity blocks), shortcuts are
-    identities, spatial downsamplers average 2x2, temporal ones average frame pairs."""
+    """Encoder = per-latent-cell average of 8 features of the frames (RGB + `_RGB_OFFSET`, the
+    constant `_CONST`, luminance gradients in x, y and t, a Laplacian), mixed into the z channels
+    by a fixed random orthonormal map: residual and attention branches are zeroed (identity
+    blocks), shortcuts are identities, spatial downsamplers average 2x2, temporal ones average
+    frame pairs.
+
+    The offset and the constant keep every colour where the output SiLU is nearly linear (its
+    input u in [0.6, 2.7], slope 0.8-1.1): without them dark colours sat at SiLU's minimum
+    (slope 0 at u = -1.28), where the decoder must amplify a latent error up to 14 times, and
+    generated latents, never exact, decoded to a grid of saturated dots."""
     enc = vae.encoder
     for name, m in enc.named_modules():
         if _main_path_only(name, m):
@@ -128,8 +134,9 @@ def _content_preserving_encoder(vae: AutoencoderKLWan, seed: int) -> None:
     b.zero_()
     luma = torch.full((3,), 1 / 3)
     for c in range(3):
-        w[c, c, 2, 1, 1] = 1.0  # RGB
-    b[3] = 3.0  # a constant, which keeps the encoder's RMS norm from amplifying dark frames
+        w[c, c, 2, 1, 1] = 1.0  # RGB + offset
+        b[c] = _RGB_OFFSET
+    b[3] = _CONST  # the decoder divides by it; it also keeps the RMS norm from amplifying dark frames
     w[4, :, 2, 1, 2], w[4, :, 2, 1, 0] = luma / 2, -luma / 2  # d/dx
     w[5, :, 2, 2, 1], w[5, :, 2, 0, 1] = luma / 2, -luma / 2  # d/dy
     w[6, :, 2, 1, 1], w[6, :, 1, 1, 1] = luma, -luma  # d/dt
@@ -146,34 +153,37 @@ def _content_preserving_encoder(vae: AutoencoderKLWan, seed: int) -> None:
 
 # --- the decoder: the encoder's inverse, up to what the encoder keeps -------------------------
 #
-# Per latent cell the encoder keeps f = the means of (R, G, B, 3, d/dx, d/dy, d/dt, Laplacian),
-# as s = silu(u) with u = sqrt(32) f / |f| (its RMS norm and SiLU), mixed into z by the
-# orthonormal `mix`. The decoder unmixes s, inverts the SiLU per channel, gets RGB = 3 u_rgb / u_3
-# (f_3 = 3 is known) and upsamples each cell's colour smoothly; the 8x8x4 detail inside a cell
-# is not in the latent and cannot come back (see `moe.wan.reconstruction`).
+# Per latent cell the encoder keeps f = the means of (R + o, G + o, B + o, C, d/dx, d/dy, d/dt,
+# Laplacian), as s = silu(u) with u = sqrt(32) f / |f| (its RMS norm and SiLU), mixed into z by
+# the orthonormal `mix`. The decoder unmixes s, inverts the SiLU per channel, gets
+# RGB = C u_rgb / u_3 - o (f_3 = C is known) and upsamples each cell's colour smoothly; the
+# 8x8x4 detail inside a cell is not in the latent and cannot come back (see
+# `moe.wan.reconstruction`).
+_RGB_OFFSET = 2.0  # o: colours in [-1, 1] become features in [1, 3]
+_CONST = 6.0  # C: with o, |f| stays in [6.2, 8.3], so u_rgb in [0.6, 2.7] and u_3 in [4.0, 5.5]
 _GAIN = 1000.0  # the cell constant's gain before the output norm: the norm then divides by it alone
 _ANCHOR = 1.0e4  # a constant channel that dominates the latent-resolution norms, making them fixed scales
 _SHARPNESS = 200.0  # SiLU(b x) / b is ReLU(x) to within 0.28 / b: the hinges of the SiLU inverse
-_KNOTS = (-0.27, -0.26, -0.24, -0.2, -0.12, 0.0, 0.3, 0.8)  # hinge points in s; dense near min SiLU
+_KNOTS = (0.3, 0.45, 0.6, 0.8, 1.0, 1.3, 1.7, 2.2)  # hinge points in s, denser where SiLU bends more
 # a of the separable [a, 1 - 2a, a] kernels after each 2x nearest upsampling (a = 0.25 would be
 # bilinear): chosen for the best reconstruction of synthetic surgical clips (seed 4242) from
 # exact cell means, 21.7 dB against 21.2 dB for three bilinear steps; the sharpening first step
 # acts like a bicubic's negative lobes.
 _UPSAMPLE_TAPS = (-0.3, 0.5, 0.4)
-_U_MIN = -1.2784645  # argmin of SiLU: u below it (RGB < ~-0.71) shares its s with a u above it
+_U_RGB = (0.5, 3.0)  # the fits' ranges of u, with a margin over what the encoder produces
+_U_CONST = (3.9, 5.6)
 
 
 @lru_cache(maxsize=1)
 def _silu_inverse_fit() -> tuple[tuple[float, ...], tuple[float, float]]:
     """Least-squares fits, on dense grids of u, of u from s = silu(u): (coefficients of
-    [s, 1, silu(b (s - t_j)) / b for the knots t_j] on u in [min of SiLU, 2], the RGB range;
-    (slope, intercept) of u_3 on u_3 in [4, sqrt(32)], where the constant feature lives).
-    Max error 0.05 in u (0.03 in RGB), at the darkest values; RMS 0.008."""
-    u = torch.linspace(_U_MIN, 2.0, 4001, dtype=torch.float64)
+    [s, 1, silu(b (s - t_j)) / b for the knots t_j] on u in `_U_RGB`, the colours' range;
+    (slope, intercept) of u_3 on u_3 in `_U_CONST`, where the constant feature lives)."""
+    u = torch.linspace(*_U_RGB, 4001, dtype=torch.float64)
     s = F.silu(u)
     basis = torch.stack([s, torch.ones_like(s)] + [F.silu(_SHARPNESS * (s - t)) / _SHARPNESS for t in _KNOTS], 1)
     rgb = torch.linalg.solve(basis.T @ basis + 1e-6 * torch.eye(basis.shape[1], dtype=torch.float64), basis.T @ u)
-    u3 = torch.linspace(4.0, 32**0.5, 1001, dtype=torch.float64)
+    u3 = torch.linspace(*_U_CONST, 1001, dtype=torch.float64)
     s3 = F.silu(u3)
     slope, intercept = torch.linalg.lstsq(torch.stack([s3, torch.ones_like(s3)], 1), u3[:, None]).solution[:, 0]
     return tuple(rgb.tolist()), (float(slope), float(intercept))
@@ -182,7 +192,7 @@ def _silu_inverse_fit() -> tuple[tuple[float, ...], tuple[float, float]]:
 @torch.no_grad()
 def _inverting_decoder(vae: AutoencoderKLWan) -> None:
     """Decoder = the inverse of `_content_preserving_encoder`, read off its weights (so it is
-    seeded by the same mix and needs no data): per latent cell, RGB = 3 u_rgb / u_3 with
+    seeded by the same mix and needs no data): per latent cell, RGB = C u_rgb / u_3 - o with
     u = silu^-1(s), upsampled by three (nearest 2x + 3x3) steps, each latent frame held for its
     four frames (the encoder averaged them).
 
@@ -214,7 +224,7 @@ def _inverting_decoder(vae: AutoencoderKLWan) -> None:
         _main_path_only(name, m)
     _identity_channels(vae.post_quant_conv, lambda w, c: w[c, c].fill_(1.0))
 
-    # conv_in (centre tap, current frame): 0 = u_3, 1-3 = the linear part of 3 u_rgb,
+    # conv_in (centre tap, current frame): 0 = u_3, 1-3 = the linear part of C u_rgb,
     # 4.. = hinge inputs s_c - t_j, last = the anchor constant.
     w, b = dec.conv_in.weight, dec.conv_in.bias
     w.zero_()
@@ -223,14 +233,14 @@ def _inverting_decoder(vae: AutoencoderKLWan) -> None:
     bias = torch.zeros(widths[0], dtype=torch.float64)
     rows[0], bias[0] = slope3 * unmix[3], intercept3
     for c in range(3):
-        rows[1 + c], bias[1 + c] = 3 * lin * unmix[c], 3 * const
+        rows[1 + c], bias[1 + c] = _CONST * lin * unmix[c], _CONST * const
         for j, t in enumerate(_KNOTS):
             rows[4 + 3 * j + c], bias[4 + 3 * j + c] = unmix[c], -t
     bias[-1] = _ANCHOR
     w[:, :, 2, 1, 1] = rows.float()
     b.copy_(bias.float())
 
-    # The first residual block adds 3 sum_j a_j silu(b (s_c - t_j)) / b to channel 1 + c.
+    # The first residual block adds C sum_j a_j silu(b (s_c - t_j)) / b to channel 1 + c.
     block = dec.mid_block.resnets[0]
     scale = widths[0] ** 0.5
     block.norm1.gamma.zero_()
@@ -245,8 +255,8 @@ def _inverting_decoder(vae: AutoencoderKLWan) -> None:
     block.norm2.gamma.zero_()
     block.norm2.gamma[1:7] = _ANCHOR / scale  # norm2 -> (delta, -delta)
     for c in range(3):
-        block.conv2.weight[1 + c, 1 + c, 2, 1, 1] = 3.0
-        block.conv2.weight[1 + c, 4 + c, 2, 1, 1] = -3.0
+        block.conv2.weight[1 + c, 1 + c, 2, 1, 1] = _CONST
+        block.conv2.weight[1 + c, 4 + c, 2, 1, 1] = -_CONST
 
     # Upsamplers carry channels 0-3: time convs repeat the frame, 2x steps smooth with the taps;
     # the last one scales u_3 by the gain and adds the negated colours.
@@ -272,7 +282,8 @@ def _inverting_decoder(vae: AutoencoderKLWan) -> None:
             for c in range(3):
                 conv.weight[4 + c, 1 + c] = -kernel
 
-    # Output: norm divides by |h| = gain * u_3, gamma restores the scale, SiLU pairs cancel.
+    # Output: norm divides by |h| = gain * u_3, gamma restores the scale, SiLU pairs cancel,
+    # the bias takes the offset off.
     g = dec.norm_out.gamma
     g.zero_()
     g[1:7] = _GAIN / widths[1] ** 0.5
@@ -281,6 +292,7 @@ def _inverting_decoder(vae: AutoencoderKLWan) -> None:
     for c in range(3):
         dec.conv_out.weight[c, 1 + c, 2, 1, 1] = 1.0
         dec.conv_out.weight[c, 4 + c, 2, 1, 1] = -1.0
+        dec.conv_out.bias[c] = -_RGB_OFFSET
 
 
 def _identity_channels(conv, set_diagonal) -> None:

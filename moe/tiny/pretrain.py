@@ -43,7 +43,7 @@ class PretrainConfig(BaseModel):
     frames: int = 17  # the workflow's clip length and size
     size: tuple[int, int] = (64, 64)
     batch_size: int = Field(8, ge=1)
-    learning_rate: float = Field(2e-3, gt=0)  # one-cycle peak (AdamW)
+    learning_rate: float = Field(5e-3, gt=0)  # one-cycle peak (AdamW)
     shift: float = 5.0  # sigma sampling shift, the training default (`--discrete_flow_shift`)
     # A dimmer camera than the demo data's: the domain gap stage 1 adapts, as the real Wan2.2,
     # pretrained on general video, is adapted to laparoscopic footage. Measured on the demo
@@ -51,12 +51,17 @@ class PretrainConfig(BaseModel):
     # 1%); 0.92 gives +4.0% and the suction clips still draw the blue cannula; 0.7 gives +31%
     # but a base that draws no instrument.
     brightness: float = Field(0.92, gt=0, le=1, description="Pixel scale of the pre-training clips (1: the demo data's look).")
+    # Classifier-free guidance needs a model that has seen the unconditional input: the real
+    # Wan2.2 was pre-trained with its captions sometimes dropped; without it the guided samples
+    # follow an untrained unconditional branch.
+    caption_dropout: float = Field(0.1, ge=0, lt=1, description="Share of pre-training samples whose caption is the empty prompt.")
     seed: int = 0
 
 
 def synthetic_clips(cfg: PretrainConfig, preset, vae, text_encoder, tokenizer) -> dict[str, torch.Tensor]:
-    """The pre-training set as one batch: `latents` [N, z, T, h, w], `text_embeds` [N, L, d] and,
-    for I2V presets, `i2v_condition` [N, 20, T, h, w] (the latent cache's tensors)."""
+    """The pre-training set as one batch: `latents` [N, z, T, h, w], `text_embeds` [N, L, d],
+    `empty_prompt` [1, L, d] (the embedding sampling uses for the unconditional branch) and, for
+    I2V presets, `i2v_condition` [N, 20, T, h, w] (the latent cache's tensors)."""
     from moe.tiny.synth import plan_dataset, render_clip
     from moe.wan.encoding import encode_prompts, encode_video, i2v_condition
 
@@ -70,8 +75,8 @@ def synthetic_clips(cfg: PretrainConfig, preset, vae, text_encoder, tokenizer) -
         latents.append(encode_video(vae, pixels)[0])
         if preset.i2v:
             conditions.append(i2v_condition(vae, pixels[0], cfg.frames)[0])
-    embeds, _ = encode_prompts(text_encoder, tokenizer, [p.caption for p in plans], preset.text_encoder.max_length)
-    data = {"latents": torch.stack(latents).float(), "text_embeds": embeds.float()}
+    embeds, _ = encode_prompts(text_encoder, tokenizer, [p.caption for p in plans] + [""], preset.text_encoder.max_length)
+    data = {"latents": torch.stack(latents).float(), "text_embeds": embeds[:-1].float(), "empty_prompt": embeds[-1:].float()}
     if preset.i2v:
         data["i2v_condition"] = torch.stack(conditions).float()
     return data
@@ -83,7 +88,14 @@ def sigma_ranges(preset) -> dict[str, tuple[float, float]]:
 
 
 def _batch(data: dict, index: torch.Tensor) -> dict:
-    return {k: v[index] for k, v in data.items()}
+    return {k: v[index] for k, v in data.items() if k != "empty_prompt"}
+
+
+def drop_captions(batch: dict, empty_prompt: torch.Tensor, rate: float, g: torch.Generator) -> None:
+    """Replace each sample's caption by the empty prompt with probability `rate` (in place)."""
+    if rate > 0:
+        dropped = torch.rand(len(batch["text_embeds"]), generator=g) < rate
+        batch["text_embeds"] = torch.where(dropped[:, None, None], empty_prompt, batch["text_embeds"])
 
 
 def pretrain_dit(
@@ -101,6 +113,7 @@ def pretrain_dit(
     losses = []
     for _ in progress_bar(range(cfg.steps), desc=desc, unit="step", disable=not progress):
         batch = _batch(data, torch.randint(0, n, (min(cfg.batch_size, n),), generator=g))
+        drop_captions(batch, data["empty_prompt"], cfg.caption_dropout, g)
         sigma = sample_sigmas(len(batch["latents"]), g, "shift", cfg.shift, *sigma_range)
         noise = torch.randn(batch["latents"].shape, generator=g)
         x, target = dit_inputs(batch, sigma, noise, preset.i2v)
