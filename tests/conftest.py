@@ -137,7 +137,7 @@ def stage2_run(merged_workspace):
 def demo_run(tmp_path_factory):
     """`lora-moe workflow run --preset tiny` (seed 0), end to end with its eval report, once per
     session: the README's demo, shared by the workflow and evaluation tests, on random tiny DiTs
-    (`--pretrain_steps 0`: the pre-training's 3 minutes are tested in tests/test_tiny_pretrain.py)."""
+    (`--pretrain_steps 0`: the pre-training's 5 minutes are tested in tests/test_tiny_pretrain.py)."""
     from moe.cli import main
 
     out = tmp_path_factory.mktemp("demo")

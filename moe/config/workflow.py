@@ -16,7 +16,7 @@ STAGES = ("data", "cache", "stage1", "merge", "stage2", "eval")
 Stage = Literal["data", "cache", "stage1", "merge", "stage2", "eval"]
 TINY_PRESETS = {"tiny": "tiny-t2v", "tiny-t2v": "tiny-t2v", "tiny-i2v": "tiny-i2v"}
 # Pre-training steps per expert of the tiny base DiTs (`moe.tiny.pretrain`): the default of
-# this workflow and of the Prefect flow's `models.tiny_pretrain_steps`: about 80 s per expert on
+# this workflow and of the Prefect flow's `models.tiny_pretrain_steps`: about 2-3 min per expert on
 # one CPU thread, which the suction caption and hint need to draw the (blue) suction cannula in
 # the demo's samples; 300 steps do not. (`lora-moe models tiny` defaults to 0: random, fast.)
 TINY_PRETRAIN_STEPS = 1000
@@ -35,7 +35,7 @@ class WorkflowConfig(BaseModel):
     pretrain_steps: PretrainSteps = Field(
         TINY_PRETRAIN_STEPS,
         description="Pre-train each tiny base DiT this many steps on synthetic clips of its own, as a real base is "
-        "pretrained (about 3 min on 2 cores; 0: random DiTs, fast, but they draw no instrument).",
+        "pretrained (about 5 min; 0: random DiTs, fast, but they draw no instrument).",
     )
     # Sized so the tiny run learns visibly (stage 1) and the experts specialise (stage 2) in about
     # a minute on 2 CPU cores; tiny models take far higher learning rates than real ones. The

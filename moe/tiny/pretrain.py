@@ -2,7 +2,7 @@
 
 A LoRA on a random-initialised DiT cannot learn to draw the instruments (its held-out loss stays
 above that of predicting zero), so `lora-moe models tiny` trains both tiny experts in full for
-`--pretrain_steps` steps (the demo uses 1000, about 80 s each on one CPU thread) on synthetic
+`--pretrain_steps` steps (the demo uses 1000, about 2-3 min each on one CPU thread) on synthetic
 surgical clips first. The clips are the synthetic set's (`moe.tiny.synth`), seen through a dimmer
 camera (`PretrainConfig.brightness`), with a seed of their own (`PRETRAIN_DATA_SEED + seed`: never the demo data's,
 so the demo's held-out clips are never seen), rendered in memory and encoded with the model set's
@@ -49,7 +49,8 @@ class PretrainConfig(BaseModel):
     # pretrained on general video, is adapted to laparoscopic footage. Measured on the demo
     # (seed 0): the same data's look (1.0) leaves stage 1 +0.7% over the base (under the gate's
     # 1%); 0.92 gives +4.0% and the suction clips still draw the blue cannula; 0.7 gives +31%
-    # but a base that draws no instrument.
+    # but a base that draws no instrument (with the 32-wide DiT and the first tiny VAE; with the
+    # 64-wide DiT and the linear-range VAE, 0.92 gives 2.5%).
     brightness: float = Field(0.92, gt=0, le=1, description="Pixel scale of the pre-training clips (1: the demo data's look).")
     # Classifier-free guidance needs a model that has seen the unconditional input: the real
     # Wan2.2 was pre-trained with its captions sometimes dropped; without it the guided samples
