@@ -273,12 +273,20 @@ class _TensorMerger:
         self.work = torch.empty(MERGE_CHUNK_ELEMENTS, dtype=torch.float32)
         self.out = torch.empty(MERGE_CHUNK_ELEMENTS * 4, dtype=torch.uint8)
 
+    def _reserve(self, elements: int) -> None:
+        """Grow the buffers to `elements` when one block needs more (a row wider than
+        MERGE_CHUNK_ELEMENTS is a block of its own)."""
+        if self.work.numel() < elements:
+            self.work = torch.empty(elements, dtype=torch.float32)
+            self.out = torch.empty(elements * 4, dtype=torch.uint8)
+
     def merged_blocks(self, read, target: _Target, multiplier: float):
         """Yields (first row, fp32 rows of W') over the target; `read(nbytes)` gives its stored
         bytes in order. The block is reused: consume it before the next one."""
         dtype = DTYPES[target.dtype]
         out_features, in_features = target.shape
         rows = max(1, min(out_features, MERGE_CHUNK_ELEMENTS // in_features))
+        self._reserve(rows * in_features)
         for r0 in range(0, out_features, rows):
             n = min(rows, out_features - r0)
             raw = read(n * in_features * dtype.itemsize)

@@ -274,7 +274,7 @@ def test_two_dits_share_one_set_of_experts(tiny_preset):
     adapters = inject_lora_moe(high, modules, 1.0, INSTRUMENT_CLASSES, state)
     assert inject_lora_moe(low, modules, 1.0, INSTRUMENT_CLASSES, state, adapters=adapters) is adapters
     assert high.blocks[7].attn1.to_q.adapter is low.blocks[7].attn1.to_q.adapter
-    assert high.blocks[7].attn1.to_q.adapter.lora_down.shape == (E * 8, 32)
+    assert high.blocks[7].attn1.to_q.adapter.lora_down.shape == (E * 8, tiny_preset.dit.dim)
     trainable = {id(p) for m in (high, low) for p in m.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in adapters.parameters()}
     state.set(compute_gates("uniform", batch_size=2), torch.tensor([0.95, 0.9]))

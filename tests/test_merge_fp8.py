@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 import moe.merge as merge_mod
 from moe.cli import main
+from moe.config.presets import get_preset
 from moe.config.targets import TargetSpec
 from moe.errors import MoeError
 from moe.files.hashing import sha256_file
@@ -179,7 +180,8 @@ def test_sharded_fp8_checkpoint(tmp_path, tiny_state, lora, form, scale):
 
 @pytest.mark.parametrize(("form", "scale"), FORMS, ids=FORM_IDS)
 def test_fp8_merge_in_small_row_blocks(tmp_path, monkeypatch, tiny_state, lora, form, scale):
-    """Row blocks of a few rows (and a small copy buffer): the pre-pass and the writing pass
+    """Row blocks of a few rows, and rows wider than a block (128 > 100 elements), with a small
+    copy buffer: the pre-pass and the writing pass
     still agree block by block (each row's scale and rows are sliced right), the result meets
     the same bound, and it differs from the default blocking only where fp32 rounding of the
     rank-r product (BLAS blocking) tips an fp8 rounding (under 1% of the elements)."""
@@ -225,12 +227,15 @@ def test_mixed_checkpoint_merges_float_and_fp8_targets(tmp_path, tiny_state, lor
 # Refusals: up front, one line naming the tensor and the supported forms, nothing written.
 
 
+DIM = get_preset("tiny-t2v").dit.dim  # blocks.7.self_attn.q is [DIM, DIM]
+
+
 def _tamper_e5m2(state):
     state["blocks.7.self_attn.q.weight"] = state["blocks.7.self_attn.q.weight"].float().to(torch.float8_e5m2)
 
 
 def _tamper_int8(state):
-    state["blocks.7.self_attn.q.weight"] = torch.zeros(32, 32, dtype=torch.int8)
+    state["blocks.7.self_attn.q.weight"] = torch.zeros(DIM, DIM, dtype=torch.int8)
 
 
 def _tamper_scale_dtype(state):
@@ -238,7 +243,7 @@ def _tamper_scale_dtype(state):
 
 
 def _tamper_scale_shape(state):
-    state["blocks.7.self_attn.q.scale_weight"] = torch.ones(1, 32)
+    state["blocks.7.self_attn.q.scale_weight"] = torch.ones(1, DIM)
 
 
 def _tamper_missing_scale(state):
@@ -246,14 +251,14 @@ def _tamper_missing_scale(state):
 
 
 def _tamper_scale_on_bf16(state):
-    state["blocks.7.self_attn.q.weight"] = torch.zeros(32, 32, dtype=torch.bfloat16)
+    state["blocks.7.self_attn.q.weight"] = torch.zeros(DIM, DIM, dtype=torch.bfloat16)
 
 
 REFUSALS = {
     "e5m2": ("plain", _tamper_e5m2, "is stored as F8_E5M2"),
     "int8": ("plain", _tamper_int8, "is stored as I8"),
-    "scale-dtype": ("comfy_scaled", _tamper_scale_dtype, "scale_weight is BF16 [], expected F32 [] or [32, 1]"),
-    "scale-shape": ("comfy_scaled", _tamper_scale_shape, "scale_weight is F32 [1, 32], expected F32 [] or [32, 1]"),
+    "scale-dtype": ("comfy_scaled", _tamper_scale_dtype, f"scale_weight is BF16 [], expected F32 [] or [{DIM}, 1]"),
+    "scale-shape": ("comfy_scaled", _tamper_scale_shape, f"scale_weight is F32 [1, {DIM}], expected F32 [] or [{DIM}, 1]"),
     "missing-scale": (
         "comfy_scaled",
         _tamper_missing_scale,
