@@ -108,6 +108,23 @@ def test_captions_are_dropped_to_the_empty_prompt_sampling_uses(components, data
     assert torch.equal(untouched["text_embeds"], captions)
 
 
+def test_pretraining_shows_the_dit_the_empty_prompt_at_the_configured_rate(components, data):
+    """pretrain_dit itself drops captions: the DiT's text input is the empty prompt for about
+    `caption_dropout` of the samples, and never with a rate of 0."""
+    preset, _ = components
+    train = data[0]
+    low = sigma_ranges(preset)["low_noise"]
+    for rate, expected in ((0.0, (0, 0)), (0.5, (10, 30))):
+        seen = []
+        model = build_random_transformer(preset, 1)
+        hook = model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["encoder_hidden_states"].detach()), with_kwargs=True)
+        pretrain_dit(model, train, preset, PretrainConfig(steps=5, clips=CLIPS, caption_dropout=rate), low, seed=0)
+        hook.remove()
+        texts = torch.cat(seen)  # 5 steps x 8 samples
+        empty = int((texts == train["empty_prompt"]).flatten(1).all(1).sum())
+        assert len(texts) == 5 * CLIPS and expected[0] <= empty <= expected[1], (rate, empty)
+
+
 def test_zero_steps_keep_the_random_weights(tmp_path):
     ms = write_tiny_model_set(tmp_path / "m", "tiny-t2v", seed=3, pretrain_steps=0)
     preset = get_preset("tiny-t2v")

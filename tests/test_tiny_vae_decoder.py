@@ -43,7 +43,7 @@ def vae():
 
 
 @pytest.fixture(scope="module")
-def old_vae():
+def random_vae():
     return _random_decoder(0)
 
 
@@ -68,8 +68,8 @@ def test_reconstruction_psnr_on_held_out_synthetic_clips(vae, held_out):
     assert psnr.min() >= 20.3, psnr
 
 
-def test_decoder_is_far_better_than_the_random_one(vae, old_vae, small_clip):
-    old = reconstruction_psnr(old_vae, small_clip)  # measured 10.3 dB: coloured noise
+def test_decoder_is_far_better_than_the_random_one(vae, random_vae, small_clip):
+    old = reconstruction_psnr(random_vae, small_clip)  # measured 10.3 dB: coloured noise
     new = reconstruction_psnr(vae, small_clip)  # measured 19.8 dB (32x32: relatively more detail)
     assert old.max() < 12.0 and new.min() >= 19.3, (old, new)
 
