@@ -44,8 +44,11 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Two pytest-xdist workers, one per core of the CI machine; tests.conftest groups the tests so
+# each whole-run fixture is built once. `make test PYTEST_WORKERS=0` runs them in one process.
+PYTEST_WORKERS ?= 2
 test: lint
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
 
 bench: install
 	$(BIN)/python bench/merge_bench.py
