@@ -27,26 +27,12 @@ from pipeline_fixtures import (  # noqa: F401
     s3_endpoint,
     s3_pipeline,
 )
+from xdist_groups import pytest_collection_modifyitems  # noqa: F401
 
 from moe.config.presets import get_preset
 from moe.config.targets import TargetSpec
 from moe.lora.file import LoRAModuleWeights, write_lora_file
 from moe.wan.checkpoint import build_random_transformer, transformer_state_dict
-
-# The session fixtures that build a whole run (minutes each): under pytest-xdist, every test
-# module that uses one runs on the same worker, so the run is built once. Other modules are
-# groups of their own, so module fixtures are built once too (`make test`: --dist loadgroup).
-SHARED_RUNS = ("demo_run", "s3_pipeline")
-
-
-def pytest_collection_modifyitems(config, items):
-    group = {}
-    for item in items:
-        shared = next((name for name in SHARED_RUNS if name in item.fixturenames), None)
-        if shared or item.module.__name__ not in group:
-            group[item.module.__name__] = shared or item.module.__name__
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group[item.module.__name__]))
 
 
 def run_cli(capsys, argv) -> tuple[int, str, str]:
