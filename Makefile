@@ -44,7 +44,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Two pytest-xdist workers, one per core of the CI machine; tests.conftest groups the tests so
+# Two pytest-xdist workers, one per core of the CI machine; tests/xdist_groups.py groups the tests so
 # each whole-run fixture is built once. `make test PYTEST_WORKERS=0` runs them in one process.
 PYTEST_WORKERS ?= 2
 test: lint

@@ -1,6 +1,7 @@
 """`make test` runs two pytest-xdist workers: a session fixture that builds a whole run (the demo
 run: about 4 minutes) must be built on one worker only, for every module that uses it."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -44,7 +45,7 @@ def test_a_whole_run_fixture_is_built_once_under_two_workers(tmp_path):
         capture_output=True,
         text=True,
         cwd=tmp_path,
-        env={**__import__("os").environ, "BUILT_LOG": str(log)},
+        env=os.environ | {"BUILT_LOG": str(log)},
         timeout=300,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

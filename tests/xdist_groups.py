@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-# The session fixtures that build a whole run (minutes each): under pytest-xdist, every test
+# The session fixtures that build a whole run (1-4 minutes each): under pytest-xdist, every test
 # module that uses one runs on the same worker, so the run is built once. Other modules are
 # groups of their own, so module fixtures are built once too (`make test`: --dist loadgroup).
 SHARED_RUNS = ("demo_run", "s3_pipeline")
