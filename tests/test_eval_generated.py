@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from moe.errors import MoeError
 from moe.eval import EvalConfig, EvalReport, PromotionGate, evaluate
@@ -96,6 +97,11 @@ def test_the_report_leads_with_the_numbers_and_pictures(generated):
     assert "_tiny: 2 generated clips per variant" in head and "lower = the generated clips look and move more" in head
     assert "**Instrument accuracy**" in head and "**VAE reconstruction PSNR**" in head and " dB [" in head
     assert f"![contact sheet]({report.contact_sheet})" in head and (out / report.contact_sheet).is_file()
+    # Beside the real clip, its VAE round trip: the sharpest a generated clip can be.
+    assert "(real, VAE round trip, base, stage 1, hinted and learned; one seed per row)" in head
+    assert "detail it loses, no model can draw" in head
+    with Image.open(out / report.contact_sheet) as im:  # 6 videos x 3 frames of 64 px at 1 in each, + 1.4 in of labels
+        assert im.size[0] == round((6 * 3 + 1.4) * 100)
     details = text[text.index("## Generated clips") :]
     assert "| variant | FVD | KVD | FID | KID |" in details and details.count("(n=2)") >= 4 * 4
     assert "| variant | overall | scissors | hook | suction | other | top-1 |" in details

@@ -188,7 +188,7 @@ def write_plots(report: EvalReport, out: Path, boundary: float | None) -> list[s
     return written
 
 
-CONTACT_COLUMNS = ("real", "base", "stage 1", "hinted", "learned")
+CONTACT_COLUMNS = ("real", "VAE round trip", "base", "stage 1", "hinted", "learned")
 
 
 def contact_sheet(rows: list[tuple[str, dict[str, np.ndarray]]], path: Path) -> None:

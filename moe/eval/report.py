@@ -477,13 +477,21 @@ def _at_a_glance(report: EvalReport) -> list[str]:
         elif g.reconstruction_note:
             lines.append(f"- **VAE reconstruction PSNR** {g.reconstruction_note}.")
     if report.contact_sheet:
-        columns = "real, base, stage 1, hinted and learned" if g and any(v in g.variants for v in ("base", "stage1")) else "real, hinted and learned"
+        trip = g is not None and g.reconstruction is not None
+        columns = ["real"] + (["VAE round trip"] if trip else [])
+        columns += ["base", "stage 1"] if g and any(v in g.variants for v in ("base", "stage1")) else []
+        columns = ", ".join(columns + ["hinted"]) + " and learned"
         lines += [
             "",
             f"![contact sheet]({report.contact_sheet})",
             "",
             f"First, middle and last frames per prompt ({columns}; one seed per row). The hinted and "
-            "learned clips should show the row's instrument; an empty cell was not generated for that prompt.",
+            "learned clips should show the row's instrument; an empty cell was not generated for that prompt."
+            + (
+                " The VAE round trip (the real clip encoded and decoded) is the sharpest any generated clip can be: detail it loses, no model can draw."
+                if trip
+                else ""
+            ),
         ]
     return lines
 

@@ -36,6 +36,7 @@ from moe.eval.report import SampleRecord
 SAMPLES_DIR = "samples"
 SAMPLE_FPS = 16.0
 GENERATED_VARIANTS = ("base", "stage1", "stage2_learned", "stage2_hint")
+ROUND_TRIP_SOURCE = "VAE reconstruction of the cached latents"
 
 
 @dataclass(frozen=True)
@@ -105,16 +106,21 @@ def _real_frames(cfg, entry, item: dict, vae, size: tuple[int, int], frames: int
     from moe.data.cover_crop import fit_frames
     from moe.data.manifest import read_manifest
     from moe.data.video import read_video
-    from moe.wan.encoding import decode_latents
 
     if cfg.manifest is not None:
         records = {r.id: r for r in read_manifest(cfg.manifest)}  # holds every held-out clip (moe.eval.inputs)
         video = read_video(Path(cfg.manifest).parent / records[entry.id].video, max_frames=frames)
         fitted = fit_frames(video, size)[0]  # [3, F, H, W] in [-1, 1]
         return ((fitted.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy(), "manifest video"
+    return _round_trip(item, vae, frames), ROUND_TRIP_SOURCE
+
+
+def _round_trip(item: dict, vae, frames: int) -> np.ndarray:
+    """uint8 [F, H, W, 3]: the clip's cached latents decoded by the VAE (its round trip)."""
+    from moe.wan.encoding import decode_latents
+
     latents = item["latents"][None].to(vae.device)
-    decoded = decode_latents(vae, latents, output="uint8")[0, :frames].cpu().numpy()
-    return decoded, "VAE reconstruction of the cached latents"
+    return decode_latents(vae, latents, output="uint8")[0, :frames].cpu().numpy()
 
 
 def _swap_hooks(dits) -> contextlib.ExitStack:
@@ -160,6 +166,13 @@ class ClipGenerator:
         if i not in self._real:
             self._real[i] = _real_frames(self.cfg, self.entries[i], self.items[i], self.vae, self.size, self.frames)
         return self._real[i]
+
+    def round_trip(self, i: int) -> np.ndarray | None:
+        """The held-out clip i through the VAE (encoded, decoded): the sharpest any generated clip
+        can be. None when the real clip already is that (no manifest)."""
+        if self.real(i)[1] == ROUND_TRIP_SOURCE:
+            return None
+        return _round_trip(self.items[i], self.vae, self.frames)
 
     @staticmethod
     def key(variant: str, prompt: Prompt) -> tuple[str, int, str | None]:
@@ -231,7 +244,8 @@ class ClipGenerator:
 def write_samples(gen: ClipGenerator, out: Path) -> tuple[list[SampleRecord], list[tuple[str, dict[str, np.ndarray]]]]:
     """The sample MP4s (hinted, learned, real) under `out/samples/`; returns the records and the
     contact sheet's rows (label, {column: frames}): the samples, or the metric prompts when there
-    are no samples; base and stage-1 clips where they were generated for that prompt."""
+    are no samples; the real clip's VAE round trip beside it (what the latents can show); base and
+    stage-1 clips where they were generated for that prompt."""
     from moe.data.video import write_video
 
     records = []
@@ -257,6 +271,9 @@ def write_samples(gen: ClipGenerator, out: Path) -> tuple[list[SampleRecord], li
     rows = []
     for p in gen.plan.samples or gen.plan.metrics:
         row = {"real": gen.real(p.index)[0]}
+        trip = gen.round_trip(p.index)
+        if trip is not None:
+            row["VAE round trip"] = trip
         for column, variant in (("base", "base"), ("stage 1", "stage1"), ("hinted", "stage2_hint"), ("learned", "stage2_learned")):
             key = gen.key(variant, p)
             if key in gen.clips:

@@ -10,14 +10,21 @@ drifting camera and changing light, with one or two instruments from the four ex
 - other: a grasper, black shaft with short wide dark jaws that pull tissue back.
 
 The tips are drawn large and in clearly different colours (gold, bright silver, blue, dark
-gunmetal) so that each class's tip looks distinct even on the coarse 8x8-pixel latent grid: the
-stage-2 experts are meant to specialise on exactly that. A second instrument only ever joins a
+gunmetal), and the shafts about one latent cell wide (`INSTRUMENT_SCALE`), so that each class's
+instrument looks distinct even on the coarse 8x8-pixel latent grid: the stage-2 experts are meant
+to specialise on exactly that, and the tiny VAE keeps only each cell's mean. A second instrument only ever joins a
 clip of a specific instrument (scissors, hook, suction) and is itself a specific one, so a grasper
 ("other") clip is always a grasper alone, matching the teacher's rule that `other` is the expert
 of clips without a specific instrument.
 
 Shafts pivot around a trocar point outside the frame (as in laparoscopy), so they always enter
-from the border; some instruments also enter during the clip. The tip box of every visible
+from the border; some instruments also enter during the clip. Each class has its own port, a side
+of the frame (`TROCAR_SIDES`): in a laparoscopic operation the ports stay where they were placed,
+and each instrument is used through its own one (the grasper from the assistant's side, the hook
+and scissors through the surgeon's ports), so where a tool enters says what it is. It also makes
+the class learnable from the caption by the tiny demo models: with a random side per clip their
+samples drew only the suction cannula; with a port per class they also drew the grasper's shaft
+(see docs/benchmarks.md). The tip box of every visible
 instrument in every frame is the exact bounding box of the pixels its tip parts cover.
 
 Everything is a pure function of (seed, clip index): the same seed gives byte-identical frames
@@ -51,8 +58,14 @@ Vec = np.ndarray  # a 2-vector (x, y) in pixels
 Color = tuple[float, float, float]
 
 MIN_SIZE = 16
-INSTRUMENT_SCALE = 1.5  # instrument sizes: fractions of the frame's short side, times this
+# Instrument sizes: fractions of the frame's short side, times this. 2.5 makes shafts about one
+# 8x8-pixel latent cell wide, so the tiny VAE's cell means (and the tiny models' samples) keep them;
+# at 1.5 the hook's round trip was nearly bare tissue (docs/benchmarks.md).
+INSTRUMENT_SCALE = 2.5
 SECOND_INSTRUMENT = 0.3  # share of specific-instrument clips that show a second instrument
+# The border each class's trocar lies beyond (distinct, so two instruments never share a port);
+# where along that border varies per clip.
+TROCAR_SIDES = {"scissors": "top", "hook": "right", "suction": "bottom", "other": "left"}
 
 CAPTION_PREFIXES = ("laparoscopic view", "endoscopic view of the abdomen", "laparoscopic surgery")
 ACTIONS = {
@@ -163,7 +176,6 @@ def plan_clip(seed: int, index: int, primary: str, width: int, height: int, fram
     kinds = [primary]
     if rng.random() < SECOND_INSTRUMENT and primary != "other":
         kinds.append(str(rng.choice([k for k in INSTRUMENT_CLASSES if k not in (primary, "other")])))
-    sides = rng.choice(["left", "right", "top", "bottom"], size=len(kinds), replace=False)
     scale = min(width, height)
     speed = rng.uniform(0.08, 0.2) * scale / frames  # the camera drifts 8-20% of the frame per clip
     angle = rng.uniform(0, 2 * math.pi)
@@ -175,7 +187,7 @@ def plan_clip(seed: int, index: int, primary: str, width: int, height: int, fram
         height=height,
         frames=frames,
         caption=_caption(kinds, rng),
-        instruments=tuple(_plan_instrument(kind, str(side), rng, width, height, frames) for kind, side in zip(kinds, sides)),
+        instruments=tuple(_plan_instrument(kind, TROCAR_SIDES[kind], rng, width, height, frames) for kind in kinds),
         drift=(
             float(speed * math.cos(angle)),
             float(speed * math.sin(angle)),
