@@ -511,6 +511,12 @@ def test_weak_experts_are_flagged_in_words(demo_report):
     assert "`hook` expert may not have specialised" in notes[0] and "+0.1% [-0.2%, +0.4%]" in notes[0]
     assert "almost never picks `suction`" in notes[1] and "1.0%" in notes[1]
     assert "## Weak spots" in render_markdown(weak)
+    # An interval wholly below 0 is not "no change": the expert hurts its own class.
+    worse = strong.model_copy(deep=True)
+    worse.knockout.roi_delta["suction"]["suction"] = Estimate(mean=-0.013, low=-0.026, high=-0.001, clips=3)
+    (note,) = weak_experts(worse)
+    assert "`suction` expert may not have specialised: switching it off lowers the ROI loss of suction clips by -1.3% [-2.6%, -0.1%]" in note
+    assert "makes its own class worse" in note and "includes no change" not in note
 
 
 def test_overlapping_curves_keep_distinct_styles(demo_report, tmp_path, monkeypatch):

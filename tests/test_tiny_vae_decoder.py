@@ -58,14 +58,28 @@ def small_clip():
     return _clips(1, HELD_OUT_SEED + 1, frames=9, size=(32, 32))
 
 
+def _cell_means_upsampled(videos: torch.Tensor) -> torch.Tensor:
+    """The encoder's ceiling as a reference: each 4x8x8 latent cell's exact mean colour (the first
+    frame a cell of its own, as in the causal Wan VAE), upsampled bilinearly, held over its frames."""
+    groups = [videos[:, :, :1]] + list(videos[:, :, 1:].split(4, dim=2))
+    out = []
+    for g in groups:
+        cells = torch.nn.functional.avg_pool2d(g.mean(2), 8)
+        up = torch.nn.functional.interpolate(cells, scale_factor=8, mode="bilinear", align_corners=False)
+        out.append(up[:, :, None].expand(-1, -1, g.shape[2], -1, -1))
+    return torch.cat(out, 2)
+
+
 def test_reconstruction_psnr_on_held_out_synthetic_clips(vae, held_out):
-    # Measured: 23.47, 21.30, 20.52, 20.76 dB (mean 21.51). The ceiling is the encoder's: per 4x8x8
-    # cell it keeps mean colour and luminance gradients, so exact cell colours upsampled
-    # bilinearly give 21.5 dB and a linear decoder from 3x3 cells' features 22.9 dB (seed 777).
+    # The ceiling is the encoder's: per 4x8x8 cell it keeps mean colour and luminance gradients.
+    # Measured (instruments at INSTRUMENT_SCALE 2.0): 22.74, 20.65, 20.93, 20.18 dB (mean 21.13)
+    # against 22.61, 20.48, 20.72, 19.91 for exact cell colours upsampled bilinearly; a linear
+    # decoder from 3x3 cells' features reached 22.9 dB on the older, smaller instruments.
     psnr = reconstruction_psnr(vae, held_out)
     assert psnr.shape == (4,) and psnr.dtype == torch.float32
-    assert psnr.mean() >= 21.3, psnr
-    assert psnr.min() >= 20.3, psnr
+    reference = 10 * torch.log10(1 / ((_cell_means_upsampled(held_out) - held_out) / 2).pow(2).flatten(1).mean(1))
+    assert (psnr >= reference).all(), (psnr, reference)  # every clip at least as sharp as exact cell colours
+    assert psnr.mean() >= 20.8 and psnr.min() >= 19.9, psnr
 
 
 def test_decoder_is_far_better_than_the_random_one(vae, random_vae, small_clip):

@@ -224,6 +224,8 @@ def test_data_licence_and_weak_experts():
     assert set(weak) == {"scissors", "suction"}
     assert "largest change 0.20%" in weak["scissors"] and "includes no change" in weak["suction"]
     assert "almost never picks it first" in weak["suction"]  # 1 held-out clip shows it, 0% top-1
+    report["knockout"]["roi_delta"]["hook"]["hook"] = estimate(-0.02, -0.03, -0.01)  # switching it off helps its own class
+    assert weak_experts(report)["hook"].endswith("by -2.0% [-3.0%, -1.0%]: the expert makes its own class worse")
 
 
 def test_registry_show_reads_the_refs_from_artifacts_json(s3_pipeline, s3_endpoint, plugins, capsys, monkeypatch):

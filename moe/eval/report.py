@@ -248,19 +248,30 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def own_class_knockout_words(expert: str, mean: float, low: float, high: float) -> str | None:
+    """Why `expert` did not measurably specialise, from the knock-out of its own class's ROI loss
+    (relative change and 95% interval when the expert is switched off); None when it did (the
+    whole interval above 0). Shared by the report and the registry's model card."""
+    if low > 0:
+        return None
+    change = f"{mean:+.1%} [{low:+.1%}, {high:+.1%}]"
+    if high < 0:
+        return f"switching it off lowers the ROI loss of {expert} clips by {change}: the expert makes its own class worse"
+    return f"switching it off changes the ROI loss of {expert} clips by {change}, an interval that includes no change"
+
+
 def weak_experts(report: EvalReport) -> list[str]:
-    """Plain-words notes on experts that did not measurably specialise: switching one off leaves
-    its own class's ROI loss unchanged (the knock-out's 95% interval reaches 0 or below), or the
-    router almost never picks it."""
+    """Plain-words notes on experts that did not measurably specialise: switching one off does
+    not raise its own class's ROI loss (the knock-out's 95% interval reaches 0 or lies below it),
+    or the router almost never picks it."""
     notes = []
     r = report.routing
     for e in r.experts:
         delta = report.knockout.roi_delta.get(e, {}).get(e)
-        if delta is not None and delta.mean is not None and delta.low is not None and delta.low <= 0:
-            notes.append(
-                f"the `{e}` expert may not have specialised: switching it off changes the ROI loss of "
-                f"{e} clips by {delta.text(percent=True)}, an interval that includes no change"
-            )
+        if delta is not None and delta.mean is not None and delta.low is not None and delta.high is not None:
+            why = own_class_knockout_words(e, delta.mean, delta.low, delta.high)
+            if why:
+                notes.append(f"the `{e}` expert may not have specialised: {why}")
         if r.top1_share.get(e, 1.0) < 0.02 and report.classes.get(e):
             notes.append(
                 f"the router almost never picks `{e}` first ({r.top1_share[e]:.1%} of samples), although {report.classes[e]} held-out clips show it"

@@ -22,9 +22,9 @@ from the border; some instruments also enter during the clip. Each class has its
 of the frame (`TROCAR_SIDES`): in a laparoscopic operation the ports stay where they were placed,
 and each instrument is used through its own one (the grasper from the assistant's side, the hook
 and scissors through the surgeon's ports), so where a tool enters says what it is. It also makes
-the class learnable from the caption by the tiny demo models: with a random side per clip their
-samples drew only the suction cannula; with a port per class they also drew the grasper's shaft
-(see docs/benchmarks.md). The tip box of every visible
+the class learnable from the caption by the tiny demo models: with a random side per clip (and
+thinner instruments) their samples drew only the suction cannula and a scissors patch; now each
+class's samples show its instrument (see docs/benchmarks.md). The tip box of every visible
 instrument in every frame is the exact bounding box of the pixels its tip parts cover.
 
 Everything is a pure function of (seed, clip index): the same seed gives byte-identical frames
@@ -58,10 +58,11 @@ Vec = np.ndarray  # a 2-vector (x, y) in pixels
 Color = tuple[float, float, float]
 
 MIN_SIZE = 16
-# Instrument sizes: fractions of the frame's short side, times this. 2.5 makes shafts about one
-# 8x8-pixel latent cell wide, so the tiny VAE's cell means (and the tiny models' samples) keep them;
-# at 1.5 the hook's round trip was nearly bare tissue (docs/benchmarks.md).
-INSTRUMENT_SCALE = 2.5
+# Instrument sizes: fractions of the frame's short side, times this. 2.0 makes shafts about one
+# 8x8-pixel latent cell wide (7-9 px at 64x64), so the tiny VAE's cell means (and the tiny models'
+# samples) keep them; at 1.5 the hook's round trip was nearly bare tissue. 2.5 drew much the same
+# samples but left stage 2 less to add (docs/benchmarks.md).
+INSTRUMENT_SCALE = 2.0
 SECOND_INSTRUMENT = 0.3  # share of specific-instrument clips that show a second instrument
 # The border each class's trocar lies beyond (distinct, so two instruments never share a port);
 # where along that border varies per clip.

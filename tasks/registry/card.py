@@ -15,6 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from moe.eval.report import own_class_knockout_words
+
 DESCRIPTION_LIMIT = 4500  # MLflow keeps 5000 characters of a version's description
 WEAK_KNOCKOUT = 0.005  # an expert whose knock-out moves no class's ROI loss by more than this is flagged
 CHOLEC80_CLIP = re.compile(r"(^|/)clips/video\d+_\d{6}\.mp4$")  # what `lora-moe data cholec80` writes
@@ -87,8 +89,8 @@ def headline_metric_names(gate: dict[str, Any]) -> list[str]:
 
 def weak_experts(report: dict[str, Any] | None, threshold: float = WEAK_KNOCKOUT) -> dict[str, str]:
     """Experts that did not measurably specialise, expert -> why in words. The eval's rules
-    (`moe.eval.report.weak_experts`, on the report's JSON): switching the expert off leaves its own
-    class's ROI loss unchanged (the knock-out's 95% interval reaches 0), or the router almost never
+    (`moe.eval.report.weak_experts`, on the report's JSON): switching the expert off does not raise
+    its own class's ROI loss (the knock-out's 95% interval reaches 0 or lies below), or the router almost never
     picks it first although held-out clips show it; and, for an expert whose own class had no
     held-out clip, its knock-out moves no class's ROI loss by more than `threshold`."""
     report = report or {}
@@ -99,11 +101,10 @@ def weak_experts(report: dict[str, Any] | None, threshold: float = WEAK_KNOCKOUT
     for expert in routing.get("experts") or list(deltas):
         by_class = deltas.get(expert, {})
         own = by_class.get(expert) or {}
-        if own.get("mean") is not None and own.get("low") is not None and own["low"] <= 0:
-            weak[expert] = (
-                f"switching it off changes the ROI loss of {expert} clips by {own['mean']:+.1%} "
-                f"[{own['low']:+.1%}, {own['high']:+.1%}], an interval that includes no change"
-            )
+        if own.get("mean") is not None and own.get("low") is not None:
+            why = own_class_knockout_words(expert, own["mean"], own["low"], own["high"])
+            if why:
+                weak[expert] = why
         elif own.get("mean") is None:
             means = [e["mean"] for e in by_class.values() if e.get("mean") is not None and math.isfinite(e["mean"])]
             largest = max((abs(m) for m in means), default=None)
