@@ -67,38 +67,18 @@ def pipeline_parameters(params_file: Path | None, assignments: list[str], **give
     return params
 
 
-# The numbers the last screen leads with: (metric, words, how it reads). An improvement is a
-# fraction of the loss removed, shown as the loss change (-17.0%).
-HEADLINE = (
-    ("stage1_overall_improvement_over_base", "stage 1 vs base, held-out loss", "change"),
-    ("stage2_learned_roi_improvement_over_stage1", "stage 2 vs stage 1, loss in the instrument region", "change"),
-    ("routing_top1_accuracy", "router picks the clip's instrument (top-1)", "share"),
-    ("stage2_hint_instrument_accuracy", "generated clips show the hinted instrument (stage 2)", "share"),
-    ("stage1_instrument_accuracy", "... the same prompts through stage 1", "share"),
-    ("classifier_round_trip_accuracy", "... at best: real clips through the VAE", "share"),
-    ("stage2_learned_fvd", "FVD of stage 2's generated clips (lower is better)", "value"),
-)
 LATEST_EVAL = "latest-eval"  # a local root's link to the newest run's eval folder
-
-
-def _headline_value(metrics: dict[str, float], name: str, kind: str) -> str:
-    value, low, high = metrics[name], metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")
-    if kind == "change":  # improvement 0.17 = the loss went down by 17%
-        ci = f" (95% CI {-high:+.1%} to {-low:+.1%})" if low is not None and high is not None else ""
-        return f"{-value:+.1%}{ci}"
-    if kind == "share":
-        return f"{value:.0%}"
-    return f"{value:.4g}" + (f" (95% CI {low:.4g} to {high:.4g})" if low is not None and high is not None else "")
 
 
 def headline_lines(metrics: dict[str, float], gate: dict) -> list[str]:
     """The headline numbers and the gate's checks, value against threshold."""
+    from flows.surfaces import HEADLINE, headline_value
     from moe.runtime.progress import format_number
 
     def _number(value) -> str:
         return "n/a" if value is None else format_number(float(value))
 
-    rows = [(words, _headline_value(metrics, name, kind)) for name, words, kind in HEADLINE if name in metrics]
+    rows = [(words, headline_value(metrics, name, kind)) for name, words, kind in HEADLINE if name in metrics]
     width = max((len(words) for words, _ in rows), default=0)
     lines = [f"  {words.ljust(width)}  {value}" for words, value in rows]
     checks = gate.get("checks", [])

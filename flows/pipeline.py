@@ -21,6 +21,7 @@ imports torch: every stage is a child process (`tasks.stages.launcher`).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -51,6 +52,7 @@ from flows.params import (
     forced_stages,
     plan_run,
 )
+from moe.config.file_names import EVAL_REPORT_FILE
 from tasks.artifacts.refs import ArtifactRef
 from tasks.artifacts.s3 import endpoint_url
 from tasks.registry.tracking import (
@@ -497,7 +499,6 @@ def _finish_parent_run(ctx: TrackingContext, summary: PipelineSummary, eval_metr
     """The parent run: what was registered (tags), every metric, the refs as artifacts.json.
     `clips`: the clips' dataset input when this run registered a new version: then the eval
     metrics are also the version's logged model's metrics, measured on those clips."""
-    import json
     import time
 
     from mlflow.entities import Metric
@@ -547,11 +548,18 @@ def _publish(summary: PipelineSummary, ctx: TrackingContext, report_dir: Path | 
         champion = "`champion` moved to it" + (f" from v{entry.previous_champion}" if entry.previous_champion else "")
     else:
         champion = "`champion` stays" + (f" on v{entry.previous_champion}" if entry.previous_champion else "")
+
+    def url_of(path: str) -> str:  # an eval file, as the parent MLflow run's copy
+        return artifact_url(ctx.ui_url, ctx.parent_run_id, f"{surfaces.REPORT_PREFIX}/{path}")
+
+    report_json = report_dir / EVAL_REPORT_FILE if report_dir is not None else None
+    sheet = json.loads(report_json.read_text()).get("contact_sheet") if report_json is not None and report_json.is_file() else None
     lines = [
         f"# {FLOW_NAME}: {entry.name} v{entry.version}",
         "",
         *surfaces.gate_lines(summary.gate, summary.report_url),
         "",
+        *surfaces.glance_lines(summary.metrics, url_of(sheet) if sheet else None),
         "## Registered",
         "",
         f"**{entry.name} v{entry.version}** (aliases: {', '.join(entry.aliases) or 'none'}): {entry.champion_decision}; {champion}.",
@@ -582,10 +590,6 @@ def _publish(summary: PipelineSummary, ctx: TrackingContext, report_dir: Path | 
     )
     report = report_dir / "report.md" if report_dir is not None else None
     if report is not None and report.is_file():
-
-        def url_of(path: str) -> str:
-            return artifact_url(ctx.ui_url, ctx.parent_run_id, f"{surfaces.REPORT_PREFIX}/{path}")
-
         create_markdown_artifact(
             surfaces.rewrite_links(report.read_text(), url_of),
             key=surfaces.REPORT_KEY,

@@ -5,7 +5,8 @@ and, through links, in MLflow's.
     tags       task:..., preset:... at the start; data:FINGERPRINT once the clips are known;
                registered:vN, gate:passed|failed and champion (when it moved) at the end
     artifacts  lora-moe-settings   every stage setting the run uses, with where it came from
-               lora-moe-pipeline-summary   the gate's checks first, then what was registered
+               lora-moe-pipeline-summary   the gate's checks first, the headline numbers and the
+                                           contact sheet, then what was registered
                eval-report         report.md with its plots
                eval-metrics        the metrics as a table
 
@@ -139,6 +140,48 @@ def rewrite_links(markdown: str, url_of) -> str:
         return f"{match.group(1)}({url_of(target)})"
 
     return _LINK.sub(replace, markdown)
+
+
+# The numbers a run leads with, on the last screen and in the summary artifact: (metric, words,
+# how it reads). An improvement is a fraction of the loss removed, shown as the loss change (-17.0%).
+HEADLINE = (
+    ("stage1_overall_improvement_over_base", "stage 1 vs base, held-out loss", "change"),
+    ("stage2_learned_roi_improvement_over_stage1", "stage 2 vs stage 1, loss in the instrument region", "change"),
+    ("routing_top1_accuracy", "router picks the clip's instrument (top-1)", "share"),
+    ("stage2_hint_instrument_accuracy", "generated clips show the hinted instrument (stage 2)", "share"),
+    ("stage1_instrument_accuracy", "... the same prompts through stage 1", "share"),
+    ("classifier_round_trip_accuracy", "... at best: real clips through the VAE", "share"),
+    ("stage2_learned_fvd", "FVD of stage 2's generated clips (lower is better)", "value"),
+)
+
+
+def headline_value(metrics: dict[str, float], name: str, kind: str) -> str:
+    value, low, high = metrics[name], metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")
+    if kind == "change":  # improvement 0.17 = the loss went down by 17%
+        ci = f" (95% CI {-high:+.1%} to {-low:+.1%})" if low is not None and high is not None else ""
+        return f"{-value:+.1%}{ci}"
+    if kind == "share":
+        return f"{value:.0%}"
+    return f"{value:.4g}" + (f" (95% CI {low:.4g} to {high:.4g})" if low is not None and high is not None else "")
+
+
+def glance_lines(metrics: dict[str, float], contact_sheet_url: str | None) -> list[str]:
+    """The summary artifact's "At a glance": the headline numbers (markdown table) and the eval's
+    contact sheet (real clip, its VAE round trip, then each variant's generated frames)."""
+    rows = [f"| {words} | {headline_value(metrics, name, kind)} |" for name, words, kind in HEADLINE if name in metrics]
+    if not rows and contact_sheet_url is None:
+        return []
+    lines = ["## At a glance", ""]
+    if rows:
+        lines += ["| headline | value |", "|---|---|", *rows, ""]
+    if contact_sheet_url is not None:
+        lines += [
+            f"![contact sheet]({contact_sheet_url})",
+            "",
+            "Real held-out clip, its VAE round trip, then base, stage 1 and stage 2 (hinted, learned router); first, middle and last frames.",
+            "",
+        ]
+    return lines
 
 
 def gate_lines(gate: dict[str, Any], report_url: str | None) -> list[str]:

@@ -515,7 +515,7 @@ def test_weak_experts_are_flagged_in_words(demo_report):
     worse = strong.model_copy(deep=True)
     worse.knockout.roi_delta["suction"]["suction"] = Estimate(mean=-0.013, low=-0.026, high=-0.001, clips=3)
     (note,) = weak_experts(worse)
-    assert "`suction` expert may not have specialised: switching it off lowers the ROI loss of suction clips by -1.3% [-2.6%, -0.1%]" in note
+    assert "`suction` expert may not have specialised: switching it off lowers the ROI loss of suction clips (-1.3% [-2.6%, -0.1%])" in note
     assert "makes its own class worse" in note and "includes no change" not in note
 
 

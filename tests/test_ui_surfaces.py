@@ -71,6 +71,19 @@ def test_the_resolved_settings_are_visible(s3_pipeline):
     assert params["gate.min_routing_top1_accuracy"] == "0.8" and params["data.frames"] == "9"
 
 
+def test_at_a_glance_shows_the_headline_numbers_and_the_contact_sheet():
+    from flows.surfaces import glance_lines
+
+    metrics = {"stage2_learned_fvd": 5225.0, "stage2_learned_fvd_ci_low": 3184.0, "stage2_learned_fvd_ci_high": 7001.0}
+    metrics |= {"stage2_hint_instrument_accuracy": 0.75, "classifier_round_trip_accuracy": 0.93, "other_metric": 1.0}
+    lines = glance_lines(metrics, "http://mlflow/get-artifact?path=eval%2Fsamples%2Fcontact_sheet.png&run_uuid=r")
+    assert lines[0] == "## At a glance"
+    assert "| FVD of stage 2's generated clips (lower is better) | 5225 (95% CI 3184 to 7001) |" in lines
+    assert "| generated clips show the hinted instrument (stage 2) | 75% |" in lines and not any("other_metric" in x for x in lines)
+    assert "![contact sheet](http://mlflow/get-artifact?path=eval%2Fsamples%2Fcontact_sheet.png&run_uuid=r)" in lines
+    assert glance_lines({"other_metric": 1.0}, None) == []
+
+
 def test_the_summary_leads_with_the_gate_and_the_report_is_an_artifact(s3_pipeline):
     summary = s3_pipeline["summary"]
     artifacts = _artifacts(summary.flow_run_id)
@@ -82,6 +95,13 @@ def test_the_summary_leads_with_the_gate_and_the_report_is_an_artifact(s3_pipeli
         cells = [cell.strip() for cell in row.strip("|").split("|")]  # result, value, threshold first
         assert cells[0] == ("pass" if check["passed"] else "**FAIL**") and cells[2] == f"{check['threshold']:.4g}"
     assert summary.report_url and f"[Eval report]({summary.report_url})" in first_section
+    # Then the headline numbers (this run generates no clips: no contact sheet, no FVD), then what was registered.
+    glance = text.split("\n## ", 3)[2]
+    assert glance.startswith("At a glance") and text.split("\n## ", 4)[3].startswith("Registered")
+    improvement = summary.metrics["stage1_overall_improvement_over_base"]
+    assert f"| stage 1 vs base, held-out loss | {-improvement:+.1%} (95% CI " in glance
+    assert f"| router picks the clip's instrument (top-1) | {summary.metrics['routing_top1_accuracy']:.0%} |" in glance
+    assert "FVD" not in glance and "![contact sheet]" not in glance
     assert "/artifacts/eval/report.md?workflowType=machine_learning" in summary.report_url  # MLflow's training view
     report = artifacts["eval-report"].data
     assert report.startswith("# Evaluation: tiny-t2v")
@@ -225,7 +245,7 @@ def test_data_licence_and_weak_experts():
     assert "largest change 0.20%" in weak["scissors"] and "includes no change" in weak["suction"]
     assert "almost never picks it first" in weak["suction"]  # 1 held-out clip shows it, 0% top-1
     report["knockout"]["roi_delta"]["hook"]["hook"] = estimate(-0.02, -0.03, -0.01)  # switching it off helps its own class
-    assert weak_experts(report)["hook"].endswith("by -2.0% [-3.0%, -1.0%]: the expert makes its own class worse")
+    assert weak_experts(report)["hook"].endswith("hook clips (-2.0% [-3.0%, -1.0%]): the expert makes its own class worse")
 
 
 def test_registry_show_reads_the_refs_from_artifacts_json(s3_pipeline, s3_endpoint, plugins, capsys, monkeypatch):

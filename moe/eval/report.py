@@ -256,7 +256,7 @@ def own_class_knockout_words(expert: str, mean: float, low: float, high: float) 
         return None
     change = f"{mean:+.1%} [{low:+.1%}, {high:+.1%}]"
     if high < 0:
-        return f"switching it off lowers the ROI loss of {expert} clips by {change}: the expert makes its own class worse"
+        return f"switching it off lowers the ROI loss of {expert} clips ({change}): the expert makes its own class worse"
     return f"switching it off changes the ROI loss of {expert} clips by {change}, an interval that includes no change"
 
 

@@ -170,7 +170,7 @@ class ClipGenerator:
     def round_trip(self, i: int) -> np.ndarray | None:
         """The held-out clip i through the VAE (encoded, decoded): the sharpest any generated clip
         can be. None when the real clip already is that (no manifest)."""
-        if self.real(i)[1] == ROUND_TRIP_SOURCE:
+        if self.cfg.manifest is None:
             return None
         return _round_trip(self.items[i], self.vae, self.frames)
 
